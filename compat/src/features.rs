@@ -1,0 +1,129 @@
+//! Detection of what a kernel offers, from the files it exposes under a root directory.
+
+use std::fmt;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::kallsyms::AttachPoints;
+use crate::tracefs::{self, StateLayout, STATE_TRACEPOINT};
+
+/// `major.minor.patch` of a kernel release such as `6.1.0-47-cloud-amd64`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct KernelVersion(pub u32, pub u32, pub u32);
+
+impl KernelVersion {
+    pub fn parse(release: &str) -> Option<KernelVersion> {
+        let mut numbers = release
+            .split(|c: char| !c.is_ascii_digit())
+            .map(|n| n.parse::<u32>().ok());
+        let major = numbers.next()??;
+        let minor = numbers.next()??;
+        let patch = numbers.next().flatten().unwrap_or(0);
+        Some(KernelVersion(major, minor, patch))
+    }
+}
+
+impl fmt::Display for KernelVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}.{}", self.0, self.1, self.2)
+    }
+}
+
+/// Everything that can be known by reading files.
+#[derive(Clone, Debug)]
+pub struct Features {
+    pub release: Option<String>,
+    pub version: Option<KernelVersion>,
+    /// `/sys/kernel/btf/vmlinux` exists: CO-RE can relocate against this kernel.
+    pub btf: bool,
+    pub tracefs: Option<PathBuf>,
+    /// The `kprobe` perf PMU (`/sys/bus/event_source/devices/kprobe`), Linux 4.17+.
+    pub kprobe_pmu: bool,
+    /// tracefs `kprobe_events`: kprobes without the PMU.
+    pub kprobe_events: bool,
+    /// The `sock:inet_sock_set_state` record layout, or why it cannot be used.
+    pub state_tracepoint: Result<StateLayout, String>,
+    /// Kernel symbols for the kprobe/fentry targets, or why they cannot be read.
+    pub attach_points: Result<AttachPoints, String>,
+}
+
+/// Capabilities only known by trying, found by the caller and fed to the plan. `None`
+/// means not tried (for example without the privilege to try).
+#[derive(Clone, Debug, Default)]
+pub struct Trials {
+    /// Loading a minimal fentry program.
+    pub fentry: Option<Result<(), String>>,
+    /// Creating a BPF ring buffer map (Linux 5.8+).
+    pub ringbuf: Option<bool>,
+}
+
+impl Features {
+    /// Read what the kernel under `root` offers. Missing or unreadable files mean the
+    /// feature is absent; nothing here fails.
+    pub fn detect(root: &Path) -> Features {
+        let release = fs::read_to_string(root.join("proc/sys/kernel/osrelease"))
+            .ok()
+            .map(|s| s.trim().to_owned());
+        let version = release.as_deref().and_then(KernelVersion::parse);
+        let tracefs = tracefs::find_tracefs(root);
+        let state_tracepoint = match &tracefs {
+            None => Err(format!(
+                "tracefs is not mounted (looked in /{} and /{})",
+                tracefs::TRACEFS_DIRS[0],
+                tracefs::TRACEFS_DIRS[1]
+            )),
+            Some(dir) => {
+                let (system, event) = STATE_TRACEPOINT;
+                let format = dir.join("events").join(system).join(event).join("format");
+                match fs::read_to_string(&format) {
+                    Err(e) => Err(format!("cannot read {}: {e}", format.display())),
+                    Ok(text) => StateLayout::from_format(&text)
+                        .map_err(|e| format!("{}: {e}", format.display())),
+                }
+            }
+        };
+        let attach_points = fs::read_to_string(root.join("proc/kallsyms"))
+            .map(|text| AttachPoints::from_kallsyms(&text))
+            .map_err(|e| format!("cannot read /proc/kallsyms: {e}"));
+        Features {
+            release,
+            version,
+            btf: root.join("sys/kernel/btf/vmlinux").is_file(),
+            kprobe_pmu: root
+                .join("sys/bus/event_source/devices/kprobe/type")
+                .is_file(),
+            kprobe_events: tracefs
+                .as_ref()
+                .is_some_and(|dir| dir.join("kprobe_events").exists()),
+            tracefs,
+            state_tracepoint,
+            attach_points,
+        }
+    }
+
+    /// Global data sections (`.rodata`, `.data`, `.bss` maps) arrived in Linux 5.2.
+    pub fn global_data(&self) -> Option<bool> {
+        self.version.map(|v| v >= KernelVersion(5, 2, 0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_parse_from_distribution_releases() {
+        assert_eq!(
+            KernelVersion::parse("6.1.0-47-cloud-amd64"),
+            Some(KernelVersion(6, 1, 0))
+        );
+        assert_eq!(
+            KernelVersion::parse("6.18.44-fc-v669"),
+            Some(KernelVersion(6, 18, 44))
+        );
+        assert_eq!(KernelVersion::parse("5.4"), Some(KernelVersion(5, 4, 0)));
+        assert_eq!(KernelVersion::parse("garbage"), None);
+    }
+}

@@ -1,0 +1,15 @@
+//! What the running kernel can do, and which tracing mode to use on it.
+//!
+//! Everything here is pure logic over a root directory (normally `/`), so tests feed it
+//! fixture trees captured from real kernels. The few capabilities that can only be known by
+//! trying (loading an fentry program) are tried by the caller and handed in as [`Trials`].
+
+pub mod features;
+pub mod kallsyms;
+pub mod plan;
+pub mod tracefs;
+
+pub use features::{Features, KernelVersion, Trials};
+pub use kallsyms::{AttachPoints, Func};
+pub use plan::{Mode, Plan, Step, Unsupported};
+pub use tracefs::StateLayout;

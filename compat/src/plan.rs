@@ -1,0 +1,188 @@
+//! The mode plan: every mode in order of preference, each either a candidate or rejected
+//! with the reason. `auto` tries the candidates in order; a forced mode is the only step.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::features::{Features, Trials};
+use crate::kallsyms::Func;
+
+/// How tcpconnlat hooks the kernel. One value drives loading, attaching and reporting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// CO-RE fentry programs: lowest overhead; needs BTF and a kernel that allows fentry.
+    Fentry,
+    /// CO-RE kprobes: needs BTF and kprobes.
+    Kprobe,
+    /// `sock:inet_sock_set_state` alone: needs neither kprobes, fentry nor BTF.
+    Tracepoint,
+    /// kprobes without BTF, for old kernels.
+    Legacy,
+}
+
+impl Mode {
+    /// In order of preference.
+    pub const ALL: [Mode; 4] = [Mode::Fentry, Mode::Kprobe, Mode::Tracepoint, Mode::Legacy];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Fentry => "fentry",
+            Mode::Kprobe => "kprobe",
+            Mode::Tracepoint => "tracepoint",
+            Mode::Legacy => "legacy",
+        }
+    }
+
+    /// Whether this kernel can run the mode, as far as can be known before loading it.
+    pub fn check(self, features: &Features, trials: &Trials) -> Result<(), Unsupported> {
+        match self {
+            Mode::Fentry => {
+                need_btf(features)?;
+                match &trials.fentry {
+                    None => return Err(Unsupported::NotTried("an fentry trial load")),
+                    Some(Err(why)) => return Err(Unsupported::FentryRefused(why.clone())),
+                    Some(Ok(())) => {}
+                }
+                need_symbols(features)?;
+                need_state_tracepoint(features)
+            }
+            Mode::Kprobe => {
+                need_btf(features)?;
+                if !features.kprobe_pmu && !features.kprobe_events {
+                    return Err(Unsupported::NoKprobes);
+                }
+                need_symbols(features)?;
+                need_state_tracepoint(features)
+            }
+            Mode::Tracepoint => need_state_tracepoint(features),
+            Mode::Legacy => Err(Unsupported::LegacyNotBuilt),
+        }
+    }
+}
+
+fn need_btf(features: &Features) -> Result<(), Unsupported> {
+    if features.btf {
+        Ok(())
+    } else {
+        Err(Unsupported::NoBtf)
+    }
+}
+
+/// The connect and completion hooks must exist; IPv6 alone may be missing.
+fn need_symbols(features: &Features) -> Result<(), Unsupported> {
+    let points = features
+        .attach_points
+        .as_ref()
+        .map_err(|why| Unsupported::NoKallsyms(why.clone()))?;
+    for func in [Func::TcpV4Connect, Func::TcpRcvStateProcess] {
+        if points.get(func).is_none() {
+            return Err(Unsupported::MissingSymbol(func.name()));
+        }
+    }
+    Ok(())
+}
+
+fn need_state_tracepoint(features: &Features) -> Result<(), Unsupported> {
+    features
+        .state_tracepoint
+        .as_ref()
+        .map(|_| ())
+        .map_err(|why| Unsupported::NoStateTracepoint(why.clone()))
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Mode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Mode, String> {
+        Mode::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| format!("unknown mode {s:?}"))
+    }
+}
+
+/// Why a mode cannot run on this kernel.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+pub enum Unsupported {
+    #[error("the kernel has no BTF (/sys/kernel/btf/vmlinux), which CO-RE probes need")]
+    NoBtf,
+    #[error("the kernel refuses fentry programs ({0})")]
+    FentryRefused(String),
+    #[error("not known without {0}: run as root (CAP_BPF)")]
+    NotTried(&'static str),
+    #[error("the kernel has no kprobes (no kprobe PMU, no tracefs kprobe_events)")]
+    NoKprobes,
+    #[error("{0}")]
+    NoKallsyms(String),
+    #[error("kernel function {0} is not in /proc/kallsyms")]
+    MissingSymbol(&'static str),
+    #[error("tracepoint sock:inet_sock_set_state is unusable: {0}")]
+    NoStateTracepoint(String),
+    #[error("legacy mode is not built yet")]
+    LegacyNotBuilt,
+    /// The mode passed every check but loading or attaching it failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// One mode and whether it can be used.
+#[derive(Clone, Debug)]
+pub struct Step {
+    pub mode: Mode,
+    pub verdict: Result<(), Unsupported>,
+}
+
+/// The ordered modes to try.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub steps: Vec<Step>,
+}
+
+impl Plan {
+    /// Every mode for `auto`, or only the `forced` one.
+    pub fn new(features: &Features, trials: &Trials, forced: Option<Mode>) -> Plan {
+        let modes = match forced {
+            Some(mode) => vec![mode],
+            None => Mode::ALL.to_vec(),
+        };
+        Plan {
+            steps: modes
+                .into_iter()
+                .map(|mode| Step {
+                    mode,
+                    verdict: mode.check(features, trials),
+                })
+                .collect(),
+        }
+    }
+
+    /// The modes worth trying, best first.
+    pub fn candidates(&self) -> impl Iterator<Item = Mode> + '_ {
+        self.steps
+            .iter()
+            .filter(|s| s.verdict.is_ok())
+            .map(|s| s.mode)
+    }
+
+    /// What auto would pick if loading never failed.
+    pub fn first(&self) -> Option<Mode> {
+        self.candidates().next()
+    }
+
+    /// Record that `mode` failed to load or attach.
+    pub fn fail(&mut self, mode: Mode, why: String) {
+        if let Some(step) = self.steps.iter_mut().find(|s| s.mode == mode) {
+            step.verdict = Err(Unsupported::Failed(why));
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! Command line: bcc-compatible flags plus mode selection and machine-readable output.
+
+use std::time::Duration;
+
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::Parser;
+use tcpconnlat_compat::Mode;
+
+const EXAMPLES: &str = "\
+Examples:
+  tcpconnlat              trace every active TCP connect
+  tcpconnlat 1            only connects slower than 1 ms
+  tcpconnlat -tL          with timestamps and local ports
+  tcpconnlat -p 181       only process 181
+  tcpconnlat -j -c 10     10 connects as JSON lines, then exit
+  tcpconnlat --features   what this kernel supports and which mode auto picks";
+
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "Trace TCP connect latency: for every active connect, the time from SYN sent \
+             to the SYN-ACK (or RST) being processed.",
+    after_help = EXAMPLES
+)]
+pub struct Cli {
+    /// Only show connects slower than this many milliseconds (filtered in the kernel)
+    #[arg(value_name = "MIN_MS", value_parser = parse_min_ms)]
+    pub min_ms: Option<f64>,
+
+    /// Add a TIME(s) column: seconds since the first event
+    #[arg(short, long)]
+    pub timestamp: bool,
+
+    /// Add an LPORT column
+    #[arg(short = 'L', long)]
+    pub lport: bool,
+
+    /// Only trace this process (filtered in the kernel)
+    #[arg(short, long, value_name = "PID", value_parser = parse_pid)]
+    pub pid: Option<u32>,
+
+    /// Only IPv4 connects
+    #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
+    pub ipv4: bool,
+
+    /// Only IPv6 connects
+    #[arg(short = '6', long = "ipv6")]
+    pub ipv6: bool,
+
+    /// Print libbpf's log and the mode decision
+    #[arg(short, long)]
+    pub verbose: bool,
+
+    /// One JSON object per line instead of a table
+    #[arg(short, long)]
+    pub json: bool,
+
+    /// Exit after this many seconds
+    #[arg(short, long, value_name = "SECS", value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+
+    /// Exit after this many connects
+    #[arg(short, long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: Option<u64>,
+
+    /// How to hook the kernel; auto picks the best this kernel can do
+    #[arg(
+        long,
+        value_name = "MODE",
+        default_value = "auto",
+        value_parser = PossibleValuesParser::new(["auto", "fentry", "kprobe", "tracepoint", "legacy"])
+            .map(|s| s.parse::<Mode>().map_or(ModeChoice::Auto, ModeChoice::Only))
+    )]
+    pub mode: ModeChoice,
+
+    /// Same as --mode legacy: kprobes without BTF, for old kernels
+    #[arg(long, conflicts_with = "mode")]
+    pub legacy: bool,
+
+    /// Print what this kernel supports and the mode auto would pick, then exit
+    #[arg(long)]
+    pub features: bool,
+}
+
+/// `--mode`: auto, or one mode only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModeChoice {
+    Auto,
+    Only(Mode),
+}
+
+impl Cli {
+    /// The mode the user forced, if any (`None` is auto).
+    pub fn forced_mode(&self) -> Option<Mode> {
+        match (self.legacy, self.mode) {
+            (true, _) => Some(Mode::Legacy),
+            (false, ModeChoice::Only(mode)) => Some(mode),
+            (false, ModeChoice::Auto) => None,
+        }
+    }
+}
+
+fn parse_min_ms(s: &str) -> Result<f64, String> {
+    let ms: f64 = s
+        .parse()
+        .map_err(|_| "MIN_MS must be a number of milliseconds, like 1 or 0.5".to_owned())?;
+    // Ten minutes is far beyond any SYN retry schedule: anything above is a typo.
+    if !ms.is_finite() || !(0.0..=600_000.0).contains(&ms) {
+        return Err("MIN_MS must be between 0 and 600000 milliseconds".to_owned());
+    }
+    Ok(ms)
+}
+
+fn parse_pid(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(pid) if pid > 0 && pid <= i32::MAX as u32 => Ok(pid),
+        _ => Err("PID must be a positive process id".to_owned()),
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| "SECS must be a number of seconds, like 10 or 0.5".to_owned())?;
+    if !secs.is_finite() || secs <= 0.0 || secs > 31_536_000.0 {
+        return Err("SECS must be more than 0 and at most a year".to_owned());
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("tcpconnlat").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn bcc_style_flags_parse() {
+        let cli = parse(&["-tL", "-p", "42", "-4", "2.5"]).unwrap();
+        assert!(cli.timestamp && cli.lport && cli.ipv4);
+        assert_eq!(cli.pid, Some(42));
+        assert_eq!(cli.min_ms, Some(2.5));
+        assert_eq!(cli.forced_mode(), None);
+    }
+
+    #[test]
+    fn modes_parse() {
+        assert_eq!(
+            parse(&["--mode", "tracepoint"]).unwrap().forced_mode(),
+            Some(Mode::Tracepoint)
+        );
+        assert_eq!(
+            parse(&["--legacy"]).unwrap().forced_mode(),
+            Some(Mode::Legacy)
+        );
+        assert_eq!(parse(&["--mode", "auto"]).unwrap().forced_mode(), None);
+        assert!(parse(&["--mode", "bogus"]).is_err());
+        assert!(parse(&["--mode", "kprobe", "--legacy"]).is_err());
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        for args in [
+            &["-1"][..],
+            &["nan"],
+            &["inf"],
+            &["1e9"],
+            &["-p", "0"],
+            &["-p", "-5"],
+            &["-p", "99999999999"],
+            &["-d", "0"],
+            &["-c", "0"],
+            &["-4", "-6"],
+        ] {
+            assert!(parse(args).is_err(), "{args:?} was accepted");
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! Events as userspace sees them: decoded from the probes' `struct event`.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use crate::probes::RawEvent;
+
+const AF_INET: u16 = 2;
+
+/// One completed active connect.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Event {
+    /// CLOCK_MONOTONIC nanoseconds when the answer to the SYN was processed.
+    pub ts_ns: u64,
+    pub lat_ns: u64,
+    pub pid: u32,
+    pub comm: String,
+    pub saddr: IpAddr,
+    pub lport: u16,
+    pub daddr: IpAddr,
+    pub dport: u16,
+}
+
+impl Event {
+    /// 4 or 6, as in bcc's IP column (the socket's family).
+    pub fn ip_version(&self) -> u8 {
+        match self.daddr {
+            IpAddr::V4(_) => 4,
+            IpAddr::V6(_) => 6,
+        }
+    }
+
+    pub fn lat_ms(&self) -> f64 {
+        self.lat_ns as f64 / 1e6
+    }
+
+    /// Decode the bytes of one `struct event`; `None` if it is too short.
+    pub fn from_bytes(data: &[u8]) -> Option<Event> {
+        let mut raw = RawEvent::default();
+        plain::copy_from_bytes(&mut raw, data).ok()?;
+        Some(Event::from(&raw))
+    }
+}
+
+impl From<&RawEvent> for Event {
+    fn from(raw: &RawEvent) -> Event {
+        let addr = |bytes: &[u8; 16]| -> IpAddr {
+            if raw.af == AF_INET {
+                IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+            } else {
+                IpAddr::V6(Ipv6Addr::from(*bytes))
+            }
+        };
+        Event {
+            ts_ns: raw.ts_ns,
+            lat_ns: raw.delta_ns,
+            pid: raw.tgid,
+            comm: comm_to_string(&raw.comm),
+            saddr: addr(&raw.saddr),
+            lport: raw.lport,
+            daddr: addr(&raw.daddr),
+            dport: raw.dport,
+        }
+    }
+}
+
+/// A task's comm as text. The kernel cuts names at 15 bytes, possibly inside a UTF-8
+/// character: such a dangling partial character is dropped rather than shown as garbage.
+pub fn comm_to_string(comm: &[u8]) -> String {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    let bytes = &comm[..end];
+    match std::str::from_utf8(bytes) {
+        Ok(s) => s.to_owned(),
+        Err(e) if e.error_len().is_none() => {
+            String::from_utf8_lossy(&bytes[..e.valid_up_to()]).into_owned()
+        }
+        Err(_) => String::from_utf8_lossy(bytes).into_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(af: u16) -> RawEvent {
+        let mut raw = RawEvent {
+            ts_ns: 5,
+            delta_ns: 1_234_567,
+            tgid: 42,
+            af,
+            lport: 40000,
+            dport: 80,
+            ..Default::default()
+        };
+        raw.comm[..4].copy_from_slice(b"curl");
+        raw
+    }
+
+    #[test]
+    fn ipv4_event_decodes() {
+        let mut r = raw(2);
+        r.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        r.daddr[..4].copy_from_slice(&[10, 1, 2, 3]);
+        let e = Event::from(&r);
+        assert_eq!(e.saddr.to_string(), "127.0.0.1");
+        assert_eq!(e.daddr.to_string(), "10.1.2.3");
+        assert_eq!((e.pid, e.comm.as_str(), e.ip_version()), (42, "curl", 4));
+        assert!((e.lat_ms() - 1.234567).abs() < 1e-9);
+    }
+
+    #[test]
+    fn ipv6_addresses_are_canonical() {
+        let mut r = raw(10);
+        r.saddr[15] = 1;
+        r.daddr = "2001:db8::0:1".parse::<Ipv6Addr>().unwrap().octets();
+        let e = Event::from(&r);
+        assert_eq!(e.saddr.to_string(), "::1");
+        assert_eq!(e.daddr.to_string(), "2001:db8::1");
+        assert_eq!(e.ip_version(), 6);
+        let mapped = "::ffff:127.0.0.1".parse::<Ipv6Addr>().unwrap().octets();
+        r.daddr = mapped;
+        assert_eq!(Event::from(&r).daddr.to_string(), "::ffff:127.0.0.1");
+    }
+
+    #[test]
+    fn comm_never_ends_mid_character() {
+        // 18 bytes: the kernel keeps 15, which ends inside the first "ö" of "töö".
+        let name = "Größenwahn-töö".as_bytes();
+        let mut comm = [0u8; 16];
+        comm[..15].copy_from_slice(&name[..15]);
+        let s = comm_to_string(&comm);
+        assert!(name.starts_with(s.as_bytes()));
+        assert_eq!(s, "Größenwahn-t");
+        assert_eq!(comm_to_string(b"ok\0garbage"), "ok");
+        assert_eq!(comm_to_string(b"a\xffb\0"), "a\u{fffd}b");
+    }
+
+    #[test]
+    fn short_buffers_are_rejected() {
+        assert!(Event::from_bytes(&[0u8; 8]).is_none());
+    }
+}

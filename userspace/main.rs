@@ -1,0 +1,237 @@
+//! tcpconnlat: TCP connect latency, traced with eBPF in whichever way this kernel allows.
+
+mod cli;
+mod event;
+mod features;
+mod loader;
+mod output;
+mod probes;
+mod stream;
+
+use std::io::{self, Write};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::error::ErrorKind;
+use clap::Parser;
+use futures::{FutureExt, StreamExt};
+use tcpconnlat_compat::{Mode, Plan};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::cli::Cli;
+use crate::features::Host;
+use crate::loader::{Filters, Tracer};
+use crate::output::{Columns, Printer};
+use crate::stream::{EventStream, Record};
+
+fn main() -> ExitCode {
+    let started = Instant::now();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+            e.exit()
+        }
+        Err(e) => {
+            // clap's message is several lines; ours is one, with what to do.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            eprintln!("tcpconnlat: {first} (see tcpconnlat --help)");
+            return ExitCode::from(2);
+        }
+    };
+    match run(&cli, started) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tcpconnlat: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<io::Error>()
+        .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
+}
+
+/// CAP_BPF + CAP_PERFMON (Linux 5.8+) or CAP_SYS_ADMIN.
+fn privileged() -> bool {
+    use caps::{has_cap, CapSet, Capability};
+    let has = |c| has_cap(None, CapSet::Effective, c).unwrap_or(false);
+    has(Capability::CAP_SYS_ADMIN) || (has(Capability::CAP_BPF) && has(Capability::CAP_PERFMON))
+}
+
+fn run(cli: &Cli, started: Instant) -> Result<()> {
+    if cli.verbose {
+        libbpf_rs::set_print(Some((libbpf_rs::PrintLevel::Debug, |_, msg| {
+            eprint!("{msg}")
+        })));
+    } else {
+        // Failed trial loads are expected; their reasons reach the user through the plan.
+        libbpf_rs::set_print(None);
+    }
+    let privileged = privileged();
+    if let Some(pid) = cli.pid {
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            bail!("no process with PID {pid} (check it with: ps -p {pid})");
+        }
+    }
+    let host = Host::detect(privileged);
+    let forced = cli.forced_mode();
+    if cli.features {
+        let plan = Plan::new(&host.features, &host.trials, None);
+        let mut out = io::stdout().lock();
+        if cli.json {
+            writeln!(out, "{}", features::report_json(&host, &plan))?;
+        } else {
+            write!(out, "{}", features::report_text(&host, &plan))?;
+        }
+        return Ok(());
+    }
+    if !privileged {
+        bail!("loading BPF programs needs root (or CAP_BPF and CAP_PERFMON): run it with sudo");
+    }
+    if let Some(dir) = &host.mounted_tracefs {
+        eprintln!("tcpconnlat: tracefs was not mounted; mounted it at {dir}");
+    }
+
+    // Handlers first: a signal that arrives while loading must still end us cleanly.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the event loop")?;
+    let _guard = runtime.enter();
+    let mut sigint = signal(SignalKind::interrupt()).context("handling SIGINT")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("handling SIGTERM")?;
+
+    let filters = Filters {
+        min_lat_ns: cli.min_ms.map_or(0, |ms| (ms * 1e6) as u64),
+        pid: cli.pid,
+        ip_version: if cli.ipv4 {
+            Some(4)
+        } else if cli.ipv6 {
+            Some(6)
+        } else {
+            None
+        },
+    };
+    let mut plan = Plan::new(&host.features, &host.trials, forced);
+    let tracer = start_first(&mut plan, &host, &filters, forced)?;
+    for note in &tracer.notes {
+        eprintln!("tcpconnlat: {note}");
+    }
+    let stream = EventStream::new(&tracer)?;
+    let why = plan
+        .steps
+        .iter()
+        .filter_map(|s| s.verdict.as_ref().err().map(|e| format!("{}: {e}", s.mode)))
+        .filter(|_| forced.is_none())
+        .collect::<Vec<_>>();
+    eprintln!(
+        "Tracing TCP connects in {} mode ({}){}. Ctrl-C to end.",
+        tracer.mode,
+        tracer.transport.name(),
+        if why.is_empty() {
+            String::new()
+        } else {
+            format!("; not {}", why.join("; "))
+        }
+    );
+    if cli.verbose {
+        eprintln!(
+            "tcpconnlat: attached {:.1} ms after start",
+            started.elapsed().as_secs_f64() * 1e3
+        );
+    }
+
+    let columns = Columns {
+        timestamp: cli.timestamp,
+        lport: cli.lport,
+    };
+    let mut printer = Printer::new(io::stdout().lock(), cli.json, columns, tracer.mode);
+    printer.start()?;
+    runtime.block_on(async {
+        let mut stream = stream;
+        let deadline = cli.duration.map(|d| tokio::time::Instant::now() + d);
+        let sleep = tokio::time::sleep_until(deadline.unwrap_or_else(|| {
+            tokio::time::Instant::now() + std::time::Duration::from_secs(86400 * 365)
+        }));
+        tokio::pin!(sleep);
+        let mut shown = 0u64;
+        let mut draining = false;
+        loop {
+            let record = if draining {
+                // Ending: show what is already queued, then stop.
+                stream.drain()?;
+                match stream.next().now_or_never() {
+                    Some(Some(record)) => record?,
+                    _ => break,
+                }
+            } else {
+                tokio::select! {
+                    _ = sigint.recv() => { draining = true; continue }
+                    _ = sigterm.recv() => { draining = true; continue }
+                    _ = &mut sleep, if deadline.is_some() => { draining = true; continue }
+                    record = stream.next() => match record {
+                        Some(record) => record?,
+                        None => break,
+                    },
+                }
+            };
+            match record {
+                Record::Event(event) => {
+                    printer.event(&event)?;
+                    shown += 1;
+                    if cli.count.is_some_and(|n| shown >= n) {
+                        break;
+                    }
+                }
+                Record::Lost(n) => eprintln!(
+                    "tcpconnlat: lost {n} events: the {} was full",
+                    tracer.transport.name()
+                ),
+            }
+            if stream.is_idle() {
+                printer.flush()?;
+            }
+        }
+        printer.flush()?;
+        Ok::<(), anyhow::Error>(())
+    })?;
+    drop(tracer);
+    Ok(())
+}
+
+/// Start the first mode of the plan that loads and attaches, recording why the others
+/// did not.
+fn start_first(
+    plan: &mut Plan,
+    host: &Host,
+    filters: &Filters,
+    forced: Option<Mode>,
+) -> Result<Tracer> {
+    let candidates: Vec<Mode> = plan.candidates().collect();
+    for mode in candidates {
+        match loader::start(mode, &host.features, &host.trials, filters) {
+            Ok(tracer) => return Ok(tracer),
+            Err(e) if forced.is_some() => {
+                return Err(e.context(format!("cannot trace in {mode} mode")));
+            }
+            Err(e) => plan.fail(mode, format!("{e:#}")),
+        }
+    }
+    let reasons = plan
+        .steps
+        .iter()
+        .filter_map(|s| s.verdict.as_ref().err().map(|e| format!("{}: {e}", s.mode)))
+        .collect::<Vec<_>>()
+        .join("; ");
+    Err(match forced {
+        Some(mode) => anyhow!(
+            "cannot trace in {mode} mode on this kernel: {reasons}; try --mode auto, and --features to see what this kernel supports"
+        ),
+        None => anyhow!("no tracing mode works on this kernel: {reasons}"),
+    })
+}
