@@ -1,6 +1,8 @@
 //! The compiled probe objects (built from `probes/` by build.rs) and the structs shared
 //! with them, generated from `probes/tcpconnlat.h` through BTF.
 
+// Generated code: not ours to lint.
+#[allow(clippy::all)]
 mod skel {
     include!(concat!(env!("OUT_DIR"), "/types.skel.rs"));
 }

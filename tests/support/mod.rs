@@ -1,0 +1,350 @@
+//! Helpers for tests that run the real tracer on the real kernel: spawning it and reading
+//! its JSON, network namespaces joined by veth, and peeking at its BPF maps.
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsFd;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::{Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tcpconnlat");
+
+/// Kernel-facing tests run one at a time: every tracer sees every connect on the host,
+/// and the map checks must see only their own tracer.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A running tcpconnlat with its stdout lines (JSON when started with --json).
+pub struct Tracer {
+    pub child: Child,
+    lines: Receiver<String>,
+    pub stderr: std::sync::Arc<Mutex<String>>,
+}
+
+impl Tracer {
+    /// Start tcpconnlat and wait until it says it is attached.
+    pub fn start(args: &[&str]) -> Tracer {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tcpconnlat");
+        let (tx, lines) = channel();
+        let stdout = child.stdout.take().unwrap();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = std::sync::Arc::new(Mutex::new(String::new()));
+        let (ready_tx, ready) = channel();
+        let err_buf = stderr.clone();
+        let err = child.stderr.take().unwrap();
+        thread::spawn(move || {
+            for line in BufReader::new(err).lines() {
+                let Ok(line) = line else { break };
+                if line.starts_with("Tracing TCP connects") {
+                    let _ = ready_tx.send(());
+                }
+                err_buf.lock().unwrap().push_str(&line);
+                err_buf.lock().unwrap().push('\n');
+            }
+        });
+        if ready.recv_timeout(Duration::from_secs(30)).is_err() {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "tcpconnlat {args:?} did not attach:\n{}",
+                stderr.lock().unwrap()
+            );
+        }
+        Tracer {
+            child,
+            lines,
+            stderr,
+        }
+    }
+
+    /// JSON events until `done` says enough or `timeout` passes.
+    pub fn events_until(
+        &self,
+        timeout: Duration,
+        mut done: impl FnMut(&[Value]) -> bool,
+    ) -> Vec<Value> {
+        let end = Instant::now() + timeout;
+        let mut events = Vec::new();
+        while !done(&events) {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => events.push(
+                    serde_json::from_str(&line)
+                        .unwrap_or_else(|e| panic!("not JSON ({e}): {line}")),
+                ),
+                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        events
+    }
+
+    /// Every line printed from now until `quiet` passes with nothing new.
+    pub fn lines_for(&self, quiet: Duration) -> Vec<String> {
+        let mut lines = Vec::new();
+        while let Ok(line) = self.lines.recv_timeout(quiet) {
+            lines.push(line);
+        }
+        lines
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGINT, then the exit status (it must exit by itself within 10 s).
+    pub fn interrupt(mut self) -> ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+        self.wait()
+    }
+
+    pub fn wait(&mut self) -> ExitStatus {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > end {
+                let _ = self.child.kill();
+                panic!("tcpconnlat did not exit:\n{}", self.stderr.lock().unwrap());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// IDs of the BPF maps this tracer holds, from its fdinfo.
+    pub fn map_ids(&self) -> Vec<u32> {
+        let dir = format!("/proc/{}/fdinfo", self.pid());
+        let mut ids = Vec::new();
+        for entry in fs::read_dir(dir).unwrap().flatten() {
+            let Ok(info) = fs::read_to_string(entry.path()) else {
+                continue;
+            };
+            for line in info.lines() {
+                if let Some(id) = line.strip_prefix("map_id:") {
+                    ids.push(id.trim().parse().unwrap());
+                }
+            }
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    /// How many entries the tracer's map named `name` holds right now.
+    pub fn map_entries(&self, name: &str) -> usize {
+        use libbpf_rs::{MapCore, MapHandle};
+        for id in self.map_ids() {
+            let map = MapHandle::from_map_id(id).unwrap();
+            if map.name().to_str() == Some(name) {
+                return map.keys().count();
+            }
+        }
+        panic!("tracer {} has no map {name}", self.pid());
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Run tcpconnlat to completion; (exit status, stdout, stderr).
+pub fn run(args: &[&str]) -> (ExitStatus, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("run tcpconnlat");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// This thread's comm, as the kernel reports it for events it causes.
+pub fn own_comm() -> String {
+    fs::read_to_string("/proc/thread-self/comm")
+        .unwrap()
+        .trim_end()
+        .to_owned()
+}
+
+/// Connect and close at once; the local port used.
+pub fn connect(addr: SocketAddr) -> u16 {
+    let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.local_addr().unwrap().port()
+}
+
+/// A listener that accepts (and drops) connections in the background.
+pub fn listen(addr: &str) -> SocketAddr {
+    let l = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    let local = l.local_addr().unwrap();
+    thread::spawn(move || for _ in l.incoming() {});
+    local
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Two network namespaces joined by a veth pair, removed on drop:
+/// client `a` (10.231.N.1, fd00:231:N::1) and server `b` (10.231.N.2, fd00:231:N::2).
+pub struct NetPair {
+    pub a: String,
+    pub b: String,
+    pub n: u32,
+}
+
+impl NetPair {
+    pub fn new() -> NetPair {
+        static NEXT: AtomicU32 = AtomicU32::new(1);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let tag = format!("tcl{}x{n}", std::process::id());
+        let pair = NetPair {
+            a: format!("{tag}a"),
+            b: format!("{tag}b"),
+            n,
+        };
+        for ns in [&pair.a, &pair.b] {
+            ip(&["netns", "add", ns]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        let (va, vb) = (format!("{tag}va"), format!("{tag}vb"));
+        ip(&[
+            "link", "add", &va, "netns", &pair.a, "type", "veth", "peer", "name", &vb, "netns",
+            &pair.b,
+        ]);
+        for (ns, dev, host) in [(&pair.a, &va, 1), (&pair.b, &vb, 2)] {
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("10.231.{n}.{host}/24"),
+                "dev",
+                dev,
+            ]);
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("fd00:231:{n}::{host}/64"),
+                "dev",
+                dev,
+                "nodad",
+            ]);
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+        }
+        pair
+    }
+
+    pub fn server_v4(&self) -> String {
+        format!("10.231.{}.2", self.n)
+    }
+
+    pub fn client_v4(&self) -> String {
+        format!("10.231.{}.1", self.n)
+    }
+
+    pub fn server_v6(&self) -> String {
+        format!("fd00:231:{}::2", self.n)
+    }
+
+    pub fn client_v6(&self) -> String {
+        format!("fd00:231:{}::1", self.n)
+    }
+
+    /// Run `f` on a thread inside namespace `ns` (the process stays where it is).
+    pub fn within<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{ns}");
+        thread::spawn(move || {
+            let file = fs::File::open(&path).unwrap();
+            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+
+    /// In the server namespace, drop incoming SYNs to `port`: all of them, or only the
+    /// first of each source (so a connect takes one SYN retransmit, about 1 s).
+    pub fn drop_syns(&self, port: u16, only_first: bool) {
+        let port = port.to_string();
+        let base = [
+            "netns",
+            "exec",
+            &self.b,
+            "iptables-legacy",
+            "-A",
+            "INPUT",
+            "-p",
+            "tcp",
+            "--syn",
+            "--dport",
+            &port,
+        ];
+        let run = |extra: &[&str]| {
+            let out = Command::new("ip")
+                .args(base)
+                .args(extra)
+                .output()
+                .expect("run iptables");
+            assert!(
+                out.status.success(),
+                "iptables: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        if only_first {
+            run(&[
+                "-m", "recent", "--name", "tclfirst", "--rcheck", "-j", "ACCEPT",
+            ]);
+            run(&["-m", "recent", "--name", "tclfirst", "--set", "-j", "DROP"]);
+        } else {
+            run(&["-j", "DROP"]);
+        }
+    }
+}
+
+impl Drop for NetPair {
+    fn drop(&mut self) {
+        // Deleting the namespaces deletes the veth pair and the iptables rules with them.
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
