@@ -33,11 +33,17 @@ fn main() -> ExitCode {
             e.exit()
         }
         Err(e) => {
-            // clap's message is several lines; ours is one, with what to do.
+            // clap's message is a paragraph (the error, possible values, a tip); ours is
+            // its first part on one line, with where to look.
             let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            let first = first.strip_prefix("error: ").unwrap_or(first);
-            eprintln!("tcpconnlat: {first} (see tcpconnlat --help)");
+            let message: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            let message = message.join(" ");
+            let message = message.strip_prefix("error: ").unwrap_or(&message);
+            eprintln!("tcpconnlat: {message} (see tcpconnlat --help)");
             return ExitCode::from(2);
         }
     };

@@ -1,0 +1,32 @@
+#!/bin/sh
+# Capture what tcpconnlat-compat reads from a kernel into a fixture tree, so that its
+# detection and mode plan can be tested against real kernels without them.
+# Usage: ci/capture-fixture.sh DEST    (POSIX sh: it also runs inside the test VMs' busybox)
+# kallsyms is cut down to the functions we hook; the BTF blob is replaced by a marker,
+# since only its presence is read.
+set -eu
+dest=$1
+mkdir -p "$dest/proc/sys/kernel"
+cat /proc/sys/kernel/osrelease > "$dest/proc/sys/kernel/osrelease"
+grep -E ' (tcp_v4_connect|tcp_v6_connect|tcp_rcv_state_process)([.][a-z0-9.]*)?( |	|$)' /proc/kallsyms \
+    > "$dest/proc/kallsyms" || true
+if [ -e /sys/kernel/btf/vmlinux ]; then
+    mkdir -p "$dest/sys/kernel/btf"
+    echo "marker: this kernel has /sys/kernel/btf/vmlinux" > "$dest/sys/kernel/btf/vmlinux"
+fi
+if [ -e /sys/bus/event_source/devices/kprobe/type ]; then
+    mkdir -p "$dest/sys/bus/event_source/devices/kprobe"
+    cat /sys/bus/event_source/devices/kprobe/type > "$dest/sys/bus/event_source/devices/kprobe/type"
+fi
+for t in /sys/kernel/tracing /sys/kernel/debug/tracing; do
+    if [ -d "$t/events" ]; then
+        rel=${t#/}
+        ev="$dest/$rel/events/sock/inet_sock_set_state"
+        mkdir -p "$ev"
+        for f in format id; do
+            cat "$t/events/sock/inet_sock_set_state/$f" > "$ev/$f" 2>/dev/null || true
+        done
+        if [ -e "$t/kprobe_events" ]; then : > "$dest/$rel/kprobe_events"; fi
+        break
+    fi
+done

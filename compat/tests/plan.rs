@@ -1,0 +1,178 @@
+//! Detection and planning against fixture trees captured from real kernels
+//! (ci/capture-fixture.sh), and variants of them with one thing changed.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use tcpconnlat_compat::{Features, Func, Mode, Plan, Trials, Unsupported};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+/// A writable copy of a fixture, for variants.
+fn copy_of(name: &str) -> tempfile::TempDir {
+    fn copy(from: &Path, to: &Path) {
+        fs::create_dir_all(to).unwrap();
+        for entry in fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let dest = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy(&entry.path(), &dest);
+            } else {
+                fs::copy(entry.path(), dest).unwrap();
+            }
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    copy(&fixture(name), dir.path());
+    dir
+}
+
+const FORMAT: &str = "sys/kernel/tracing/events/sock/inet_sock_set_state/format";
+
+fn trials(fentry: Result<(), &str>) -> Trials {
+    Trials {
+        fentry: Some(fentry.map_err(str::to_owned)),
+        ringbuf: Some(true),
+    }
+}
+
+fn verdicts(plan: &Plan) -> Vec<(Mode, Result<(), Unsupported>)> {
+    plan.steps.iter().map(|s| (s.mode, s.verdict.clone())).collect()
+}
+
+#[test]
+fn host_6_18_without_kprobes_or_fentry_plans_tracepoint() {
+    let f = Features::detect(&fixture("host-6.18"));
+    assert_eq!(f.release.as_deref(), Some("6.18.44-fc-v669"));
+    assert!(f.btf && !f.kprobe_pmu && !f.kprobe_events);
+    assert_eq!(f.global_data(), Some(true));
+    let layout = f.state_tracepoint.clone().unwrap();
+    assert_eq!((layout.skaddr, layout.oldstate, layout.newstate), (8, 16, 20));
+    assert_eq!((layout.protocol, layout.saddr_v6, layout.daddr_v6), (Some(30), 40, 56));
+    let points = f.attach_points.clone().unwrap();
+    for func in Func::ALL {
+        assert_eq!(points.get(func), Some(func.name()));
+    }
+
+    let plan = Plan::new(&f, &trials(Err("Operation not permitted (os error 1)")), None);
+    assert_eq!(
+        verdicts(&plan),
+        [
+            (
+                Mode::Fentry,
+                Err(Unsupported::FentryRefused("Operation not permitted (os error 1)".into()))
+            ),
+            (Mode::Kprobe, Err(Unsupported::NoKprobes)),
+            (Mode::Tracepoint, Ok(())),
+            (Mode::Legacy, Err(Unsupported::LegacyNotBuilt)),
+        ]
+    );
+    assert_eq!(plan.first(), Some(Mode::Tracepoint));
+
+    // Were fentry allowed, it would come first.
+    assert_eq!(Plan::new(&f, &trials(Ok(())), None).first(), Some(Mode::Fentry));
+    // Without privileges the fentry trial is unknown, and said so.
+    let unknown = Plan::new(&f, &Trials::default(), Some(Mode::Fentry));
+    assert!(matches!(unknown.steps[0].verdict, Err(Unsupported::NotTried(_))));
+}
+
+#[test]
+fn kprobe_pmu_or_kprobe_events_enable_kprobe_mode() {
+    for path in [
+        "sys/bus/event_source/devices/kprobe/type",
+        "sys/kernel/tracing/kprobe_events",
+    ] {
+        let dir = copy_of("host-6.18");
+        let file = dir.path().join(path);
+        fs::create_dir_all(file.parent().unwrap()).unwrap();
+        fs::write(&file, "6\n").unwrap();
+        let f = Features::detect(dir.path());
+        let plan = Plan::new(&f, &trials(Err("EPERM")), None);
+        assert_eq!(plan.first(), Some(Mode::Kprobe), "{path}");
+    }
+}
+
+#[test]
+fn without_btf_no_co_re_mode_is_planned() {
+    let dir = copy_of("host-6.18");
+    fs::remove_file(dir.path().join("sys/kernel/btf/vmlinux")).unwrap();
+    fs::create_dir_all(dir.path().join("sys/bus/event_source/devices/kprobe")).unwrap();
+    fs::write(dir.path().join("sys/bus/event_source/devices/kprobe/type"), "6\n").unwrap();
+    let f = Features::detect(dir.path());
+    assert!(!f.btf);
+    let plan = Plan::new(&f, &trials(Ok(())), None);
+    assert_eq!(plan.steps[0].verdict, Err(Unsupported::NoBtf));
+    assert_eq!(plan.steps[1].verdict, Err(Unsupported::NoBtf));
+    assert_eq!(plan.first(), Some(Mode::Tracepoint));
+}
+
+#[test]
+fn renamed_symbols_are_found_and_missing_ipv6_is_tolerated() {
+    let dir = copy_of("host-6.18");
+    fs::write(
+        dir.path().join("proc/kallsyms"),
+        "ffffffff82022bc0 t tcp_rcv_state_process.isra.0\n\
+         ffffffff82022f00 t tcp_rcv_state_process.cold\n\
+         ffffffff820311a0 t tcp_v4_connect.constprop.0\n",
+    )
+    .unwrap();
+    let f = Features::detect(dir.path());
+    let points = f.attach_points.clone().unwrap();
+    assert_eq!(points.get(Func::TcpRcvStateProcess), Some("tcp_rcv_state_process.isra.0"));
+    assert_eq!(points.get(Func::TcpV4Connect), Some("tcp_v4_connect.constprop.0"));
+    assert_eq!(points.get(Func::TcpV6Connect), None);
+    let plan = Plan::new(&f, &trials(Ok(())), None);
+    assert_eq!(plan.first(), Some(Mode::Fentry));
+}
+
+#[test]
+fn a_missing_connect_symbol_rejects_the_hooking_modes() {
+    let dir = copy_of("host-6.18");
+    fs::write(dir.path().join("proc/kallsyms"), "ffffffff82022bc0 T tcp_rcv_state_process\n").unwrap();
+    let f = Features::detect(dir.path());
+    let plan = Plan::new(&f, &trials(Ok(())), None);
+    assert_eq!(plan.steps[0].verdict, Err(Unsupported::MissingSymbol("tcp_v4_connect")));
+    assert_eq!(plan.first(), Some(Mode::Tracepoint));
+}
+
+#[test]
+fn no_tracefs_means_no_tracepoint_and_says_how_to_fix_it() {
+    let dir = copy_of("host-6.18");
+    fs::remove_dir_all(dir.path().join("sys/kernel/tracing")).unwrap();
+    let f = Features::detect(dir.path());
+    assert!(f.tracefs.is_none());
+    let plan = Plan::new(&f, &trials(Ok(())), None);
+    assert!(plan.first().is_none());
+    let why = plan.steps[2].verdict.clone().unwrap_err().to_string();
+    assert!(why.contains("tracefs is not mounted"), "{why}");
+}
+
+#[test]
+fn tracefs_inside_debugfs_is_found() {
+    let dir = copy_of("host-6.18");
+    let debug = dir.path().join("sys/kernel/debug");
+    fs::create_dir_all(&debug).unwrap();
+    fs::rename(dir.path().join("sys/kernel/tracing"), debug.join("tracing")).unwrap();
+    let f = Features::detect(dir.path());
+    assert_eq!(f.tracefs, Some(debug.join("tracing")));
+    assert!(f.state_tracepoint.is_ok());
+}
+
+#[test]
+fn a_record_without_protocol_still_works_and_a_wrong_size_does_not() {
+    let dir = copy_of("host-6.18");
+    let format = dir.path().join(FORMAT);
+    let text = fs::read_to_string(&format).unwrap();
+    // Before Linux 4.20 there was no protocol field.
+    let old: String = text.lines().filter(|l| !l.contains(" protocol;")).map(|l| format!("{l}\n")).collect();
+    fs::write(&format, &old).unwrap();
+    let f = Features::detect(dir.path());
+    assert_eq!(f.state_tracepoint.clone().unwrap().protocol, None);
+
+    fs::write(&format, text.replace("int oldstate;\toffset:16;\tsize:4;", "int oldstate;\toffset:16;\tsize:8;")).unwrap();
+    let f = Features::detect(dir.path());
+    let why = f.state_tracepoint.unwrap_err();
+    assert!(why.contains("`oldstate` is 8 bytes, expected 4"), "{why}");
+}

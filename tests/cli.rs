@@ -1,0 +1,163 @@
+//! What the user sees when something is wrong, and what --features claims: every error is
+//! one line that says what to do, with a non-zero exit and no backtrace.
+
+mod support;
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+use support::*;
+
+fn assert_one_line_error(code: i32, status: std::process::ExitStatus, err: &str, needle: &str) {
+    assert_eq!(status.code(), Some(code), "stderr: {err}");
+    assert_eq!(err.lines().count(), 1, "not one line: {err:?}");
+    assert!(err.starts_with("tcpconnlat: "), "{err:?}");
+    assert!(err.contains(needle), "{err:?} lacks {needle:?}");
+    assert!(!err.contains("panicked") && !err.contains("backtrace"), "{err:?}");
+}
+
+#[test]
+fn bad_arguments_get_one_line_and_exit_2() {
+    for (args, needle) in [
+        (&["abc"][..], "MIN_MS must be a number"),
+        (&["--", "-3"], "MIN_MS must be between"),
+        (&["NaN"], "MIN_MS must be between"),
+        (&["1e12"], "MIN_MS must be between"),
+        (&["-p", "0"], "PID must be a positive"),
+        (&["-p", "12abc"], "PID must be a positive"),
+        (&["-p", "; rm -rf /"], "PID must be a positive"),
+        (&["--duration=-1"], "SECS must be more than 0"),
+        (&["-d", "soon"], "SECS must be a number"),
+        (&["-c", "0"], "--count"),
+        (&["--mode", "ebpf"], "--mode"),
+        (&["-4", "-6"], "cannot be used with"),
+        (&["--legacy", "--mode", "kprobe"], "cannot be used with"),
+        (&["--no-such-flag"], "unexpected argument"),
+    ] {
+        let (status, _, err) = run(args);
+        assert_one_line_error(2, status, &err, needle);
+        assert!(err.contains("--help"), "{err:?}");
+    }
+}
+
+#[test]
+fn help_lists_every_flag() {
+    let (status, out, _) = run(&["--help"]);
+    assert!(status.success());
+    for flag in [
+        "MIN_MS", "--timestamp", "--lport", "--pid", "--ipv4", "--ipv6", "--verbose", "--json",
+        "--duration", "--count", "--mode", "--legacy", "--features",
+    ] {
+        assert!(out.contains(flag), "--help lacks {flag}");
+    }
+}
+
+#[test]
+fn an_unknown_pid_is_refused() {
+    // PIDs stop well below this (pid_max is at most 2^22).
+    let (status, _, err) = run(&["-p", "2147483646"]);
+    assert_one_line_error(1, status, &err, "no process with PID 2147483646");
+}
+
+#[test]
+fn without_privileges_it_says_to_use_root() {
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--"])
+        .arg(BIN)
+        .output()
+        .expect("setpriv (util-linux)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_one_line_error(1, out.status, &err, "needs root (or CAP_BPF and CAP_PERFMON)");
+}
+
+fn features() -> Value {
+    let (status, out, err) = run(&["--features", "--json"]);
+    assert!(status.success(), "{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+#[test]
+fn features_tell_the_truth() {
+    let _serial = serial();
+    let f = features();
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert_eq!(f["kernel"]["release"], release.trim());
+    assert_eq!(f["btf"], Path::new("/sys/kernel/btf/vmlinux").exists());
+    assert_eq!(
+        f["kprobe_pmu"],
+        Path::new("/sys/bus/event_source/devices/kprobe").exists()
+    );
+    let tracefs = f["tracefs"].as_str().expect("tracefs found or mounted");
+    assert!(Path::new(tracefs).join("events").is_dir());
+    assert_eq!(f["kprobe_events"], Path::new(tracefs).join("kprobe_events").exists());
+    let format = Path::new(tracefs).join("events/sock/inet_sock_set_state/format");
+    assert_eq!(f["tracepoint"], format.exists());
+    if let Ok(text) = fs::read_to_string(&format) {
+        // The offsets claimed are the ones in the format file.
+        for field in ["skaddr", "oldstate", "newstate", "sport", "dport", "family", "saddr_v6"] {
+            let line = text
+                .lines()
+                .find(|l| l.contains(&format!(" {field};")) || l.contains(&format!(" {field}[")))
+                .unwrap();
+            let offset = line.split("offset:").nth(1).unwrap().split(';').next().unwrap();
+            assert_eq!(f["tracepoint_layout"][field].to_string(), offset, "{field}");
+        }
+    }
+    // Every symbol claimed is a function in kallsyms.
+    let kallsyms = fs::read_to_string("/proc/kallsyms").unwrap();
+    for (func, symbol) in f["symbols"].as_object().unwrap() {
+        let Some(symbol) = symbol.as_str() else { continue };
+        assert!(symbol.starts_with(func.as_str()));
+        assert!(
+            kallsyms.lines().any(|l| {
+                let mut w = l.split_whitespace().skip(1);
+                matches!(w.next(), Some("t" | "T")) && w.next() == Some(symbol)
+            }),
+            "{symbol} is not a kernel function"
+        );
+    }
+    let version: Vec<u32> = f["kernel"]["version"]
+        .as_str()
+        .unwrap()
+        .split('.')
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert_eq!(f["ringbuf"], version[..2] >= [5, 8][..]);
+    // The plan and the report agree.
+    let plan = f["plan"].as_array().unwrap();
+    let first_usable = plan.iter().find(|s| s["usable"] == true).map(|s| s["mode"].clone());
+    assert_eq!(f["auto"], first_usable.unwrap_or(Value::Null));
+    // What CI knows about the kernel it runs on (ci/ sets these per kernel).
+    if let Ok(expected) = std::env::var("TCPCONNLAT_EXPECT_AUTO") {
+        assert_eq!(f["auto"], expected.as_str());
+    }
+}
+
+/// A forced mode works exactly when --features says it can, and otherwise fails with the
+/// reason --features gave.
+#[test]
+fn forced_modes_work_or_fail_as_features_say() {
+    let _serial = serial();
+    let f = features();
+    let refused: Vec<String> = std::env::var("TCPCONNLAT_EXPECT_REFUSED")
+        .map(|v| v.split(',').filter(|m| !m.is_empty()).map(str::to_owned).collect())
+        .unwrap_or_default();
+    for step in f["plan"].as_array().unwrap() {
+        let mode = step["mode"].as_str().unwrap();
+        if refused.iter().any(|m| m == mode) {
+            assert_eq!(step["usable"], false, "CI expects {mode} to be refused here: {step}");
+        }
+        if step["usable"] == true {
+            let tracer = Tracer::start(&["--json", "--mode", mode]);
+            assert!(tracer.interrupt().success(), "{mode}");
+        } else {
+            let reason = step["reason"].as_str().unwrap();
+            let (status, _, err) = run(&["--mode", mode, "-d", "1"]);
+            assert_one_line_error(1, status, &err, &format!("cannot trace in {mode} mode"));
+            assert!(err.contains(reason), "{mode}: {err:?} lacks {reason:?}");
+            assert!(err.contains("--features"), "{err:?}");
+        }
+    }
+}
