@@ -15,7 +15,10 @@ fn assert_one_line_error(code: i32, status: std::process::ExitStatus, err: &str,
     assert_eq!(err.lines().count(), 1, "not one line: {err:?}");
     assert!(err.starts_with("tcpconnlat: "), "{err:?}");
     assert!(err.contains(needle), "{err:?} lacks {needle:?}");
-    assert!(!err.contains("panicked") && !err.contains("backtrace"), "{err:?}");
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err:?}"
+    );
 }
 
 #[test]
@@ -47,8 +50,19 @@ fn help_lists_every_flag() {
     let (status, out, _) = run(&["--help"]);
     assert!(status.success());
     for flag in [
-        "MIN_MS", "--timestamp", "--lport", "--pid", "--ipv4", "--ipv6", "--verbose", "--json",
-        "--duration", "--count", "--mode", "--legacy", "--features",
+        "MIN_MS",
+        "--timestamp",
+        "--lport",
+        "--pid",
+        "--ipv4",
+        "--ipv6",
+        "--verbose",
+        "--json",
+        "--duration",
+        "--count",
+        "--mode",
+        "--legacy",
+        "--features",
     ] {
         assert!(out.contains(flag), "--help lacks {flag}");
     }
@@ -64,12 +78,23 @@ fn an_unknown_pid_is_refused() {
 #[test]
 fn without_privileges_it_says_to_use_root() {
     let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--",
+        ])
         .arg(BIN)
         .output()
         .expect("setpriv (util-linux)");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_one_line_error(1, out.status, &err, "needs root (or CAP_BPF and CAP_PERFMON)");
+    assert_one_line_error(
+        1,
+        out.status,
+        &err,
+        "needs root (or CAP_BPF and CAP_PERFMON)",
+    );
 }
 
 fn features() -> Value {
@@ -91,24 +116,37 @@ fn features_tell_the_truth() {
     );
     let tracefs = f["tracefs"].as_str().expect("tracefs found or mounted");
     assert!(Path::new(tracefs).join("events").is_dir());
-    assert_eq!(f["kprobe_events"], Path::new(tracefs).join("kprobe_events").exists());
+    assert_eq!(
+        f["kprobe_events"],
+        Path::new(tracefs).join("kprobe_events").exists()
+    );
     let format = Path::new(tracefs).join("events/sock/inet_sock_set_state/format");
     assert_eq!(f["tracepoint"], format.exists());
     if let Ok(text) = fs::read_to_string(&format) {
         // The offsets claimed are the ones in the format file.
-        for field in ["skaddr", "oldstate", "newstate", "sport", "dport", "family", "saddr_v6"] {
+        for field in [
+            "skaddr", "oldstate", "newstate", "sport", "dport", "family", "saddr_v6",
+        ] {
             let line = text
                 .lines()
                 .find(|l| l.contains(&format!(" {field};")) || l.contains(&format!(" {field}[")))
                 .unwrap();
-            let offset = line.split("offset:").nth(1).unwrap().split(';').next().unwrap();
+            let offset = line
+                .split("offset:")
+                .nth(1)
+                .unwrap()
+                .split(';')
+                .next()
+                .unwrap();
             assert_eq!(f["tracepoint_layout"][field].to_string(), offset, "{field}");
         }
     }
     // Every symbol claimed is a function in kallsyms.
     let kallsyms = fs::read_to_string("/proc/kallsyms").unwrap();
     for (func, symbol) in f["symbols"].as_object().unwrap() {
-        let Some(symbol) = symbol.as_str() else { continue };
+        let Some(symbol) = symbol.as_str() else {
+            continue;
+        };
         assert!(symbol.starts_with(func.as_str()));
         assert!(
             kallsyms.lines().any(|l| {
@@ -127,7 +165,10 @@ fn features_tell_the_truth() {
     assert_eq!(f["ringbuf"], version[..2] >= [5, 8][..]);
     // The plan and the report agree.
     let plan = f["plan"].as_array().unwrap();
-    let first_usable = plan.iter().find(|s| s["usable"] == true).map(|s| s["mode"].clone());
+    let first_usable = plan
+        .iter()
+        .find(|s| s["usable"] == true)
+        .map(|s| s["mode"].clone());
     assert_eq!(f["auto"], first_usable.unwrap_or(Value::Null));
     // What CI knows about the kernel it runs on (ci/ sets these per kernel).
     if let Ok(expected) = std::env::var("TCPCONNLAT_EXPECT_AUTO") {
@@ -142,12 +183,20 @@ fn forced_modes_work_or_fail_as_features_say() {
     let _serial = serial();
     let f = features();
     let refused: Vec<String> = std::env::var("TCPCONNLAT_EXPECT_REFUSED")
-        .map(|v| v.split(',').filter(|m| !m.is_empty()).map(str::to_owned).collect())
+        .map(|v| {
+            v.split(',')
+                .filter(|m| !m.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
         .unwrap_or_default();
     for step in f["plan"].as_array().unwrap() {
         let mode = step["mode"].as_str().unwrap();
         if refused.iter().any(|m| m == mode) {
-            assert_eq!(step["usable"], false, "CI expects {mode} to be refused here: {step}");
+            assert_eq!(
+                step["usable"], false,
+                "CI expects {mode} to be refused here: {step}"
+            );
         }
         if step["usable"] == true {
             let tracer = Tracer::start(&["--json", "--mode", mode]);

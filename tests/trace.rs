@@ -98,6 +98,53 @@ fn loopback_connects_ipv4_and_ipv6_are_each_reported_once() {
 }
 
 #[test]
+fn the_perf_buffer_transport_delivers_the_same_events() {
+    let _serial = serial();
+    let mode = auto_mode();
+    let me = std::process::id();
+    let tracer = Tracer::start(&["--json", "--transport", "perfbuf", "-p", &me.to_string()]);
+    assert!(tracer.stderr.lock().unwrap().contains("(perf buffer)"));
+    let comm = own_comm();
+    let server = listen("127.0.0.1:0");
+    let lports: Vec<u16> = (0..3).map(|_| connect(server)).collect();
+    let wanted: Vec<_> = lports.iter().map(|&l| (l, server.port())).collect();
+    let events = collect(&tracer, &wanted);
+    for lport in lports {
+        let e = only_event(&events, lport, server.port());
+        assert_event(e, me, &comm, 4, "127.0.0.1", "127.0.0.1", &mode);
+    }
+    assert!(tracer.interrupt().success());
+}
+
+#[test]
+fn an_ipv4_mapped_connect_on_an_ipv6_socket_is_reported_once() {
+    let _serial = serial();
+    let mode = auto_mode();
+    let me = std::process::id();
+    let tracer = Tracer::start(&["--json", "-p", &me.to_string()]);
+    let comm = own_comm();
+    // A dual-stack listener, reached through an IPv6 socket with an IPv4-mapped address:
+    // the kernel goes through tcp_v6_connect and then tcp_v4_connect.
+    let server = listen("[::]:0");
+    let mapped: SocketAddr = format!("[::ffff:127.0.0.1]:{}", server.port())
+        .parse()
+        .unwrap();
+    let lport = connect(mapped);
+    let events = collect(&tracer, &[(lport, server.port())]);
+    let e = only_event(&events, lport, server.port());
+    assert_event(
+        e,
+        me,
+        &comm,
+        6,
+        "::ffff:127.0.0.1",
+        "::ffff:127.0.0.1",
+        &mode,
+    );
+    assert!(tracer.interrupt().success());
+}
+
+#[test]
 fn connects_across_a_veth_pair_carry_the_namespace_addresses() {
     let _serial = serial();
     let mode = auto_mode();

@@ -73,6 +73,10 @@ pub struct Cli {
     )]
     pub mode: ModeChoice,
 
+    /// How events reach userspace: auto uses the ring buffer where the kernel has one
+    #[arg(long, value_name = "KIND", default_value = "auto", value_parser = ["auto", "ringbuf", "perfbuf"])]
+    pub transport: String,
+
     /// Same as --mode legacy: kprobes without BTF, for old kernels
     #[arg(long, conflicts_with = "mode")]
     pub legacy: bool,

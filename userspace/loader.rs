@@ -17,11 +17,17 @@ pub enum Transport {
 }
 
 impl Transport {
-    pub fn for_kernel(trials: &Trials) -> Transport {
-        if trials.ringbuf == Some(true) {
-            Transport::RingBuf
-        } else {
-            Transport::PerfBuf
+    /// The ring buffer where the kernel has one, unless the user asked otherwise.
+    pub fn choose(requested: &str, trials: &Trials) -> Result<Transport> {
+        let ring = trials.ringbuf == Some(true);
+        match requested {
+            "ringbuf" if !ring => {
+                bail!("this kernel has no BPF ring buffer (Linux 5.8+): use --transport perfbuf")
+            }
+            "ringbuf" => Ok(Transport::RingBuf),
+            "perfbuf" => Ok(Transport::PerfBuf),
+            _ if ring => Ok(Transport::RingBuf),
+            _ => Ok(Transport::PerfBuf),
         }
     }
 
@@ -140,11 +146,10 @@ struct Planned {
 pub fn start(
     mode: Mode,
     features: &Features,
-    trials: &Trials,
+    transport: Transport,
     filters: &Filters,
 ) -> Result<Tracer> {
     let spec = spec(mode).ok_or_else(|| anyhow!("{mode} mode is not built yet"))?;
-    let transport = Transport::for_kernel(trials);
     let layout = features
         .state_tracepoint
         .as_ref()

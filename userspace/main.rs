@@ -123,8 +123,9 @@ fn run(cli: &Cli, started: Instant) -> Result<()> {
             None
         },
     };
+    let transport = loader::Transport::choose(&cli.transport, &host.trials)?;
     let mut plan = Plan::new(&host.features, &host.trials, forced);
-    let tracer = start_first(&mut plan, &host, &filters, forced)?;
+    let tracer = start_first(&mut plan, &host, transport, &filters, forced)?;
     for note in &tracer.notes {
         eprintln!("tcpconnlat: {note}");
     }
@@ -215,12 +216,13 @@ fn run(cli: &Cli, started: Instant) -> Result<()> {
 fn start_first(
     plan: &mut Plan,
     host: &Host,
+    transport: loader::Transport,
     filters: &Filters,
     forced: Option<Mode>,
 ) -> Result<Tracer> {
     let candidates: Vec<Mode> = plan.candidates().collect();
     for mode in candidates {
-        match loader::start(mode, &host.features, &host.trials, filters) {
+        match loader::start(mode, &host.features, transport, filters) {
             Ok(tracer) => return Ok(tracer),
             Err(e) if forced.is_some() => {
                 return Err(e.context(format!("cannot trace in {mode} mode")));

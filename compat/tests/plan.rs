@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use tcpconnlat_compat::{Features, Func, Mode, Plan, Trials, Unsupported};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 /// A writable copy of a fixture, for variants.
@@ -39,7 +41,10 @@ fn trials(fentry: Result<(), &str>) -> Trials {
 }
 
 fn verdicts(plan: &Plan) -> Vec<(Mode, Result<(), Unsupported>)> {
-    plan.steps.iter().map(|s| (s.mode, s.verdict.clone())).collect()
+    plan.steps
+        .iter()
+        .map(|s| (s.mode, s.verdict.clone()))
+        .collect()
 }
 
 #[test]
@@ -49,20 +54,32 @@ fn host_6_18_without_kprobes_or_fentry_plans_tracepoint() {
     assert!(f.btf && !f.kprobe_pmu && !f.kprobe_events);
     assert_eq!(f.global_data(), Some(true));
     let layout = f.state_tracepoint.clone().unwrap();
-    assert_eq!((layout.skaddr, layout.oldstate, layout.newstate), (8, 16, 20));
-    assert_eq!((layout.protocol, layout.saddr_v6, layout.daddr_v6), (Some(30), 40, 56));
+    assert_eq!(
+        (layout.skaddr, layout.oldstate, layout.newstate),
+        (8, 16, 20)
+    );
+    assert_eq!(
+        (layout.protocol, layout.saddr_v6, layout.daddr_v6),
+        (Some(30), 40, 56)
+    );
     let points = f.attach_points.clone().unwrap();
     for func in Func::ALL {
         assert_eq!(points.get(func), Some(func.name()));
     }
 
-    let plan = Plan::new(&f, &trials(Err("Operation not permitted (os error 1)")), None);
+    let plan = Plan::new(
+        &f,
+        &trials(Err("Operation not permitted (os error 1)")),
+        None,
+    );
     assert_eq!(
         verdicts(&plan),
         [
             (
                 Mode::Fentry,
-                Err(Unsupported::FentryRefused("Operation not permitted (os error 1)".into()))
+                Err(Unsupported::FentryRefused(
+                    "Operation not permitted (os error 1)".into()
+                ))
             ),
             (Mode::Kprobe, Err(Unsupported::NoKprobes)),
             (Mode::Tracepoint, Ok(())),
@@ -72,10 +89,16 @@ fn host_6_18_without_kprobes_or_fentry_plans_tracepoint() {
     assert_eq!(plan.first(), Some(Mode::Tracepoint));
 
     // Were fentry allowed, it would come first.
-    assert_eq!(Plan::new(&f, &trials(Ok(())), None).first(), Some(Mode::Fentry));
+    assert_eq!(
+        Plan::new(&f, &trials(Ok(())), None).first(),
+        Some(Mode::Fentry)
+    );
     // Without privileges the fentry trial is unknown, and said so.
     let unknown = Plan::new(&f, &Trials::default(), Some(Mode::Fentry));
-    assert!(matches!(unknown.steps[0].verdict, Err(Unsupported::NotTried(_))));
+    assert!(matches!(
+        unknown.steps[0].verdict,
+        Err(Unsupported::NotTried(_))
+    ));
 }
 
 #[test]
@@ -99,7 +122,11 @@ fn without_btf_no_co_re_mode_is_planned() {
     let dir = copy_of("host-6.18");
     fs::remove_file(dir.path().join("sys/kernel/btf/vmlinux")).unwrap();
     fs::create_dir_all(dir.path().join("sys/bus/event_source/devices/kprobe")).unwrap();
-    fs::write(dir.path().join("sys/bus/event_source/devices/kprobe/type"), "6\n").unwrap();
+    fs::write(
+        dir.path().join("sys/bus/event_source/devices/kprobe/type"),
+        "6\n",
+    )
+    .unwrap();
     let f = Features::detect(dir.path());
     assert!(!f.btf);
     let plan = Plan::new(&f, &trials(Ok(())), None);
@@ -120,8 +147,14 @@ fn renamed_symbols_are_found_and_missing_ipv6_is_tolerated() {
     .unwrap();
     let f = Features::detect(dir.path());
     let points = f.attach_points.clone().unwrap();
-    assert_eq!(points.get(Func::TcpRcvStateProcess), Some("tcp_rcv_state_process.isra.0"));
-    assert_eq!(points.get(Func::TcpV4Connect), Some("tcp_v4_connect.constprop.0"));
+    assert_eq!(
+        points.get(Func::TcpRcvStateProcess),
+        Some("tcp_rcv_state_process.isra.0")
+    );
+    assert_eq!(
+        points.get(Func::TcpV4Connect),
+        Some("tcp_v4_connect.constprop.0")
+    );
     assert_eq!(points.get(Func::TcpV6Connect), None);
     let plan = Plan::new(&f, &trials(Ok(())), None);
     assert_eq!(plan.first(), Some(Mode::Fentry));
@@ -130,10 +163,17 @@ fn renamed_symbols_are_found_and_missing_ipv6_is_tolerated() {
 #[test]
 fn a_missing_connect_symbol_rejects_the_hooking_modes() {
     let dir = copy_of("host-6.18");
-    fs::write(dir.path().join("proc/kallsyms"), "ffffffff82022bc0 T tcp_rcv_state_process\n").unwrap();
+    fs::write(
+        dir.path().join("proc/kallsyms"),
+        "ffffffff82022bc0 T tcp_rcv_state_process\n",
+    )
+    .unwrap();
     let f = Features::detect(dir.path());
     let plan = Plan::new(&f, &trials(Ok(())), None);
-    assert_eq!(plan.steps[0].verdict, Err(Unsupported::MissingSymbol("tcp_v4_connect")));
+    assert_eq!(
+        plan.steps[0].verdict,
+        Err(Unsupported::MissingSymbol("tcp_v4_connect"))
+    );
     assert_eq!(plan.first(), Some(Mode::Tracepoint));
 }
 
@@ -166,12 +206,23 @@ fn a_record_without_protocol_still_works_and_a_wrong_size_does_not() {
     let format = dir.path().join(FORMAT);
     let text = fs::read_to_string(&format).unwrap();
     // Before Linux 4.20 there was no protocol field.
-    let old: String = text.lines().filter(|l| !l.contains(" protocol;")).map(|l| format!("{l}\n")).collect();
+    let old: String = text
+        .lines()
+        .filter(|l| !l.contains(" protocol;"))
+        .map(|l| format!("{l}\n"))
+        .collect();
     fs::write(&format, &old).unwrap();
     let f = Features::detect(dir.path());
     assert_eq!(f.state_tracepoint.clone().unwrap().protocol, None);
 
-    fs::write(&format, text.replace("int oldstate;\toffset:16;\tsize:4;", "int oldstate;\toffset:16;\tsize:8;")).unwrap();
+    fs::write(
+        &format,
+        text.replace(
+            "int oldstate;\toffset:16;\tsize:4;",
+            "int oldstate;\toffset:16;\tsize:8;",
+        ),
+    )
+    .unwrap();
     let f = Features::detect(dir.path());
     let why = f.state_tracepoint.unwrap_err();
     assert!(why.contains("`oldstate` is 8 bytes, expected 4"), "{why}");
