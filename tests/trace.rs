@@ -12,9 +12,12 @@ use std::time::Duration;
 use serde_json::Value;
 use support::*;
 
-/// The mode auto picks here, from the tracer's own report (checked against the
-/// kernel's files in `features_tell_the_truth`).
+/// The mode events must name: the one under test, or else the one auto picks here, from
+/// the tracer's own report (checked against the kernel's files in `features_tell_the_truth`).
 fn auto_mode() -> String {
+    if let Some(mode) = test_mode() {
+        return mode;
+    }
     let (status, out, err) = run(&["--features", "--json"]);
     assert!(status.success(), "{err}");
     let v: Value = serde_json::from_str(&out).unwrap();

@@ -32,9 +32,15 @@ pub struct Tracer {
 }
 
 impl Tracer {
-    /// Start tcpconnlat and wait until it says it is attached.
+    /// Start tcpconnlat and wait until it says it is attached. With TCPCONNLAT_TEST_MODE
+    /// set (the kernel matrix runs the suite once per mode), that mode is forced.
     pub fn start(args: &[&str]) -> Tracer {
+        let forced: Vec<String> = match test_mode() {
+            Some(mode) if !args.contains(&"--mode") => vec!["--mode".into(), mode],
+            _ => Vec::new(),
+        };
         let mut child = Command::new(BIN)
+            .args(&forced)
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -57,11 +63,16 @@ impl Tracer {
         thread::spawn(move || {
             for line in BufReader::new(err).lines() {
                 let Ok(line) = line else { break };
-                if line.starts_with("Tracing TCP connects") {
+                let ready = line.starts_with("Tracing TCP connects");
+                {
+                    let mut buf = err_buf.lock().unwrap();
+                    buf.push_str(&line);
+                    buf.push('\n');
+                }
+                // Only once the line is in the buffer: tests read it right after.
+                if ready {
                     let _ = ready_tx.send(());
                 }
-                err_buf.lock().unwrap().push_str(&line);
-                err_buf.lock().unwrap().push('\n');
             }
         });
         if ready.recv_timeout(Duration::from_secs(30)).is_err() {
@@ -173,6 +184,13 @@ impl Drop for Tracer {
             let _ = self.child.wait();
         }
     }
+}
+
+/// The mode the suite is asked to prove (TCPCONNLAT_TEST_MODE), if any.
+pub fn test_mode() -> Option<String> {
+    std::env::var("TCPCONNLAT_TEST_MODE")
+        .ok()
+        .filter(|m| !m.is_empty())
 }
 
 /// Run tcpconnlat to completion; (exit status, stdout, stderr).
