@@ -36,12 +36,16 @@ static __always_inline int on_rcv_state(void *ctx, struct sock *sk, int transpor
 	e.af = BPF_CORE_READ(sk, __sk_common.skc_family);
 	e.lport = BPF_CORE_READ(sk, __sk_common.skc_num);
 	e.dport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	/* The destination of each read is the whole 16-byte array, never its first byte. */
 	if (e.af == AF_INET) {
-		BPF_CORE_READ_INTO(e.saddr, sk, __sk_common.skc_rcv_saddr);
-		BPF_CORE_READ_INTO(e.daddr, sk, __sk_common.skc_daddr);
+		__u32 saddr = BPF_CORE_READ(sk, __sk_common.skc_rcv_saddr);
+		__u32 daddr = BPF_CORE_READ(sk, __sk_common.skc_daddr);
+
+		__builtin_memcpy(e.saddr, &saddr, sizeof(saddr));
+		__builtin_memcpy(e.daddr, &daddr, sizeof(daddr));
 	} else {
-		BPF_CORE_READ_INTO(e.saddr, sk, __sk_common.skc_v6_rcv_saddr.in6_u.u6_addr8);
-		BPF_CORE_READ_INTO(e.daddr, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
+		BPF_CORE_READ_INTO(&e.saddr, sk, __sk_common.skc_v6_rcv_saddr);
+		BPF_CORE_READ_INTO(&e.daddr, sk, __sk_common.skc_v6_daddr);
 	}
 	complete_connect(ctx, cfg, (__u64)sk, &e, transport);
 	return 0;

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
 /*
- * The smallest fentry program: loading it tells whether this kernel lets us use fentry
- * at all (hardened kernels refuse with EPERM even to root). Never attached.
+ * The smallest fentry program: loading and attaching it tells whether this kernel lets us
+ * use fentry at all (hardened kernels refuse with EPERM even to root). Detached at once.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>

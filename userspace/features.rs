@@ -62,16 +62,20 @@ fn mount_tracefs() -> Option<String> {
     .map(|()| dir)
 }
 
-/// Load (never attach) one fentry program: the only way to learn whether the kernel
-/// allows fentry (hardened kernels refuse it with EPERM even to root).
+/// Load and attach (then at once detach) an empty fentry program: the only way to learn
+/// whether the kernel allows fentry. Hardened kernels refuse the load with EPERM even to
+/// root; kernels built without the function tracer load it but cannot attach it.
 fn trial_fentry(features: &Features) -> Result<(), String> {
     if !features.btf {
         return Err("no kernel BTF".to_owned());
     }
-    let open = ObjectBuilder::default()
+    let object = ObjectBuilder::default()
         .open_memory(probes::TRIAL_FENTRY_OBJECT)
+        .and_then(|open| open.load())
         .map_err(|e| e.to_string())?;
-    open.load().map(drop).map_err(|e| e.to_string())
+    let mut progs = object.progs_mut();
+    let prog = progs.next().ok_or("empty trial object")?;
+    prog.attach().map(drop).map_err(|e| format!("attach: {e}"))
 }
 
 fn yes_no(b: bool) -> &'static str {

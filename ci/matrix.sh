@@ -1,0 +1,290 @@
+#!/usr/bin/env bash
+# The kernel matrix: proves every mode on real kernels. The host runs its own cells; the
+# others boot in QEMU (TCG) with a busybox initramfs holding the release tcpconnlat, the
+# integration test binaries and what they call (ip, iptables-legacy, bash, setpriv).
+#
+#   ci/matrix.sh                     every kernel
+#   ci/matrix.sh deb61 nobtf         only these (ids: host deb61 deb612 nobtf noftrace)
+#   ci/matrix.sh --update-fixtures   also copy each kernel's captured compat fixture into
+#                                    compat/tests/fixtures/<id>
+#
+# Kernel images are cached under ci/cache (TCPCONNLAT_CACHE), built ones keyed by the hash
+# of their config, so a warm machine skips the builds. Prints a table (rows kernels,
+# columns modes) and exits non-zero on any unexpected cell.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+CACHE=${TCPCONNLAT_CACHE:-$ROOT/ci/cache}
+OUT=$ROOT/ci/out
+ALL=(host deb61 deb612 nobtf noftrace)
+ALL_MODES=(fentry kprobe tracepoint legacy)
+VM_TIMEOUT=${TCPCONNLAT_VM_TIMEOUT:-1500}
+
+# What each kernel must do: modes whose whole trace suite must pass, modes that must be
+# refused with a clear error, and what auto must pick.
+declare -A MODES=([host]="tracepoint" [deb61]="fentry kprobe tracepoint" [deb612]="fentry kprobe tracepoint"
+    [nobtf]="tracepoint" [noftrace]="kprobe tracepoint")
+declare -A REFUSED=([host]="fentry kprobe legacy" [deb61]="legacy" [deb612]="legacy"
+    [nobtf]="fentry kprobe legacy" [noftrace]="fentry legacy")
+declare -A AUTO=([host]=tracepoint [deb61]=fentry [deb612]=fentry [nobtf]=tracepoint [noftrace]=kprobe)
+declare -A WHAT=([host]="running kernel" [deb61]="Debian 12 cloud 6.1" [deb612]="Debian 12 6.12"
+    [nobtf]="6.1, no BTF" [noftrace]="6.1, BTF, no ftrace")
+# Modules the tests need where the kernel has them as modules (the built kernels have
+# them built in).
+DEB_MODULES="veth x_tables ip_tables iptable_filter xt_recent xt_tcpudp"
+
+update_fixtures=0
+kernels=()
+for arg in "$@"; do
+    case $arg in
+    --update-fixtures) update_fixtures=1 ;;
+    host | deb61 | deb612 | nobtf | noftrace) kernels+=("$arg") ;;
+    *) echo "ci/matrix.sh: unknown kernel or option '$arg' (kernels: ${ALL[*]})" >&2; exit 2 ;;
+    esac
+done
+[ ${#kernels[@]} -gt 0 ] || kernels=("${ALL[@]}")
+
+log() { echo "[matrix $(date +%H:%M:%S)] $*" >&2; }
+
+./ci/deps.sh qemu-system-x86 busybox-static cpio kmod xz-utils linux-source-6.1 dwarves \
+    flex bison bc libssl-dev libelf-dev gcc make
+
+# --- the binaries under test -------------------------------------------------------------
+log "building the release binary and test binaries"
+cargo build --release --locked
+BIN=$ROOT/target/release/tcpconnlat
+test_bin() { # name: the release integration test executable for tests/<name>.rs
+    cargo test --release --locked --no-run --message-format=json 2>/dev/null |
+        grep '"kind":\["test"\]' | grep "\"name\":\"$1\"" |
+        sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1
+}
+TRACE_TEST=$(test_bin trace)
+CLI_TEST=$(test_bin cli)
+[ -x "$TRACE_TEST" ] && [ -x "$CLI_TEST" ] || { echo "ci/matrix.sh: test binaries not found" >&2; exit 1; }
+
+# --- kernels -----------------------------------------------------------------------------
+# Each sets KIMAGE (bzImage), KVER (uname -r) and KMODDIR (its modules, or empty).
+
+deb_kernel() { # id package
+    local id=$1 pkg=$2 dir=$CACHE/kernels/$1
+    if [ ! -f "$dir/$pkg.done" ]; then
+        log "$id: fetching $pkg"
+        rm -rf "$dir" && mkdir -p "$dir/tree"
+        (cd "$dir" && apt-get download -q "$pkg" 2>/dev/null)
+        dpkg-deb -x "$dir"/*.deb "$dir/tree"
+        rm -f "$dir"/*.deb
+        touch "$dir/$pkg.done"
+    fi
+    KIMAGE=$(ls "$dir"/tree/boot/vmlinuz-*)
+    KVER=${KIMAGE##*/vmlinuz-}
+    KMODDIR=$dir/tree/lib/modules/$KVER
+}
+
+newest() { # regex: the newest package name matching it
+    apt-cache search --names-only "$1" | cut -d' ' -f1 | grep -E "$1" | sort -V | tail -1
+}
+
+built_kernel() { # id: built from linux-source-6.1 with ci/kernels/base.config + <id>.config
+    local id=$1 src=$CACHE/src/linux-source-6.1
+    local tarball=/usr/src/linux-source-6.1.tar.xz
+    local hash
+    hash=$(cat ci/kernels/base.config "ci/kernels/$id.config" <(dpkg-query -W -f='${Version}' linux-source-6.1) |
+        sha256sum | cut -c1-16)
+    local dir=$CACHE/kernels/$id-$hash
+    if [ ! -f "$dir/bzImage" ]; then
+        if [ ! -f "$src/.extracted" ]; then
+            log "extracting $tarball"
+            rm -rf "$src" && mkdir -p "$CACHE/src"
+            tar -C "$CACHE/src" -xf "$tarball"
+            touch "$src/.extracted"
+        fi
+        log "$id: building the kernel (a few minutes)"
+        rm -rf "$dir.build" && mkdir -p "$dir.build"
+        make -s -C "$src" O="$dir.build" tinyconfig >/dev/null
+        "$src/scripts/kconfig/merge_config.sh" -m -O "$dir.build" "$dir.build/.config" \
+            ci/kernels/base.config "ci/kernels/$id.config" >/dev/null
+        make -s -C "$src" O="$dir.build" olddefconfig >/dev/null
+        # Every option we asked for must have survived olddefconfig.
+        local missing=0
+        while read -r line; do
+            case $line in CONFIG_*=y)
+                grep -qx "$line" "$dir.build/.config" || { echo "  $id: $line did not stick" >&2; missing=1; } ;;
+            esac
+        done < <(cat ci/kernels/base.config "ci/kernels/$id.config")
+        [ $missing = 0 ] || { echo "ci/matrix.sh: $id config is not what ci/kernels asks for" >&2; return 1; }
+        make -s -C "$src" O="$dir.build" -j"$(nproc)" bzImage >"$dir.build/make.log" 2>&1 ||
+            { tail -30 "$dir.build/make.log" >&2; return 1; }
+        mkdir -p "$dir"
+        cp "$dir.build/arch/x86/boot/bzImage" "$dir/bzImage"
+        cp "$dir.build/.config" "$dir/config"
+        make -s -C "$src" O="$dir.build" kernelrelease >"$dir/release"
+        rm -rf "$dir.build"
+    fi
+    KIMAGE=$dir/bzImage
+    KVER=$(cat "$dir/release")
+    KMODDIR=
+}
+
+kernel() { # id
+    case $1 in
+    deb61) deb_kernel deb61 "$(apt-cache depends linux-image-cloud-amd64 | grep -oE 'linux-image-6[^ ]*' | head -1)-unsigned" ;;
+    deb612) deb_kernel deb612 "$(newest '^linux-image-6\.12\.[0-9]+\+deb12-amd64-unsigned$')" ;;
+    nobtf | noftrace) built_kernel "$1" ;;
+    esac
+}
+
+# --- initramfs ---------------------------------------------------------------------------
+
+add_file() { # root path: copy a file (and, for ELF files, its libraries) to the same path
+    local root=$1 path=$2
+    mkdir -p "$root$(dirname "$path")"
+    cp -L "$path" "$root$path"
+    if ldd "$path" >/dev/null 2>&1; then
+        ldd "$path" | grep -oE '/[^ ]+' | while read -r lib; do
+            [ -e "$root$lib" ] || { mkdir -p "$root$(dirname "$lib")" && cp -L "$lib" "$root$lib"; }
+        done
+    fi
+}
+
+module_closure() { # moddir module...: the module files needed, dependencies first
+    local moddir=$1; shift
+    local m file deps
+    for m in "$@"; do
+        file=$(find "$moddir/kernel" -name "$m.ko" -o -name "$m.ko.xz" | head -1)
+        [ -n "$file" ] || { echo "ci/matrix.sh: no module $m in $moddir" >&2; return 1; }
+        deps=$(modinfo -F depends "$file" | tr ',' ' ')
+        [ -z "$deps" ] || module_closure "$moddir" $deps
+        echo "$file"
+    done
+}
+
+make_initramfs() { # id out
+    local id=$1 out=$2
+    local root
+    root=$(mktemp -d)
+    chmod 755 "$root"   # it becomes /: the unprivileged test must be able to enter it
+    mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,run,root,etc,ci/vm}
+    cp /bin/busybox "$root/bin/busybox"
+    for applet in $(/bin/busybox --list); do
+        [ -e "$root/bin/$applet" ] || ln -s busybox "$root/bin/$applet"
+    done
+    for f in "$BIN" "$TRACE_TEST" "$CLI_TEST" /usr/bin/ip /usr/sbin/xtables-legacy-multi /usr/bin/bash /usr/bin/setpriv; do
+        add_file "$root" "$f"
+    done
+    rm -f "$root/bin/ip" "$root/bin/setpriv" "$root/bin/bash"   # the real ones, not busybox's
+    ln -sf xtables-legacy-multi "$root/usr/sbin/iptables-legacy"
+    local xt=/usr/lib/x86_64-linux-gnu/xtables
+    mkdir -p "$root$xt" && cp "$xt"/libxt_*.so "$xt"/libipt_*.so "$root$xt/"
+    echo "root:x:0:0:root:/root:/bin/sh" >"$root/etc/passwd"
+    echo "nobody:x:65534:65534:nobody:/:/bin/false" >>"$root/etc/passwd"
+    printf 'root:x:0:\nnogroup:x:65534:\n' >"$root/etc/group"
+    local modules=""
+    if [ -n "$KMODDIR" ]; then
+        local dest=$root/lib/modules/$KVER f rel
+        for f in $(module_closure "$KMODDIR" $DEB_MODULES | awk '!seen[$0]++'); do
+            rel=${f#"$KMODDIR"/}
+            mkdir -p "$dest/$(dirname "$rel")"
+            case $f in
+            *.xz) xz -dc "$f" >"$dest/${rel%.xz}" ;;
+            *) cp "$f" "$dest/$rel" ;;
+            esac
+        done
+        depmod -b "$root" "$KVER" 2>/dev/null
+        modules=$DEB_MODULES
+    fi
+    cp ci/vm/init "$root/init"
+    cp ci/vm/cells.sh "$root/ci/vm/cells.sh"
+    cp ci/capture-fixture.sh "$root/ci/capture-fixture.sh"
+    cat >"$root/matrix.conf" <<EOF
+KERNEL_ID='$id'
+BIN='$BIN'
+TRACE_TEST='$TRACE_TEST'
+CLI_TEST='$CLI_TEST'
+MODES='${MODES[$id]}'
+REFUSED='${REFUSED[$id]}'
+AUTO='${AUTO[$id]}'
+MODULES='$modules'
+EOF
+    (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) >"$out"
+    rm -rf "$root"
+}
+
+# --- running -----------------------------------------------------------------------------
+
+run_kernel() { # id: leaves the console log in $OUT/<id>/console.log
+    local id=$1 dir=$OUT/$1
+    rm -rf "$dir" && mkdir -p "$dir"
+    if [ "$id" = host ]; then
+        log "host: running the cells on $(uname -r)"
+        BIN=$BIN TRACE_TEST=$TRACE_TEST CLI_TEST=$CLI_TEST MODES=${MODES[host]} \
+            REFUSED=${REFUSED[host]} AUTO=${AUTO[host]} sh ci/vm/cells.sh >"$dir/console.log" 2>&1 || true
+        echo "@@END" >>"$dir/console.log"
+        return
+    fi
+    kernel "$id" || { echo "@@CELL kernel fail could not get the kernel" >"$dir/console.log"; return; }
+    log "$id: kernel $KVER; building the initramfs"
+    make_initramfs "$id" "$dir/initramfs.gz"
+    log "$id: booting (timeout ${VM_TIMEOUT}s)"
+    local start=$SECONDS
+    timeout "$VM_TIMEOUT" qemu-system-x86_64 -accel tcg -cpu max -smp 2 -m 2048 -nographic -no-reboot \
+        -kernel "$KIMAGE" -initrd "$dir/initramfs.gz" -append "console=ttyS0 quiet panic=-1" \
+        </dev/null >"$dir/console.log" 2>&1 || true
+    log "$id: VM done in $((SECONDS - start))s"
+    rm -f "$dir/initramfs.gz"
+}
+
+markers() { # id prefix: the console lines with that marker, from the marker on (the
+    # console may put escape codes before it)
+    grep -a "$2" "$OUT/$1/console.log" | sed "s/.*$2/$2/" | tr -d '\r'
+}
+
+cell_of() { # id column: the result word for that cell, or "missing"
+    local line
+    line=$(markers "$1" "@@CELL $2 " | tail -1)
+    [ -n "$line" ] && echo "$line" | cut -d' ' -f3 || echo missing
+}
+
+for id in "${kernels[@]}"; do
+    run_kernel "$id"
+done
+
+# --- the table ---------------------------------------------------------------------------
+bad=0
+printf '\n%-10s %-22s' kernel "" >&2
+printf '%-11s' "${ALL_MODES[@]}" cli >&2
+printf '%s\n' "auto picks" >&2
+for id in "${kernels[@]}"; do
+    log=$OUT/$id/console.log
+    printf '%-10s %-22s' "$id" "${WHAT[$id]}" >&2
+    for col in "${ALL_MODES[@]}" cli; do
+        got=$(cell_of "$id" "$col")
+        want=
+        case " ${MODES[$id]} cli " in *" $col "*) want=pass ;; esac
+        case " ${REFUSED[$id]} " in *" $col "*) want=refused ;; esac
+        if [ "$got" = "$want" ]; then shown=$got; else shown="$got!"; bad=1; fi
+        printf '%-11s' "$shown" >&2
+    done
+    markers "$id" '@@FEATURES ' | sed 's/^@@FEATURES //' >"$OUT/$id/features.json" || true
+    auto=$(grep -o '"auto":"[a-z]*"' "$OUT/$id/features.json" | cut -d'"' -f4 || true)
+    if [ "$auto" = "${AUTO[$id]}" ]; then echo "${auto}" >&2; else echo "${auto:-none}! (want ${AUTO[$id]})" >&2; bad=1; fi
+    if ! grep -qa '@@END' "$log"; then
+        echo "  $id: the run did not finish; console tail:" >&2
+        tail -40 "$log" | sed 's/^/    /' >&2
+        bad=1
+    fi
+    if [ $update_fixtures = 1 ] && [ "$id" != host ]; then
+        fx=compat/tests/fixtures/$id
+        rm -rf "$fx" && mkdir -p "$fx"
+        markers "$id" '@@FIXTURE ' | tail -1 | cut -d' ' -f2 | base64 -d | tar -C "$fx" -xzf -
+        log "$id: fixture saved in $fx"
+    fi
+done
+for id in "${kernels[@]}"; do
+    if markers "$id" '@@CELL ' | grep -qE '^@@CELL [a-z]+ (fail|unrefused) '; then
+        echo "  $id: failing cells (full console in ci/out/$id/console.log):" >&2
+        markers "$id" '@@CELL ' | grep -E '^@@CELL [a-z]+ (fail|unrefused) ' | sed 's/^/    /' >&2
+    fi
+done
+echo "(cells: pass = the whole trace suite passed in that mode; refused = one clear error, as expected; ! = not what this kernel should do)" >&2
+if [ $bad = 0 ]; then echo "matrix: ${#kernels[@]} passed, 0 failed"; else echo "matrix: unexpected cells" >&2; fi
+exit $bad

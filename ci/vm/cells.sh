@@ -1,0 +1,38 @@
+#!/bin/sh
+# The matrix cells for one kernel, run inside a test VM (sourced by ci/vm/init) or on the
+# host (by ci/matrix.sh). Needs: BIN, TRACE_TEST, CLI_TEST (paths), MODES and REFUSED
+# (space-separated modes), AUTO (the mode auto must pick). Prints @@CELL and @@FEATURES
+# lines (see ci/vm/init).
+t=$(mktemp -d)
+cell() { echo "@@CELL $1 $2 $3"; }
+echo "@@FEATURES $("$BIN" --features --json 2>&1 | tr '\n' ' ')"
+
+for mode in $MODES; do
+    if TCPCONNLAT_TEST_MODE=$mode timeout 900 "$TRACE_TEST" --test-threads=1 >"$t/out" 2>&1; then
+        cell "$mode" pass "$(grep 'test result' "$t/out")"
+    else
+        cell "$mode" fail "$(grep 'test result' "$t/out")"
+        tail -60 "$t/out"
+    fi
+done
+
+for mode in $REFUSED; do
+    "$BIN" --mode "$mode" -d 1 >/dev/null 2>"$t/err"
+    rc=$?
+    if [ "$rc" = 1 ] && [ "$(wc -l <"$t/err")" = 1 ] && grep -q "cannot trace in $mode mode" "$t/err"; then
+        cell "$mode" refused "$(cat "$t/err")"
+    else
+        cell "$mode" unrefused "exit $rc: $(cat "$t/err")"
+    fi
+done
+
+# Errors, --features against the kernel's files, and every forced mode as --features says.
+if TCPCONNLAT_EXPECT_AUTO=$AUTO TCPCONNLAT_EXPECT_REFUSED=$(echo $REFUSED | tr ' ' ,) \
+    timeout 600 "$CLI_TEST" --test-threads=1 >"$t/out" 2>&1; then
+    cell cli pass "$(grep 'test result' "$t/out")"
+else
+    cell cli fail "$(grep 'test result' "$t/out")"
+    tail -60 "$t/out"
+fi
+
+rm -rf "$t"
