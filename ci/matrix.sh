@@ -22,11 +22,11 @@ VM_TIMEOUT=${TCPCONNLAT_VM_TIMEOUT:-1500}
 
 # What each kernel must do: modes whose whole trace suite must pass, modes that must be
 # refused with a clear error, and what auto must pick.
-declare -A MODES=([host]="tracepoint" [deb61]="fentry kprobe tracepoint" [deb612]="fentry kprobe tracepoint"
+declare -A MODES=([deb61]="fentry kprobe tracepoint" [deb612]="fentry kprobe tracepoint"
     [nobtf]="tracepoint" [noftrace]="kprobe tracepoint")
-declare -A REFUSED=([host]="fentry kprobe legacy" [deb61]="legacy" [deb612]="legacy"
+declare -A REFUSED=([deb61]="legacy" [deb612]="legacy"
     [nobtf]="fentry kprobe legacy" [noftrace]="fentry legacy")
-declare -A AUTO=([host]=tracepoint [deb61]=fentry [deb612]=fentry [nobtf]=tracepoint [noftrace]=kprobe)
+declare -A AUTO=([deb61]=fentry [deb612]=fentry [nobtf]=tracepoint [noftrace]=kprobe)
 declare -A WHAT=([host]="running kernel" [deb61]="Debian 12 cloud 6.1" [deb612]="Debian 12 6.12"
     [nobtf]="6.1, no BTF" [noftrace]="6.1, BTF, no ftrace")
 # Modules the tests need where the kernel has them as modules (the built kernels have
@@ -61,6 +61,22 @@ test_bin() { # name: the release integration test executable for tests/<name>.rs
 TRACE_TEST=$(test_bin trace)
 CLI_TEST=$(test_bin cli)
 [ -x "$TRACE_TEST" ] && [ -x "$CLI_TEST" ] || { echo "ci/matrix.sh: test binaries not found" >&2; exit 1; }
+
+# The host row: what CI knows of its kernel (TCPCONNLAT_EXPECT_AUTO and _REFUSED, set by
+# .ci/run), or elsewhere what --features says this kernel can do (every usable mode then
+# runs the whole suite, every other one must be refused clearly).
+if [ -n "${TCPCONNLAT_EXPECT_AUTO:-}" ]; then
+    AUTO[host]=$TCPCONNLAT_EXPECT_AUTO
+    REFUSED[host]=${TCPCONNLAT_EXPECT_REFUSED//,/ }
+else
+    plan=$("$BIN" --features --json | grep -oE '"mode":"[a-z]+"[^}]*"usable":(true|false)')
+    AUTO[host]=$("$BIN" --features --json | grep -o '"auto":"[a-z]*"' | cut -d'"' -f4)
+    REFUSED[host]=$(echo "$plan" | grep '"usable":false' | cut -d'"' -f4 | xargs)
+fi
+MODES[host]=
+for m in "${ALL_MODES[@]}"; do
+    case " ${REFUSED[host]} " in *" $m "*) ;; *) MODES[host]="${MODES[host]} $m" ;; esac
+done
 
 # --- kernels -----------------------------------------------------------------------------
 # Each sets KIMAGE (bzImage), KVER (uname -r) and KMODDIR (its modules, or empty).

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite: style, lints, unit tests, and the integration tests that load real
-# BPF programs on this kernel (they need root: BPF, network namespaces, iptables).
+# The whole test suite: style, lints, unit tests, the integration tests that load real
+# BPF programs on this kernel (they need root: BPF, network namespaces, iptables), and the
+# kernel matrix (ci/matrix.sh), which runs those same tests in VMs on other kernels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./ci/deps.sh
@@ -11,3 +12,8 @@ fi
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
+# Then every mode on every kernel of the matrix (QEMU; set TCPCONNLAT_MATRIX=0 to skip
+# it locally, CI never does).
+if [ "${TCPCONNLAT_MATRIX:-1}" != 0 ]; then
+    ./ci/matrix.sh host deb61   # widened to every kernel once each is proven here
+fi

@@ -238,8 +238,10 @@ fn min_ms_keeps_only_connects_slower_than_it() {
     let events = collect(&tracer, &[(slow, slow_server.port())]);
     let e = only_event(&events, slow, slow_server.port());
     let lat_ms = e["lat_ms"].as_f64().unwrap();
+    // Accuracy: the SYN-ACK comes one initial RTO (1 s, RFC 6298) after the first SYN,
+    // plus a round trip across the veth; allow for a busy or emulated machine.
     assert!(
-        (900.0..4000.0).contains(&lat_ms),
+        (990.0..1500.0).contains(&lat_ms),
         "one SYN retransmit should take ~1 s: {e}"
     );
     assert!(

@@ -227,3 +227,29 @@ fn a_record_without_protocol_still_works_and_a_wrong_size_does_not() {
     let why = f.state_tracepoint.unwrap_err();
     assert!(why.contains("`oldstate` is 8 bytes, expected 4"), "{why}");
 }
+
+#[test]
+fn debian_6_1_cloud_has_everything_and_plans_fentry() {
+    let f = Features::detect(&fixture("deb61"));
+    assert!(f.release.as_deref().unwrap().starts_with("6.1.0-"));
+    assert!(f.btf && f.kprobe_pmu && f.kprobe_events);
+    assert!(f.state_tracepoint.is_ok());
+    assert!(Func::ALL
+        .iter()
+        .all(|&func| f.attach_points.as_ref().unwrap().get(func).is_some()));
+    let plan = Plan::new(&f, &trials(Ok(())), None);
+    assert_eq!(
+        verdicts(&plan),
+        [
+            (Mode::Fentry, Ok(())),
+            (Mode::Kprobe, Ok(())),
+            (Mode::Tracepoint, Ok(())),
+            (Mode::Legacy, Err(Unsupported::LegacyNotBuilt)),
+        ]
+    );
+    // The same kernel with fentry refused falls back to kprobe, not to the tracepoint.
+    assert_eq!(
+        Plan::new(&f, &trials(Err("EPERM")), None).first(),
+        Some(Mode::Kprobe)
+    );
+}
