@@ -21,10 +21,12 @@ fi
 for t in /sys/kernel/tracing /sys/kernel/debug/tracing; do
     if [ -d "$t/events" ]; then
         rel=${t#/}
-        ev="$dest/$rel/events/sock/inet_sock_set_state"
-        mkdir -p "$ev"
-        for f in format id; do
-            cat "$t/events/sock/inet_sock_set_state/$f" > "$ev/$f" 2>/dev/null || true
+        for tp in sock/inet_sock_set_state tcp/tcp_retransmit_skb tcp/tcp_receive_reset; do
+            [ -d "$t/events/$tp" ] || continue
+            mkdir -p "$dest/$rel/events/$tp"
+            for f in format id; do
+                cat "$t/events/$tp/$f" > "$dest/$rel/events/$tp/$f" 2>/dev/null || true
+            done
         done
         if [ -e "$t/kprobe_events" ]; then : > "$dest/$rel/kprobe_events"; fi
         break

@@ -8,13 +8,14 @@
 #   ci/matrix.sh --update-fixtures   also copy each kernel's captured compat fixture into
 #                                    compat/tests/fixtures/<id>
 #
-# Kernel images are cached under ci/cache (TCPCONNLAT_CACHE), built ones keyed by the hash
+# Kernel images are cached under ~/.cache/tcpconnlat-ci (TCPCONNLAT_CACHE), built ones keyed by the hash
 # of their config, so a warm machine skips the builds. Prints a table (rows kernels,
 # columns modes) and exits non-zero on any unexpected cell.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-CACHE=${TCPCONNLAT_CACHE:-$ROOT/ci/cache}
+# Outside the work tree, so that CI's fresh clone on a warm machine finds it.
+CACHE=${TCPCONNLAT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tcpconnlat-ci}
 OUT=$ROOT/ci/out
 ALL=(host deb61 deb612 nobtf noftrace)
 ALL_MODES=(fentry kprobe tracepoint legacy)
