@@ -32,7 +32,7 @@ declare -A WHAT=([host]="running kernel" [deb61]="Debian 12 cloud 6.1" [deb612]=
     [nobtf]="6.1, no BTF" [noftrace]="6.1, BTF, no ftrace")
 # Modules the tests need where the kernel has them as modules (the built kernels have
 # them built in).
-DEB_MODULES="veth x_tables ip_tables iptable_filter xt_recent xt_tcpudp"
+DEB_MODULES="veth x_tables ip_tables iptable_filter xt_recent xt_tcpudp ipt_REJECT"
 
 update_fixtures=0
 kernels=()
@@ -59,9 +59,12 @@ test_bin() { # name: the release integration test executable for tests/<name>.rs
         grep '"kind":\["test"\]' | grep "\"name\":\"$1\"" |
         sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1
 }
-TRACE_TEST=$(test_bin trace)
+# The kernel-facing suites, run once per mode; and the CLI/--features suite.
+TRACE_TESTS="$(test_bin trace) $(test_bin outcomes)"
 CLI_TEST=$(test_bin cli)
-[ -x "$TRACE_TEST" ] && [ -x "$CLI_TEST" ] || { echo "ci/matrix.sh: test binaries not found" >&2; exit 1; }
+for t in $TRACE_TESTS $CLI_TEST; do
+    [ -x "$t" ] || { echo "ci/matrix.sh: test binaries not found" >&2; exit 1; }
+done
 
 # The host row: what CI knows of its kernel (TCPCONNLAT_EXPECT_AUTO and _REFUSED, set by
 # .ci/run), or elsewhere what --features says this kernel can do (every usable mode then
@@ -185,7 +188,7 @@ make_initramfs() { # id out
     for applet in $(/bin/busybox --list); do
         [ -e "$root/bin/$applet" ] || ln -s busybox "$root/bin/$applet"
     done
-    for f in "$BIN" "$TRACE_TEST" "$CLI_TEST" /usr/bin/ip /usr/sbin/xtables-legacy-multi /usr/bin/bash /usr/bin/setpriv; do
+    for f in "$BIN" $TRACE_TESTS "$CLI_TEST" /usr/bin/ip /usr/sbin/xtables-legacy-multi /usr/bin/bash /usr/bin/setpriv; do
         add_file "$root" "$f"
     done
     rm -f "$root/bin/ip" "$root/bin/setpriv" "$root/bin/bash"   # the real ones, not busybox's
@@ -215,7 +218,7 @@ make_initramfs() { # id out
     cat >"$root/matrix.conf" <<EOF
 KERNEL_ID='$id'
 BIN='$BIN'
-TRACE_TEST='$TRACE_TEST'
+TRACE_TESTS='$TRACE_TESTS'
 CLI_TEST='$CLI_TEST'
 MODES='${MODES[$id]}'
 REFUSED='${REFUSED[$id]}'
@@ -233,7 +236,7 @@ run_kernel() { # id: leaves the console log in $OUT/<id>/console.log
     rm -rf "$dir" && mkdir -p "$dir"
     if [ "$id" = host ]; then
         log "host: running the cells on $(uname -r)"
-        BIN=$BIN TRACE_TEST=$TRACE_TEST CLI_TEST=$CLI_TEST MODES=${MODES[host]} \
+        BIN=$BIN TRACE_TESTS=$TRACE_TESTS CLI_TEST=$CLI_TEST MODES=${MODES[host]} \
             REFUSED=${REFUSED[host]} AUTO=${AUTO[host]} sh ci/vm/cells.sh >"$dir/console.log" 2>&1 || true
         echo "@@END" >>"$dir/console.log"
         return

@@ -1,9 +1,13 @@
 /* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
 /*
- * Maps and logic shared by every probe object: the pending-connect table, the
- * configuration, the emit path for both transports, and the reading of the
- * sock:inet_sock_set_state record by the offsets userspace found in its format file.
- * Nothing here uses CO-RE, so objects that must load without BTF can include it.
+ * Maps and logic shared by every probe object: the pending-connect table, configuration
+ * and filters, the emit path for both transports, and the sock:inet_sock_set_state state
+ * machine that finishes every connect, read by the record offsets userspace found in the
+ * tracepoint's format file. Nothing here uses CO-RE.
+ *
+ * An object including this file first defines
+ *     static __always_inline __u16 sock_error(const struct config *cfg, __u64 sk);
+ * which returns the socket's sk_err (0 when it cannot know).
  */
 #ifndef TCPCONNLAT_COMMON_BPF_H
 #define TCPCONNLAT_COMMON_BPF_H
@@ -13,10 +17,17 @@
 #define AF_INET 2
 #define AF_INET6 10
 #define IPPROTO_TCP 6
+#define ECONNREFUSED 111
+#define ETIMEDOUT 110
+#define EHOSTUNREACH 113
+#define ENETUNREACH 101
+#define EHOSTDOWN 112
+#define ENETDOWN 100
 
-/* Userspace may resize both before load; these are the defaults. */
+/* Userspace may resize these before load; these are the defaults. */
 #define MAX_PENDING 16384
 #define RINGBUF_BYTES (256 * 1024)
+#define MAX_FILTER_KEYS 64
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -32,6 +43,21 @@ struct {
 	__type(key, __u64);
 	__type(value, struct pending);
 } pending SEC(".maps");
+
+/* -p and --dport sets, used when config.filter_pids / filter_dports say so. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_FILTER_KEYS);
+	__type(key, __u32);
+	__type(value, __u8);
+} pids SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_FILTER_KEYS);
+	__type(key, __u16);
+	__type(value, __u8);
+} dports SEC(".maps");
 
 /* Events dropped because the ring buffer was full (perf buffer losses come from perf itself). */
 struct {
@@ -59,19 +85,41 @@ static __always_inline const struct config *get_config(void)
 	return bpf_map_lookup_elem(&config_map, &zero);
 }
 
-/* Remember a connect that just sent its SYN, if the filters want it. */
+/* The filters that only the connecting process's context can answer. */
+static __always_inline int wanted_here(const struct config *cfg, __u16 family, __u32 tgid,
+				       __u32 uid, const __u8 *comm)
+{
+	if (cfg->family && cfg->family != family)
+		return 0;
+	if (cfg->filter_pids && !bpf_map_lookup_elem(&pids, &tgid))
+		return 0;
+	if (cfg->filter_uid && cfg->uid != uid)
+		return 0;
+	if (cfg->cgroup_id && cfg->cgroup_id != bpf_get_current_cgroup_id())
+		return 0;
+	if (cfg->filter_comm) {
+		for (int i = 0; i < TASK_COMM_LEN; i++) {
+			if (comm[i] != cfg->comm[i])
+				return 0;
+			if (!comm[i])
+				break;
+		}
+	}
+	return 1;
+}
+
+/* Remember a connect about to send its SYN, if the filters want it. */
 static __always_inline void remember_connect(const struct config *cfg, __u64 sk, __u16 family)
 {
-	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	__u64 uid_gid = bpf_get_current_uid_gid();
 	struct pending p = {};
 
-	if (cfg->target_tgid && cfg->target_tgid != tgid)
-		return;
-	if (cfg->target_family && cfg->target_family != family)
+	p.tgid = bpf_get_current_pid_tgid() >> 32;
+	p.uid = (__u32)uid_gid;
+	bpf_get_current_comm(&p.comm, sizeof(p.comm));
+	if (!wanted_here(cfg, family, p.tgid, p.uid, p.comm))
 		return;
 	p.start_ns = bpf_ktime_get_ns();
-	p.tgid = tgid;
-	bpf_get_current_comm(&p.comm, sizeof(p.comm));
 	bpf_map_update_elem(&pending, &sk, &p, BPF_ANY);
 }
 
@@ -100,28 +148,7 @@ static __always_inline void submit(void *ctx, const struct config *cfg, struct e
 	}
 }
 
-/*
- * Finish a pending connect: fill in who and how long, and emit it if slow enough.
- * The caller has put addresses, ports and family into *e. Returns nothing: the entry
- * is always removed, reported or not.
- */
-static __always_inline void complete_connect(void *ctx, const struct config *cfg, __u64 sk,
-					     struct event *e, int transport)
-{
-	struct pending *p = bpf_map_lookup_elem(&pending, &sk);
-
-	if (!p)
-		return;
-	e->ts_ns = bpf_ktime_get_ns();
-	e->delta_ns = e->ts_ns - p->start_ns;
-	e->tgid = p->tgid;
-	__builtin_memcpy(e->comm, p->comm, sizeof(e->comm));
-	if (e->delta_ns >= cfg->min_lat_ns)
-		submit(ctx, cfg, e, transport);
-	bpf_map_delete_elem(&pending, &sk);
-}
-
-/* The fields of one sock:inet_sock_set_state record that we use. */
+/* The fields of one sock:inet_sock_set_state record that decide what to do. */
 struct state_change {
 	__u64 skaddr;
 	int oldstate;
@@ -146,14 +173,140 @@ static __always_inline int read_state_change(void *ctx, const struct state_layou
 	return 0;
 }
 
-/* A connect that leaves SYN_SENT any other way than by our completion hook is forgotten. */
-static __always_inline int forget_if_done(const struct state_change *sc)
+static __always_inline void read_endpoints(void *ctx, const struct state_layout *l,
+					   struct event *e)
 {
-	if (sc->oldstate == TCP_SYN_SENT && sc->newstate != TCP_SYN_SENT) {
-		bpf_map_delete_elem(&pending, &sc->skaddr);
-		return 1;
+	READ_TP_FIELD(e->lport, ctx, l->sport);
+	READ_TP_FIELD(e->dport, ctx, l->dport);
+	if (e->af == AF_INET) {
+		bpf_probe_read(e->saddr, 4, (char *)ctx + l->saddr);
+		bpf_probe_read(e->daddr, 4, (char *)ctx + l->daddr);
+	} else {
+		bpf_probe_read(e->saddr, 16, (char *)ctx + l->saddr_v6);
+		bpf_probe_read(e->daddr, 16, (char *)ctx + l->daddr_v6);
+	}
+}
+
+static __always_inline __u8 outcome_of(const struct pending *p, __u16 error)
+{
+	if (p->reset || error == ECONNREFUSED)
+		return OUTCOME_REFUSED;
+	if (error == EHOSTUNREACH || error == ENETUNREACH || error == EHOSTDOWN || error == ENETDOWN)
+		return OUTCOME_UNREACHABLE;
+	if (error && error != ETIMEDOUT)
+		return OUTCOME_ERROR;
+	return OUTCOME_TIMEOUT;
+}
+
+/*
+ * Every connect ends here, in every mode: the socket leaves SYN_SENT. To ESTABLISHED it
+ * succeeded; anywhere else (CLOSE) it failed, and sk_err says why. With `record_start`
+ * (tracepoint mode) the CLOSE -> SYN_SENT transition also starts the clock.
+ */
+static __always_inline int handle_state(void *ctx, int transport, int record_start)
+{
+	const struct config *cfg = get_config();
+	struct state_change sc;
+	struct pending *p;
+	struct event e = {};
+
+	if (!cfg || read_state_change(ctx, &cfg->tp, &sc) || sc.protocol != IPPROTO_TCP)
+		return 0;
+	if (sc.newstate == TCP_SYN_SENT) {
+		if (record_start && sc.oldstate == TCP_CLOSE)
+			remember_connect(cfg, sc.skaddr, sc.family);
+		return 0;
+	}
+	if (sc.oldstate != TCP_SYN_SENT)
+		return 0;
+	p = bpf_map_lookup_elem(&pending, &sc.skaddr);
+	if (!p)
+		return 0;
+
+	e.ts_ns = bpf_ktime_get_ns();
+	if (sc.newstate == TCP_ESTABLISHED) {
+		e.outcome = OUTCOME_ESTABLISHED;
+		e.delta_ns = (p->answer_ns ? p->answer_ns : e.ts_ns) - p->start_ns;
+	} else {
+		e.error = sock_error(cfg, sc.skaddr);
+		e.outcome = outcome_of(p, e.error);
+		/* An RST is an answer: its latency ends when it was processed. */
+		e.delta_ns = ((p->reset && p->answer_ns) ? p->answer_ns : e.ts_ns) - p->start_ns;
+	}
+	e.tgid = p->tgid;
+	e.uid = p->uid;
+	e.syn_retrans = p->syn_retrans;
+	__builtin_memcpy(e.comm, p->comm, sizeof(e.comm));
+	bpf_map_delete_elem(&pending, &sc.skaddr);
+
+	if (!(cfg->report & (e.outcome == OUTCOME_ESTABLISHED ? REPORT_ESTABLISHED : REPORT_FAILED)))
+		return 0;
+	if (e.delta_ns < cfg->min_lat_ns)
+		return 0;
+	e.af = sc.family;
+	read_endpoints(ctx, &cfg->tp, &e);
+	if (cfg->filter_dports && !bpf_map_lookup_elem(&dports, &e.dport))
+		return 0;
+	submit(ctx, cfg, &e, transport);
+	return 0;
+}
+
+/* tcp:tcp_retransmit_skb: count SYNs sent again for a pending connect. */
+static __always_inline int handle_retransmit(void *ctx)
+{
+	const struct config *cfg = get_config();
+	struct pending *p;
+	__u64 sk;
+
+	if (!cfg || READ_TP_FIELD(sk, ctx, cfg->retransmit_skaddr))
+		return 0;
+	p = bpf_map_lookup_elem(&pending, &sk);
+	/* Retransmits of one socket are serialised by its lock: no atomic needed. */
+	if (p)
+		p->syn_retrans++;
+	return 0;
+}
+
+/* tcp:tcp_receive_reset: an RST for a pending connect means refused, even where sk_err
+ * cannot be read. */
+static __always_inline int handle_reset(void *ctx)
+{
+	const struct config *cfg = get_config();
+	struct pending *p;
+	__u64 sk;
+
+	if (!cfg || READ_TP_FIELD(sk, ctx, cfg->reset_skaddr))
+		return 0;
+	p = bpf_map_lookup_elem(&pending, &sk);
+	if (p) {
+		p->reset = 1;
+		if (!p->answer_ns)
+			p->answer_ns = bpf_ktime_get_ns();
 	}
 	return 0;
 }
+
+/* The tracepoint programs every object has: two per transport for the state machine. */
+#define STATE_PROGRAMS(record_start)                                                    \
+	SEC("tracepoint/sock/inet_sock_set_state")                                      \
+	int tp_state_rb(void *ctx)                                                      \
+	{                                                                               \
+		return handle_state(ctx, TRANSPORT_RINGBUF, record_start);              \
+	}                                                                               \
+	SEC("tracepoint/sock/inet_sock_set_state")                                      \
+	int tp_state_pb(void *ctx)                                                      \
+	{                                                                               \
+		return handle_state(ctx, TRANSPORT_PERFBUF, record_start);              \
+	}                                                                               \
+	SEC("tracepoint/tcp/tcp_retransmit_skb")                                        \
+	int tp_retransmit(void *ctx)                                                    \
+	{                                                                               \
+		return handle_retransmit(ctx);                                          \
+	}                                                                               \
+	SEC("tracepoint/tcp/tcp_receive_reset")                                         \
+	int tp_reset(void *ctx)                                                         \
+	{                                                                               \
+		return handle_reset(ctx);                                               \
+	}
 
 #endif /* TCPCONNLAT_COMMON_BPF_H */

@@ -1,18 +1,37 @@
 // SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
 /*
- * CO-RE probes for the fentry and kprobe modes: the start is taken when
- * tcp_v4_connect/tcp_v6_connect is entered, the end when tcp_rcv_state_process sees the
- * socket still in SYN_SENT (the SYN-ACK or RST is being processed). Connects that end any
- * other way are forgotten by the sock:inet_sock_set_state hook.
+ * CO-RE probes for the fentry and kprobe modes. The clock starts when tcp_v4_connect /
+ * tcp_v6_connect is entered (as bcc does), the answer is stamped when
+ * tcp_rcv_state_process sees the socket still in SYN_SENT (the SYN-ACK or RST being
+ * processed), and the sock:inet_sock_set_state state machine of common.bpf.h reports the
+ * connect when the socket leaves SYN_SENT. A connect that fails before sending its SYN is
+ * forgotten on the way out of the connect function.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_tracing.h>
 #include <bpf/bpf_core_read.h>
-#include <bpf/bpf_endian.h>
+
+struct config;
+static __always_inline __u16 sock_error(const struct config *cfg, __u64 sk)
+{
+	int err = BPF_CORE_READ((struct sock *)sk, sk_err);
+
+	/* An ICMP error that came while the socket was locked is only "soft". */
+	return err ? err : BPF_CORE_READ((struct sock *)sk, sk_err_soft);
+}
+
 #include "common.bpf.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+/* kprobe mode: the socket of each thread's connect in progress, for its kretprobe. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, __u64);
+} connecting SEC(".maps");
 
 static __always_inline int on_connect(struct sock *sk)
 {
@@ -23,31 +42,25 @@ static __always_inline int on_connect(struct sock *sk)
 	return 0;
 }
 
-static __always_inline int on_rcv_state(void *ctx, struct sock *sk, int transport)
+static __always_inline void on_connect_return(struct sock *sk, int ret)
 {
-	const struct config *cfg;
-	struct event e = {};
+	__u64 key = (__u64)sk;
+
+	/* Failed before the SYN went out (no route, bad address): nothing will follow. */
+	if (ret < 0 && BPF_CORE_READ(sk, __sk_common.skc_state) != TCP_SYN_SENT)
+		bpf_map_delete_elem(&pending, &key);
+}
+
+static __always_inline int on_rcv_state(struct sock *sk)
+{
+	__u64 key = (__u64)sk;
+	struct pending *p;
 
 	if (BPF_CORE_READ(sk, __sk_common.skc_state) != TCP_SYN_SENT)
 		return 0;
-	cfg = get_config();
-	if (!cfg)
-		return 0;
-	e.af = BPF_CORE_READ(sk, __sk_common.skc_family);
-	e.lport = BPF_CORE_READ(sk, __sk_common.skc_num);
-	e.dport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
-	/* The destination of each read is the whole 16-byte array, never its first byte. */
-	if (e.af == AF_INET) {
-		__u32 saddr = BPF_CORE_READ(sk, __sk_common.skc_rcv_saddr);
-		__u32 daddr = BPF_CORE_READ(sk, __sk_common.skc_daddr);
-
-		__builtin_memcpy(e.saddr, &saddr, sizeof(saddr));
-		__builtin_memcpy(e.daddr, &daddr, sizeof(daddr));
-	} else {
-		BPF_CORE_READ_INTO(&e.saddr, sk, __sk_common.skc_v6_rcv_saddr);
-		BPF_CORE_READ_INTO(&e.daddr, sk, __sk_common.skc_v6_daddr);
-	}
-	complete_connect(ctx, cfg, (__u64)sk, &e, transport);
+	p = bpf_map_lookup_elem(&pending, &key);
+	if (p && !p->answer_ns)
+		p->answer_ns = bpf_ktime_get_ns();
 	return 0;
 }
 
@@ -57,56 +70,82 @@ int BPF_PROG(fentry_v4_connect, struct sock *sk)
 	return on_connect(sk);
 }
 
+SEC("fexit/tcp_v4_connect")
+int BPF_PROG(fexit_v4_connect, struct sock *sk, struct sockaddr *uaddr, int addr_len, int ret)
+{
+	on_connect_return(sk, ret);
+	return 0;
+}
+
 SEC("fentry/tcp_v6_connect")
 int BPF_PROG(fentry_v6_connect, struct sock *sk)
 {
 	return on_connect(sk);
 }
 
-SEC("fentry/tcp_rcv_state_process")
-int BPF_PROG(fentry_rcv_state_rb, struct sock *sk)
+SEC("fexit/tcp_v6_connect")
+int BPF_PROG(fexit_v6_connect, struct sock *sk, struct sockaddr *uaddr, int addr_len, int ret)
 {
-	return on_rcv_state(ctx, sk, TRANSPORT_RINGBUF);
+	on_connect_return(sk, ret);
+	return 0;
 }
 
 SEC("fentry/tcp_rcv_state_process")
-int BPF_PROG(fentry_rcv_state_pb, struct sock *sk)
+int BPF_PROG(fentry_rcv_state, struct sock *sk)
 {
-	return on_rcv_state(ctx, sk, TRANSPORT_PERFBUF);
+	return on_rcv_state(sk);
 }
 
-/* Attached by name from kallsyms (tcp_v4_connect may be tcp_v4_connect.isra.0). */
+/* kprobes are attached by name from kallsyms (tcp_v4_connect may be tcp_v4_connect.isra.0). */
+static __always_inline int on_kprobe_connect(struct sock *sk)
+{
+	__u64 tid = bpf_get_current_pid_tgid();
+	__u64 key = (__u64)sk;
+
+	bpf_map_update_elem(&connecting, &tid, &key, BPF_ANY);
+	return on_connect(sk);
+}
+
+static __always_inline int on_kretprobe_connect(int ret)
+{
+	__u64 tid = bpf_get_current_pid_tgid();
+	__u64 *sk = bpf_map_lookup_elem(&connecting, &tid);
+
+	if (sk) {
+		on_connect_return((struct sock *)*sk, ret);
+		bpf_map_delete_elem(&connecting, &tid);
+	}
+	return 0;
+}
+
 SEC("kprobe")
 int BPF_KPROBE(kprobe_v4_connect, struct sock *sk)
 {
-	return on_connect(sk);
+	return on_kprobe_connect(sk);
+}
+
+SEC("kretprobe")
+int BPF_KRETPROBE(kretprobe_v4_connect, int ret)
+{
+	return on_kretprobe_connect(ret);
 }
 
 SEC("kprobe")
 int BPF_KPROBE(kprobe_v6_connect, struct sock *sk)
 {
-	return on_connect(sk);
+	return on_kprobe_connect(sk);
+}
+
+SEC("kretprobe")
+int BPF_KRETPROBE(kretprobe_v6_connect, int ret)
+{
+	return on_kretprobe_connect(ret);
 }
 
 SEC("kprobe")
-int BPF_KPROBE(kprobe_rcv_state_rb, struct sock *sk)
+int BPF_KPROBE(kprobe_rcv_state, struct sock *sk)
 {
-	return on_rcv_state(ctx, sk, TRANSPORT_RINGBUF);
+	return on_rcv_state(sk);
 }
 
-SEC("kprobe")
-int BPF_KPROBE(kprobe_rcv_state_pb, struct sock *sk)
-{
-	return on_rcv_state(ctx, sk, TRANSPORT_PERFBUF);
-}
-
-SEC("tracepoint/sock/inet_sock_set_state")
-int tp_forget(void *ctx)
-{
-	const struct config *cfg = get_config();
-	struct state_change sc;
-
-	if (cfg && !read_state_change(ctx, &cfg->tp, &sc))
-		forget_if_done(&sc);
-	return 0;
-}
+STATE_PROGRAMS(0)

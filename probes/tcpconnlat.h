@@ -33,33 +33,67 @@ struct state_layout {
 	__u16 __pad;
 };
 
-/* Written by userspace into the `config` array map (key 0) before anything is attached. */
+/* How a connect ended (event.outcome). */
+#define OUTCOME_ESTABLISHED 0
+#define OUTCOME_REFUSED 1     /* an RST answered the SYN */
+#define OUTCOME_TIMEOUT 2     /* no answer: left SYN_SENT by timer or close */
+#define OUTCOME_UNREACHABLE 3 /* an ICMP error: host or network unreachable */
+#define OUTCOME_ERROR 4       /* another socket error (see event.error) */
+
+/* config.report: which outcomes to emit. */
+#define REPORT_ESTABLISHED 1
+#define REPORT_FAILED 2
+
+/* Written by userspace into the `config_map` array map (key 0) before anything is attached. */
 struct config {
 	__u64 min_lat_ns;   /* report only connects at least this slow; 0 = all */
 	__u64 wakeup_bytes; /* ring buffer: wake the reader once this much is queued */
-	__u32 target_tgid;  /* 0 = every process */
-	__u16 target_family; /* 0 = both, else AF_INET / AF_INET6 */
-	__u16 __pad;
+	__u64 cgroup_id;    /* only connects from this cgroup v2; 0 = any */
+	__u32 uid;          /* only this user, when filter_uid */
+	__u16 family;       /* only this address family; 0 = both */
+	__u8 filter_uid;
+	__u8 filter_pids;   /* only processes in the `pids` map */
+	__u8 filter_dports; /* only destination ports in the `dports` map */
+	__u8 filter_comm;   /* only processes whose comm is `comm` */
+	__u8 report;        /* REPORT_* bits */
+	__u8 __pad;
+	/* Offsets of sk_err and sk_err_soft in struct sock, for probes that cannot use
+	 * CO-RE; 0 = unknown. */
+	__u16 sk_err;
+	__u16 sk_err_soft;
+	/* Offset of skaddr in the tcp:tcp_retransmit_skb and tcp:tcp_receive_reset records. */
+	__u16 retransmit_skaddr;
+	__u16 reset_skaddr;
+	__u8 comm[TASK_COMM_LEN];
 	struct state_layout tp;
+	__u16 __pad2[2];
 };
 
 /* One connect in flight, keyed by its struct sock address. */
 struct pending {
 	__u64 start_ns;
+	__u64 answer_ns; /* when the SYN-ACK or RST was processed, where a probe sees it */
 	__u32 tgid;
-	__u32 __pad;
+	__u32 uid;
+	__u32 syn_retrans;
+	__u8 reset; /* an RST arrived */
+	__u8 __pad[3];
 	__u8 comm[TASK_COMM_LEN];
 };
 
-/* One completed connect. Addresses are in network order; ports in host order. */
+/* One finished connect. Addresses are in network order; ports in host order. */
 struct event {
-	__u64 ts_ns;    /* bpf_ktime_get_ns() when the handshake answer was processed */
-	__u64 delta_ns; /* SYN sent -> SYN-ACK (or RST) processed */
+	__u64 ts_ns;    /* bpf_ktime_get_ns() when it finished */
+	__u64 delta_ns; /* SYN sent -> SYN-ACK or RST processed, or -> given up */
 	__u32 tgid;
+	__u32 uid;
 	__u16 af;
 	__u16 lport;
 	__u16 dport;
-	__u16 __pad[3];
+	__u16 syn_retrans; /* SYNs sent again before the end */
+	__u16 error;       /* the socket's errno at the end, 0 if none or unknown */
+	__u8 outcome;      /* OUTCOME_* */
+	__u8 __pad[5];
 	__u8 saddr[16];
 	__u8 daddr[16];
 	__u8 comm[TASK_COMM_LEN];

@@ -314,8 +314,10 @@ fn a_connect_that_never_completes_leaves_no_map_entry() {
         0,
         "entry leaked after the socket closed"
     );
-    let events = tracer.lines_for(Duration::from_millis(100));
-    assert!(events.is_empty(), "{events:#?}");
+    // It is reported once, as what it was.
+    let events = tracer.events_until(Duration::from_secs(2), |ev| !ev.is_empty());
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert_eq!(events[0]["outcome"], "timeout", "{events:#?}");
     assert!(tracer.interrupt().success());
 }
 
@@ -334,4 +336,24 @@ fn exiting_releases_every_bpf_object() {
             "map {id} outlived the tracer"
         );
     }
+}
+
+#[test]
+fn a_connect_that_fails_before_its_syn_leaves_nothing() {
+    let _serial = serial();
+    let net = NetPair::new();
+    let tracer = Tracer::start(&["--json", "-p", &std::process::id().to_string()]);
+    // Namespace a has no route to TEST-NET-1: connect() fails before any packet is sent.
+    let nowhere: SocketAddr = "192.0.2.1:80".parse().unwrap();
+    let err = NetPair::within(&net.a, move || {
+        std::net::TcpStream::connect_timeout(&nowhere, Duration::from_secs(2))
+            .unwrap_err()
+            .raw_os_error()
+    });
+    assert_eq!(err, Some(101), "ENETUNREACH expected");
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(tracer.map_entries("pending"), 0, "entry leaked");
+    let events = tracer.lines_for(Duration::from_millis(300));
+    assert!(events.is_empty(), "{events:#?}");
+    assert!(tracer.interrupt().success());
 }

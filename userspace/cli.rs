@@ -35,9 +35,50 @@ pub struct Cli {
     #[arg(short = 'L', long)]
     pub lport: bool,
 
-    /// Only trace this process (filtered in the kernel)
-    #[arg(short, long, value_name = "PID", value_parser = parse_pid)]
-    pub pid: Option<u32>,
+    /// Only these processes: repeat or comma-separate (filtered in the kernel)
+    #[arg(short, long, value_name = "PID", value_delimiter = ',', value_parser = parse_pid)]
+    pub pid: Vec<u32>,
+
+    /// Only this user: a name or a numeric uid (filtered in the kernel)
+    #[arg(short, long, value_name = "USER", value_parser = parse_uid)]
+    pub uid: Option<u32>,
+
+    /// Only these destination ports: repeat or comma-separate (filtered in the kernel)
+    #[arg(long, value_name = "PORT", value_delimiter = ',', value_parser = clap::value_parser!(u16).range(1..))]
+    pub dport: Vec<u16>,
+
+    /// Only processes in this cgroup v2 directory, e.g. /sys/fs/cgroup/system.slice/nginx.service
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Option<std::path::PathBuf>,
+
+    /// Only processes with this name (as in COMM; at most 15 bytes)
+    #[arg(long, value_name = "NAME", value_parser = parse_comm)]
+    pub comm: Option<String>,
+
+    /// Only failed connects: refused, timed out, unreachable
+    #[arg(long, conflicts_with = "established")]
+    pub failed: bool,
+
+    /// Only established connects (bcc's behaviour)
+    #[arg(long)]
+    pub established: bool,
+
+    /// Instead of one line per connect, a log2 latency histogram on exit (and every --interval)
+    #[arg(long)]
+    pub hist: bool,
+
+    /// Instead of one line per connect, per-destination counts, failures and latency
+    /// percentiles on exit (and every --interval)
+    #[arg(long, conflicts_with = "hist")]
+    pub summary: bool,
+
+    /// With --hist or --summary: also print every this many seconds
+    #[arg(long, value_name = "SECS", value_parser = parse_duration)]
+    pub interval: Option<Duration>,
+
+    /// With --hist: one histogram per destination (daddr:dport) or per process name
+    #[arg(long, value_name = "KEY", value_parser = ["dest", "comm"], requires = "hist")]
+    pub by: Option<String>,
 
     /// Only IPv4 connects
     #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
@@ -122,6 +163,25 @@ fn parse_pid(s: &str) -> Result<u32, String> {
     }
 }
 
+fn parse_uid(s: &str) -> Result<u32, String> {
+    if let Ok(uid) = s.parse::<u32>() {
+        return Ok(uid);
+    }
+    match nix::unistd::User::from_name(s) {
+        Ok(Some(user)) => Ok(user.uid.as_raw()),
+        _ => Err(format!(
+            "no user named {s:?}: give a user name or a numeric uid"
+        )),
+    }
+}
+
+fn parse_comm(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > 15 || s.contains('\0') {
+        return Err("NAME must be 1 to 15 bytes, as the kernel keeps process names".to_owned());
+    }
+    Ok(s.to_owned())
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let secs: f64 = s
         .parse()
@@ -144,9 +204,22 @@ mod tests {
     fn bcc_style_flags_parse() {
         let cli = parse(&["-tL", "-p", "42", "-4", "2.5"]).unwrap();
         assert!(cli.timestamp && cli.lport && cli.ipv4);
-        assert_eq!(cli.pid, Some(42));
+        assert_eq!(cli.pid, [42]);
         assert_eq!(cli.min_ms, Some(2.5));
         assert_eq!(cli.forced_mode(), None);
+    }
+
+    #[test]
+    fn lists_and_names_parse() {
+        let cli = parse(&[
+            "-p", "1,2", "-p", "3", "--dport", "80,443", "-u", "root", "--comm", "curl",
+        ])
+        .unwrap();
+        assert_eq!(cli.pid, [1, 2, 3]);
+        assert_eq!(cli.dport, [80, 443]);
+        assert_eq!(cli.uid, Some(0));
+        assert_eq!(cli.comm.as_deref(), Some("curl"));
+        assert_eq!(parse(&["-u", "1234"]).unwrap().uid, Some(1234));
     }
 
     #[test]
@@ -177,6 +250,17 @@ mod tests {
             &["-d", "0"],
             &["-c", "0"],
             &["-4", "-6"],
+            &["--dport", "0"],
+            &["--dport", "65536"],
+            &["--dport", "80,x"],
+            &["-u", "no-such-user-here"],
+            &["--comm", "a-name-longer-than-15"],
+            &["--comm", ""],
+            &["--failed", "--established"],
+            &["--by", "dest"],
+            &["--hist", "--summary"],
+            &["--hist", "--by", "pid"],
+            &["--interval", "0"],
         ] {
             assert!(parse(args).is_err(), "{args:?} was accepted");
         }

@@ -6,7 +6,48 @@ use crate::probes::RawEvent;
 
 const AF_INET: u16 = 2;
 
-/// One completed active connect.
+/// How a connect ended (probes/tcpconnlat.h OUTCOME_*).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Established,
+    /// An RST answered the SYN.
+    Refused,
+    /// No answer: the socket left SYN_SENT by timer or close.
+    Timeout,
+    /// An ICMP error: host or network unreachable.
+    Unreachable,
+    /// Another socket error.
+    Error,
+}
+
+impl Outcome {
+    fn from_raw(raw: u8) -> Outcome {
+        match raw {
+            0 => Outcome::Established,
+            1 => Outcome::Refused,
+            2 => Outcome::Timeout,
+            3 => Outcome::Unreachable,
+            _ => Outcome::Error,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::Established => "established",
+            Outcome::Refused => "refused",
+            Outcome::Timeout => "timeout",
+            Outcome::Unreachable => "unreachable",
+            Outcome::Error => "error",
+        }
+    }
+
+    pub fn failed(self) -> bool {
+        self != Outcome::Established
+    }
+}
+
+/// One finished active connect.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Event {
     /// CLOCK_MONOTONIC nanoseconds when the answer to the SYN was processed.
@@ -18,9 +59,20 @@ pub struct Event {
     pub lport: u16,
     pub daddr: IpAddr,
     pub dport: u16,
+    pub outcome: Outcome,
+    /// The socket's errno at the end (ECONNREFUSED, ETIMEDOUT, ...), where known.
+    pub errno: Option<i32>,
+    pub syn_retrans: u32,
+    pub uid: u32,
 }
 
 impl Event {
+    /// The errno's symbolic name, e.g. "ECONNREFUSED".
+    pub fn errno_name(&self) -> Option<String> {
+        self.errno
+            .map(|e| format!("{:?}", nix::errno::Errno::from_raw(e)))
+    }
+
     /// 4 or 6, as in bcc's IP column (the socket's family).
     pub fn ip_version(&self) -> u8 {
         match self.daddr {
@@ -59,6 +111,10 @@ impl From<&RawEvent> for Event {
             lport: raw.lport,
             daddr: addr(&raw.daddr),
             dport: raw.dport,
+            outcome: Outcome::from_raw(raw.outcome),
+            errno: (raw.error != 0).then_some(i32::from(raw.error)),
+            syn_retrans: u32::from(raw.syn_retrans),
+            uid: raw.uid,
         }
     }
 }
@@ -132,6 +188,20 @@ mod tests {
         assert_eq!(s, "Größenwahn-t");
         assert_eq!(comm_to_string(b"ok\0garbage"), "ok");
         assert_eq!(comm_to_string(b"a\xffb\0"), "a\u{fffd}b");
+    }
+
+    #[test]
+    fn outcomes_and_errnos_decode() {
+        let mut r = raw(2);
+        r.outcome = 1;
+        r.error = 111;
+        r.syn_retrans = 2;
+        let e = Event::from(&r);
+        assert_eq!(e.outcome, Outcome::Refused);
+        assert_eq!(e.errno_name().as_deref(), Some("ECONNREFUSED"));
+        assert_eq!(e.syn_retrans, 2);
+        let ok = Event::from(&raw(2));
+        assert_eq!((ok.outcome, ok.errno), (Outcome::Established, None));
     }
 
     #[test]

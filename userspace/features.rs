@@ -6,13 +6,18 @@ use std::path::Path;
 use anyhow::Result;
 use libbpf_rs::{MapType, ObjectBuilder};
 use serde_json::json;
+use tcpconnlat_compat::btf::{self, SockOffsets};
 use tcpconnlat_compat::{tracefs, Features, Func, Plan, Trials};
+
+const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 use crate::probes;
 
 pub struct Host {
     pub features: Features,
     pub trials: Trials,
+    /// struct sock offsets from the kernel's BTF, for probes that cannot use CO-RE.
+    pub sock_offsets: Result<SockOffsets, String>,
     /// We mounted tracefs because nothing had.
     pub mounted_tracefs: Option<String>,
 }
@@ -38,9 +43,15 @@ impl Host {
         } else {
             Trials::default()
         };
+        let sock_offsets = if features.btf {
+            btf::sock_offsets(Path::new(VMLINUX_BTF)).map_err(|e| e.to_string())
+        } else {
+            Err("the kernel has no BTF".to_owned())
+        };
         Host {
             features,
             trials,
+            sock_offsets,
             mounted_tracefs,
         }
     }
@@ -125,6 +136,19 @@ pub fn report_text(host: &Host, plan: &Plan) -> String {
             Err(why) => format!("no ({why})"),
         },
     );
+    let opt = |r: &Result<u16, String>| match r {
+        Ok(_) => "yes".to_owned(),
+        Err(why) => format!("no ({why})"),
+    };
+    line("SYN retransmits", opt(&f.retransmit_tracepoint));
+    line("RST tracepoint", opt(&f.reset_tracepoint));
+    line(
+        "sk_err offset",
+        match &host.sock_offsets {
+            Ok(o) => format!("{} (BTF)", o.sk_err),
+            Err(why) => format!("unknown ({why}): only CO-RE modes tell failures apart fully"),
+        },
+    );
     line(
         "ring buffer",
         match host.trials.ringbuf {
@@ -179,6 +203,9 @@ pub fn report_json(host: &Host, plan: &Plan) -> serde_json::Value {
         "tracepoint": f.state_tracepoint.is_ok(),
         "tracepoint_layout": f.state_tracepoint.as_ref().ok(),
         "tracepoint_error": f.state_tracepoint.as_ref().err(),
+        "retransmit_tracepoint": f.retransmit_tracepoint.is_ok(),
+        "reset_tracepoint": f.reset_tracepoint.is_ok(),
+        "sock_offsets": host.sock_offsets.as_ref().ok(),
         "ringbuf": host.trials.ringbuf,
         "global_data": f.global_data(),
         "symbols": f.attach_points.as_ref().ok(),

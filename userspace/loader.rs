@@ -3,6 +3,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use libbpf_rs::{Link, MapCore, MapFlags, Object, ObjectBuilder};
+use tcpconnlat_compat::btf::SockOffsets;
 use tcpconnlat_compat::{Features, Func, Mode, StateLayout, Trials};
 
 use crate::probes::{self, Config, RawStateLayout};
@@ -55,14 +56,25 @@ impl Transport {
     }
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tracepoint {
+    /// `sock:inet_sock_set_state`: finishes every connect; required.
+    State,
+    /// `tcp:tcp_retransmit_skb`: SYN retransmit counts.
+    Retransmit,
+    /// `tcp:tcp_receive_reset`: RSTs, so refusals are known without sk_err.
+    Reset,
+}
+
 #[derive(Clone, Copy, Debug)]
 enum Attach {
-    /// By BTF name, as the program's section says.
+    /// fentry or fexit, by BTF name as the program's section says.
     Fentry(Func),
     /// By the symbol kallsyms gave for the function.
     Kprobe(Func),
-    /// `sock:inet_sock_set_state`, as the section says.
-    StateTracepoint,
+    Kretprobe(Func),
+    /// As the program's section says.
+    Tracepoint(Tracepoint),
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -73,11 +85,11 @@ struct Hook {
     emits: bool,
 }
 
-const fn hook(prog: &'static str, attach: Attach, emits: bool) -> Hook {
+const fn hook(prog: &'static str, attach: Attach) -> Hook {
     Hook {
         prog,
         attach,
-        emits,
+        emits: false,
     }
 }
 
@@ -87,23 +99,36 @@ struct ModeSpec {
 }
 
 mod hooks {
-    use super::{hook, Attach::*, Hook};
+    use super::{hook, Attach::*, Hook, Tracepoint::*};
     use tcpconnlat_compat::Func::*;
 
-    const FORGET: Hook = hook("tp_forget", StateTracepoint, false);
-    pub const FENTRY: &[Hook] = &[
-        hook("fentry_v4_connect", Fentry(TcpV4Connect), false),
-        hook("fentry_v6_connect", Fentry(TcpV6Connect), false),
-        hook("fentry_rcv_state", Fentry(TcpRcvStateProcess), true),
-        FORGET,
+    /// The tracepoints every mode finishes connects with.
+    macro_rules! with_tracepoints {
+        ($($hook:expr),* $(,)?) => {
+            &[
+                $($hook,)*
+                Hook { prog: "tp_state", attach: Tracepoint(State), emits: true },
+                hook("tp_retransmit", Tracepoint(Retransmit)),
+                hook("tp_reset", Tracepoint(Reset)),
+            ]
+        };
+    }
+
+    pub const FENTRY: &[Hook] = with_tracepoints![
+        hook("fentry_v4_connect", Fentry(TcpV4Connect)),
+        hook("fexit_v4_connect", Fentry(TcpV4Connect)),
+        hook("fentry_v6_connect", Fentry(TcpV6Connect)),
+        hook("fexit_v6_connect", Fentry(TcpV6Connect)),
+        hook("fentry_rcv_state", Fentry(TcpRcvStateProcess)),
     ];
-    pub const KPROBE: &[Hook] = &[
-        hook("kprobe_v4_connect", Kprobe(TcpV4Connect), false),
-        hook("kprobe_v6_connect", Kprobe(TcpV6Connect), false),
-        hook("kprobe_rcv_state", Kprobe(TcpRcvStateProcess), true),
-        FORGET,
+    pub const KPROBE: &[Hook] = with_tracepoints![
+        hook("kprobe_v4_connect", Kprobe(TcpV4Connect)),
+        hook("kretprobe_v4_connect", Kretprobe(TcpV4Connect)),
+        hook("kprobe_v6_connect", Kprobe(TcpV6Connect)),
+        hook("kretprobe_v6_connect", Kretprobe(TcpV6Connect)),
+        hook("kprobe_rcv_state", Kprobe(TcpRcvStateProcess)),
     ];
-    pub const TRACEPOINT: &[Hook] = &[hook("tp_state", StateTracepoint, true)];
+    pub const TRACEPOINT: &[Hook] = with_tracepoints![];
 }
 
 fn spec(mode: Mode) -> Option<ModeSpec> {
@@ -116,13 +141,38 @@ fn spec(mode: Mode) -> Option<ModeSpec> {
     Some(ModeSpec { object, hooks })
 }
 
-/// What the user asked the probes to filter.
-#[derive(Clone, Debug, Default)]
+/// What the user asked the probes to filter (all applied in the kernel).
+#[derive(Clone, Debug)]
 pub struct Filters {
     pub min_lat_ns: u64,
-    pub pid: Option<u32>,
+    /// Empty: every process.
+    pub pids: Vec<u32>,
     /// 4 or 6.
     pub ip_version: Option<u8>,
+    pub uid: Option<u32>,
+    /// cgroup v2 id (the cgroup directory's inode number).
+    pub cgroup_id: Option<u64>,
+    pub comm: Option<String>,
+    /// Empty: every destination port.
+    pub dports: Vec<u16>,
+    pub established: bool,
+    pub failed: bool,
+}
+
+impl Default for Filters {
+    fn default() -> Filters {
+        Filters {
+            min_lat_ns: 0,
+            pids: Vec::new(),
+            ip_version: None,
+            uid: None,
+            cgroup_id: None,
+            comm: None,
+            dports: Vec::new(),
+            established: true,
+            failed: true,
+        }
+    }
 }
 
 /// Probes loaded and attached; dropping it detaches everything.
@@ -146,6 +196,7 @@ struct Planned {
 pub fn start(
     mode: Mode,
     features: &Features,
+    sock: Option<&SockOffsets>,
     transport: Transport,
     filters: &Filters,
 ) -> Result<Tracer> {
@@ -155,10 +206,18 @@ pub fn start(
         .as_ref()
         .map_err(|why| anyhow!("{why}"))?;
     let mut notes = Vec::new();
+    // The CO-RE probes read sk_err themselves; the others need its offset.
+    let (sk_err, sk_err_soft) = sock.map_or((0, 0), |s| (s.sk_err, s.sk_err_soft));
+    if sk_err == 0 && spec.object != probes::CORE_OBJECT {
+        note(
+            &mut notes,
+            "failed connects are told apart only as refused or timeout: no BTF to find sk_err in",
+        );
+    }
     let mut planned = Vec::new();
     for hook in spec.hooks {
         let symbol = match hook.attach {
-            Attach::Fentry(func) | Attach::Kprobe(func) => {
+            Attach::Fentry(func) | Attach::Kprobe(func) | Attach::Kretprobe(func) => {
                 let points = features
                     .attach_points
                     .as_ref()
@@ -166,13 +225,30 @@ pub fn start(
                 match points.get(func) {
                     Some(symbol) => Some(symbol.to_owned()),
                     None if func == Func::TcpV6Connect => {
-                        notes.push("IPv6 connects are not traced: the kernel has no tcp_v6_connect (IPv6 disabled or not loaded)".to_owned());
+                        note(&mut notes, "IPv6 connects are not traced: the kernel has no tcp_v6_connect (IPv6 disabled or not loaded)");
                         continue;
                     }
                     None => bail!("kernel function {} is not in /proc/kallsyms", func.name()),
                 }
             }
-            Attach::StateTracepoint => None,
+            Attach::Tracepoint(Tracepoint::State) => None,
+            Attach::Tracepoint(Tracepoint::Retransmit) => match &features.retransmit_tracepoint {
+                Ok(_) => None,
+                Err(why) => {
+                    note(
+                        &mut notes,
+                        &format!("SYN retransmits are not counted: {why}"),
+                    );
+                    continue;
+                }
+            },
+            Attach::Tracepoint(Tracepoint::Reset) => match &features.reset_tracepoint {
+                Ok(_) => None,
+                Err(why) => {
+                    note(&mut notes, &format!("RSTs are not seen directly: {why}"));
+                    continue;
+                }
+            },
         };
         let name = if hook.emits {
             format!("{}_{}", hook.prog, transport.suffix())
@@ -205,7 +281,18 @@ pub fn start(
         .with_context(|| format!("loading the {mode} probes (run with -v for the verifier log)"))?;
 
     let ring_bytes = u64::from(find_map(&object, Transport::RingBuf.map())?.max_entries());
-    write_config(&object, &config(filters, layout, ring_bytes))?;
+    let config = config(filters, features, layout, (sk_err, sk_err_soft), ring_bytes)?;
+    write_config(&object, &config)?;
+    write_set(
+        &object,
+        "pids",
+        filters.pids.iter().map(|p| p.to_ne_bytes().to_vec()),
+    )?;
+    write_set(
+        &object,
+        "dports",
+        filters.dports.iter().map(|p| p.to_ne_bytes().to_vec()),
+    )?;
 
     let mut links = Vec::new();
     for p in &planned {
@@ -215,11 +302,12 @@ pub fn start(
             .ok_or_else(|| anyhow!("program {} missing from the probe object", p.name))?;
         let link = match (p.hook.attach, &p.symbol) {
             (Attach::Kprobe(_), Some(symbol)) => prog.attach_kprobe(false, symbol),
+            (Attach::Kretprobe(_), Some(symbol)) => prog.attach_kprobe(true, symbol),
             _ => prog.attach(),
         };
-        let target = match (&p.symbol, p.hook.attach) {
-            (Some(symbol), _) => symbol.clone(),
-            (None, _) => "sock:inet_sock_set_state".to_owned(),
+        let target = match &p.symbol {
+            Some(symbol) => symbol.clone(),
+            None => prog.section().to_string_lossy().into_owned(),
         };
         links.push(link.with_context(|| format!("attaching {} to {target}", p.name))?);
     }
@@ -232,20 +320,42 @@ pub fn start(
     })
 }
 
-fn config(filters: &Filters, layout: &StateLayout, ring_bytes: u64) -> Config {
+fn config(
+    filters: &Filters,
+    features: &Features,
+    layout: &StateLayout,
+    (sk_err, sk_err_soft): (u16, u16),
+    ring_bytes: u64,
+) -> Result<Config> {
     const AF_INET: u16 = 2;
     const AF_INET6: u16 = 10;
-    Config {
+    let mut comm = [0u8; 16];
+    if let Some(name) = &filters.comm {
+        // The CLI allows at most 15 bytes: the kernel's comm with its NUL.
+        comm[..name.len()].copy_from_slice(name.as_bytes());
+    }
+    Ok(Config {
         min_lat_ns: filters.min_lat_ns,
         // A quarter of the ring: early enough that a burst never fills it while the
         // reader sleeps, rare enough that steady traffic never wakes it.
         wakeup_bytes: ring_bytes / 4,
-        target_tgid: filters.pid.unwrap_or(0),
-        target_family: match filters.ip_version {
+        cgroup_id: filters.cgroup_id.unwrap_or(0),
+        uid: filters.uid.unwrap_or(0),
+        family: match filters.ip_version {
             Some(4) => AF_INET,
             Some(6) => AF_INET6,
             _ => 0,
         },
+        filter_uid: filters.uid.is_some().into(),
+        filter_pids: (!filters.pids.is_empty()).into(),
+        filter_dports: (!filters.dports.is_empty()).into(),
+        filter_comm: filters.comm.is_some().into(),
+        report: u8::from(filters.established) | (u8::from(filters.failed) << 1),
+        sk_err,
+        sk_err_soft,
+        retransmit_skaddr: *features.retransmit_tracepoint.as_ref().unwrap_or(&0),
+        reset_skaddr: *features.reset_tracepoint.as_ref().unwrap_or(&0),
+        comm,
         tp: RawStateLayout {
             skaddr: layout.skaddr,
             oldstate: layout.oldstate,
@@ -261,6 +371,22 @@ fn config(filters: &Filters, layout: &StateLayout, ring_bytes: u64) -> Config {
             ..Default::default()
         },
         ..Default::default()
+    })
+}
+
+/// Fill a filter set map (keys only; the value is a present flag).
+fn write_set(object: &Object, name: &str, keys: impl Iterator<Item = Vec<u8>>) -> Result<()> {
+    let map = find_map(object, name)?;
+    for key in keys {
+        map.update(&key, &[1], MapFlags::ANY)
+            .with_context(|| format!("filling the {name} filter"))?;
+    }
+    Ok(())
+}
+
+fn note(notes: &mut Vec<String>, text: &str) {
+    if !notes.iter().any(|n| n == text) {
+        notes.push(text.to_owned());
     }
 }
 

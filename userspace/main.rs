@@ -6,6 +6,7 @@ mod features;
 mod loader;
 mod output;
 mod probes;
+mod stats;
 mod stream;
 
 use std::io::{self, Write};
@@ -22,7 +23,8 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::cli::Cli;
 use crate::features::Host;
 use crate::loader::{Filters, Tracer};
-use crate::output::{Columns, Printer};
+use crate::output::{Columns, Printer, View};
+use crate::stats::{By, Hists, Summary};
 use crate::stream::{EventStream, Record};
 
 fn main() -> ExitCode {
@@ -79,11 +81,12 @@ fn run(cli: &Cli, started: Instant) -> Result<()> {
         libbpf_rs::set_print(None);
     }
     let privileged = privileged();
-    if let Some(pid) = cli.pid {
+    for pid in &cli.pid {
         if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
             bail!("no process with PID {pid} (check it with: ps -p {pid})");
         }
     }
+    let cgroup_id = cli.cgroup.as_deref().map(cgroup_id).transpose()?;
     let host = Host::detect(privileged);
     let forced = cli.forced_mode();
     if cli.features {
@@ -114,7 +117,13 @@ fn run(cli: &Cli, started: Instant) -> Result<()> {
 
     let filters = Filters {
         min_lat_ns: cli.min_ms.map_or(0, |ms| (ms * 1e6) as u64),
-        pid: cli.pid,
+        pids: cli.pid.clone(),
+        uid: cli.uid,
+        cgroup_id,
+        comm: cli.comm.clone(),
+        dports: cli.dport.clone(),
+        established: !cli.failed,
+        failed: !cli.established,
         ip_version: if cli.ipv4 {
             Some(4)
         } else if cli.ipv6 {
@@ -157,7 +166,18 @@ fn run(cli: &Cli, started: Instant) -> Result<()> {
         timestamp: cli.timestamp,
         lport: cli.lport,
     };
-    let mut printer = Printer::new(io::stdout().lock(), cli.json, columns, tracer.mode);
+    let view = if cli.hist {
+        View::Hist(Hists::new(match cli.by.as_deref() {
+            Some("dest") => By::Dest,
+            Some("comm") => By::Comm,
+            _ => By::All,
+        }))
+    } else if cli.summary {
+        View::Summary(Summary::default())
+    } else {
+        View::Lines
+    };
+    let mut printer = Printer::new(io::stdout().lock(), cli.json, view, columns, tracer.mode);
     printer.start()?;
     runtime.block_on(async {
         let mut stream = stream;
@@ -166,6 +186,11 @@ fn run(cli: &Cli, started: Instant) -> Result<()> {
             tokio::time::Instant::now() + std::time::Duration::from_secs(86400 * 365)
         }));
         tokio::pin!(sleep);
+        let mut interval = cli.interval.map(|every| {
+            let mut t = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        });
         let mut shown = 0u64;
         let mut draining = false;
         loop {
@@ -181,6 +206,10 @@ fn run(cli: &Cli, started: Instant) -> Result<()> {
                     _ = sigint.recv() => { draining = true; continue }
                     _ = sigterm.recv() => { draining = true; continue }
                     _ = &mut sleep, if deadline.is_some() => { draining = true; continue }
+                    _ = async { interval.as_mut().unwrap().tick().await }, if interval.is_some() => {
+                        printer.report()?;
+                        continue
+                    }
                     record = stream.next() => match record {
                         Some(record) => record?,
                         None => break,
@@ -195,20 +224,36 @@ fn run(cli: &Cli, started: Instant) -> Result<()> {
                         break;
                     }
                 }
-                Record::Lost(n) => eprintln!(
-                    "tcpconnlat: lost {n} events: the {} was full",
-                    tracer.transport.name()
-                ),
+                Record::Lost(n) => printer.lost(n, tracer.transport.name())?,
             }
             if stream.is_idle() {
                 printer.flush()?;
             }
         }
+        printer.report()?;
         printer.flush()?;
         Ok::<(), anyhow::Error>(())
     })?;
     drop(tracer);
     Ok(())
+}
+
+/// The cgroup v2 id of a cgroup directory: its inode number.
+fn cgroup_id(path: &std::path::Path) -> Result<u64> {
+    use nix::sys::statfs::{statfs, CGROUP2_SUPER_MAGIC};
+    use std::os::unix::fs::MetadataExt;
+    let shown = path.display();
+    let fs = statfs(path).map_err(|e| anyhow!("--cgroup {shown}: {}", e.desc()))?;
+    if fs.filesystem_type() != CGROUP2_SUPER_MAGIC {
+        bail!(
+            "--cgroup {shown} is not in a cgroup v2 hierarchy (usually mounted at /sys/fs/cgroup)"
+        );
+    }
+    let meta = std::fs::metadata(path).map_err(|e| anyhow!("--cgroup {shown}: {e}"))?;
+    if !meta.is_dir() {
+        bail!("--cgroup {shown} is not a cgroup directory");
+    }
+    Ok(meta.ino())
 }
 
 /// Start the first mode of the plan that loads and attaches, recording why the others
@@ -222,7 +267,8 @@ fn start_first(
 ) -> Result<Tracer> {
     let candidates: Vec<Mode> = plan.candidates().collect();
     for mode in candidates {
-        match loader::start(mode, &host.features, transport, filters) {
+        let sock = host.sock_offsets.as_ref().ok();
+        match loader::start(mode, &host.features, sock, transport, filters) {
             Ok(tracer) => return Ok(tracer),
             Err(e) if forced.is_some() => {
                 return Err(e.context(format!("cannot trace in {mode} mode")));

@@ -1,5 +1,6 @@
-//! Showing events: bcc's table (with columns that widen instead of breaking alignment) or
-//! one JSON object per line.
+//! Showing events: bcc's table (with columns that widen instead of breaking alignment),
+//! one JSON object per line, or instead of either, histograms or per-destination summaries
+//! printed on exit and every interval.
 
 use std::io::{self, Write};
 
@@ -7,7 +8,8 @@ use serde::Serialize;
 use tcpconnlat_compat::Mode;
 use unicode_width::UnicodeWidthStr;
 
-use crate::event::Event;
+use crate::event::{Event, Outcome};
+use crate::stats::{Hists, Summary};
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Columns {
@@ -15,9 +17,18 @@ pub struct Columns {
     pub lport: bool,
 }
 
+/// What is shown.
+pub enum View {
+    /// One line (or JSON object) per connect.
+    Lines,
+    Hist(Hists),
+    Summary(Summary),
+}
+
 pub struct Printer<W: Write> {
     out: W,
     json: bool,
+    view: View,
     columns: Columns,
     mode: Mode,
     first_ts_ns: Option<u64>,
@@ -32,6 +43,7 @@ const COMM_WIDTH: usize = 16;
 
 #[derive(Serialize)]
 struct JsonEvent<'a> {
+    r#type: &'static str,
     ts_us: u64,
     pid: u32,
     comm: &'a str,
@@ -42,25 +54,87 @@ struct JsonEvent<'a> {
     dport: u16,
     lat_us: f64,
     lat_ms: f64,
+    outcome: Outcome,
+    errno: Option<String>,
+    syn_retrans: u32,
+    uid: u32,
     mode: Mode,
 }
 
 impl<W: Write> Printer<W> {
-    pub fn new(out: W, json: bool, columns: Columns, mode: Mode) -> Printer<W> {
+    pub fn new(out: W, json: bool, view: View, columns: Columns, mode: Mode) -> Printer<W> {
+        let header_due = !json && matches!(view, View::Lines);
         Printer {
             out,
             json,
+            view,
             columns,
             mode,
             first_ts_ns: None,
             addr_width: MIN_ADDR_WIDTH,
-            header_due: !json,
+            header_due,
         }
     }
 
     pub fn event(&mut self, e: &Event) -> io::Result<()> {
+        match &mut self.view {
+            View::Lines => self.line(e),
+            View::Hist(h) => {
+                h.add(e);
+                Ok(())
+            }
+            View::Summary(s) => {
+                s.add(e);
+                Ok(())
+            }
+        }
+    }
+
+    /// Print the histograms or summary gathered so far and start over (every interval
+    /// and at the end); nothing for the line view.
+    pub fn report(&mut self) -> io::Result<()> {
+        let json = self.json;
+        let (text, records) = match &mut self.view {
+            View::Lines => return Ok(()),
+            View::Hist(h) => {
+                let out = (h.render(), h.to_json());
+                *h = Hists::new(h.by());
+                out
+            }
+            View::Summary(s) => {
+                let out = (s.render(), s.to_json());
+                *s = Summary::default();
+                out
+            }
+        };
+        if json {
+            for record in records {
+                serde_json::to_writer(&mut self.out, &record)?;
+                writeln!(self.out)?;
+            }
+        } else {
+            writeln!(self.out, "{text}")?;
+        }
+        self.flush()
+    }
+
+    /// Events the kernel could not queue: said on stderr, and in the JSON stream.
+    pub fn lost(&mut self, count: u64, buffer: &str) -> io::Result<()> {
+        eprintln!("tcpconnlat: lost {count} events: the {buffer} was full");
+        if self.json {
+            writeln!(
+                self.out,
+                "{}",
+                serde_json::json!({"type": "lost", "count": count})
+            )?;
+        }
+        Ok(())
+    }
+
+    fn line(&mut self, e: &Event) -> io::Result<()> {
         if self.json {
             let record = JsonEvent {
+                r#type: "connect",
                 ts_us: e.ts_ns / 1000,
                 pid: e.pid,
                 comm: &e.comm,
@@ -71,6 +145,10 @@ impl<W: Write> Printer<W> {
                 dport: e.dport,
                 lat_us: e.lat_ns as f64 / 1e3,
                 lat_ms: e.lat_ms(),
+                outcome: e.outcome,
+                errno: e.errno_name(),
+                syn_retrans: e.syn_retrans,
+                uid: e.uid,
                 mode: self.mode,
             };
             serde_json::to_writer(&mut self.out, &record)?;
@@ -101,7 +179,20 @@ impl<W: Write> Printer<W> {
         if self.columns.lport {
             write!(self.out, "{:<5} ", e.lport)?;
         }
-        writeln!(self.out, "{daddr:<w$} {:<5} {:.2}", e.dport, e.lat_ms())
+        write!(self.out, "{daddr:<w$} {:<5} {:.2}", e.dport, e.lat_ms())?;
+        // Successful connects look exactly as in bcc; anything else is marked after LAT.
+        if e.outcome.failed() {
+            write!(self.out, " {}", e.outcome.name().to_uppercase())?;
+            if let (Outcome::Error | Outcome::Unreachable, Some(name)) = (e.outcome, e.errno_name())
+            {
+                write!(self.out, " ({name})")?;
+            }
+        }
+        if e.syn_retrans > 0 {
+            let s = if e.syn_retrans == 1 { "" } else { "s" };
+            write!(self.out, " [{} SYN retransmit{s}]", e.syn_retrans)?;
+        }
+        writeln!(self.out)
     }
 
     fn header(&mut self) -> io::Result<()> {
@@ -155,11 +246,15 @@ mod tests {
             lport: 43210,
             daddr: daddr.parse::<IpAddr>().unwrap(),
             dport: 80,
+            outcome: Outcome::Established,
+            errno: None,
+            syn_retrans: 0,
+            uid: 1000,
         }
     }
 
     fn render(json: bool, columns: Columns, events: &[Event]) -> String {
-        let mut p = Printer::new(Vec::new(), json, columns, Mode::Tracepoint);
+        let mut p = Printer::new(Vec::new(), json, View::Lines, columns, Mode::Tracepoint);
         p.start().unwrap();
         for e in events {
             p.event(e).unwrap();
@@ -231,6 +326,7 @@ mod tests {
     fn json_has_every_field() {
         let out = render(true, Columns::default(), &[event("::1", "::1", "curl")]);
         let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(v["type"], "connect");
         assert_eq!(v["pid"], 222564);
         assert_eq!(v["comm"], "curl");
         assert_eq!(v["af"], 6);
@@ -242,6 +338,40 @@ mod tests {
         assert_eq!(v["lat_us"], 25290.0);
         assert_eq!(v["lat_ms"], 25.29);
         assert_eq!(v["mode"], "tracepoint");
+        assert_eq!(v["outcome"], "established");
+        assert_eq!(v["errno"], serde_json::Value::Null);
+        assert_eq!(v["syn_retrans"], 0);
+        assert_eq!(v["uid"], 1000);
+    }
+
+    #[test]
+    fn failures_are_marked_after_the_latency() {
+        let mut refused = event("10.0.0.1", "10.0.0.2", "a");
+        refused.outcome = Outcome::Refused;
+        refused.errno = Some(111);
+        let mut unreachable = event("10.0.0.1", "10.0.0.2", "b");
+        unreachable.outcome = Outcome::Unreachable;
+        unreachable.errno = Some(113);
+        let mut slow = event("10.0.0.1", "10.0.0.2", "c");
+        slow.syn_retrans = 1;
+        let out = render(
+            false,
+            Columns::default(),
+            &[refused.clone(), unreachable, slow],
+        );
+        let lines: Vec<_> = out.lines().collect();
+        assert!(lines[1].ends_with(" 25.29 REFUSED"), "{out}");
+        assert!(
+            lines[2].ends_with(" 25.29 UNREACHABLE (EHOSTUNREACH)"),
+            "{out}"
+        );
+        assert!(lines[3].ends_with(" 25.29 [1 SYN retransmit]"), "{out}");
+        let json = render(true, Columns::default(), &[refused]);
+        let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+        assert_eq!(
+            (v["outcome"].as_str(), v["errno"].as_str()),
+            (Some("refused"), Some("ECONNREFUSED"))
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 #!/bin/sh
 # The matrix cells for one kernel, run inside a test VM (sourced by ci/vm/init) or on the
-# host (by ci/matrix.sh). Needs: BIN, TRACE_TEST, CLI_TEST (paths), MODES and REFUSED
+# host (by ci/matrix.sh). Needs: BIN, TRACE_TESTS (the kernel-facing test binaries, run
+# once per mode), CLI_TEST (paths), MODES and REFUSED
 # (space-separated modes), AUTO (the mode auto must pick). Prints @@CELL and @@FEATURES
 # lines (see ci/vm/init).
 t=$(mktemp -d)
@@ -8,12 +9,16 @@ cell() { echo "@@CELL $1 $2 $3"; }
 echo "@@FEATURES $("$BIN" --features --json 2>&1 | tr '\n' ' ')"
 
 for mode in $MODES; do
-    if TCPCONNLAT_TEST_MODE=$mode timeout 900 "$TRACE_TEST" --test-threads=1 >"$t/out" 2>&1; then
-        cell "$mode" pass "$(grep 'test result' "$t/out")"
-    else
-        cell "$mode" fail "$(grep 'test result' "$t/out")"
-        tail -60 "$t/out"
-    fi
+    result=pass
+    : >"$t/results"
+    for test in $TRACE_TESTS; do
+        if ! TCPCONNLAT_TEST_MODE=$mode timeout 900 "$test" --test-threads=1 >"$t/out" 2>&1; then
+            result=fail
+            tail -60 "$t/out"
+        fi
+        echo "${test##*/}: $(grep 'test result' "$t/out" | cut -d. -f2)" >>"$t/results"
+    done
+    cell "$mode" $result "$(tr '\n' ';' <"$t/results")"
 done
 
 for mode in $REFUSED; do

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::kallsyms::AttachPoints;
-use crate::tracefs::{self, StateLayout, STATE_TRACEPOINT};
+use crate::tracefs::{
+    self, StateLayout, RESET_TRACEPOINT, RETRANSMIT_TRACEPOINT, STATE_TRACEPOINT,
+};
 
 /// `major.minor.patch` of a kernel release such as `6.1.0-47-cloud-amd64`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -45,6 +47,10 @@ pub struct Features {
     pub kprobe_events: bool,
     /// The `sock:inet_sock_set_state` record layout, or why it cannot be used.
     pub state_tracepoint: Result<StateLayout, String>,
+    /// `skaddr` offset in `tcp:tcp_retransmit_skb` (SYN retransmit counts), or why not.
+    pub retransmit_tracepoint: Result<u16, String>,
+    /// `skaddr` offset in `tcp:tcp_receive_reset` (RSTs), or why not.
+    pub reset_tracepoint: Result<u16, String>,
     /// Kernel symbols for the kprobe/fentry targets, or why they cannot be read.
     pub attach_points: Result<AttachPoints, String>,
 }
@@ -68,22 +74,29 @@ impl Features {
             .map(|s| s.trim().to_owned());
         let version = release.as_deref().and_then(KernelVersion::parse);
         let tracefs = tracefs::find_tracefs(root);
-        let state_tracepoint = match &tracefs {
-            None => Err(format!(
-                "tracefs is not mounted (looked in /{} and /{})",
-                tracefs::TRACEFS_DIRS[0],
-                tracefs::TRACEFS_DIRS[1]
-            )),
-            Some(dir) => {
-                let (system, event) = STATE_TRACEPOINT;
-                let format = dir.join("events").join(system).join(event).join("format");
-                match fs::read_to_string(&format) {
-                    Err(e) => Err(format!("cannot read {}: {e}", format.display())),
-                    Ok(text) => StateLayout::from_format(&text)
-                        .map_err(|e| format!("{}: {e}", format.display())),
-                }
-            }
+        let read_format = |tracepoint| -> Result<(PathBuf, String), String> {
+            let dir = tracefs.as_ref().ok_or_else(|| {
+                format!(
+                    "tracefs is not mounted (looked in /{} and /{})",
+                    tracefs::TRACEFS_DIRS[0],
+                    tracefs::TRACEFS_DIRS[1]
+                )
+            })?;
+            let path = tracefs::format_path(dir, tracepoint);
+            fs::read_to_string(&path)
+                .map(|text| (path.clone(), text))
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))
         };
+        let state_tracepoint = read_format(STATE_TRACEPOINT).and_then(|(path, text)| {
+            StateLayout::from_format(&text).map_err(|e| format!("{}: {e}", path.display()))
+        });
+        let skaddr = |tracepoint| {
+            read_format(tracepoint).and_then(|(path, text)| {
+                tracefs::skaddr_offset(&text).map_err(|e| format!("{}: {e}", path.display()))
+            })
+        };
+        let retransmit_tracepoint = skaddr(RETRANSMIT_TRACEPOINT);
+        let reset_tracepoint = skaddr(RESET_TRACEPOINT);
         let attach_points = fs::read_to_string(root.join("proc/kallsyms"))
             .map(|text| AttachPoints::from_kallsyms(&text))
             .map_err(|e| format!("cannot read /proc/kallsyms: {e}"));
@@ -99,6 +112,8 @@ impl Features {
                 .is_some_and(|dir| dir.join("kprobe_events").exists()),
             tracefs,
             state_tracepoint,
+            retransmit_tracepoint,
+            reset_tracepoint,
             attach_points,
         }
     }

@@ -4,6 +4,7 @@
 //! fixture trees captured from real kernels. The few capabilities that can only be known by
 //! trying (loading an fentry program) are tried by the caller and handed in as [`Trials`].
 
+pub mod btf;
 pub mod features;
 pub mod kallsyms;
 pub mod plan;

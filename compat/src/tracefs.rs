@@ -9,9 +9,39 @@ use thiserror::Error;
 /// Where tracefs may be, relative to the root: its own mount, or inside debugfs.
 pub const TRACEFS_DIRS: [&str; 2] = ["sys/kernel/tracing", "sys/kernel/debug/tracing"];
 
-/// The tracepoint every mode uses (tracepoint mode for everything, the others to forget
-/// connects that never complete).
+/// The tracepoint every mode finishes connects with.
 pub const STATE_TRACEPOINT: (&str, &str) = ("sock", "inet_sock_set_state");
+/// SYN retransmits (Linux 4.15+).
+pub const RETRANSMIT_TRACEPOINT: (&str, &str) = ("tcp", "tcp_retransmit_skb");
+/// RSTs received (Linux 4.16+): refused connects where sk_err cannot be read.
+pub const RESET_TRACEPOINT: (&str, &str) = ("tcp", "tcp_receive_reset");
+
+/// The `format` file of a tracepoint under a tracefs directory.
+pub fn format_path(tracefs: &Path, (system, event): (&str, &str)) -> PathBuf {
+    tracefs
+        .join("events")
+        .join(system)
+        .join(event)
+        .join("format")
+}
+
+/// The offset of the `skaddr` field of a record, which is all the probes read from the
+/// retransmit and reset tracepoints.
+pub fn skaddr_offset(text: &str) -> Result<u16, FormatError> {
+    let fields = parse_format(text)?;
+    let field = fields
+        .iter()
+        .find(|f| f.name == "skaddr")
+        .ok_or(FormatError::MissingField("skaddr"))?;
+    if field.size != 8 {
+        return Err(FormatError::BadSize {
+            name: "skaddr",
+            found: field.size,
+            expected: 8,
+        });
+    }
+    u16::try_from(field.offset).map_err(|_| FormatError::TooFar("skaddr"))
+}
 
 /// The first of [`TRACEFS_DIRS`] under `root` that is a mounted tracefs (has `events/`).
 pub fn find_tracefs(root: &Path) -> Option<PathBuf> {

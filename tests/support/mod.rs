@@ -366,3 +366,98 @@ impl Drop for NetPair {
         }
     }
 }
+
+/// A bash that connects to an address when told to (through its /dev/tcp), optionally
+/// started through a wrapper such as setpriv. Host and port are arguments, never part of
+/// the script.
+pub struct Connector {
+    pub child: Child,
+    stdin: Option<std::process::ChildStdin>,
+}
+
+impl Connector {
+    pub fn spawn(wrapper: &[&str], addr: SocketAddr) -> Connector {
+        let script = "read -r _; exec 3<>\"/dev/tcp/$1/$2\"; read -r _";
+        let (program, args) = match wrapper.split_first() {
+            Some((first, rest)) => (*first, rest.to_vec()),
+            None => ("bash", Vec::new()),
+        };
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        if !wrapper.is_empty() {
+            cmd.arg("bash");
+        }
+        let mut child = cmd
+            .args([
+                "-c",
+                script,
+                "bash",
+                &addr.ip().to_string(),
+                &addr.port().to_string(),
+            ])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn bash");
+        let stdin = child.stdin.take();
+        Connector { child, stdin }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Connect now.
+    pub fn go(&mut self) {
+        use std::io::Write;
+        writeln!(self.stdin.as_mut().unwrap()).unwrap();
+    }
+}
+
+impl Drop for Connector {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A port on 127.0.0.1 with nothing listening: connects to it are refused.
+pub fn closed_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+impl NetPair {
+    /// In the server namespace, answer SYNs to `port` with an ICMP host-unreachable.
+    pub fn reject_syns(&self, port: u16) {
+        let port = port.to_string();
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.b,
+                "iptables-legacy",
+                "-A",
+                "INPUT",
+                "-p",
+                "tcp",
+                "--syn",
+            ])
+            .args([
+                "--dport",
+                &port,
+                "-j",
+                "REJECT",
+                "--reject-with",
+                "icmp-host-unreachable",
+            ])
+            .output()
+            .expect("run iptables");
+        assert!(
+            out.status.success(),
+            "iptables: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

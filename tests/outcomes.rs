@@ -1,0 +1,487 @@
+//! How connects end, and the filters: real connects that succeed, are refused, time out,
+//! are unreachable or need a SYN retransmit, each asserted field by field.
+
+mod support;
+
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use serde_json::Value;
+use support::*;
+
+fn me() -> String {
+    std::process::id().to_string()
+}
+
+fn by_dport(events: &[Value], dport: u16) -> Vec<&Value> {
+    events.iter().filter(|e| e["dport"] == dport).collect()
+}
+
+/// Can this run know a socket's errno? CO-RE modes always can; the tracepoint mode needs
+/// the kernel's BTF for the offset of sk_err.
+fn errno_known() -> bool {
+    let (_, out, _) = run(&["--features", "--json"]);
+    let f: Value = serde_json::from_str(&out).unwrap();
+    f["btf"] == true
+}
+
+fn assert_errno(e: &Value, name: &str) {
+    if errno_known() {
+        assert_eq!(e["errno"], name, "{e}");
+    } else {
+        assert!(e["errno"].is_null() || e["errno"] == name, "{e}");
+    }
+}
+
+fn one_event(tracer: &Tracer, dport: u16) -> Value {
+    let events = tracer.events_until(Duration::from_secs(15), |ev| {
+        !by_dport(ev, dport).is_empty()
+    });
+    let mut more = events.clone();
+    more.extend(
+        tracer
+            .lines_for(Duration::from_millis(300))
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap()),
+    );
+    let matching = by_dport(&more, dport);
+    assert_eq!(matching.len(), 1, "{more:#?}");
+    matching[0].clone()
+}
+
+#[test]
+fn a_refused_connect_is_reported_as_refused() {
+    let _serial = serial();
+    let tracer = Tracer::start(&["--json", "-p", &me()]);
+    let closed = closed_port();
+    let err = TcpStream::connect(closed).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+    let e = one_event(&tracer, closed.port());
+    assert_eq!(e["outcome"], "refused", "{e}");
+    assert_errno(&e, "ECONNREFUSED");
+    assert_eq!(e["syn_retrans"], 0);
+    assert_eq!(e["saddr"], "127.0.0.1");
+    let lat = e["lat_ms"].as_f64().unwrap();
+    assert!(lat > 0.0 && lat < 1000.0, "{e}");
+    assert!(tracer.interrupt().success());
+}
+
+#[test]
+fn an_unanswered_connect_is_a_timeout_with_its_retransmits() {
+    let _serial = serial();
+    let net = NetPair::new();
+    let server: SocketAddr = format!("{}:7", net.server_v4()).parse().unwrap();
+    net.drop_syns(server.port(), false);
+    let tracer = Tracer::start(&["--json", "-p", &me()]);
+    // The SYN is retransmitted after the 1 s initial RTO; the caller gives up at 1.6 s.
+    let gave_up = NetPair::within(&net.a, move || {
+        TcpStream::connect_timeout(&server, Duration::from_millis(1600)).is_err()
+    });
+    assert!(gave_up);
+    let e = one_event(&tracer, server.port());
+    assert_eq!(e["outcome"], "timeout", "{e}");
+    assert_eq!(e["syn_retrans"], 1, "{e}");
+    let lat = e["lat_ms"].as_f64().unwrap();
+    assert!((1590.0..2600.0).contains(&lat), "{e}");
+    assert_eq!(e["daddr"], net.server_v4());
+    assert!(tracer.interrupt().success());
+}
+
+#[test]
+fn a_dropped_first_syn_shows_one_retransmit_and_a_second_of_latency() {
+    let _serial = serial();
+    let net = NetPair::new();
+    let s4 = net.server_v4();
+    let server = NetPair::within(&net.b, move || listen(&format!("{s4}:0")));
+    net.drop_syns(server.port(), true);
+    let tracer = Tracer::start(&["--json", "-p", &me()]);
+    NetPair::within(&net.a, move || connect(server));
+    let e = one_event(&tracer, server.port());
+    assert_eq!(e["outcome"], "established", "{e}");
+    assert_eq!(e["syn_retrans"], 1, "{e}");
+    assert!(e["errno"].is_null(), "{e}");
+    let lat = e["lat_ms"].as_f64().unwrap();
+    assert!((990.0..1500.0).contains(&lat), "{e}");
+    assert!(tracer.interrupt().success());
+}
+
+#[test]
+fn an_icmp_host_unreachable_is_reported_as_unreachable() {
+    let _serial = serial();
+    let net = NetPair::new();
+    let server: SocketAddr = format!("{}:8", net.server_v4()).parse().unwrap();
+    net.reject_syns(server.port());
+    let tracer = Tracer::start(&["--json", "-p", &me()]);
+    // The first ICMP comes back while connect() still holds the socket: the kernel keeps
+    // it as a soft error and retransmits; the second one (after the 1 s RTO) ends it.
+    let err = NetPair::within(&net.a, move || {
+        TcpStream::connect(server).unwrap_err().raw_os_error()
+    });
+    assert_eq!(err, Some(113), "EHOSTUNREACH expected");
+    let e = one_event(&tracer, server.port());
+    assert_eq!(e["syn_retrans"], 1, "{e}");
+    let lat = e["lat_ms"].as_f64().unwrap();
+    assert!((990.0..1500.0).contains(&lat), "{e}");
+    if errno_known() {
+        assert_eq!(e["outcome"], "unreachable", "{e}");
+        assert_eq!(e["errno"], "EHOSTUNREACH", "{e}");
+    } else {
+        // Without sk_err only RSTs are told apart: an ICMP error looks like no answer.
+        assert_eq!(e["outcome"], "timeout", "{e}");
+    }
+    assert!(tracer.interrupt().success());
+}
+
+#[test]
+fn failed_and_established_flags_split_the_outcomes() {
+    let _serial = serial();
+    for (flag, shown) in [("--failed", "refused"), ("--established", "established")] {
+        let tracer = Tracer::start(&["--json", "-p", &me(), flag]);
+        let (server, closed) = (listen("127.0.0.1:0"), closed_port());
+        let _ = TcpStream::connect(closed);
+        connect(server);
+        // A last connect of the kind the flag shows: once it is seen, so is all before it.
+        let last = if shown == "refused" {
+            closed_port()
+        } else {
+            listen("127.0.0.1:0")
+        };
+        let _ = TcpStream::connect(last);
+        let events = tracer.events_until(Duration::from_secs(10), |ev| {
+            !by_dport(ev, last.port()).is_empty()
+        });
+        let kept = if shown == "refused" { closed } else { server };
+        let hidden = if shown == "refused" { server } else { closed };
+        assert_eq!(
+            by_dport(&events, kept.port()).len(),
+            1,
+            "{flag}: {events:#?}"
+        );
+        assert!(
+            by_dport(&events, hidden.port()).is_empty(),
+            "{flag}: {events:#?}"
+        );
+        assert!(
+            events.iter().all(|e| e["outcome"] == shown),
+            "{flag}: {events:#?}"
+        );
+        assert!(tracer.interrupt().success());
+    }
+}
+
+#[test]
+fn dport_filter_keeps_only_those_ports() {
+    let _serial = serial();
+    let (a, b, c) = (
+        listen("127.0.0.1:0"),
+        listen("127.0.0.1:0"),
+        listen("127.0.0.1:0"),
+    );
+    let ports = format!("{},{}", a.port(), c.port());
+    let tracer = Tracer::start(&["--json", "-p", &me(), "--dport", &ports]);
+    connect(b);
+    connect(a);
+    connect(c);
+    let events = tracer.events_until(Duration::from_secs(10), |ev| {
+        !by_dport(ev, c.port()).is_empty()
+    });
+    let events: Vec<_> = events
+        .into_iter()
+        .chain(
+            tracer
+                .lines_for(Duration::from_millis(200))
+                .iter()
+                .map(|l| serde_json::from_str(l).unwrap()),
+        )
+        .collect();
+    assert_eq!(by_dport(&events, a.port()).len(), 1, "{events:#?}");
+    assert_eq!(by_dport(&events, c.port()).len(), 1, "{events:#?}");
+    assert!(by_dport(&events, b.port()).is_empty(), "{events:#?}");
+    assert!(tracer.interrupt().success());
+}
+
+/// Run `tracer_args`, make the connector and this process connect, and return the events:
+/// the connector's connect must be the only one shown.
+fn only_the_connector(tracer_args: &[&str], mut connector: Connector, server: SocketAddr) -> Value {
+    let tracer = Tracer::start(tracer_args);
+    let own = connect(server);
+    connector.go();
+    let pid = connector.pid();
+    let events = tracer.events_until(Duration::from_secs(10), |ev| {
+        ev.iter().any(|e| e["pid"] == pid)
+    });
+    let theirs: Vec<_> = events.iter().filter(|e| e["pid"] == pid).collect();
+    assert_eq!(theirs.len(), 1, "{events:#?}");
+    assert!(
+        !events.iter().any(|e| e["lport"] == own),
+        "own connect shown: {events:#?}"
+    );
+    assert!(events.iter().all(|e| e["pid"] == pid), "{events:#?}");
+    let e = theirs[0].clone();
+    assert!(tracer.interrupt().success());
+    e
+}
+
+#[test]
+fn comm_filter_keeps_only_that_process_name() {
+    let _serial = serial();
+    let server = listen("127.0.0.1:0");
+    let connector = Connector::spawn(&[], server);
+    let e = only_the_connector(
+        &[
+            "--json",
+            "--comm",
+            "bash",
+            "--dport",
+            &server.port().to_string(),
+        ],
+        connector,
+        server,
+    );
+    assert_eq!(e["comm"], "bash");
+}
+
+#[test]
+fn uid_filter_keeps_only_that_user() {
+    let _serial = serial();
+    let server = listen("127.0.0.1:0");
+    let connector = Connector::spawn(
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ],
+        server,
+    );
+    let e = only_the_connector(
+        &[
+            "--json",
+            "-u",
+            "65534",
+            "--dport",
+            &server.port().to_string(),
+        ],
+        connector,
+        server,
+    );
+    assert_eq!(e["uid"], 65534);
+}
+
+#[test]
+fn several_pids_can_be_traced_at_once() {
+    let _serial = serial();
+    let server = listen("127.0.0.1:0");
+    let mut a = Connector::spawn(&[], server);
+    let mut b = Connector::spawn(&[], server);
+    let other = Connector::spawn(&[], server);
+    let pids = format!("{},{}", a.pid(), b.pid());
+    let tracer = Tracer::start(&["--json", "-p", &pids]);
+    let mut other = other;
+    other.go();
+    a.go();
+    b.go();
+    let (pa, pb) = (a.pid(), b.pid());
+    let events = tracer.events_until(Duration::from_secs(10), |ev| {
+        ev.iter().any(|e| e["pid"] == pa) && ev.iter().any(|e| e["pid"] == pb)
+    });
+    let events: Vec<_> = events
+        .into_iter()
+        .chain(
+            tracer
+                .lines_for(Duration::from_millis(300))
+                .iter()
+                .map(|l| serde_json::from_str(l).unwrap()),
+        )
+        .collect();
+    assert_eq!(events.len(), 2, "{events:#?}");
+    assert!(!events.iter().any(|e| e["pid"] == other.pid()));
+    assert!(tracer.interrupt().success());
+}
+
+/// A cgroup v2 directory of our own, with a process in it; removed on drop.
+struct TestCgroup {
+    dir: std::path::PathBuf,
+    mounted: Option<tempfile::TempDir>,
+}
+
+impl TestCgroup {
+    fn new() -> TestCgroup {
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+        let existing = mounts
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.get(2) == Some(&"cgroup2"))
+            .map(|f| std::path::PathBuf::from(f[1]));
+        let (root, mounted) = match existing {
+            Some(root) => (root, None),
+            None => {
+                let dir = tempfile::tempdir().unwrap();
+                let status = std::process::Command::new("mount")
+                    .args(["-t", "cgroup2", "none"])
+                    .arg(dir.path())
+                    .status()
+                    .unwrap();
+                assert!(status.success(), "mounting cgroup2");
+                (dir.path().to_owned(), Some(dir))
+            }
+        };
+        let dir = root.join(format!("tcpconnlat-test-{}", std::process::id()));
+        std::fs::create_dir(&dir).unwrap();
+        TestCgroup { dir, mounted }
+    }
+
+    fn adopt(&self, pid: u32) {
+        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string()).unwrap();
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+        if let Some(dir) = &self.mounted {
+            let _ = std::process::Command::new("umount")
+                .arg(dir.path())
+                .status();
+        }
+    }
+}
+
+#[test]
+fn cgroup_filter_keeps_only_processes_in_it() {
+    let _serial = serial();
+    let server = listen("127.0.0.1:0");
+    let cgroup = TestCgroup::new();
+    let connector = Connector::spawn(&[], server);
+    cgroup.adopt(connector.pid());
+    let path = cgroup.dir.to_str().unwrap().to_owned();
+    let e = only_the_connector(&["--json", "--cgroup", &path], connector, server);
+    assert_eq!(e["comm"], "bash");
+}
+
+#[test]
+fn a_path_that_is_not_a_cgroup_is_refused() {
+    for path in ["/proc", "/nonexistent/cgroup"] {
+        let (status, _, err) = run(&["--cgroup", path]);
+        assert_eq!(status.code(), Some(1), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.starts_with(&format!("tcpconnlat: --cgroup {path}")),
+            "{err}"
+        );
+    }
+}
+
+/// Run the tracer with `args` until `connects` are made and it exits by -d; its stdout.
+fn report_of(args: &[&str], connects: impl FnOnce()) -> String {
+    let mut tracer = Tracer::start(args);
+    connects();
+    assert!(tracer.wait().success());
+    tracer.lines_for(Duration::from_millis(200)).join("\n")
+}
+
+#[test]
+fn hist_counts_every_connect_in_log2_buckets() {
+    let _serial = serial();
+    let server = listen("127.0.0.1:0");
+    let closed = closed_port();
+    let out = report_of(&["--hist", "--by", "dest", "-d", "2", "-p", &me()], || {
+        for _ in 0..5 {
+            connect(server);
+        }
+        let _ = TcpStream::connect(closed);
+    });
+    assert!(
+        out.contains(&format!("dest = 127.0.0.1:{}", server.port())),
+        "{out}"
+    );
+    assert!(out.contains("usecs"), "{out}");
+    // Five established connects in the buckets, the refused one counted apart.
+    let counted: u64 = out
+        .lines()
+        .filter(|l| l.contains(" -> ") && l.contains('|'))
+        .map(|l| {
+            l.split(':')
+                .nth(1)
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(counted, 5, "{out}");
+    assert!(out.contains("failed connects: refused 1"), "{out}");
+}
+
+#[test]
+fn summary_gives_per_destination_counts_failures_and_percentiles() {
+    let _serial = serial();
+    let (a, b) = (listen("127.0.0.1:0"), listen("[::1]:0"));
+    let closed = closed_port();
+    let out = report_of(&["--summary", "--json", "-d", "2", "-p", &me()], || {
+        for _ in 0..4 {
+            connect(a);
+        }
+        connect(b);
+        let _ = TcpStream::connect(closed);
+    });
+    let records: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(records.iter().all(|r| r["type"] == "summary"), "{out}");
+    let find = |dest: String| {
+        records
+            .iter()
+            .find(|r| r["dest"] == dest.as_str())
+            .cloned()
+            .unwrap()
+    };
+    let ra = find(format!("127.0.0.1:{}", a.port()));
+    assert_eq!(
+        (ra["count"].as_u64(), ra["failed"].as_u64()),
+        (Some(4), Some(0)),
+        "{ra}"
+    );
+    let (p50, p99, max) = (
+        ra["p50_ms"].as_f64().unwrap(),
+        ra["p99_ms"].as_f64().unwrap(),
+        ra["max_ms"].as_f64().unwrap(),
+    );
+    assert!(
+        0.0 < p50 && p50 <= p99 && p99 <= max && max < 1000.0,
+        "{ra}"
+    );
+    assert_eq!(find(format!("[::1]:{}", b.port()))["count"], 1);
+    let rc = find(format!("127.0.0.1:{}", closed.port()));
+    assert_eq!(
+        (rc["count"].as_u64(), rc["failed"].as_u64()),
+        (Some(1), Some(1)),
+        "{rc}"
+    );
+    assert_eq!(rc["failures"]["refused"], 1);
+    assert!(rc["p50_ms"].is_null());
+}
+
+#[test]
+fn interval_prints_a_summary_every_period() {
+    let _serial = serial();
+    let server = listen("127.0.0.1:0");
+    let out = report_of(
+        &["--summary", "--interval", "0.5", "-d", "1.8", "-p", &me()],
+        || {
+            connect(server);
+        },
+    );
+    // Three intervals and the final one, each with its header.
+    let headers = out.lines().filter(|l| l.starts_with("DEST")).count();
+    assert!((3..=4).contains(&headers), "{out}");
+    // The connect is in exactly one of them: each period starts afresh.
+    let rows = out
+        .lines()
+        .filter(|l| l.starts_with(&format!("127.0.0.1:{}", server.port())))
+        .count();
+    assert_eq!(rows, 1, "{out}");
+}
