@@ -243,7 +243,12 @@ impl Summary {
                 }
                 None => out.push_str(&format!(" {:>9} {:>9} {:>9} {:>9}", "-", "-", "-", "-")),
             }
-            let _ = writeln!(out, "  {}", s.failures.text());
+            let failures = s.failures.text();
+            if failures.is_empty() {
+                out.push('\n');
+            } else {
+                let _ = writeln!(out, "  {failures}");
+            }
         }
         out
     }
