@@ -1,27 +1,62 @@
-//! Compiles every probe in `probes/` with clang (through libbpf-cargo) into OUT_DIR, and
-//! generates Rust types for the structs in `probes/tcpconnlat.h` from the object's BTF.
+//! Compiles every probe in `probes/` with clang (through libbpf-cargo) into OUT_DIR,
+//! generates Rust types for the structs in `probes/tcpconnlat.h` from BTF, and, for legacy
+//! mode on kernels without BTF, reads struct sock offsets from kernel headers
+//! (KERNEL_HEADERS, colon-separated build trees) into a table keyed by kernel release.
 
 use std::env;
+use std::fmt::Write as _;
+use std::fs;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use libbpf_cargo::SkeletonBuilder;
 
 /// Each probe object; userspace embeds them by these names.
-const PROBES: &[&str] = &["tcpconnlat", "tcpconnlat_tp", "trial_fentry", "types"];
+const PROBES: &[&str] = &[
+    "tcpconnlat",
+    "tcpconnlat_tp",
+    "tcpconnlat_legacy",
+    "trial_fentry",
+    "types",
+    "empty",
+];
+
+/// The fields of struct sock_layout, in order (probes/sock_offsets.c names them alike).
+const SOCK_FIELDS: [&str; 10] = [
+    "family",
+    "state",
+    "num",
+    "dport",
+    "rcv_saddr",
+    "daddr",
+    "v6_rcv_saddr",
+    "v6_daddr",
+    "err",
+    "err_soft",
+];
 
 fn main() {
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let probes = Path::new("probes");
     println!("cargo:rerun-if-changed=probes");
+    println!("cargo:rerun-if-env-changed=KERNEL_HEADERS");
 
+    // The legacy probe uses the UAPI headers (linux/bpf.h) instead of vmlinux.h; on Debian
+    // their asm/ part lives in the multiarch directory.
+    let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_else(|_| "x86_64".into());
+    let multiarch = format!("/usr/include/{arch}-linux-gnu");
     for name in PROBES {
         let src = probes.join(format!("{name}.bpf.c"));
         let obj = out.join(format!("{name}.bpf.o"));
         let mut builder = SkeletonBuilder::new();
-        builder
-            .source(&src)
-            .obj(&obj)
-            .clang_args(["-I", "probes", "-Wall", "-Werror"]);
+        builder.source(&src).obj(&obj).clang_args([
+            "-I",
+            "probes",
+            "-idirafter",
+            &multiarch,
+            "-Wall",
+            "-Werror",
+        ]);
         // `types` exists only for its BTF: its skeleton is where the Rust side gets
         // `types::event` and `types::config` from.
         let result = if *name == "types" {
@@ -33,4 +68,93 @@ fn main() {
             panic!("building {}: {err:#}", src.display());
         }
     }
+
+    let mut table = String::from(
+        "/// struct sock offsets from kernel headers at build time: (release, offsets in\n\
+         /// struct sock_layout order).\n\
+         pub const HEADER_OFFSETS: &[(&str, [u16; 10])] = &[\n",
+    );
+    for dir in env::var("KERNEL_HEADERS").unwrap_or_default().split(':') {
+        if dir.is_empty() {
+            continue;
+        }
+        match header_offsets(Path::new(dir), &out) {
+            Ok((release, offsets)) => {
+                let _ = writeln!(table, "    ({release:?}, {offsets:?}),");
+            }
+            Err(why) => panic!("KERNEL_HEADERS={dir}: {why}"),
+        }
+    }
+    table.push_str("];\n");
+    fs::write(out.join("header_offsets.rs"), table).expect("write header_offsets.rs");
+}
+
+/// Compile probes/sock_offsets.c against one kernel build tree (an O= build directory
+/// with its `source` link, or an in-tree build) and read the offsets from the assembly.
+fn header_offsets(obj: &Path, out: &Path) -> Result<(String, [u16; 10]), String> {
+    let src = if obj.join("source").exists() {
+        obj.join("source")
+    } else {
+        obj.to_path_buf()
+    };
+    let utsrelease = fs::read_to_string(obj.join("include/generated/utsrelease.h"))
+        .map_err(|e| format!("no include/generated/utsrelease.h (run make prepare): {e}"))?;
+    let release = utsrelease
+        .split('"')
+        .nth(1)
+        .ok_or("cannot read UTS_RELEASE")?
+        .to_owned();
+    let clang_include = Command::new("clang")
+        .arg("-print-file-name=include")
+        .output()
+        .map_err(|e| format!("running clang: {e}"))?;
+    let clang_include = String::from_utf8_lossy(&clang_include.stdout)
+        .trim()
+        .to_owned();
+    let (s, o) = (src.display(), obj.display());
+    let asm = out.join("sock_offsets.s");
+    let output = Command::new("clang")
+        .args(["-S", "-O2", "-w", "-nostdinc", "-isystem", &clang_include])
+        .args([
+            "-D__KERNEL__",
+            "-fno-pie",
+            "-mno-red-zone",
+            "-mcmodel=kernel",
+        ])
+        .arg(format!("-I{s}/arch/x86/include"))
+        .arg(format!("-I{o}/arch/x86/include/generated"))
+        .arg(format!("-I{s}/include"))
+        .arg(format!("-I{o}/include"))
+        .arg(format!("-I{s}/arch/x86/include/uapi"))
+        .arg(format!("-I{o}/arch/x86/include/generated/uapi"))
+        .arg(format!("-I{s}/include/uapi"))
+        .arg(format!("-I{o}/include/generated/uapi"))
+        .args(["-include", &format!("{s}/include/linux/kconfig.h")])
+        .arg("probes/sock_offsets.c")
+        .arg("-o")
+        .arg(&asm)
+        .output()
+        .map_err(|e| format!("running clang: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "compiling probes/sock_offsets.c against its headers failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    let text = fs::read_to_string(&asm).map_err(|e| e.to_string())?;
+    let mut offsets = [0u16; 10];
+    for (i, field) in SOCK_FIELDS.iter().enumerate() {
+        // "tcpconnlat_offset_family:\n\t.quad\t16"
+        let label = format!("tcpconnlat_offset_{field}:");
+        let value = text
+            .lines()
+            .skip_while(|l| l.trim() != label)
+            .find_map(|l| l.trim().strip_prefix(".quad"))
+            .map(|v| v.split('#').next().unwrap_or("").trim().to_owned())
+            .ok_or_else(|| format!("no {label} in the compiled offsets"))?;
+        offsets[i] = value
+            .parse()
+            .map_err(|_| format!("{field}: offset {value:?} is not a number"))?;
+    }
+    Ok((release, offsets))
 }

@@ -8,7 +8,7 @@ set -eu
 dest=$1
 mkdir -p "$dest/proc/sys/kernel"
 cat /proc/sys/kernel/osrelease > "$dest/proc/sys/kernel/osrelease"
-grep -E ' (tcp_v4_connect|tcp_v6_connect|tcp_rcv_state_process)([.][a-z0-9.]*)?( |	|$)' /proc/kallsyms \
+grep -E ' (tcp_v4_connect|tcp_v6_connect|tcp_rcv_state_process|tcp_set_state|tcp_retransmit_skb|tcp_reset)([.][a-z0-9.]*)?( |	|$)' /proc/kallsyms \
     > "$dest/proc/kallsyms" || true
 if [ -e /sys/kernel/btf/vmlinux ]; then
     mkdir -p "$dest/sys/kernel/btf"

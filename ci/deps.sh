@@ -6,10 +6,12 @@ packages=(
     clang            # compiles probes/ to BPF (build.rs, through libbpf-cargo)
     libelf-dev       # libbpf's ELF parsing, linked statically
     zlib1g-dev       # libbpf's BTF decompression, linked statically
+    linux-libc-dev   # UAPI headers for the legacy probe (linux/bpf.h)
     pkg-config make
     iproute2         # tests: network namespaces and veth pairs
     iptables         # tests: dropping SYNs inside a test namespace (iptables-legacy)
     util-linux       # tests: setpriv, to run unprivileged
+    xz-utils         # tests: the compressed BTF fixture
     "$@"             # extra packages from the caller (the kernel matrix adds its own)
 )
 missing=()

@@ -19,14 +19,16 @@ CACHE=${TCPCONNLAT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tcpconnlat-ci}
 OUT=$ROOT/ci/out
 ALL=(host deb61 deb612 nobtf noftrace)
 ALL_MODES=(fentry kprobe tracepoint legacy)
+# Legacy mode proven further: offsets from a BTF file made with pahole instead of kernel
+# headers, and kprobes through tracefs kprobe_events instead of the PMU.
+VARIANTS=(legacy+btf legacy+tracefs)
 VM_TIMEOUT=${TCPCONNLAT_VM_TIMEOUT:-1500}
 
 # What each kernel must do: modes whose whole trace suite must pass, modes that must be
 # refused with a clear error, and what auto must pick.
-declare -A MODES=([deb61]="fentry kprobe tracepoint" [deb612]="fentry kprobe tracepoint"
-    [nobtf]="tracepoint" [noftrace]="kprobe tracepoint")
-declare -A REFUSED=([deb61]="legacy" [deb612]="legacy"
-    [nobtf]="fentry kprobe legacy" [noftrace]="fentry legacy")
+declare -A MODES=([deb61]="fentry kprobe tracepoint legacy" [deb612]="fentry kprobe tracepoint legacy"
+    [nobtf]="tracepoint legacy legacy+btf legacy+tracefs" [noftrace]="kprobe tracepoint legacy")
+declare -A REFUSED=([deb61]="" [deb612]="" [nobtf]="fentry kprobe" [noftrace]="fentry")
 declare -A AUTO=([deb61]=fentry [deb612]=fentry [nobtf]=tracepoint [noftrace]=kprobe)
 declare -A WHAT=([host]="running kernel" [deb61]="Debian 12 cloud 6.1" [deb612]="Debian 12 6.12"
     [nobtf]="6.1, no BTF" [noftrace]="6.1, BTF, no ftrace")
@@ -50,40 +52,9 @@ log() { echo "[matrix $(date +%H:%M:%S)] $*" >&2; }
 ./ci/deps.sh qemu-system-x86 busybox-static cpio kmod xz-utils linux-source-6.1 dwarves \
     flex bison bc libssl-dev libelf-dev gcc make
 
-# --- the binaries under test -------------------------------------------------------------
-log "building the release binary and test binaries"
-cargo build --release --locked
-BIN=$ROOT/target/release/tcpconnlat
-test_bin() { # name: the release integration test executable for tests/<name>.rs
-    cargo test --release --locked --no-run --message-format=json 2>/dev/null |
-        grep '"kind":\["test"\]' | grep "\"name\":\"$1\"" |
-        sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1
-}
-# The kernel-facing suites, run once per mode; and the CLI/--features suite.
-TRACE_TESTS="$(test_bin trace) $(test_bin outcomes)"
-CLI_TEST=$(test_bin cli)
-for t in $TRACE_TESTS $CLI_TEST; do
-    [ -x "$t" ] || { echo "ci/matrix.sh: test binaries not found" >&2; exit 1; }
-done
-
-# The host row: what CI knows of its kernel (TCPCONNLAT_EXPECT_AUTO and _REFUSED, set by
-# .ci/run), or elsewhere what --features says this kernel can do (every usable mode then
-# runs the whole suite, every other one must be refused clearly).
-if [ -n "${TCPCONNLAT_EXPECT_AUTO:-}" ]; then
-    AUTO[host]=$TCPCONNLAT_EXPECT_AUTO
-    REFUSED[host]=${TCPCONNLAT_EXPECT_REFUSED//,/ }
-else
-    plan=$("$BIN" --features --json | grep -oE '"mode":"[a-z]+"[^}]*"usable":(true|false)')
-    AUTO[host]=$("$BIN" --features --json | grep -o '"auto":"[a-z]*"' | cut -d'"' -f4)
-    REFUSED[host]=$(echo "$plan" | grep '"usable":false' | cut -d'"' -f4 | xargs)
-fi
-MODES[host]=
-for m in "${ALL_MODES[@]}"; do
-    case " ${REFUSED[host]} " in *" $m "*) ;; *) MODES[host]="${MODES[host]} $m" ;; esac
-done
-
 # --- kernels -----------------------------------------------------------------------------
-# Each sets KIMAGE (bzImage), KVER (uname -r) and KMODDIR (its modules, or empty).
+# Each sets KIMAGE (bzImage), KVER (uname -r), KMODDIR (its modules, or empty), KHEADERS
+# (a build tree for KERNEL_HEADERS, or empty) and KBTF (a BTF file made for it, or empty).
 
 deb_kernel() { # id package
     local id=$1 pkg=$2 dir=$CACHE/kernels/$1
@@ -98,6 +69,8 @@ deb_kernel() { # id package
     KIMAGE=$(ls "$dir"/tree/boot/vmlinuz-*)
     KVER=${KIMAGE##*/vmlinuz-}
     KMODDIR=$dir/tree/lib/modules/$KVER
+    KHEADERS=
+    KBTF=
 }
 
 newest() { # regex: the newest package name matching it
@@ -138,11 +111,24 @@ built_kernel() { # id: built from linux-source-6.1 with ci/kernels/base.config +
         cp "$dir.build/arch/x86/boot/bzImage" "$dir/bzImage"
         cp "$dir.build/.config" "$dir/config"
         make -s -C "$src" O="$dir.build" kernelrelease >"$dir/release"
+        # What legacy mode's offsets come from: the generated headers (with a link to the
+        # source tree) for KERNEL_HEADERS, and, where the kernel has DWARF but no BTF of
+        # its own, a BTF file made from it for --btf (as BTFHub makes them).
+        mkdir -p "$dir/headers/include" "$dir/headers/arch/x86/include"
+        cp -r "$dir.build/include/generated" "$dir/headers/include/"
+        cp -r "$dir.build/arch/x86/include/generated" "$dir/headers/arch/x86/include/"
+        ln -s "$src" "$dir/headers/source"
+        if ! grep -q '^CONFIG_DEBUG_INFO_BTF=y' "$dir/config" && grep -q '^CONFIG_DEBUG_INFO=y' "$dir/config"; then
+            pahole --btf_encode_detached="$dir/vmlinux.btf" "$dir.build/vmlinux"
+        fi
         rm -rf "$dir.build"
     fi
     KIMAGE=$dir/bzImage
     KVER=$(cat "$dir/release")
     KMODDIR=
+    KHEADERS=$dir/headers
+    KBTF=
+    [ ! -f "$dir/vmlinux.btf" ] || KBTF=$dir/vmlinux.btf
 }
 
 kernel() { # id
@@ -152,6 +138,53 @@ kernel() { # id
     nobtf | noftrace) built_kernel "$1" ;;
     esac
 }
+
+# Get every kernel first: the binaries embed the built kernels' header offsets.
+declare -A KIMAGES KVERS KMODDIRS KBTFS
+headers=()
+for id in "${kernels[@]}"; do
+    [ "$id" != host ] || continue
+    if kernel "$id"; then
+        KIMAGES[$id]=$KIMAGE KVERS[$id]=$KVER KMODDIRS[$id]=$KMODDIR KBTFS[$id]=$KBTF
+        [ -z "$KHEADERS" ] || headers+=("$KHEADERS")
+    else
+        log "$id: could not get the kernel"
+    fi
+done
+
+# --- the binaries under test -------------------------------------------------------------
+log "building the release binary and test binaries"
+export KERNEL_HEADERS
+KERNEL_HEADERS=$(IFS=:; echo "${headers[*]}")
+cargo build --release --locked
+BIN=$ROOT/target/release/tcpconnlat
+test_bin() { # name: the release integration test executable for tests/<name>.rs
+    cargo test --release --locked --no-run --message-format=json 2>/dev/null |
+        grep '"kind":\["test"\]' | grep "\"name\":\"$1\"" |
+        sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1
+}
+# The kernel-facing suites, run once per mode; and the suites run once per kernel.
+TRACE_TESTS="$(test_bin trace) $(test_bin outcomes)"
+ONCE_TESTS="$(test_bin cli) $(test_bin legacy)"
+for t in $TRACE_TESTS $ONCE_TESTS; do
+    [ -x "$t" ] || { echo "ci/matrix.sh: test binaries not found" >&2; exit 1; }
+done
+
+# The host row: what CI knows of its kernel (TCPCONNLAT_EXPECT_AUTO and _REFUSED, set by
+# .ci/run), or elsewhere what --features says this kernel can do (every usable mode then
+# runs the whole suite, every other one must be refused clearly).
+if [ -n "${TCPCONNLAT_EXPECT_AUTO:-}" ]; then
+    AUTO[host]=$TCPCONNLAT_EXPECT_AUTO
+    REFUSED[host]=${TCPCONNLAT_EXPECT_REFUSED//,/ }
+else
+    plan=$("$BIN" --features --json | grep -oE '"mode":"[a-z]+"[^}]*"usable":(true|false)')
+    AUTO[host]=$("$BIN" --features --json | grep -o '"auto":"[a-z]*"' | cut -d'"' -f4)
+    REFUSED[host]=$(echo "$plan" | grep '"usable":false' | cut -d'"' -f4 | xargs)
+fi
+MODES[host]=
+for m in "${ALL_MODES[@]}"; do
+    case " ${REFUSED[host]} " in *" $m "*) ;; *) MODES[host]="${MODES[host]} $m" ;; esac
+done
 
 # --- initramfs ---------------------------------------------------------------------------
 
@@ -188,7 +221,7 @@ make_initramfs() { # id out
     for applet in $(/bin/busybox --list); do
         [ -e "$root/bin/$applet" ] || ln -s busybox "$root/bin/$applet"
     done
-    for f in "$BIN" $TRACE_TESTS "$CLI_TEST" /usr/bin/ip /usr/sbin/xtables-legacy-multi /usr/bin/bash /usr/bin/setpriv; do
+    for f in "$BIN" $TRACE_TESTS $ONCE_TESTS /usr/bin/ip /usr/sbin/xtables-legacy-multi /usr/bin/bash /usr/bin/setpriv; do
         add_file "$root" "$f"
     done
     rm -f "$root/bin/ip" "$root/bin/setpriv" "$root/bin/bash"   # the real ones, not busybox's
@@ -198,7 +231,8 @@ make_initramfs() { # id out
     echo "root:x:0:0:root:/root:/bin/sh" >"$root/etc/passwd"
     echo "nobody:x:65534:65534:nobody:/:/bin/false" >>"$root/etc/passwd"
     printf 'root:x:0:\nnogroup:x:65534:\n' >"$root/etc/group"
-    local modules=""
+    [ -z "${KBTFS[$id]}" ] || cp "${KBTFS[$id]}" "$root/vmlinux.btf"
+    local modules="" KMODDIR=${KMODDIRS[$id]} KVER=${KVERS[$id]}
     if [ -n "$KMODDIR" ]; then
         local dest=$root/lib/modules/$KVER f rel
         for f in $(module_closure "$KMODDIR" $DEB_MODULES | awk '!seen[$0]++'); do
@@ -219,7 +253,7 @@ make_initramfs() { # id out
 KERNEL_ID='$id'
 BIN='$BIN'
 TRACE_TESTS='$TRACE_TESTS'
-CLI_TEST='$CLI_TEST'
+ONCE_TESTS='$ONCE_TESTS'
 MODES='${MODES[$id]}'
 REFUSED='${REFUSED[$id]}'
 AUTO='${AUTO[$id]}'
@@ -236,18 +270,18 @@ run_kernel() { # id: leaves the console log in $OUT/<id>/console.log
     rm -rf "$dir" && mkdir -p "$dir"
     if [ "$id" = host ]; then
         log "host: running the cells on $(uname -r)"
-        BIN=$BIN TRACE_TESTS=$TRACE_TESTS CLI_TEST=$CLI_TEST MODES=${MODES[host]} \
+        BIN=$BIN TRACE_TESTS=$TRACE_TESTS ONCE_TESTS=$ONCE_TESTS MODES=${MODES[host]} \
             REFUSED=${REFUSED[host]} AUTO=${AUTO[host]} sh ci/vm/cells.sh >"$dir/console.log" 2>&1 || true
         echo "@@END" >>"$dir/console.log"
         return
     fi
-    kernel "$id" || { echo "@@CELL kernel fail could not get the kernel" >"$dir/console.log"; return; }
-    log "$id: kernel $KVER; building the initramfs"
+    [ -n "${KIMAGES[$id]:-}" ] || { echo "@@CELL kernel fail could not get the kernel" >"$dir/console.log"; return; }
+    log "$id: kernel ${KVERS[$id]}; building the initramfs"
     make_initramfs "$id" "$dir/initramfs.gz"
     log "$id: booting (timeout ${VM_TIMEOUT}s)"
     local start=$SECONDS
     timeout "$VM_TIMEOUT" qemu-system-x86_64 -accel tcg -cpu max -smp 2 -m 2048 -nographic -no-reboot \
-        -kernel "$KIMAGE" -initrd "$dir/initramfs.gz" -append "console=ttyS0 quiet panic=-1" \
+        -kernel "${KIMAGES[$id]}" -initrd "$dir/initramfs.gz" -append "console=ttyS0 quiet panic=-1" \
         </dev/null >"$dir/console.log" 2>&1 || true
     log "$id: VM done in $((SECONDS - start))s"
     rm -f "$dir/initramfs.gz"
@@ -271,18 +305,19 @@ done
 # --- the table ---------------------------------------------------------------------------
 bad=0
 printf '\n%-10s %-22s' kernel "" >&2
-printf '%-11s' "${ALL_MODES[@]}" cli >&2
+printf '%-15s' "${ALL_MODES[@]}" "${VARIANTS[@]}" cli >&2
 printf '%s\n' "auto picks" >&2
 for id in "${kernels[@]}"; do
     log=$OUT/$id/console.log
     printf '%-10s %-22s' "$id" "${WHAT[$id]}" >&2
-    for col in "${ALL_MODES[@]}" cli; do
+    for col in "${ALL_MODES[@]}" "${VARIANTS[@]}" cli; do
         got=$(cell_of "$id" "$col")
-        want=
+        want=missing
         case " ${MODES[$id]} cli " in *" $col "*) want=pass ;; esac
         case " ${REFUSED[$id]} " in *" $col "*) want=refused ;; esac
         if [ "$got" = "$want" ]; then shown=$got; else shown="$got!"; bad=1; fi
-        printf '%-11s' "$shown" >&2
+        [ "$shown" != missing ] || shown=-
+        printf '%-15s' "$shown" >&2
     done
     markers "$id" '@@FEATURES ' | sed 's/^@@FEATURES //' >"$OUT/$id/features.json" || true
     auto=$(grep -o '"auto":"[a-z]*"' "$OUT/$id/features.json" | cut -d'"' -f4 || true)
@@ -305,6 +340,6 @@ for id in "${kernels[@]}"; do
         markers "$id" '@@CELL ' | grep -E '^@@CELL [a-z]+ (fail|unrefused) ' | sed 's/^/    /' >&2
     fi
 done
-echo "(cells: pass = the whole trace suite passed in that mode; refused = one clear error, as expected; ! = not what this kernel should do)" >&2
+echo "(cells: pass = the whole trace suite passed in that mode; refused = one clear error, as expected; - = not run there; ! = not what this kernel should do)" >&2
 if [ $bad = 0 ]; then echo "matrix: ${#kernels[@]} passed, 0 failed"; else echo "matrix: unexpected cells" >&2; fi
 exit $bad

@@ -8,6 +8,9 @@
  * An object including this file first defines
  *     static __always_inline __u16 sock_error(const struct config *cfg, __u64 sk);
  * which returns the socket's sk_err (0 when it cannot know).
+ *
+ * The legacy object defines TCPCONNLAT_LEGACY first: it gets no ring buffer, no cgroup
+ * helper and no tracepoint programs, so it loads on kernels older than those.
  */
 #ifndef TCPCONNLAT_COMMON_BPF_H
 #define TCPCONNLAT_COMMON_BPF_H
@@ -36,9 +39,14 @@ struct {
 	__type(value, struct config);
 } config_map SEC(".maps");
 
-/* LRU so that a flood of connects that never complete cannot fill it for good. */
+/*
+ * Not LRU: an LRU table would silently evict connects still in flight under a SYN flood.
+ * Every entry leaves when its socket leaves SYN_SENT (which every socket does before it is
+ * freed), so the table is bounded by connects in flight; a connect that finds it full is
+ * counted (COUNTER_UNTRACKED) and reported, never lost silently.
+ */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, MAX_PENDING);
 	__type(key, __u64);
 	__type(value, struct pending);
@@ -59,24 +67,62 @@ struct {
 	__type(value, __u8);
 } dports SEC(".maps");
 
-/* Events dropped because the ring buffer was full (perf buffer losses come from perf itself). */
+/* What the probes could not do, by COUNTER_*, read by userspace as it drains. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
+	__uint(max_entries, COUNTERS);
 	__type(key, __u32);
 	__type(value, __u64);
-} dropped SEC(".maps");
+} counters SEC(".maps");
 
+static __always_inline void count(__u32 counter)
+{
+	__u64 *n = bpf_map_lookup_elem(&counters, &counter);
+
+	if (n)
+		__sync_fetch_and_add(n, 1);
+}
+
+#ifndef TCPCONNLAT_LEGACY
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, RINGBUF_BYTES);
 } events_rb SEC(".maps");
+#endif
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERF_EVENT_ARRAY);
 	__uint(key_size, sizeof(__u32));
 	__uint(value_size, sizeof(__u32));
 } events_pb SEC(".maps");
+
+/* kprobe-based modes: the socket of each thread's connect in progress, for its kretprobe
+ * (which cannot see the arguments). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, __u64);
+} connecting SEC(".maps");
+
+static __always_inline void connect_entered(__u64 sk)
+{
+	__u64 tid = bpf_get_current_pid_tgid();
+
+	bpf_map_update_elem(&connecting, &tid, &sk, BPF_ANY);
+}
+
+/* The socket whose connect this thread is returning from (0 if unknown), forgotten. */
+static __always_inline __u64 connect_returning(void)
+{
+	__u64 tid = bpf_get_current_pid_tgid();
+	__u64 *sk = bpf_map_lookup_elem(&connecting, &tid);
+	__u64 found = sk ? *sk : 0;
+
+	if (sk)
+		bpf_map_delete_elem(&connecting, &tid);
+	return found;
+}
 
 static __always_inline const struct config *get_config(void)
 {
@@ -95,9 +141,12 @@ static __always_inline int wanted_here(const struct config *cfg, __u16 family, _
 		return 0;
 	if (cfg->filter_uid && cfg->uid != uid)
 		return 0;
+#ifndef TCPCONNLAT_LEGACY
 	if (cfg->cgroup_id && cfg->cgroup_id != bpf_get_current_cgroup_id())
 		return 0;
+#endif
 	if (cfg->filter_comm) {
+#pragma unroll
 		for (int i = 0; i < TASK_COMM_LEN; i++) {
 			if (comm[i] != cfg->comm[i])
 				return 0;
@@ -120,7 +169,8 @@ static __always_inline void remember_connect(const struct config *cfg, __u64 sk,
 	if (!wanted_here(cfg, family, p.tgid, p.uid, p.comm))
 		return;
 	p.start_ns = bpf_ktime_get_ns();
-	bpf_map_update_elem(&pending, &sk, &p, BPF_ANY);
+	if (bpf_map_update_elem(&pending, &sk, &p, BPF_ANY))
+		count(COUNTER_UNTRACKED);
 }
 
 /*
@@ -131,21 +181,21 @@ static __always_inline void remember_connect(const struct config *cfg, __u64 sk,
 static __always_inline void submit(void *ctx, const struct config *cfg, struct event *e,
 				   int transport)
 {
+#ifndef TCPCONNLAT_LEGACY
 	if (transport == TRANSPORT_RINGBUF) {
 		__u64 flags = BPF_RB_NO_WAKEUP;
 
 		if (bpf_ringbuf_query(&events_rb, BPF_RB_AVAIL_DATA) >= cfg->wakeup_bytes)
 			flags = BPF_RB_FORCE_WAKEUP;
-		if (bpf_ringbuf_output(&events_rb, e, sizeof(*e), flags)) {
-			__u32 zero = 0;
-			__u64 *n = bpf_map_lookup_elem(&dropped, &zero);
-
-			if (n)
-				__sync_fetch_and_add(n, 1);
-		}
-	} else {
-		bpf_perf_event_output(ctx, &events_pb, BPF_F_CURRENT_CPU, e, sizeof(*e));
+		if (bpf_ringbuf_output(&events_rb, e, sizeof(*e), flags))
+			count(COUNTER_DROPPED);
+		return;
 	}
+#endif
+	/* Perf also reports its losses, but only once the next sample fits: count them here
+	 * too, where the kernel says so (5.4+; before, the helper always returns 0). */
+	if (bpf_perf_event_output(ctx, &events_pb, BPF_F_CURRENT_CPU, e, sizeof(*e)))
+		count(COUNTER_DROPPED);
 }
 
 /* The fields of one sock:inet_sock_set_state record that decide what to do. */
@@ -157,18 +207,19 @@ struct state_change {
 	__u16 protocol;
 };
 
-#define READ_TP_FIELD(dst, ctx, off) bpf_probe_read(&(dst), sizeof(dst), (char *)(ctx) + (off))
+/* Read a field at a runtime offset (from a format file, BTF or kernel headers). */
+#define READ_AT(dst, base, off) bpf_probe_read(&(dst), sizeof(dst), (char *)(base) + (off))
 
 static __always_inline int read_state_change(void *ctx, const struct state_layout *l,
 					     struct state_change *sc)
 {
-	if (READ_TP_FIELD(sc->skaddr, ctx, l->skaddr) ||
-	    READ_TP_FIELD(sc->oldstate, ctx, l->oldstate) ||
-	    READ_TP_FIELD(sc->newstate, ctx, l->newstate) ||
-	    READ_TP_FIELD(sc->family, ctx, l->family))
+	if (READ_AT(sc->skaddr, ctx, l->skaddr) ||
+	    READ_AT(sc->oldstate, ctx, l->oldstate) ||
+	    READ_AT(sc->newstate, ctx, l->newstate) ||
+	    READ_AT(sc->family, ctx, l->family))
 		return -1;
 	sc->protocol = IPPROTO_TCP;
-	if (l->protocol && READ_TP_FIELD(sc->protocol, ctx, l->protocol))
+	if (l->protocol && READ_AT(sc->protocol, ctx, l->protocol))
 		return -1;
 	return 0;
 }
@@ -176,8 +227,8 @@ static __always_inline int read_state_change(void *ctx, const struct state_layou
 static __always_inline void read_endpoints(void *ctx, const struct state_layout *l,
 					   struct event *e)
 {
-	READ_TP_FIELD(e->lport, ctx, l->sport);
-	READ_TP_FIELD(e->dport, ctx, l->dport);
+	READ_AT(e->lport, ctx, l->sport);
+	READ_AT(e->dport, ctx, l->dport);
 	if (e->af == AF_INET) {
 		bpf_probe_read(e->saddr, 4, (char *)ctx + l->saddr);
 		bpf_probe_read(e->daddr, 4, (char *)ctx + l->daddr);
@@ -199,15 +250,87 @@ static __always_inline __u8 outcome_of(const struct pending *p, __u16 error)
 }
 
 /*
- * Every connect ends here, in every mode: the socket leaves SYN_SENT. To ESTABLISHED it
- * succeeded; anywhere else (CLOSE) it failed, and sk_err says why. With `record_start`
- * (tracepoint mode) the CLOSE -> SYN_SENT transition also starts the clock.
+ * Every connect ends here, in every mode, when its socket leaves SYN_SENT for `newstate`.
+ * To ESTABLISHED it succeeded; anywhere else (CLOSE) it failed, and sk_err says why. Fills
+ * *e but for the endpoints and removes the pending entry; returns whether to report it.
+ */
+static __always_inline int finish_connect(const struct config *cfg, __u64 sk, int newstate,
+					  struct event *e)
+{
+	struct pending *p = bpf_map_lookup_elem(&pending, &sk);
+
+	if (!p)
+		return 0;
+	e->ts_ns = bpf_ktime_get_ns();
+	if (newstate == TCP_ESTABLISHED) {
+		e->outcome = OUTCOME_ESTABLISHED;
+		e->delta_ns = (p->answer_ns ? p->answer_ns : e->ts_ns) - p->start_ns;
+	} else {
+		e->error = sock_error(cfg, sk);
+		e->outcome = outcome_of(p, e->error);
+		/* An RST is an answer: its latency ends when it was processed. */
+		e->delta_ns = ((p->reset && p->answer_ns) ? p->answer_ns : e->ts_ns) - p->start_ns;
+	}
+	e->tgid = p->tgid;
+	e->uid = p->uid;
+	e->syn_retrans = p->syn_retrans;
+	__builtin_memcpy(e->comm, p->comm, sizeof(e->comm));
+	bpf_map_delete_elem(&pending, &sk);
+
+	if (!(cfg->report & (e->outcome == OUTCOME_ESTABLISHED ? REPORT_ESTABLISHED : REPORT_FAILED)))
+		return 0;
+	return e->delta_ns >= cfg->min_lat_ns;
+}
+
+/* The last filter needs the endpoints: then out it goes. */
+static __always_inline void report(void *ctx, const struct config *cfg, struct event *e,
+				   int transport)
+{
+	if (cfg->filter_dports && !bpf_map_lookup_elem(&dports, &e->dport))
+		return;
+	submit(ctx, cfg, e, transport);
+}
+
+/* Count a SYN sent again for a pending connect. */
+static __always_inline void count_retransmit(__u64 sk)
+{
+	struct pending *p = bpf_map_lookup_elem(&pending, &sk);
+
+	/* Retransmits of one socket are serialised by its lock: no atomic needed. */
+	if (p)
+		p->syn_retrans++;
+}
+
+/* The SYN-ACK (or RST) of a pending connect is being processed: its latency ends here. */
+static __always_inline void mark_answer(__u64 sk)
+{
+	struct pending *p = bpf_map_lookup_elem(&pending, &sk);
+
+	if (p && !p->answer_ns)
+		p->answer_ns = bpf_ktime_get_ns();
+}
+
+/* An RST for a pending connect means refused, even where sk_err cannot be read. */
+static __always_inline void mark_reset(__u64 sk)
+{
+	struct pending *p = bpf_map_lookup_elem(&pending, &sk);
+
+	if (p) {
+		p->reset = 1;
+		if (!p->answer_ns)
+			p->answer_ns = bpf_ktime_get_ns();
+	}
+}
+
+#ifndef TCPCONNLAT_LEGACY
+/*
+ * sock:inet_sock_set_state. With `record_start` (tracepoint mode) the CLOSE -> SYN_SENT
+ * transition also starts the clock.
  */
 static __always_inline int handle_state(void *ctx, int transport, int record_start)
 {
 	const struct config *cfg = get_config();
 	struct state_change sc;
-	struct pending *p;
 	struct event e = {};
 
 	if (!cfg || read_state_change(ctx, &cfg->tp, &sc) || sc.protocol != IPPROTO_TCP)
@@ -217,72 +340,33 @@ static __always_inline int handle_state(void *ctx, int transport, int record_sta
 			remember_connect(cfg, sc.skaddr, sc.family);
 		return 0;
 	}
-	if (sc.oldstate != TCP_SYN_SENT)
-		return 0;
-	p = bpf_map_lookup_elem(&pending, &sc.skaddr);
-	if (!p)
-		return 0;
-
-	e.ts_ns = bpf_ktime_get_ns();
-	if (sc.newstate == TCP_ESTABLISHED) {
-		e.outcome = OUTCOME_ESTABLISHED;
-		e.delta_ns = (p->answer_ns ? p->answer_ns : e.ts_ns) - p->start_ns;
-	} else {
-		e.error = sock_error(cfg, sc.skaddr);
-		e.outcome = outcome_of(p, e.error);
-		/* An RST is an answer: its latency ends when it was processed. */
-		e.delta_ns = ((p->reset && p->answer_ns) ? p->answer_ns : e.ts_ns) - p->start_ns;
-	}
-	e.tgid = p->tgid;
-	e.uid = p->uid;
-	e.syn_retrans = p->syn_retrans;
-	__builtin_memcpy(e.comm, p->comm, sizeof(e.comm));
-	bpf_map_delete_elem(&pending, &sc.skaddr);
-
-	if (!(cfg->report & (e.outcome == OUTCOME_ESTABLISHED ? REPORT_ESTABLISHED : REPORT_FAILED)))
-		return 0;
-	if (e.delta_ns < cfg->min_lat_ns)
+	if (sc.oldstate != TCP_SYN_SENT || !finish_connect(cfg, sc.skaddr, sc.newstate, &e))
 		return 0;
 	e.af = sc.family;
 	read_endpoints(ctx, &cfg->tp, &e);
-	if (cfg->filter_dports && !bpf_map_lookup_elem(&dports, &e.dport))
-		return 0;
-	submit(ctx, cfg, &e, transport);
+	report(ctx, cfg, &e, transport);
 	return 0;
 }
 
-/* tcp:tcp_retransmit_skb: count SYNs sent again for a pending connect. */
+/* tcp:tcp_retransmit_skb */
 static __always_inline int handle_retransmit(void *ctx)
 {
 	const struct config *cfg = get_config();
-	struct pending *p;
 	__u64 sk;
 
-	if (!cfg || READ_TP_FIELD(sk, ctx, cfg->retransmit_skaddr))
-		return 0;
-	p = bpf_map_lookup_elem(&pending, &sk);
-	/* Retransmits of one socket are serialised by its lock: no atomic needed. */
-	if (p)
-		p->syn_retrans++;
+	if (cfg && !READ_AT(sk, ctx, cfg->retransmit_skaddr))
+		count_retransmit(sk);
 	return 0;
 }
 
-/* tcp:tcp_receive_reset: an RST for a pending connect means refused, even where sk_err
- * cannot be read. */
+/* tcp:tcp_receive_reset */
 static __always_inline int handle_reset(void *ctx)
 {
 	const struct config *cfg = get_config();
-	struct pending *p;
 	__u64 sk;
 
-	if (!cfg || READ_TP_FIELD(sk, ctx, cfg->reset_skaddr))
-		return 0;
-	p = bpf_map_lookup_elem(&pending, &sk);
-	if (p) {
-		p->reset = 1;
-		if (!p->answer_ns)
-			p->answer_ns = bpf_ktime_get_ns();
-	}
+	if (cfg && !READ_AT(sk, ctx, cfg->reset_skaddr))
+		mark_reset(sk);
 	return 0;
 }
 
@@ -308,5 +392,6 @@ static __always_inline int handle_reset(void *ctx)
 	{                                                                               \
 		return handle_reset(ctx);                                               \
 	}
+#endif /* !TCPCONNLAT_LEGACY */
 
 #endif /* TCPCONNLAT_COMMON_BPF_H */

@@ -25,14 +25,6 @@ static __always_inline __u16 sock_error(const struct config *cfg, __u64 sk)
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
-/* kprobe mode: the socket of each thread's connect in progress, for its kretprobe. */
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 4096);
-	__type(key, __u64);
-	__type(value, __u64);
-} connecting SEC(".maps");
-
 static __always_inline int on_connect(struct sock *sk)
 {
 	const struct config *cfg = get_config();
@@ -53,14 +45,8 @@ static __always_inline void on_connect_return(struct sock *sk, int ret)
 
 static __always_inline int on_rcv_state(struct sock *sk)
 {
-	__u64 key = (__u64)sk;
-	struct pending *p;
-
-	if (BPF_CORE_READ(sk, __sk_common.skc_state) != TCP_SYN_SENT)
-		return 0;
-	p = bpf_map_lookup_elem(&pending, &key);
-	if (p && !p->answer_ns)
-		p->answer_ns = bpf_ktime_get_ns();
+	if (BPF_CORE_READ(sk, __sk_common.skc_state) == TCP_SYN_SENT)
+		mark_answer((__u64)sk);
 	return 0;
 }
 
@@ -99,22 +85,16 @@ int BPF_PROG(fentry_rcv_state, struct sock *sk)
 /* kprobes are attached by name from kallsyms (tcp_v4_connect may be tcp_v4_connect.isra.0). */
 static __always_inline int on_kprobe_connect(struct sock *sk)
 {
-	__u64 tid = bpf_get_current_pid_tgid();
-	__u64 key = (__u64)sk;
-
-	bpf_map_update_elem(&connecting, &tid, &key, BPF_ANY);
+	connect_entered((__u64)sk);
 	return on_connect(sk);
 }
 
 static __always_inline int on_kretprobe_connect(int ret)
 {
-	__u64 tid = bpf_get_current_pid_tgid();
-	__u64 *sk = bpf_map_lookup_elem(&connecting, &tid);
+	__u64 sk = connect_returning();
 
-	if (sk) {
-		on_connect_return((struct sock *)*sk, ret);
-		bpf_map_delete_elem(&connecting, &tid);
-	}
+	if (sk)
+		on_connect_return((struct sock *)sk, ret);
 	return 0;
 }
 

@@ -33,6 +33,28 @@ struct state_layout {
 	__u16 __pad;
 };
 
+/*
+ * Where the fields of struct sock that the probes without CO-RE read live, from BTF or
+ * from kernel headers at build time (0 = unknown, for fields a mode can do without).
+ */
+struct sock_layout {
+	__u16 family;
+	__u16 state;
+	__u16 num;   /* local port, host order */
+	__u16 dport; /* network order */
+	__u16 rcv_saddr;
+	__u16 daddr;
+	__u16 v6_rcv_saddr;
+	__u16 v6_daddr;
+	__u16 err;
+	__u16 err_soft; /* an ICMP error that came while the socket was locked */
+};
+
+/* The probes' `counters` array map. */
+#define COUNTER_DROPPED 0   /* events the buffer had no room for */
+#define COUNTER_UNTRACKED 1 /* connects not timed: the pending table was full */
+#define COUNTERS 2
+
 /* How a connect ended (event.outcome). */
 #define OUTCOME_ESTABLISHED 0
 #define OUTCOME_REFUSED 1     /* an RST answered the SYN */
@@ -57,15 +79,12 @@ struct config {
 	__u8 filter_comm;   /* only processes whose comm is `comm` */
 	__u8 report;        /* REPORT_* bits */
 	__u8 __pad;
-	/* Offsets of sk_err and sk_err_soft in struct sock, for probes that cannot use
-	 * CO-RE; 0 = unknown. */
-	__u16 sk_err;
-	__u16 sk_err_soft;
 	/* Offset of skaddr in the tcp:tcp_retransmit_skb and tcp:tcp_receive_reset records. */
 	__u16 retransmit_skaddr;
 	__u16 reset_skaddr;
 	__u8 comm[TASK_COMM_LEN];
 	struct state_layout tp;
+	struct sock_layout sk;
 	__u16 __pad2[2];
 };
 

@@ -19,10 +19,10 @@ static __always_inline __u16 sock_error(const struct config *cfg, __u64 sk)
 {
 	int err = 0;
 
-	if (cfg->sk_err)
-		bpf_probe_read(&err, sizeof(err), (char *)sk + cfg->sk_err);
-	if (!err && cfg->sk_err_soft)
-		bpf_probe_read(&err, sizeof(err), (char *)sk + cfg->sk_err_soft);
+	if (cfg->sk.err)
+		bpf_probe_read(&err, sizeof(err), (char *)sk + cfg->sk.err);
+	if (!err && cfg->sk.err_soft)
+		bpf_probe_read(&err, sizeof(err), (char *)sk + cfg->sk.err_soft);
 	return err;
 }
 

@@ -45,6 +45,71 @@ fn bad_arguments_get_one_line_and_exit_2() {
     }
 }
 
+/// A BTF header that promises more than the file holds.
+fn truncated_btf(dir: &Path) -> std::path::PathBuf {
+    let mut bytes = Vec::new();
+    bytes.extend(0xeb9f_u16.to_le_bytes()); // magic
+    bytes.extend([1, 0]); // version, flags
+    for field in [24u32, 0, 4096, 4096, 100] {
+        // hdr_len, type_off, type_len, str_off, str_len
+        bytes.extend(field.to_le_bytes());
+    }
+    bytes.extend([0u8; 50]);
+    let path = dir.join("truncated.btf");
+    fs::write(&path, bytes).unwrap();
+    path
+}
+
+#[test]
+fn malformed_huge_and_injection_looking_values_get_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("garbage.btf");
+    fs::write(&garbage, b"$(reboot)\n\x00\xff not BTF at all").unwrap();
+    let truncated = truncated_btf(dir.path());
+    let (garbage, truncated) = (garbage.to_str().unwrap(), truncated.to_str().unwrap());
+    for (args, code, needle) in [
+        (&["-u", "root; reboot"][..], 2, "no user named"),
+        (&["--uid=-1"], 2, "no user named"),
+        (&["--dport", "99999999999999999999"], 2, "--dport"),
+        (&["-c", "184467440737095516160"], 2, "--count"),
+        (
+            &["-d", "1e300"],
+            2,
+            "SECS must be more than 0 and at most a year",
+        ),
+        (
+            &["--interval=-0.5", "--hist"],
+            2,
+            "SECS must be more than 0",
+        ),
+        (&["--buffer-pages", "3"], 2, "PAGES must be a power of two"),
+        (
+            &["--buffer-pages", "1e9"],
+            2,
+            "PAGES must be a power of two",
+        ),
+        (&["--max-pending=-1"], 2, "--max-pending"),
+        (&["--max-pending", "4294967296"], 2, "--max-pending"),
+        (&["--max-delay", "0.5"], 2, "--max-delay"),
+        (&["--kprobe-attach", "`id`"], 2, "--kprobe-attach"),
+        (&["--transport", "shm"], 2, "--transport"),
+        (
+            &["--comm", "0123456789abcdefgh"],
+            2,
+            "NAME must be 1 to 15 bytes",
+        ),
+        (&["--btf", "/nonexistent/vmlinux.btf"], 1, "--btf"),
+        (&["--btf", "/"], 1, "--btf"),
+        (&["--btf", garbage], 1, "--btf"),
+        (&["--btf", truncated], 1, "--btf"),
+        (&["--cgroup", "/etc/passwd"], 1, "--cgroup"),
+        (&["--cgroup", "$(reboot)"], 1, "--cgroup"),
+    ] {
+        let (status, _, err) = run(args);
+        assert_one_line_error(code, status, &err, needle);
+    }
+}
+
 #[test]
 fn help_lists_every_flag() {
     let (status, out, _) = run(&["--help"]);
@@ -63,6 +128,11 @@ fn help_lists_every_flag() {
         "--mode",
         "--legacy",
         "--features",
+        "--buffer-pages",
+        "--max-pending",
+        "--max-delay",
+        "--btf",
+        "--kprobe-attach",
     ] {
         assert!(out.contains(flag), "--help lacks {flag}");
     }

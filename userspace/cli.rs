@@ -118,6 +118,33 @@ pub struct Cli {
     #[arg(long, value_name = "KIND", default_value = "auto", value_parser = ["auto", "ringbuf", "perfbuf"])]
     pub transport: String,
 
+    /// Event buffer size in pages (a power of two): per CPU for the perf buffer (default
+    /// 64), in all for the ring buffer (default: room for --max-pending events). Raise it
+    /// if tcpconnlat says it lost events
+    #[arg(long, value_name = "PAGES", value_parser = parse_pages)]
+    pub buffer_pages: Option<u32>,
+
+    /// Connects in flight at once that can be timed (SYN sent, no answer yet); more are
+    /// counted and reported as not traced
+    #[arg(long, value_name = "N", default_value_t = 16384,
+          value_parser = clap::value_parser!(u32).range(1..=4_194_304))]
+    pub max_pending: u32,
+
+    /// Show each event at most this many milliseconds after it happened (events are read
+    /// in batches: shorter means more wakeups)
+    #[arg(long, value_name = "MS", default_value_t = 20,
+          value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub max_delay: u64,
+
+    /// Legacy mode: read struct offsets from this BTF file (e.g. from BTFHub) instead of
+    /// the kernel's own BTF or the offsets built in from kernel headers
+    #[arg(long, value_name = "FILE")]
+    pub btf: Option<std::path::PathBuf>,
+
+    /// How to attach kprobes: auto uses the kprobe PMU where the kernel has it
+    #[arg(long, value_name = "HOW", default_value = "auto", value_parser = ["auto", "pmu", "tracefs"])]
+    pub kprobe_attach: String,
+
     /// Same as --mode legacy: kprobes without BTF, for old kernels
     #[arg(long, conflicts_with = "mode")]
     pub legacy: bool,
@@ -180,6 +207,13 @@ fn parse_comm(s: &str) -> Result<String, String> {
         return Err("NAME must be 1 to 15 bytes, as the kernel keeps process names".to_owned());
     }
     Ok(s.to_owned())
+}
+
+fn parse_pages(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n) if n.is_power_of_two() && n <= 65536 => Ok(n),
+        _ => Err("PAGES must be a power of two from 1 to 65536, like 64".to_owned()),
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -261,6 +295,13 @@ mod tests {
             &["--hist", "--summary"],
             &["--hist", "--by", "pid"],
             &["--interval", "0"],
+            &["--buffer-pages", "0"],
+            &["--buffer-pages", "48"],
+            &["--buffer-pages", "131072"],
+            &["--max-pending", "0"],
+            &["--max-pending", "99999999"],
+            &["--max-delay", "0"],
+            &["--max-delay", "-5"],
         ] {
             assert!(parse(args).is_err(), "{args:?} was accepted");
         }

@@ -16,8 +16,8 @@ use crate::probes;
 pub struct Host {
     pub features: Features,
     pub trials: Trials,
-    /// struct sock offsets from the kernel's BTF, for probes that cannot use CO-RE.
-    pub sock_offsets: Result<SockOffsets, String>,
+    /// struct sock offsets for probes that cannot use CO-RE, and where they came from.
+    pub sock_offsets: Result<KnownOffsets, String>,
     /// We mounted tracefs because nothing had.
     pub mounted_tracefs: Option<String>,
 }
@@ -25,7 +25,7 @@ pub struct Host {
 impl Host {
     /// Detect everything. Trials and mounting need privileges; without them the trials
     /// stay unknown and the plan says so.
-    pub fn detect(privileged: bool) -> Host {
+    pub fn detect(privileged: bool, btf_file: Option<&Path>) -> Host {
         let root = Path::new("/");
         let mut features = Features::detect(root);
         let mut mounted_tracefs = None;
@@ -35,19 +35,20 @@ impl Host {
                 features = Features::detect(root);
             }
         }
-        let trials = if privileged {
-            Trials {
-                fentry: Some(trial_fentry(&features)),
-                ringbuf: Some(MapType::RingBuf.is_supported().unwrap_or(false)),
-            }
-        } else {
-            Trials::default()
+        let sock_offsets = find_offsets(&features, btf_file);
+        let mut trials = Trials {
+            sock_offsets: Some(
+                sock_offsets
+                    .as_ref()
+                    .map(|o| o.source.clone())
+                    .map_err(Clone::clone),
+            ),
+            ..Trials::default()
         };
-        let sock_offsets = if features.btf {
-            btf::sock_offsets(Path::new(VMLINUX_BTF)).map_err(|e| e.to_string())
-        } else {
-            Err("the kernel has no BTF".to_owned())
-        };
+        if privileged {
+            trials.fentry = Some(trial_fentry(&features));
+            trials.ringbuf = Some(MapType::RingBuf.is_supported().unwrap_or(false));
+        }
         Host {
             features,
             trials,
@@ -55,6 +56,44 @@ impl Host {
             mounted_tracefs,
         }
     }
+}
+
+/// struct sock offsets, and where they came from.
+#[derive(Clone, Debug)]
+pub struct KnownOffsets {
+    pub offsets: SockOffsets,
+    pub source: String,
+}
+
+/// In order: the BTF file the user gave, the kernel's own BTF, offsets built in from
+/// kernel headers for this release; else an error naming both remedies.
+fn find_offsets(features: &Features, btf_file: Option<&Path>) -> Result<KnownOffsets, String> {
+    let from_btf = |path: &Path| {
+        btf::sock_offsets(path)
+            .map(|offsets| KnownOffsets {
+                offsets,
+                source: format!("BTF {}", path.display()),
+            })
+            .map_err(|e| e.to_string())
+    };
+    if let Some(path) = btf_file {
+        return from_btf(path);
+    }
+    if features.btf {
+        return from_btf(Path::new(VMLINUX_BTF));
+    }
+    let release = features.release.as_deref().unwrap_or("unknown");
+    probes::header_offsets(release)
+        .map(|offsets| KnownOffsets {
+            offsets,
+            source: format!("kernel headers for {release}, built in"),
+        })
+        .ok_or_else(|| {
+            format!(
+                "no BTF and no struct offsets built in for kernel {release}: give --btf FILE \
+                 (e.g. from BTFHub) or rebuild with KERNEL_HEADERS=/path/to/its/build/tree"
+            )
+        })
 }
 
 /// tracefs is not always mounted (this is the case on minimal and container hosts); the
@@ -143,10 +182,10 @@ pub fn report_text(host: &Host, plan: &Plan) -> String {
     line("SYN retransmits", opt(&f.retransmit_tracepoint));
     line("RST tracepoint", opt(&f.reset_tracepoint));
     line(
-        "sk_err offset",
+        "struct sock offsets",
         match &host.sock_offsets {
-            Ok(o) => format!("{} (BTF)", o.sk_err),
-            Err(why) => format!("unknown ({why}): only CO-RE modes tell failures apart fully"),
+            Ok(o) => format!("from {}", o.source),
+            Err(why) => format!("unknown ({why})"),
         },
     );
     line(
@@ -205,7 +244,9 @@ pub fn report_json(host: &Host, plan: &Plan) -> serde_json::Value {
         "tracepoint_error": f.state_tracepoint.as_ref().err(),
         "retransmit_tracepoint": f.retransmit_tracepoint.is_ok(),
         "reset_tracepoint": f.reset_tracepoint.is_ok(),
-        "sock_offsets": host.sock_offsets.as_ref().ok(),
+        "sock_offsets": host.sock_offsets.as_ref().ok().map(|o| o.offsets),
+        "sock_offsets_error": host.sock_offsets.as_ref().err(),
+        "sock_offsets_source": host.sock_offsets.as_ref().ok().map(|o| o.source.clone()),
         "ringbuf": host.trials.ringbuf,
         "global_data": f.global_data(),
         "symbols": f.attach_points.as_ref().ok(),

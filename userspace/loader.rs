@@ -6,7 +6,8 @@ use libbpf_rs::{Link, MapCore, MapFlags, Object, ObjectBuilder};
 use tcpconnlat_compat::btf::SockOffsets;
 use tcpconnlat_compat::{Features, Func, Mode, StateLayout, Trials};
 
-use crate::probes::{self, Config, RawStateLayout};
+use crate::kprobes::{self, Kprobe, KprobeAttach};
+use crate::probes::{self, Config, RawSockLayout, RawStateLayout};
 
 /// How events reach userspace.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,6 +97,8 @@ const fn hook(prog: &'static str, attach: Attach) -> Hook {
 struct ModeSpec {
     object: &'static [u8],
     hooks: &'static [Hook],
+    /// The object has a ring buffer variant (legacy mode does without).
+    ringbuf: bool,
 }
 
 mod hooks {
@@ -129,16 +132,31 @@ mod hooks {
         hook("kprobe_rcv_state", Kprobe(TcpRcvStateProcess)),
     ];
     pub const TRACEPOINT: &[Hook] = with_tracepoints![];
+    /// No tracepoints: everything by kprobe, one program serving both address families.
+    pub const LEGACY: &[Hook] = &[
+        hook("legacy_connect", Kprobe(TcpV4Connect)),
+        hook("legacy_connect", Kprobe(TcpV6Connect)),
+        hook("legacy_connect_return", Kretprobe(TcpV4Connect)),
+        hook("legacy_connect_return", Kretprobe(TcpV6Connect)),
+        hook("legacy_rcv_state", Kprobe(TcpRcvStateProcess)),
+        hook("legacy_set_state", Kprobe(TcpSetState)),
+        hook("legacy_retransmit", Kprobe(TcpRetransmitSkb)),
+        hook("legacy_reset", Kprobe(TcpReset)),
+    ];
 }
 
-fn spec(mode: Mode) -> Option<ModeSpec> {
-    let (object, hooks) = match mode {
-        Mode::Fentry => (probes::CORE_OBJECT, hooks::FENTRY),
-        Mode::Kprobe => (probes::CORE_OBJECT, hooks::KPROBE),
-        Mode::Tracepoint => (probes::TRACEPOINT_OBJECT, hooks::TRACEPOINT),
-        Mode::Legacy => return None,
+fn spec(mode: Mode) -> ModeSpec {
+    let (object, hooks, ringbuf) = match mode {
+        Mode::Fentry => (probes::CORE_OBJECT, hooks::FENTRY, true),
+        Mode::Kprobe => (probes::CORE_OBJECT, hooks::KPROBE, true),
+        Mode::Tracepoint => (probes::TRACEPOINT_OBJECT, hooks::TRACEPOINT, true),
+        Mode::Legacy => (probes::LEGACY_OBJECT, hooks::LEGACY, false),
     };
-    Some(ModeSpec { object, hooks })
+    ModeSpec {
+        object,
+        hooks,
+        ringbuf,
+    }
 }
 
 /// What the user asked the probes to filter (all applied in the kernel).
@@ -182,7 +200,9 @@ pub struct Tracer {
     pub object: Object,
     /// Things the user should know about what is and is not traced.
     pub notes: Vec<String>,
+    pub sizes: Sizes,
     _links: Vec<Link>,
+    _kprobes: Vec<Kprobe>,
 }
 
 /// A program to load, with its final name and, for kprobes, the symbol to attach to.
@@ -192,23 +212,95 @@ struct Planned {
     symbol: Option<String>,
 }
 
+/// How to load: what the host offers and the user asked for, beyond the filters.
+pub struct Setup<'a> {
+    pub features: &'a Features,
+    /// struct sock offsets, for the probes that cannot use CO-RE.
+    pub sock: Option<&'a SockOffsets>,
+    pub transport: Transport,
+    pub kprobe_attach: KprobeAttach,
+    pub sizes: Sizes,
+}
+
+/// How big the kernel-side tables are (`--buffer-pages`, `--max-pending`).
+#[derive(Clone, Copy, Debug)]
+pub struct Sizes {
+    /// Pages of event buffer, per CPU for the perf buffer, in all for the ring buffer;
+    /// `None` for the defaults below.
+    pub buffer_pages: Option<u32>,
+    /// Connects that can be in flight at once and still be timed.
+    pub max_pending: u32,
+}
+
+impl Sizes {
+    /// Perf buffer pages per CPU when the user does not say (bcc's default).
+    const PERF_PAGES: u32 = 64;
+
+    /// The ring buffer holds, by default, an event for every connect that can be in
+    /// flight: when they all fail at once (a SYN flood timing out: the timer wheel fires
+    /// thousands in one softirq) no reader could drain it fast enough, and none is lost.
+    pub fn ring_bytes(&self) -> u32 {
+        let page = page_size();
+        match self.buffer_pages {
+            Some(pages) => pages * page,
+            None => {
+                let record = std::mem::size_of::<crate::probes::RawEvent>() as u64 + 8;
+                let bytes = u64::from(self.max_pending) * record;
+                let pages = bytes.div_ceil(u64::from(page)).next_power_of_two();
+                // --max-pending is at most 4,194,304: about 512 MiB.
+                pages as u32 * page
+            }
+        }
+    }
+
+    /// Perf buffer pages per CPU: the per-CPU cost forbids sizing it by --max-pending.
+    pub fn perf_pages(&self) -> u32 {
+        self.buffer_pages.unwrap_or(Self::PERF_PAGES)
+    }
+}
+
 /// Load and attach `mode`'s probes.
-pub fn start(
-    mode: Mode,
-    features: &Features,
-    sock: Option<&SockOffsets>,
-    transport: Transport,
-    filters: &Filters,
-) -> Result<Tracer> {
-    let spec = spec(mode).ok_or_else(|| anyhow!("{mode} mode is not built yet"))?;
-    let layout = features
-        .state_tracepoint
-        .as_ref()
-        .map_err(|why| anyhow!("{why}"))?;
+pub fn start(mode: Mode, setup: &Setup<'_>, filters: &Filters) -> Result<Tracer> {
+    let Setup {
+        features,
+        sock,
+        kprobe_attach,
+        ..
+    } = *setup;
+    let spec = spec(mode);
+    let transport = if spec.ringbuf {
+        setup.transport
+    } else {
+        Transport::PerfBuf
+    };
     let mut notes = Vec::new();
+    let layout = features.state_tracepoint.as_ref().ok();
+    if spec
+        .hooks
+        .iter()
+        .any(|h| matches!(h.attach, Attach::Tracepoint(_)))
+        && layout.is_none()
+    {
+        let why = features
+            .state_tracepoint
+            .as_ref()
+            .err()
+            .cloned()
+            .unwrap_or_default();
+        bail!("{why}");
+    }
+    if mode == Mode::Legacy {
+        if sock.is_none() {
+            bail!("no struct sock offsets (see --features)");
+        }
+        if filters.cgroup_id.is_some() {
+            bail!(
+                "--cgroup needs a helper legacy mode does without (Linux 4.18+): use another mode"
+            );
+        }
+    }
     // The CO-RE probes read sk_err themselves; the others need its offset.
-    let (sk_err, sk_err_soft) = sock.map_or((0, 0), |s| (s.sk_err, s.sk_err_soft));
-    if sk_err == 0 && spec.object != probes::CORE_OBJECT {
+    if sock.is_none() && spec.object == probes::TRACEPOINT_OBJECT {
         note(
             &mut notes,
             "failed connects are told apart only as refused or timeout: no BTF to find sk_err in",
@@ -222,13 +314,28 @@ pub fn start(
                     .attach_points
                     .as_ref()
                     .map_err(|why| anyhow!("{why}"))?;
-                match points.get(func) {
-                    Some(symbol) => Some(symbol.to_owned()),
-                    None if func == Func::TcpV6Connect => {
+                match (points.get(func), func) {
+                    (Some(symbol), _) => Some(symbol.to_owned()),
+                    (None, Func::TcpV6Connect) => {
                         note(&mut notes, "IPv6 connects are not traced: the kernel has no tcp_v6_connect (IPv6 disabled or not loaded)");
                         continue;
                     }
-                    None => bail!("kernel function {} is not in /proc/kallsyms", func.name()),
+                    (None, Func::TcpRetransmitSkb | Func::TcpReset) => {
+                        note(
+                            &mut notes,
+                            &format!(
+                                "{} is not in /proc/kallsyms: {}",
+                                func.name(),
+                                if func == Func::TcpReset {
+                                    "RSTs are only seen through sk_err"
+                                } else {
+                                    "SYN retransmits are not counted"
+                                }
+                            ),
+                        );
+                        continue;
+                    }
+                    (None, _) => bail!("kernel function {} is not in /proc/kallsyms", func.name()),
                 }
             }
             Attach::Tracepoint(Tracepoint::State) => None,
@@ -269,19 +376,36 @@ pub fn start(
         let wanted = planned.iter().any(|p| prog.name() == p.name.as_str());
         prog.set_autoload(wanted);
     }
+    // Maps no loaded program uses are never created: the other transport's buffer, and
+    // the kretprobes' `connecting` table where there are no kretprobes.
+    let kretprobes = planned
+        .iter()
+        .any(|p| matches!(p.hook.attach, Attach::Kretprobe(_)));
     for mut map in open.maps_mut() {
         let name = map.name().to_string_lossy();
-        if (name == "events_rb" || name == "events_pb") && name != transport.map() {
+        let unused = ((name == "events_rb" || name == "events_pb") && name != transport.map())
+            || (name == "connecting" && !kretprobes);
+        if unused {
             map.set_autocreate(false)
                 .with_context(|| format!("leaving out map {name}"))?;
+        }
+        let size = match &*name {
+            "pending" => Some(setup.sizes.max_pending),
+            "events_rb" => Some(setup.sizes.ring_bytes()),
+            _ => None,
+        };
+        if let Some(size) = size {
+            map.set_max_entries(size)
+                .with_context(|| format!("sizing map {name}"))?;
         }
     }
     let object = open
         .load()
         .with_context(|| format!("loading the {mode} probes (run with -v for the verifier log)"))?;
 
-    let ring_bytes = u64::from(find_map(&object, Transport::RingBuf.map())?.max_entries());
-    let config = config(filters, features, layout, (sk_err, sk_err_soft), ring_bytes)?;
+    let ring_bytes =
+        find_map(&object, Transport::RingBuf.map()).map_or(0, |m| u64::from(m.max_entries()));
+    let config = config(filters, features, layout, sock, ring_bytes);
     write_config(&object, &config)?;
     write_set(
         &object,
@@ -295,38 +419,54 @@ pub fn start(
     )?;
 
     let mut links = Vec::new();
-    for p in &planned {
+    let mut kprobes = Vec::new();
+    for (index, p) in planned.iter().enumerate() {
         let prog = object
             .progs_mut()
             .find(|prog| prog.name() == p.name.as_str())
             .ok_or_else(|| anyhow!("program {} missing from the probe object", p.name))?;
-        let link = match (p.hook.attach, &p.symbol) {
-            (Attach::Kprobe(_), Some(symbol)) => prog.attach_kprobe(false, symbol),
-            (Attach::Kretprobe(_), Some(symbol)) => prog.attach_kprobe(true, symbol),
-            _ => prog.attach(),
-        };
         let target = match &p.symbol {
             Some(symbol) => symbol.clone(),
             None => prog.section().to_string_lossy().into_owned(),
         };
-        links.push(link.with_context(|| format!("attaching {} to {target}", p.name))?);
+        let context = || format!("attaching {} to {target}", p.name);
+        match (p.hook.attach, &p.symbol) {
+            (Attach::Kprobe(_) | Attach::Kretprobe(_), Some(symbol)) => {
+                let retprobe = matches!(p.hook.attach, Attach::Kretprobe(_));
+                let tracefs = features.tracefs.as_deref();
+                let probe = kprobes::attach(
+                    &prog,
+                    retprobe,
+                    symbol,
+                    kprobe_attach,
+                    features.kprobe_pmu,
+                    tracefs,
+                    index,
+                )
+                .with_context(context)?;
+                kprobes.push(probe);
+            }
+            _ => links.push(prog.attach().with_context(context)?),
+        }
     }
     Ok(Tracer {
         mode,
         transport,
         object,
         notes,
+        sizes: setup.sizes,
         _links: links,
+        _kprobes: kprobes,
     })
 }
 
 fn config(
     filters: &Filters,
     features: &Features,
-    layout: &StateLayout,
-    (sk_err, sk_err_soft): (u16, u16),
+    layout: Option<&StateLayout>,
+    sock: Option<&SockOffsets>,
     ring_bytes: u64,
-) -> Result<Config> {
+) -> Config {
     const AF_INET: u16 = 2;
     const AF_INET6: u16 = 10;
     let mut comm = [0u8; 16];
@@ -334,7 +474,9 @@ fn config(
         // The CLI allows at most 15 bytes: the kernel's comm with its NUL.
         comm[..name.len()].copy_from_slice(name.as_bytes());
     }
-    Ok(Config {
+    let layout = layout.cloned().unwrap_or_default();
+    let sock = sock.copied().unwrap_or_default();
+    Config {
         min_lat_ns: filters.min_lat_ns,
         // A quarter of the ring: early enough that a burst never fills it while the
         // reader sleeps, rare enough that steady traffic never wakes it.
@@ -351,8 +493,6 @@ fn config(
         filter_dports: (!filters.dports.is_empty()).into(),
         filter_comm: filters.comm.is_some().into(),
         report: u8::from(filters.established) | (u8::from(filters.failed) << 1),
-        sk_err,
-        sk_err_soft,
         retransmit_skaddr: *features.retransmit_tracepoint.as_ref().unwrap_or(&0),
         reset_skaddr: *features.reset_tracepoint.as_ref().unwrap_or(&0),
         comm,
@@ -370,8 +510,20 @@ fn config(
             daddr_v6: layout.daddr_v6,
             ..Default::default()
         },
+        sk: RawSockLayout {
+            family: sock.family,
+            state: sock.state,
+            num: sock.num,
+            dport: sock.dport,
+            rcv_saddr: sock.rcv_saddr,
+            daddr: sock.daddr,
+            v6_rcv_saddr: sock.v6_rcv_saddr,
+            v6_daddr: sock.v6_daddr,
+            err: sock.err,
+            err_soft: sock.err_soft,
+        },
         ..Default::default()
-    })
+    }
 }
 
 /// Fill a filter set map (keys only; the value is a present flag).
@@ -382,6 +534,14 @@ fn write_set(object: &Object, name: &str, keys: impl Iterator<Item = Vec<u8>>) -
             .with_context(|| format!("filling the {name} filter"))?;
     }
     Ok(())
+}
+
+pub fn page_size() -> u32 {
+    use nix::unistd::{sysconf, SysconfVar};
+    match sysconf(SysconfVar::PAGE_SIZE) {
+        Ok(Some(size)) => u32::try_from(size).unwrap_or(4096),
+        _ => 4096,
+    }
 }
 
 fn note(notes: &mut Vec<String>, text: &str) {

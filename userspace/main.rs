@@ -3,15 +3,17 @@
 mod cli;
 mod event;
 mod features;
+mod kprobes;
 mod loader;
 mod output;
+mod perfbuf;
 mod probes;
 mod stats;
 mod stream;
 
 use std::io::{self, Write};
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::error::ErrorKind;
@@ -87,7 +89,11 @@ fn run(cli: &Cli, started: Instant) -> Result<()> {
         }
     }
     let cgroup_id = cli.cgroup.as_deref().map(cgroup_id).transpose()?;
-    let host = Host::detect(privileged);
+    if let Some(path) = &cli.btf {
+        // Checked before anything else: a wrong path should not wait for a failed load.
+        tcpconnlat_compat::btf::sock_offsets(path).map_err(|e| anyhow!("--btf: {e}"))?;
+    }
+    let host = Host::detect(privileged, cli.btf.as_deref());
     let forced = cli.forced_mode();
     if cli.features {
         let plan = Plan::new(&host.features, &host.trials, None);
@@ -104,6 +110,14 @@ fn run(cli: &Cli, started: Instant) -> Result<()> {
     }
     if let Some(dir) = &host.mounted_tracefs {
         eprintln!("tcpconnlat: tracefs was not mounted; mounted it at {dir}");
+    }
+    if let Some(tracefs) = &host.features.tracefs {
+        let stale = kprobes::remove_stale(tracefs);
+        if stale > 0 {
+            eprintln!(
+                "tcpconnlat: removed {stale} kprobe events left by a tcpconnlat that was killed"
+            );
+        }
     }
 
     // Handlers first: a signal that arrives while loading must still end us cleanly.
@@ -132,13 +146,27 @@ fn run(cli: &Cli, started: Instant) -> Result<()> {
             None
         },
     };
-    let transport = loader::Transport::choose(&cli.transport, &host.trials)?;
+    let setup = loader::Setup {
+        features: &host.features,
+        sock: host.sock_offsets.as_ref().ok().map(|o| &o.offsets),
+        transport: loader::Transport::choose(&cli.transport, &host.trials)?,
+        kprobe_attach: match cli.kprobe_attach.as_str() {
+            "pmu" => kprobes::KprobeAttach::Pmu,
+            "tracefs" => kprobes::KprobeAttach::Tracefs,
+            _ => kprobes::KprobeAttach::Auto,
+        },
+        sizes: loader::Sizes {
+            buffer_pages: cli.buffer_pages,
+            max_pending: cli.max_pending,
+        },
+    };
     let mut plan = Plan::new(&host.features, &host.trials, forced);
-    let tracer = start_first(&mut plan, &host, transport, &filters, forced)?;
+    let tracer = start_first(&mut plan, &setup, &filters, forced)?;
     for note in &tracer.notes {
         eprintln!("tcpconnlat: {note}");
     }
-    let stream = EventStream::new(&tracer)?;
+    let stream = EventStream::new(&tracer, Duration::from_millis(cli.max_delay))?;
+    drop_capabilities(|| stream.can_read_counters())?;
     let why = plan
         .steps
         .iter()
@@ -225,6 +253,7 @@ fn run(cli: &Cli, started: Instant) -> Result<()> {
                     }
                 }
                 Record::Lost(n) => printer.lost(n, tracer.transport.name())?,
+                Record::Untracked(n) => printer.untracked(n, tracer.sizes.max_pending)?,
             }
             if stream.is_idle() {
                 printer.flush()?;
@@ -235,6 +264,31 @@ fn run(cli: &Cli, started: Instant) -> Result<()> {
         Ok::<(), anyhow::Error>(())
     })?;
     drop(tracer);
+    Ok(())
+}
+
+/// Once attached, the tracer needs almost no privilege: it reads its buffers through shared
+/// memory and its maps through descriptors it holds, and removing its tracefs kprobe events
+/// on exit needs only root's ownership of the file. Kernels before 6.5 still check
+/// CAP_BPF (or CAP_SYS_ADMIN before 5.8) on every bpf() call while unprivileged BPF is off;
+/// that one capability is kept only if `works_without` says reading a map fails without it.
+fn drop_capabilities(works_without: impl Fn() -> bool) -> Result<()> {
+    use caps::{CapSet, Capability};
+    let context = || "dropping capabilities after attaching";
+    let keep = [Capability::CAP_BPF, Capability::CAP_SYS_ADMIN]
+        .into_iter()
+        .find(|&c| caps::has_cap(None, CapSet::Effective, c).unwrap_or(false));
+    for set in [CapSet::Ambient, CapSet::Inheritable] {
+        caps::clear(None, set).with_context(context)?;
+    }
+    let kept: caps::CapsHashSet = keep.into_iter().collect();
+    caps::set(None, CapSet::Effective, &caps::CapsHashSet::new()).with_context(context)?;
+    if works_without() {
+        caps::clear(None, CapSet::Permitted).with_context(context)?;
+    } else {
+        caps::set(None, CapSet::Permitted, &kept).with_context(context)?;
+        caps::set(None, CapSet::Effective, &kept).with_context(context)?;
+    }
     Ok(())
 }
 
@@ -260,15 +314,13 @@ fn cgroup_id(path: &std::path::Path) -> Result<u64> {
 /// did not.
 fn start_first(
     plan: &mut Plan,
-    host: &Host,
-    transport: loader::Transport,
+    setup: &loader::Setup<'_>,
     filters: &Filters,
     forced: Option<Mode>,
 ) -> Result<Tracer> {
     let candidates: Vec<Mode> = plan.candidates().collect();
     for mode in candidates {
-        let sock = host.sock_offsets.as_ref().ok();
-        match loader::start(mode, &host.features, sock, transport, filters) {
+        match loader::start(mode, setup, filters) {
             Ok(tracer) => return Ok(tracer),
             Err(e) if forced.is_some() => {
                 return Err(e.context(format!("cannot trace in {mode} mode")));

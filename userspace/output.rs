@@ -118,15 +118,26 @@ impl<W: Write> Printer<W> {
         self.flush()
     }
 
-    /// Events the kernel could not queue: said on stderr, and in the JSON stream.
+    /// Events the kernel could not queue.
     pub fn lost(&mut self, count: u64, buffer: &str) -> io::Result<()> {
-        eprintln!("tcpconnlat: lost {count} events: the {buffer} was full");
+        let message = format!("lost {count} events: the {buffer} was full (raise --buffer-pages)");
+        self.shortfall("lost", count, &message)
+    }
+
+    /// Connects the probes could not time.
+    pub fn untracked(&mut self, count: u64, max_pending: u32) -> io::Result<()> {
+        let message = format!(
+            "{count} connects not traced: more than {max_pending} were waiting for an answer (raise --max-pending)"
+        );
+        self.shortfall("untracked", count, &message)
+    }
+
+    /// Something missing from the output: said on stderr, and in the JSON stream.
+    fn shortfall(&mut self, kind: &str, count: u64, message: &str) -> io::Result<()> {
+        eprintln!("tcpconnlat: {message}");
         if self.json {
-            writeln!(
-                self.out,
-                "{}",
-                serde_json::json!({"type": "lost", "count": count})
-            )?;
+            let record = serde_json::json!({"type": kind, "count": count});
+            writeln!(self.out, "{record}")?;
         }
         Ok(())
     }

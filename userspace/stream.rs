@@ -1,10 +1,11 @@
 //! The probes' output as one `futures::Stream` of typed records, whichever the transport.
 //!
 //! Wakeups are what tracing costs, so the reader is woken by a timer, not by every event:
-//! it drains the buffer every [`DRAIN_INTERVAL`] (the bound on display delay), and the ring
-//! buffer wakes it early only when it fills past a quarter (see probes/common.bpf.h).
+//! it drains the buffer every `max_delay` (`--max-delay`, the bound on display delay), and
+//! the ring buffer wakes it early only when it fills past a quarter (see
+//! probes/common.bpf.h).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::os::fd::RawFd;
 use std::pin::Pin;
@@ -14,51 +15,84 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use futures::Stream;
-use libbpf_rs::{
-    MapCore, MapFlags, MapHandle, PerfBuffer, PerfBufferBuilder, RingBuffer, RingBufferBuilder,
-};
+use libbpf_rs::{MapCore, MapFlags, MapHandle, RingBuffer, RingBufferBuilder};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::time::{interval, Interval, MissedTickBehavior};
 
 use crate::event::Event;
-use crate::loader::{find_map, Tracer, Transport};
-
-/// The longest an event waits in the buffer before it is shown.
-pub const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
-
-/// Perf buffer pages per CPU (must be a power of two).
-const PERF_PAGES: usize = 64;
+use crate::loader::{find_map, page_size, Tracer, Transport};
+use crate::perfbuf::{BatchedPerfBuffer, Sample};
 
 #[derive(Debug)]
 pub enum Record {
     Event(Event),
     /// Events the kernel could not queue because the buffer was full.
     Lost(u64),
+    /// Connects not timed because the pending table was full.
+    Untracked(u64),
+}
+
+/// The probes' `counters` map (see COUNTER_* in probes/tcpconnlat.h) and what was last
+/// read from it, so that only increases are reported.
+struct Counters {
+    map: MapHandle,
+    seen: [u64; 2],
+    /// Samples the perf buffer reported lost. They are the ones the probes counted too
+    /// (on kernels that tell them), but arrive only once the next sample fits: the larger
+    /// of the two totals is what was lost.
+    perf_lost: Rc<Cell<u64>>,
+}
+
+impl Counters {
+    const DROPPED: u32 = 0;
+    const UNTRACKED: u32 = 1;
+
+    /// Increases since the last call: (dropped, untracked).
+    fn read(&mut self) -> Result<(u64, u64)> {
+        let mut delta = [0; 2];
+        for (i, counter) in [Self::DROPPED, Self::UNTRACKED].into_iter().enumerate() {
+            let total = self
+                .map
+                .lookup(&counter.to_ne_bytes(), MapFlags::ANY)
+                .context("reading the probes' counters")?
+                .and_then(|v| v.try_into().ok().map(u64::from_ne_bytes))
+                .unwrap_or(0);
+            let total = if counter == Self::DROPPED {
+                total.max(self.perf_lost.get())
+            } else {
+                total
+            };
+            delta[i] = total.saturating_sub(self.seen[i]);
+            self.seen[i] = total.max(self.seen[i]);
+        }
+        Ok((delta[0], delta[1]))
+    }
 }
 
 enum Buffer<'cb> {
     Ring(RingBuffer<'cb>),
-    Perf(PerfBuffer<'cb>),
+    Perf(BatchedPerfBuffer<'cb>),
 }
 
 pub struct EventStream<'cb> {
-    /// The ring buffer's epoll fd: readable when the probes force a wakeup. Declared
-    /// before `buffer` so it is deregistered before the buffer closes the fd.
-    wakeup: Option<AsyncFd<RawFd>>,
+    /// The buffer's epoll fd: readable when it fills past a quarter (the ring buffer's
+    /// probes force a wakeup; each perf buffer wakes after a quarter of its samples).
+    /// Declared before `buffer` so it is deregistered before the buffer closes the fd.
+    wakeup: AsyncFd<RawFd>,
     buffer: Buffer<'cb>,
     tick: Interval,
     queue: Rc<RefCell<VecDeque<Record>>>,
-    /// Ring buffer drops, counted by the probes.
-    dropped: Option<(MapHandle, u64)>,
+    counters: Counters,
 }
 
 impl<'cb> EventStream<'cb> {
     /// Must be created inside a tokio runtime.
-    pub fn new(tracer: &Tracer) -> Result<EventStream<'cb>> {
+    pub fn new(tracer: &Tracer, max_delay: Duration) -> Result<EventStream<'cb>> {
         let queue = Rc::new(RefCell::new(VecDeque::new()));
         let map = find_map(&tracer.object, tracer.transport.map())?;
-        let (buffer, wakeup, dropped) = match tracer.transport {
+        let perf_lost = Rc::new(Cell::new(0));
+        let buffer = match tracer.transport {
             Transport::RingBuf => {
                 let q = queue.clone();
                 let mut builder = RingBufferBuilder::new();
@@ -68,41 +102,60 @@ impl<'cb> EventStream<'cb> {
                     }
                     0
                 })?;
-                let ring = builder.build().context("setting up the ring buffer")?;
-                // SAFETY: the fd belongs to `ring`, which lives in the same EventStream and
-                // is dropped after this AsyncFd (field order).
-                let wakeup =
-                    unsafe { AsyncFd::register_with_interest(ring.epoll_fd(), Interest::READABLE) }
-                        .map_err(|e| anyhow::anyhow!("watching the ring buffer: {e}"))?;
-                let dropped = MapHandle::try_from(&find_map(&tracer.object, "dropped")?)?;
-                (Buffer::Ring(ring), Some(wakeup), Some((dropped, 0)))
+                Buffer::Ring(builder.build().context("setting up the ring buffer")?)
             }
             Transport::PerfBuf => {
-                let (q, lost_q) = (queue.clone(), queue.clone());
-                let perf = PerfBufferBuilder::new(&map)
-                    .pages(PERF_PAGES)
-                    .sample_cb(move |_cpu: i32, data: &[u8]| {
-                        if let Some(event) = Event::from_bytes(data) {
-                            q.borrow_mut().push_back(Record::Event(event));
+                let (q, lost) = (queue.clone(), perf_lost.clone());
+                let pages = tracer.sizes.perf_pages();
+                // A record is the event, its 4-byte size and the 8-byte header.
+                let record = (std::mem::size_of::<crate::probes::RawEvent>() + 12) as u32;
+                let batch = pages * page_size() / 4 / record;
+                Buffer::Perf(BatchedPerfBuffer::new(
+                    &map,
+                    pages as usize,
+                    batch,
+                    move |sample| match sample {
+                        Sample::Data(data) => {
+                            if let Some(event) = Event::from_bytes(data) {
+                                q.borrow_mut().push_back(Record::Event(event));
+                            }
                         }
-                    })
-                    .lost_cb(move |_cpu: i32, count: u64| {
-                        lost_q.borrow_mut().push_back(Record::Lost(count));
-                    })
-                    .build()
-                    .context("setting up the perf buffer")?;
-                (Buffer::Perf(perf), None, None)
+                        Sample::Lost(count) => lost.set(lost.get() + count),
+                    },
+                )?)
             }
         };
-        let mut tick = interval(DRAIN_INTERVAL);
+        let epoll_fd = match &buffer {
+            Buffer::Ring(ring) => ring.epoll_fd(),
+            Buffer::Perf(perf) => perf.epoll_fd(),
+        };
+        // SAFETY: the fd belongs to `buffer`, which lives in the same EventStream and is
+        // dropped after this AsyncFd (field order).
+        let wakeup = unsafe { AsyncFd::register_with_interest(epoll_fd, Interest::READABLE) }
+            .map_err(|e| anyhow::anyhow!("watching the event buffer: {e}"))?;
+        let counters = Counters {
+            map: MapHandle::try_from(&find_map(&tracer.object, "counters")?)?,
+            seen: [0; 2],
+            perf_lost,
+        };
+        let mut tick = interval(max_delay);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         Ok(EventStream {
             buffer,
             wakeup,
             tick,
             queue,
-            dropped,
+            counters,
         })
+    }
+
+    /// Whether the kernel still lets us read the probes' counters (the one bpf() call the
+    /// stream makes; buffers are read through shared memory).
+    pub fn can_read_counters(&self) -> bool {
+        self.counters
+            .map
+            .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)
+            .is_ok()
     }
 
     /// Nothing decoded is waiting: a good moment to flush output.
@@ -114,20 +167,15 @@ impl<'cb> EventStream<'cb> {
     pub fn drain(&mut self) -> Result<()> {
         match &self.buffer {
             Buffer::Ring(ring) => ring.consume().context("reading the ring buffer")?,
-            Buffer::Perf(perf) => perf.consume().context("reading the perf buffer")?,
+            Buffer::Perf(perf) => perf.consume()?,
         }
-        if let Some((map, seen)) = &mut self.dropped {
-            let total = map
-                .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)
-                .context("reading the drop counter")?
-                .and_then(|v| v.try_into().ok().map(u64::from_ne_bytes))
-                .unwrap_or(0);
-            if total > *seen {
-                self.queue
-                    .borrow_mut()
-                    .push_back(Record::Lost(total - *seen));
-                *seen = total;
-            }
+        let (dropped, untracked) = self.counters.read()?;
+        let mut queue = self.queue.borrow_mut();
+        if dropped > 0 {
+            queue.push_back(Record::Lost(dropped));
+        }
+        if untracked > 0 {
+            queue.push_back(Record::Untracked(untracked));
         }
         Ok(())
     }
@@ -142,17 +190,15 @@ impl Stream for EventStream<'_> {
                 return Poll::Ready(Some(Ok(record)));
             }
             let mut due = false;
-            if let Some(wakeup) = &self.wakeup {
-                match wakeup.poll_read_ready(cx) {
-                    Poll::Ready(Ok(mut guard)) => {
-                        guard.clear_ready();
-                        due = true;
-                    }
-                    Poll::Ready(Err(e)) => {
-                        return Poll::Ready(Some(Err(e).context("waiting for the ring buffer")))
-                    }
-                    Poll::Pending => {}
+            match self.wakeup.poll_read_ready(cx) {
+                Poll::Ready(Ok(mut guard)) => {
+                    guard.clear_ready();
+                    due = true;
                 }
+                Poll::Ready(Err(e)) => {
+                    return Poll::Ready(Some(Err(e).context("waiting for the event buffer")))
+                }
+                Poll::Pending => {}
             }
             if self.tick.poll_tick(cx).is_ready() {
                 due = true;

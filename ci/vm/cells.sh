@@ -1,24 +1,31 @@
 #!/bin/sh
 # The matrix cells for one kernel, run inside a test VM (sourced by ci/vm/init) or on the
 # host (by ci/matrix.sh). Needs: BIN, TRACE_TESTS (the kernel-facing test binaries, run
-# once per mode), CLI_TEST (paths), MODES and REFUSED
+# once per mode), ONCE_TESTS (run once), MODES (modes, or variants such as legacy+btf and
+# legacy+tracefs) and REFUSED
 # (space-separated modes), AUTO (the mode auto must pick). Prints @@CELL and @@FEATURES
 # lines (see ci/vm/init).
 t=$(mktemp -d)
 cell() { echo "@@CELL $1 $2 $3"; }
 echo "@@FEATURES $("$BIN" --features --json 2>&1 | tr '\n' ' ')"
 
-for mode in $MODES; do
+for cell in $MODES; do
+    mode=${cell%%+*}
+    case $cell in
+    *+btf) args="--btf /vmlinux.btf" ;;
+    *+tracefs) args="--kprobe-attach tracefs" ;;
+    *) args= ;;
+    esac
     result=pass
     : >"$t/results"
     for test in $TRACE_TESTS; do
-        if ! TCPCONNLAT_TEST_MODE=$mode timeout 900 "$test" --test-threads=1 >"$t/out" 2>&1; then
+        if ! TCPCONNLAT_TEST_MODE=$mode TCPCONNLAT_TEST_ARGS=$args timeout 900 "$test" --test-threads=1 >"$t/out" 2>&1; then
             result=fail
             tail -60 "$t/out"
         fi
         echo "${test##*/}: $(grep 'test result' "$t/out" | cut -d. -f2)" >>"$t/results"
     done
-    cell "$mode" $result "$(tr '\n' ';' <"$t/results")"
+    cell "$cell" $result "$(tr '\n' ';' <"$t/results")"
 done
 
 for mode in $REFUSED; do
@@ -31,13 +38,18 @@ for mode in $REFUSED; do
     fi
 done
 
-# Errors, --features against the kernel's files, and every forced mode as --features says.
-if TCPCONNLAT_EXPECT_AUTO=$AUTO TCPCONNLAT_EXPECT_REFUSED=$(echo $REFUSED | tr ' ' ,) \
-    timeout 600 "$CLI_TEST" --test-threads=1 >"$t/out" 2>&1; then
-    cell cli pass "$(grep 'test result' "$t/out")"
-else
-    cell cli fail "$(grep 'test result' "$t/out")"
-    tail -60 "$t/out"
-fi
+# Errors, --features against the kernel's files, every forced mode as --features says,
+# and legacy mode's object, tracefs kprobe cleanup and agreement with fentry.
+result=pass
+: >"$t/results"
+for test in $ONCE_TESTS; do
+    if ! TCPCONNLAT_EXPECT_AUTO=$AUTO TCPCONNLAT_EXPECT_REFUSED=$(echo $REFUSED | tr ' ' ,) \
+        timeout 600 "$test" --test-threads=1 >"$t/out" 2>&1; then
+        result=fail
+        tail -60 "$t/out"
+    fi
+    echo "${test##*/}: $(grep 'test result' "$t/out" | cut -d. -f2)" >>"$t/results"
+done
+cell cli $result "$(tr '\n' ';' <"$t/results")"
 
 rm -rf "$t"

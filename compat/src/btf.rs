@@ -1,18 +1,71 @@
-//! Kernel struct offsets read from BTF, for probes that cannot use CO-RE.
+//! Kernel struct offsets for probes that cannot use CO-RE: read from BTF (the kernel's own
+//! `/sys/kernel/btf/vmlinux`, or a file the user gives, e.g. from BTFHub).
 
 use std::path::Path;
 
-use libbpf_rs::btf::types::{MemberAttr, Struct};
-use libbpf_rs::btf::Btf;
+use libbpf_rs::btf::types::{Composite, MemberAttr};
+use libbpf_rs::btf::{Btf, BtfType};
 use serde::Serialize;
 use thiserror::Error;
 
-/// Byte offsets of the `struct sock` fields the non-CO-RE probes read.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+/// Byte offsets in `struct sock` of what the non-CO-RE probes read. Mirrors
+/// `struct sock_layout` in `probes/tcpconnlat.h`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct SockOffsets {
-    pub sk_err: u16,
+    pub family: u16,
+    pub state: u16,
+    /// Local port, host order.
+    pub num: u16,
+    /// Remote port, network order.
+    pub dport: u16,
+    pub rcv_saddr: u16,
+    pub daddr: u16,
+    pub v6_rcv_saddr: u16,
+    pub v6_daddr: u16,
+    pub err: u16,
     /// The error of an ICMP that arrived while the socket was locked.
-    pub sk_err_soft: u16,
+    pub err_soft: u16,
+}
+
+impl SockOffsets {
+    /// Each field with its path in `struct sock`.
+    pub const FIELDS: [(&'static str, &'static [&'static str]); 10] = [
+        ("family", &["__sk_common", "skc_family"]),
+        ("state", &["__sk_common", "skc_state"]),
+        ("num", &["__sk_common", "skc_num"]),
+        ("dport", &["__sk_common", "skc_dport"]),
+        ("rcv_saddr", &["__sk_common", "skc_rcv_saddr"]),
+        ("daddr", &["__sk_common", "skc_daddr"]),
+        ("v6_rcv_saddr", &["__sk_common", "skc_v6_rcv_saddr"]),
+        ("v6_daddr", &["__sk_common", "skc_v6_daddr"]),
+        ("err", &["sk_err"]),
+        ("err_soft", &["sk_err_soft"]),
+    ];
+
+    /// Build from (field, offset) pairs; every field must be there.
+    pub fn from_pairs<'a>(
+        pairs: impl IntoIterator<Item = (&'a str, u16)>,
+    ) -> Result<SockOffsets, String> {
+        let mut found: [Option<u16>; 10] = [None; 10];
+        for (name, offset) in pairs {
+            if let Some(i) = Self::FIELDS.iter().position(|(n, _)| *n == name) {
+                found[i] = Some(offset);
+            }
+        }
+        let get = |i: usize| found[i].ok_or_else(|| format!("no offset for {}", Self::FIELDS[i].0));
+        Ok(SockOffsets {
+            family: get(0)?,
+            state: get(1)?,
+            num: get(2)?,
+            dport: get(3)?,
+            rcv_saddr: get(4)?,
+            daddr: get(5)?,
+            v6_rcv_saddr: get(6)?,
+            v6_daddr: get(7)?,
+            err: get(8)?,
+            err_soft: get(9)?,
+        })
+    }
 }
 
 #[derive(Debug, Error)]
@@ -22,33 +75,66 @@ pub enum BtfError {
         path: String,
         source: libbpf_rs::Error,
     },
-    #[error("BTF has no struct {0}")]
-    NoStruct(&'static str),
-    #[error("BTF struct {0} has no plain field {1}")]
-    NoField(&'static str, &'static str),
+    #[error("{path}: BTF has no struct sock")]
+    NoSock { path: String },
+    #[error("{path}: struct sock has no field {field} in its BTF")]
+    NoField { path: String, field: String },
 }
 
-/// Read the offsets from a BTF file (the kernel's `/sys/kernel/btf/vmlinux`, or one the
-/// user gives, e.g. from BTFHub).
+/// Read the offsets from a BTF file.
 pub fn sock_offsets(path: &Path) -> Result<SockOffsets, BtfError> {
+    let shown = path.display().to_string();
     let btf = Btf::from_path(path).map_err(|source| BtfError::Read {
-        path: path.display().to_string(),
+        path: shown.clone(),
         source,
     })?;
     let sock = btf
-        .type_by_name::<Struct<'_>>("sock")
-        .ok_or(BtfError::NoStruct("sock"))?;
-    let offset = |field: &'static str| -> Result<u16, BtfError> {
-        sock.iter()
-            .find(|m| m.name.is_some_and(|n| n == field))
-            .and_then(|m| match m.attr {
-                MemberAttr::Normal { offset } if offset % 8 == 0 => u16::try_from(offset / 8).ok(),
-                _ => None,
-            })
-            .ok_or(BtfError::NoField("sock", field))
-    };
-    Ok(SockOffsets {
-        sk_err: offset("sk_err")?,
-        sk_err_soft: offset("sk_err_soft")?,
-    })
+        .type_by_name::<Composite<'_>>("sock")
+        .ok_or_else(|| BtfError::NoSock {
+            path: shown.clone(),
+        })?;
+    let mut pairs = Vec::new();
+    for (name, field_path) in SockOffsets::FIELDS {
+        let bits = offset_bits(&btf, sock, field_path).ok_or_else(|| BtfError::NoField {
+            path: shown.clone(),
+            field: field_path.join("."),
+        })?;
+        let bytes = u16::try_from(bits / 8).map_err(|_| BtfError::NoField {
+            path: shown.clone(),
+            field: field_path.join("."),
+        })?;
+        pairs.push((name, bytes));
+    }
+    SockOffsets::from_pairs(pairs).map_err(|field| BtfError::NoField { path: shown, field })
+}
+
+/// The bit offset of `path` inside `composite`, looking through anonymous structs and
+/// unions (where the kernel keeps skc_daddr, skc_num and friends).
+fn offset_bits(btf: &Btf<'_>, composite: Composite<'_>, path: &[&str]) -> Option<u32> {
+    let (first, rest) = path.split_first()?;
+    for member in composite.iter() {
+        let MemberAttr::Normal { offset } = member.attr else {
+            continue;
+        };
+        let inner = || {
+            btf.type_by_id::<BtfType<'_>>(member.ty)
+                .map(|t| t.skip_mods_and_typedefs())
+                .and_then(|t| Composite::try_from(t).ok())
+        };
+        match member.name {
+            Some(name) if name == *first => {
+                if rest.is_empty() {
+                    return Some(offset);
+                }
+                return offset_bits(btf, inner()?, rest).map(|o| o + offset);
+            }
+            None => {
+                if let Some(found) = inner().and_then(|c| offset_bits(btf, c, path)) {
+                    return Some(found + offset);
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    None
 }

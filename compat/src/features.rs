@@ -63,6 +63,9 @@ pub struct Trials {
     pub fentry: Option<Result<(), String>>,
     /// Creating a BPF ring buffer map (Linux 5.8+).
     pub ringbuf: Option<bool>,
+    /// Where legacy mode's struct sock offsets come from (a BTF file, or kernel headers
+    /// at build time), or why there are none.
+    pub sock_offsets: Option<Result<String, String>>,
 }
 
 impl Features {

@@ -13,13 +13,22 @@ pub enum Func {
     TcpV4Connect,
     TcpV6Connect,
     TcpRcvStateProcess,
+    /// Legacy mode: where connects finish, as the state tracepoint does elsewhere.
+    TcpSetState,
+    /// Legacy mode: SYN retransmits.
+    TcpRetransmitSkb,
+    /// Legacy mode: RSTs received.
+    TcpReset,
 }
 
 impl Func {
-    pub const ALL: [Func; 3] = [
+    pub const ALL: [Func; 6] = [
         Func::TcpV4Connect,
         Func::TcpV6Connect,
         Func::TcpRcvStateProcess,
+        Func::TcpSetState,
+        Func::TcpRetransmitSkb,
+        Func::TcpReset,
     ];
 
     /// The function's name in the kernel source.
@@ -28,6 +37,9 @@ impl Func {
             Func::TcpV4Connect => "tcp_v4_connect",
             Func::TcpV6Connect => "tcp_v6_connect",
             Func::TcpRcvStateProcess => "tcp_rcv_state_process",
+            Func::TcpSetState => "tcp_set_state",
+            Func::TcpRetransmitSkb => "tcp_retransmit_skb",
+            Func::TcpReset => "tcp_reset",
         }
     }
 }
@@ -39,6 +51,9 @@ pub struct AttachPoints {
     pub tcp_v4_connect: Option<String>,
     pub tcp_v6_connect: Option<String>,
     pub tcp_rcv_state_process: Option<String>,
+    pub tcp_set_state: Option<String>,
+    pub tcp_retransmit_skb: Option<String>,
+    pub tcp_reset: Option<String>,
 }
 
 impl AttachPoints {
@@ -47,6 +62,9 @@ impl AttachPoints {
             Func::TcpV4Connect => self.tcp_v4_connect.as_deref(),
             Func::TcpV6Connect => self.tcp_v6_connect.as_deref(),
             Func::TcpRcvStateProcess => self.tcp_rcv_state_process.as_deref(),
+            Func::TcpSetState => self.tcp_set_state.as_deref(),
+            Func::TcpRetransmitSkb => self.tcp_retransmit_skb.as_deref(),
+            Func::TcpReset => self.tcp_reset.as_deref(),
         }
     }
 
@@ -55,6 +73,9 @@ impl AttachPoints {
             Func::TcpV4Connect => &mut self.tcp_v4_connect,
             Func::TcpV6Connect => &mut self.tcp_v6_connect,
             Func::TcpRcvStateProcess => &mut self.tcp_rcv_state_process,
+            Func::TcpSetState => &mut self.tcp_set_state,
+            Func::TcpRetransmitSkb => &mut self.tcp_retransmit_skb,
+            Func::TcpReset => &mut self.tcp_reset,
         }
     }
 

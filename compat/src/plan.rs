@@ -47,19 +47,32 @@ impl Mode {
                     Some(Err(why)) => return Err(Unsupported::FentryRefused(why.clone())),
                     Some(Ok(())) => {}
                 }
-                need_symbols(features)?;
+                need_symbols(features, CORE_FUNCS)?;
                 need_state_tracepoint(features)
             }
             Mode::Kprobe => {
                 need_btf(features)?;
-                if !features.kprobe_pmu && !features.kprobe_events {
-                    return Err(Unsupported::NoKprobes);
-                }
-                need_symbols(features)?;
+                need_kprobes(features)?;
+                need_symbols(features, CORE_FUNCS)?;
                 need_state_tracepoint(features)
             }
             Mode::Tracepoint => need_state_tracepoint(features),
-            Mode::Legacy => Err(Unsupported::LegacyNotBuilt),
+            Mode::Legacy => {
+                need_kprobes(features)?;
+                need_symbols(
+                    features,
+                    &[
+                        Func::TcpV4Connect,
+                        Func::TcpRcvStateProcess,
+                        Func::TcpSetState,
+                    ],
+                )?;
+                match &trials.sock_offsets {
+                    None => Err(Unsupported::NotTried("looking for struct sock offsets")),
+                    Some(Err(why)) => Err(Unsupported::NoOffsets(why.clone())),
+                    Some(Ok(_)) => Ok(()),
+                }
+            }
         }
     }
 }
@@ -72,13 +85,23 @@ fn need_btf(features: &Features) -> Result<(), Unsupported> {
     }
 }
 
-/// The connect and completion hooks must exist; IPv6 alone may be missing.
-fn need_symbols(features: &Features) -> Result<(), Unsupported> {
+/// The functions the CO-RE modes cannot do without (IPv6 alone may be missing).
+const CORE_FUNCS: &[Func] = &[Func::TcpV4Connect, Func::TcpRcvStateProcess];
+
+fn need_kprobes(features: &Features) -> Result<(), Unsupported> {
+    if features.kprobe_pmu || features.kprobe_events {
+        Ok(())
+    } else {
+        Err(Unsupported::NoKprobes)
+    }
+}
+
+fn need_symbols(features: &Features, funcs: &[Func]) -> Result<(), Unsupported> {
     let points = features
         .attach_points
         .as_ref()
         .map_err(|why| Unsupported::NoKallsyms(why.clone()))?;
-    for func in [Func::TcpV4Connect, Func::TcpRcvStateProcess] {
+    for &func in funcs {
         if points.get(func).is_none() {
             return Err(Unsupported::MissingSymbol(func.name()));
         }
@@ -128,8 +151,8 @@ pub enum Unsupported {
     MissingSymbol(&'static str),
     #[error("tracepoint sock:inet_sock_set_state is unusable: {0}")]
     NoStateTracepoint(String),
-    #[error("legacy mode is not built yet")]
-    LegacyNotBuilt,
+    #[error("{0}")]
+    NoOffsets(String),
     /// The mode passed every check but loading or attaching it failed.
     #[error("{0}")]
     Failed(String),

@@ -37,6 +37,7 @@ fn trials(fentry: Result<(), &str>) -> Trials {
     Trials {
         fentry: Some(fentry.map_err(str::to_owned)),
         ringbuf: Some(true),
+        sock_offsets: Some(Ok("BTF /sys/kernel/btf/vmlinux".to_owned())),
     }
 }
 
@@ -83,7 +84,7 @@ fn host_6_18_without_kprobes_or_fentry_plans_tracepoint() {
             ),
             (Mode::Kprobe, Err(Unsupported::NoKprobes)),
             (Mode::Tracepoint, Ok(())),
-            (Mode::Legacy, Err(Unsupported::LegacyNotBuilt)),
+            (Mode::Legacy, Err(Unsupported::NoKprobes)),
         ]
     );
     assert_eq!(plan.first(), Some(Mode::Tracepoint));
@@ -244,12 +245,44 @@ fn debian_6_1_cloud_has_everything_and_plans_fentry() {
             (Mode::Fentry, Ok(())),
             (Mode::Kprobe, Ok(())),
             (Mode::Tracepoint, Ok(())),
-            (Mode::Legacy, Err(Unsupported::LegacyNotBuilt)),
+            (Mode::Legacy, Ok(())),
         ]
     );
     // The same kernel with fentry refused falls back to kprobe, not to the tracepoint.
     assert_eq!(
         Plan::new(&f, &trials(Err("EPERM")), None).first(),
         Some(Mode::Kprobe)
+    );
+}
+
+#[test]
+fn without_btf_legacy_needs_offsets_and_comes_last() {
+    let f = Features::detect(&fixture("nobtf"));
+    assert!(!f.btf && f.kprobe_pmu);
+    let with = Trials {
+        sock_offsets: Some(Ok("kernel headers for 6.1.192, built in".into())),
+        ..trials(Err("no kernel BTF"))
+    };
+    let plan = Plan::new(&f, &with, None);
+    assert_eq!(plan.steps[0].verdict, Err(Unsupported::NoBtf));
+    assert_eq!(plan.steps[1].verdict, Err(Unsupported::NoBtf));
+    assert_eq!(plan.first(), Some(Mode::Tracepoint));
+    assert_eq!(plan.steps[3].verdict, Ok(()));
+    // Forced, legacy is the only step.
+    assert_eq!(
+        Plan::new(&f, &with, Some(Mode::Legacy)).first(),
+        Some(Mode::Legacy)
+    );
+
+    let without = Trials {
+        sock_offsets: Some(Err("no BTF and no struct offsets built in".into())),
+        ..with
+    };
+    let plan = Plan::new(&f, &without, None);
+    assert_eq!(
+        plan.steps[3].verdict,
+        Err(Unsupported::NoOffsets(
+            "no BTF and no struct offsets built in".into()
+        ))
     );
 }

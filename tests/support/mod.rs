@@ -35,10 +35,14 @@ impl Tracer {
     /// Start tcpconnlat and wait until it says it is attached. With TCPCONNLAT_TEST_MODE
     /// set (the kernel matrix runs the suite once per mode), that mode is forced.
     pub fn start(args: &[&str]) -> Tracer {
-        let forced: Vec<String> = match test_mode() {
+        let mut forced: Vec<String> = match test_mode() {
             Some(mode) if !args.contains(&"--mode") => vec!["--mode".into(), mode],
             _ => Vec::new(),
         };
+        // The matrix proves variants of a mode, e.g. "--kprobe-attach tracefs".
+        if let Ok(extra) = std::env::var("TCPCONNLAT_TEST_ARGS") {
+            forced.extend(extra.split_whitespace().map(str::to_owned));
+        }
         let mut child = Command::new(BIN)
             .args(&forced)
             .args(args)
@@ -122,6 +126,19 @@ impl Tracer {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Its stderr so far, once `done` says it holds what is awaited or `timeout` passes
+    /// (stderr is read apart from stdout: a line can come a moment after the JSON).
+    pub fn stderr_until(&self, timeout: Duration, done: impl Fn(&str) -> bool) -> String {
+        let end = Instant::now() + timeout;
+        loop {
+            let text = self.stderr.lock().unwrap().clone();
+            if done(&text) || Instant::now() > end {
+                return text;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// SIGINT, then the exit status (it must exit by itself within 10 s).

@@ -1,0 +1,371 @@
+//! The overhead benchmark (`ci/bench.sh`, as root): a loopback connect storm measured side
+//! by side, in interleaved rounds, with no tracer, with empty programs on the hooks each
+//! mode uses (the floor no tracer can go below) and with tcpconnlat in each mode this kernel
+//! allows; then events received against connects made (nothing may be lost), the tracer's
+//! CPU time, its start-up time and peak memory. Prints figures; passes or fails nothing.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use libbpf_rs::{Link, ObjectBuilder};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tcpconnlat");
+const EMPTY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/empty.bpf.o"));
+
+/// Connects per measurement, client threads, rounds of every configuration.
+const CONNECTS: usize = 20_000;
+const THREADS: usize = 2;
+const ROUNDS: usize = 5;
+
+fn main() {
+    let features = features();
+    let modes: Vec<String> = features["plan"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["usable"] == true && s["mode"] != "legacy")
+        .map(|s| s["mode"].as_str().unwrap().to_owned())
+        .collect();
+    let server = Server::start();
+    println!(
+        "kernel {}; {} CPUs; modes here: {}",
+        features["kernel"]["release"].as_str().unwrap_or("?"),
+        thread::available_parallelism().map_or(0, |n| n.get()),
+        modes.join(", ")
+    );
+    println!("{CONNECTS} loopback connect+accept+close per measurement, {THREADS} client threads, {ROUNDS} interleaved rounds, median shown\n");
+
+    // Warm up the TCP stack and the page cache.
+    storm(server.addr, CONNECTS / 4);
+
+    let mut setups = vec![Setup::Nothing];
+    for mode in &modes {
+        setups.push(Setup::Floor(mode.clone()));
+        setups.push(Setup::Tracer(mode.clone(), "ringbuf"));
+        // The perf buffer is what kernels before 5.8 (and legacy mode) get: same probes.
+        setups.push(Setup::Tracer(mode.clone(), "perfbuf"));
+    }
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); setups.len()];
+    let mut tracer_stats: Vec<Vec<(usize, usize, f64)>> = vec![Vec::new(); setups.len()];
+    for _ in 0..ROUNDS {
+        for (i, setup) in setups.iter().enumerate() {
+            let (us, stats) = measure(setup, server.addr);
+            times[i].push(us);
+            tracer_stats[i].extend(stats);
+        }
+    }
+    let names: Vec<String> = setups.iter().map(Setup::name).collect();
+
+    let base = median(&times[0]);
+    println!(
+        "{:<50} {:>12} {:>12} {:>10} {:>10}",
+        "configuration", "us/connect", "connects/s", "vs none", "vs floor"
+    );
+    // The floor of a tracer's mode: the empty programs on its hooks.
+    let floor_of = |i: usize| match &setups[i] {
+        Setup::Tracer(mode, _) => setups
+            .iter()
+            .position(|s| matches!(s, Setup::Floor(m) if m == mode))
+            .map(|f| median(&times[f])),
+        _ => None,
+    };
+    for (i, name) in names.iter().enumerate() {
+        let us = median(&times[i]);
+        let floor = floor_of(i);
+        println!(
+            "{name:<50} {us:>12.2} {:>12.0} {:>9.3}x {:>10}",
+            1e6 / us,
+            us / base,
+            floor.map_or("".into(), |f| format!("{:.3}x", us / f))
+        );
+    }
+    println!("\nadded per-connect cost over no tracer, and over the empty-program floor:");
+    for (i, name) in names.iter().enumerate() {
+        let Some(floor) = floor_of(i) else {
+            continue;
+        };
+        let us = median(&times[i]);
+        println!(
+            "  {name:<50} +{:.2} us ({:+.1} % of an untraced connect); probe logic over the floor: +{:.2} us ({:.2}x the floor's cost over none)",
+            us - base,
+            (us - base) / base * 100.0,
+            us - floor,
+            if floor > base { (us - base) / (floor - base) } else { f64::NAN },
+        );
+        let stats = &tracer_stats[i];
+        let made: usize = stats.iter().map(|s| s.0).sum();
+        let seen: usize = stats.iter().map(|s| s.1).sum();
+        let cpu = stats.iter().map(|s| s.2).sum::<f64>() / stats.len() as f64;
+        println!(
+            "  {:<50} events: {seen} of {made} connects ({} lost); tracer CPU {:.1} % of one core while tracing",
+            "", made - seen.min(made), cpu * 100.0
+        );
+    }
+
+    println!("\nstart-up (exec to attached, from -v) and peak memory (VmHWM), 5 starts each:");
+    for mode in &modes {
+        let mut ms = Vec::new();
+        let mut rss = Vec::new();
+        for _ in 0..5 {
+            let (t, r) = startup(mode);
+            ms.push(t);
+            rss.push(r);
+        }
+        println!(
+            "  {mode:<12} attached in {:.1} ms (median), peak RSS {:.1} MB (max)",
+            median(&ms),
+            rss.iter().cloned().fold(0.0, f64::max) / 1024.0
+        );
+    }
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn features() -> serde_json::Value {
+    let out = Command::new(BIN)
+        .args(["--features", "--json"])
+        .output()
+        .expect("run tcpconnlat");
+    serde_json::from_slice(&out.stdout).expect("--features --json")
+}
+
+/// Accepts and closes connections as fast as they come.
+struct Server {
+    addr: SocketAddr,
+}
+
+impl Server {
+    fn start() -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                drop(conn);
+            }
+        });
+        Server { addr }
+    }
+}
+
+/// `n` connects from THREADS threads; the wall time.
+fn storm(addr: SocketAddr, n: usize) -> Duration {
+    let left = Arc::new(AtomicUsize::new(n));
+    let start = Instant::now();
+    let workers: Vec<_> = (0..THREADS)
+        .map(|_| {
+            let left = left.clone();
+            thread::spawn(move || {
+                while left
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| l.checked_sub(1))
+                    .is_ok()
+                {
+                    drop(TcpStream::connect(addr).expect("connect"));
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    start.elapsed()
+}
+
+enum Setup {
+    Nothing,
+    /// Empty programs on a mode's hooks.
+    Floor(String),
+    /// Mode and transport.
+    Tracer(String, &'static str),
+}
+
+impl Setup {
+    fn name(&self) -> String {
+        match self {
+            Setup::Nothing => "no tracer".into(),
+            Setup::Floor(mode) => format!("empty programs ({mode} hooks)"),
+            Setup::Tracer(mode, transport) => {
+                format!("tcpconnlat --mode {mode} --transport {transport}")
+            }
+        }
+    }
+}
+
+/// One storm under `setup`: microseconds per connect, and for tcpconnlat (connects made,
+/// events it showed, its CPU share).
+fn measure(setup: &Setup, addr: SocketAddr) -> (f64, Option<(usize, usize, f64)>) {
+    let per_connect = |d: Duration| d.as_secs_f64() * 1e6 / CONNECTS as f64;
+    match setup {
+        Setup::Nothing => (per_connect(storm(addr, CONNECTS)), None),
+        Setup::Floor(mode) => {
+            let _floor = Floor::attach(mode);
+            (per_connect(storm(addr, CONNECTS)), None)
+        }
+        Setup::Tracer(mode, transport) => {
+            let tracer = Tracer::start(mode, transport, addr.port());
+            let took = storm(addr, CONNECTS);
+            (per_connect(took), Some(tracer.finish(CONNECTS)))
+        }
+    }
+}
+
+/// Empty programs on a mode's hooks.
+struct Floor {
+    _links: Vec<Link>,
+    _object: libbpf_rs::Object,
+}
+
+impl Floor {
+    fn attach(mode: &str) -> Floor {
+        let wanted: &[&str] = match mode {
+            "fentry" => &[
+                "empty_fentry_v4_connect",
+                "empty_fexit_v4_connect",
+                "empty_fentry_rcv_state",
+            ],
+            "kprobe" => &[
+                "empty_kprobe_v4_connect",
+                "empty_kretprobe_v4_connect",
+                "empty_kprobe_rcv_state",
+            ],
+            _ => &[],
+        };
+        let common = ["empty_state", "empty_retransmit", "empty_reset"];
+        let mut open = ObjectBuilder::default().open_memory(EMPTY).unwrap();
+        for mut prog in open.progs_mut() {
+            let name = prog.name().to_string_lossy().into_owned();
+            prog.set_autoload(wanted.contains(&name.as_str()) || common.contains(&name.as_str()));
+        }
+        let object = open.load().expect("load the empty programs");
+        let links = object
+            .progs_mut()
+            .filter(|p| p.autoload())
+            .map(|p| p.attach().expect("attach an empty program"))
+            .collect();
+        Floor {
+            _links: links,
+            _object: object,
+        }
+    }
+}
+
+/// tcpconnlat in one mode, its JSON lines counted (only the benchmark server's port).
+struct Tracer {
+    child: Child,
+    events: mpsc::Receiver<usize>,
+    cpu_start: f64,
+    started: Instant,
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Tracer {
+    fn start(mode: &str, transport: &str, port: u16) -> Tracer {
+        let mut child = Command::new(BIN)
+            .args(["--json", "--mode", mode, "--transport", transport])
+            .args(["--dport", &port.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tcpconnlat");
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut lines = stderr.lines();
+        loop {
+            match lines.next() {
+                Some(Ok(l)) if l.starts_with("Tracing") => break,
+                Some(Ok(_)) => {}
+                _ => panic!("tcpconnlat --mode {mode} did not start"),
+            }
+        }
+        thread::spawn(move || lines.for_each(|l| eprintln!("  tracer: {}", l.unwrap_or_default())));
+        let (tx, events) = mpsc::channel();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        thread::spawn(move || {
+            let n = stdout
+                .lines()
+                .map_while(Result::ok)
+                .filter(|l| l.contains("\"type\":\"connect\""))
+                .count();
+            let _ = tx.send(n);
+        });
+        let cpu_start = cpu_seconds(child.id());
+        Tracer {
+            child,
+            events,
+            cpu_start,
+            started: Instant::now(),
+        }
+    }
+
+    /// (connects made, events seen, CPU share) once it has shown everything and exited.
+    fn finish(self, made: usize) -> (usize, usize, f64) {
+        let cpu = cpu_seconds(self.child.id()) - self.cpu_start;
+        let share = cpu / self.started.elapsed().as_secs_f64();
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+        let seen = self
+            .events
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or(0);
+        (made, seen, share)
+    }
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields.get(11).and_then(|u| u.parse().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|s| s.parse().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+/// Milliseconds from exec to attached (-v), and peak RSS in kB.
+fn startup(mode: &str) -> (f64, f64) {
+    let mut child = Command::new(BIN)
+        .args(["-v", "--mode", mode, "-d", "0.5"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tcpconnlat");
+    let pid = child.id();
+    let mut ms = f64::NAN;
+    let mut rss = 0.0;
+    for line in BufReader::new(child.stderr.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+    {
+        if let Some(rest) = line.strip_prefix("tcpconnlat: attached ") {
+            ms = rest
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(f64::NAN);
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            rss = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0.0);
+        }
+    }
+    let _ = child.wait();
+    (ms, rss)
+}

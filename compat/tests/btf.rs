@@ -1,0 +1,68 @@
+//! struct sock offsets from BTF, against a BTF file made (with pahole) for the matrix's
+//! no-BTF 6.1 kernel, and against kernel headers of the very same build.
+
+mod support;
+
+use std::path::Path;
+
+use tcpconnlat_compat::btf::{sock_offsets, BtfError, SockOffsets};
+
+/// What build.rs read from that kernel's headers (KERNEL_HEADERS=its build tree); the
+/// kernel matrix runs legacy mode on it with both sources.
+const FROM_HEADERS: SockOffsets = SockOffsets {
+    family: 16,
+    state: 18,
+    num: 14,
+    dport: 12,
+    rcv_saddr: 4,
+    daddr: 0,
+    v6_rcv_saddr: 72,
+    v6_daddr: 56,
+    err: 528,
+    err_soft: 532,
+};
+
+fn unpacked(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("vmlinux.btf");
+    std::fs::write(&path, support::nobtf_btf()).unwrap();
+    path
+}
+
+#[test]
+fn btf_offsets_match_the_kernel_headers() {
+    let dir = tempfile::tempdir().unwrap();
+    let offsets = sock_offsets(&unpacked(dir.path())).unwrap();
+    // Fields inside anonymous unions (skc_daddr, skc_num, skc_dport) and nested structs
+    // (__sk_common) are found, at the same bytes the compiler put them.
+    assert_eq!(offsets, FROM_HEADERS);
+}
+
+#[test]
+fn bad_btf_files_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("garbage.btf");
+    std::fs::write(&garbage, b"not BTF at all").unwrap();
+    let err = sock_offsets(&garbage).unwrap_err();
+    assert!(matches!(err, BtfError::Read { .. }), "{err}");
+    assert!(err.to_string().contains("garbage.btf"), "{err}");
+
+    let truncated = dir.path().join("truncated.btf");
+    let full = std::fs::read(unpacked(dir.path())).unwrap();
+    std::fs::write(&truncated, &full[..full.len() / 3]).unwrap();
+    assert!(sock_offsets(&truncated).is_err());
+
+    let missing = dir.path().join("nope.btf");
+    assert!(sock_offsets(&missing)
+        .unwrap_err()
+        .to_string()
+        .contains("nope.btf"));
+}
+
+#[test]
+fn offsets_need_every_field() {
+    let names = SockOffsets::FIELDS.iter().map(|(n, _)| *n);
+    let all = SockOffsets::from_pairs(names.clone().zip(1..)).unwrap();
+    assert_eq!((all.family, all.err_soft), (1, 10));
+    let err = SockOffsets::from_pairs(names.take(9).zip(1..)).unwrap_err();
+    assert!(err.contains("err_soft"), "{err}");
+}

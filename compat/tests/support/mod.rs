@@ -1,0 +1,18 @@
+//! Fixtures shared by the compat test binaries.
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::path::Path;
+use std::process::Command;
+
+/// The BTF that pahole made for the matrix's no-BTF 6.1 kernel, decompressed.
+pub fn nobtf_btf() -> Vec<u8> {
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/btf/nobtf-6.1.192.btf.xz");
+    let out = Command::new("xz")
+        .arg("-dc")
+        .arg(&fixture)
+        .output()
+        .expect("xz (xz-utils)");
+    assert!(out.status.success(), "xz -dc {}", fixture.display());
+    out.stdout
+}

@@ -1,0 +1,297 @@
+//! Legacy mode: the probe object itself (no BTF, no global data, no ring buffer, old
+//! helpers only), tracefs kprobes that clean up after a kill -9, and the same events as
+//! fentry. Where this kernel cannot run legacy mode, the error the user gets.
+
+mod support;
+
+use std::collections::HashSet;
+use std::fs;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use libbpf_rs::{MapType, ObjectBuilder};
+use object::{Object, ObjectSection};
+use serde_json::Value;
+use support::*;
+
+const LEGACY_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/tcpconnlat_legacy.bpf.o"));
+
+/// Helpers every kernel since 4.4 has: map lookup/update/delete, probe_read, ktime_get_ns,
+/// get_current_pid_tgid, get_current_uid_gid, get_current_comm, perf_event_output.
+const OLD_HELPERS: [i32; 9] = [1, 2, 3, 4, 5, 14, 15, 16, 25];
+
+#[test]
+fn the_legacy_object_needs_nothing_old_kernels_lack() {
+    let elf = object::File::parse(LEGACY_OBJECT).unwrap();
+    for section in elf.sections() {
+        let name = section.name().unwrap();
+        assert!(
+            !name.starts_with(".rodata") && !name.starts_with(".data") && !name.starts_with(".bss"),
+            "global data section {name}: kernels before 5.2 cannot create its map"
+        );
+    }
+    // .BTF.ext: magic, version, flags, hdr_len, then (off, len) for func_info, line_info and,
+    // in headers of 32 bytes and more, CO-RE relocations.
+    let ext = elf
+        .section_by_name(".BTF.ext")
+        .map(|s| s.data().unwrap().to_vec())
+        .unwrap_or_default();
+    if ext.len() >= 32 {
+        let word = |at: usize| u32::from_le_bytes(ext[at..at + 4].try_into().unwrap());
+        if word(4) >= 32 {
+            assert_eq!(
+                word(28),
+                0,
+                "the legacy object has CO-RE relocations: it would need BTF"
+            );
+        }
+    }
+
+    let open = ObjectBuilder::default().open_memory(LEGACY_OBJECT).unwrap();
+    let mut maps = HashSet::new();
+    for map in open.maps() {
+        let kind = map.map_type();
+        assert!(
+            matches!(
+                kind,
+                MapType::Array | MapType::Hash | MapType::LruHash | MapType::PerfEventArray
+            ),
+            "map {:?} is a {kind:?}: not on old kernels",
+            map.name()
+        );
+        maps.insert(map.name().to_string_lossy().into_owned());
+    }
+    assert!(
+        maps.contains("events_pb") && !maps.contains("events_rb"),
+        "{maps:?}"
+    );
+    let mut programs = 0;
+    for prog in open.progs() {
+        programs += 1;
+        let name = prog.name().to_string_lossy().into_owned();
+        let insns = prog.insns();
+        assert!(insns.len() < 4096, "{name}: {} instructions", insns.len());
+        for insn in insns {
+            let (class, op) = (insn.code & 0x07, insn.code & 0xf0);
+            if class == 0x05 && op == 0x80 && insn.src_reg() == 0 {
+                assert!(
+                    OLD_HELPERS.contains(&insn.imm),
+                    "{name} calls helper {}",
+                    insn.imm
+                );
+            }
+        }
+        // Before 5.3 the verifier rejects any loop (a back-edge in the control flow).
+        assert!(!has_loop(insns), "{name} has a loop");
+    }
+    assert_eq!(
+        programs, 6,
+        "connect, its return, rcv_state, set_state, retransmit, reset"
+    );
+}
+
+/// Whether the control flow of a program has a cycle (depth-first search for a back-edge).
+fn has_loop(insns: &[libbpf_rs::libbpf_sys::bpf_insn]) -> bool {
+    let successors = |i: usize| -> Vec<usize> {
+        let insn = &insns[i];
+        let (class, op) = (insn.code & 0x07, insn.code & 0xf0);
+        let target = (i as i64 + 1 + i64::from(insn.off)) as usize;
+        match (class, op) {
+            (0x00, _) if insn.code == 0x18 => vec![i + 2], // 16-byte ld_imm64
+            (0x05 | 0x06, 0x90) => vec![],                 // exit
+            (0x05 | 0x06, 0x80) => vec![i + 1],            // call
+            (0x05, 0x00) => vec![target],                  // goto
+            (0x05 | 0x06, _) => vec![i + 1, target],       // conditional jump
+            _ => vec![i + 1],
+        }
+    };
+    // 0 unseen, 1 on the current path, 2 done.
+    let mut state = vec![0u8; insns.len() + 2];
+    let mut stack = vec![(0usize, 0usize)];
+    state[0] = 1;
+    while let Some(&mut (node, ref mut next)) = stack.last_mut() {
+        let succ = successors(node);
+        if *next < succ.len() {
+            let s = succ[*next];
+            *next += 1;
+            if s >= insns.len() {
+                continue;
+            }
+            match state[s] {
+                1 => return true,
+                0 => {
+                    state[s] = 1;
+                    stack.push((s, 0));
+                }
+                _ => {}
+            }
+        } else {
+            state[node] = 2;
+            stack.pop();
+        }
+    }
+    false
+}
+
+#[test]
+fn the_loop_check_finds_loops() {
+    use libbpf_rs::libbpf_sys::bpf_insn;
+    let insn = |code: u8, off: i16| bpf_insn {
+        code,
+        off,
+        ..Default::default()
+    };
+    // r0 = 0; if r0 == 0 goto -2 (back to the start); exit
+    assert!(has_loop(&[insn(0xb7, 0), insn(0x15, -2), insn(0x95, 0)]));
+    // A backward jump to an exit already seen is not a loop.
+    assert!(!has_loop(&[
+        insn(0x15, 1),
+        insn(0x05, 1),
+        insn(0x95, 0),
+        insn(0x05, -2)
+    ]));
+}
+
+fn features() -> Value {
+    let (status, out, err) = run(&["--features", "--json"]);
+    assert!(status.success(), "{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+fn usable(f: &Value, mode: &str) -> bool {
+    f["plan"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|s| s["mode"] == mode && s["usable"] == true)
+}
+
+fn kprobe_events(f: &Value) -> PathBuf {
+    PathBuf::from(f["tracefs"].as_str().unwrap()).join("kprobe_events")
+}
+
+fn our_events(f: &Value, pid: u32) -> Vec<String> {
+    fs::read_to_string(kprobe_events(f))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(&format!("tcpconnlat_{pid}/")))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// tracefs kprobes are removed on a clean exit, and after a kill -9 by the next start.
+#[test]
+fn tracefs_kprobes_never_outlive_their_tracer() {
+    let _serial = serial();
+    let f = features();
+    if !usable(&f, "legacy") || f["kprobe_events"] != true {
+        let (status, _, err) = run(&["--legacy", "--kprobe-attach", "tracefs", "-d", "1"]);
+        assert_eq!(status.code(), Some(1), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.starts_with("tcpconnlat: cannot trace in legacy mode"),
+            "{err}"
+        );
+        return;
+    }
+    let args = ["--json", "--legacy", "--kprobe-attach", "tracefs"];
+    let tracer = Tracer::start(&args);
+    let pid = tracer.pid();
+    assert!(
+        !our_events(&f, pid).is_empty(),
+        "no tracefs kprobe events while tracing"
+    );
+    assert!(tracer.interrupt().success());
+    assert_eq!(
+        our_events(&f, pid),
+        Vec::<String>::new(),
+        "left behind after SIGINT"
+    );
+
+    let mut killed = Tracer::start(&args);
+    let pid = killed.pid();
+    killed.child.kill().unwrap();
+    killed.wait();
+    let stale = our_events(&f, pid);
+    assert!(
+        !stale.is_empty(),
+        "kill -9 should leave the events (nothing can run)"
+    );
+    let next = Tracer::start(&args);
+    assert!(
+        next.stderr.lock().unwrap().contains("removed"),
+        "no word of the cleanup"
+    );
+    assert_eq!(
+        our_events(&f, pid),
+        Vec::<String>::new(),
+        "stale events not removed"
+    );
+    assert!(next.interrupt().success());
+}
+
+/// The same connects, seen at once by legacy and fentry, give the same events.
+#[test]
+fn legacy_and_fentry_report_the_same_connects() {
+    let _serial = serial();
+    let f = features();
+    if !usable(&f, "legacy") || !usable(&f, "fentry") {
+        for mode in ["legacy", "fentry"] {
+            if !usable(&f, mode) {
+                let (status, _, err) = run(&["--mode", mode, "-d", "1"]);
+                assert_eq!(status.code(), Some(1), "{err}");
+                assert!(
+                    err.starts_with(&format!("tcpconnlat: cannot trace in {mode} mode")),
+                    "{err}"
+                );
+            }
+        }
+        return;
+    }
+    let me = std::process::id().to_string();
+    let legacy = Tracer::start(&["--json", "--legacy", "-p", &me]);
+    let fentry = Tracer::start(&["--json", "--mode", "fentry", "-p", &me]);
+    let (v4, v6, closed) = (listen("127.0.0.1:0"), listen("[::1]:0"), closed_port());
+    let lports: Vec<u16> = [v4, v6, v4].iter().map(|&a| connect(a)).collect();
+    let _ = std::net::TcpStream::connect(closed);
+    let take = |t: &Tracer| {
+        let events = t.events_until(Duration::from_secs(10), |ev| ev.len() >= 4);
+        let mut key: Vec<_> = events
+            .iter()
+            .map(|e| {
+                (
+                    e["pid"].clone(),
+                    e["comm"].clone(),
+                    e["af"].clone(),
+                    e["saddr"].clone(),
+                    e["daddr"].clone(),
+                    e["dport"].clone(),
+                    e["outcome"].clone(),
+                    e["errno"].clone(),
+                    e["syn_retrans"].clone(),
+                    e["uid"].clone(),
+                    if e["outcome"] == "refused" {
+                        Value::Null
+                    } else {
+                        e["lport"].clone()
+                    },
+                )
+                    .to_owned()
+            })
+            .map(|k| format!("{k:?}"))
+            .collect();
+        key.sort();
+        (key, events)
+    };
+    let (a, ea) = take(&legacy);
+    let (b, eb) = take(&fentry);
+    assert_eq!(a.len(), 4, "{ea:#?}");
+    assert_eq!(a, b, "legacy: {ea:#?}\nfentry: {eb:#?}");
+    for lport in lports {
+        assert!(ea
+            .iter()
+            .any(|e| e["lport"] == lport && e["mode"] == "legacy"));
+    }
+    assert!(legacy.interrupt().success());
+    assert!(fentry.interrupt().success());
+}

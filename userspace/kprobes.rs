@@ -1,0 +1,170 @@
+//! Attaching kprobes: through the kprobe perf PMU (libbpf) where the kernel has it, or
+//! through tracefs `kprobe_events`. The tracefs events are ours alone: named
+//! `tcpconnlat_<pid>/...`, removed when their link goes (every exit path that runs
+//! destructors), and, after a kill -9, removed by the next start.
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use libbpf_rs::{Link, ProgramMut};
+
+/// How kprobes are attached (`--kprobe-attach`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KprobeAttach {
+    /// The PMU where the kernel has it, else tracefs.
+    Auto,
+    Pmu,
+    Tracefs,
+}
+
+const GROUP_PREFIX: &str = "tcpconnlat_";
+
+/// A kprobe attached one way or the other; dropping it detaches (and removes the tracefs
+/// event). Held only to be dropped.
+#[allow(dead_code)]
+pub enum Kprobe {
+    Pmu(Link),
+    Tracefs(TracefsKprobe),
+}
+
+pub struct TracefsKprobe {
+    link: Option<Link>,
+    kprobe_events: PathBuf,
+    name: String,
+}
+
+impl Drop for TracefsKprobe {
+    fn drop(&mut self) {
+        // The event is busy until the program is detached from it.
+        drop(self.link.take());
+        let _ = remove_event(&self.kprobe_events, &self.name);
+    }
+}
+
+/// Attach `prog` to the entry (or return) of kernel function `symbol`.
+pub fn attach(
+    prog: &ProgramMut<'_>,
+    retprobe: bool,
+    symbol: &str,
+    how: KprobeAttach,
+    pmu: bool,
+    tracefs: Option<&Path>,
+    index: usize,
+) -> Result<Kprobe> {
+    let use_pmu = match how {
+        KprobeAttach::Pmu if !pmu => {
+            bail!("the kernel has no kprobe PMU: use --kprobe-attach tracefs")
+        }
+        KprobeAttach::Pmu => true,
+        KprobeAttach::Tracefs => false,
+        KprobeAttach::Auto => pmu,
+    };
+    if use_pmu {
+        return Ok(Kprobe::Pmu(prog.attach_kprobe(retprobe, symbol)?));
+    }
+    let tracefs =
+        tracefs.ok_or_else(|| anyhow!("tracefs is not mounted: kprobe_events needs it"))?;
+    let kprobe_events = tracefs.join("kprobe_events");
+    let kind = if retprobe { 'r' } else { 'p' };
+    // Event names allow [A-Za-z0-9_]: symbols like tcp_v4_connect.isra.0 need cleaning.
+    let clean: String = symbol
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    let name = format!(
+        "{GROUP_PREFIX}{}/{kind}_{clean}_{index}",
+        std::process::id()
+    );
+    add_event(&kprobe_events, &format!("{kind}:{name} {symbol}"))
+        .with_context(|| format!("adding kprobe event {name} in {}", kprobe_events.display()))?;
+    // From here on the event exists: the guard removes it whatever happens next.
+    let mut probe = TracefsKprobe {
+        link: None,
+        kprobe_events,
+        name,
+    };
+    let id_path = tracefs.join("events").join(&probe.name).join("id");
+    let id: u64 = fs::read_to_string(&id_path)
+        .with_context(|| format!("reading {}", id_path.display()))?
+        .trim()
+        .parse()
+        .with_context(|| format!("parsing {}", id_path.display()))?;
+    let fd = perf_event_open_tracepoint(id).context("perf_event_open for the kprobe event")?;
+    // libbpf owns the fd from here and closes it with the link.
+    probe.link = Some(prog.attach_perf_event(fd.into_raw_fd())?);
+    Ok(Kprobe::Tracefs(probe))
+}
+
+fn add_event(kprobe_events: &Path, line: &str) -> std::io::Result<()> {
+    // Append: writing without O_APPEND would clear every other kprobe event.
+    let mut f = OpenOptions::new().append(true).open(kprobe_events)?;
+    writeln!(f, "{line}")
+}
+
+fn remove_event(kprobe_events: &Path, name: &str) -> std::io::Result<()> {
+    add_event(kprobe_events, &format!("-:{name}"))
+}
+
+/// Remove kprobe events that a tcpconnlat which is gone left behind (killed with -9).
+/// Returns how many.
+pub fn remove_stale(tracefs: &Path) -> usize {
+    let kprobe_events = tracefs.join("kprobe_events");
+    let Ok(text) = fs::read_to_string(&kprobe_events) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for line in text.lines() {
+        // "p:tcpconnlat_1234/p_tcp_v4_connect_0 tcp_v4_connect"
+        let Some(name) = line
+            .split_whitespace()
+            .next()
+            .and_then(|w| w.split_once(':'))
+            .map(|(_, n)| n)
+        else {
+            continue;
+        };
+        let Some(pid) = name
+            .split('/')
+            .next()
+            .and_then(|group| group.strip_prefix(GROUP_PREFIX))
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id()
+            && !Path::new(&format!("/proc/{pid}")).exists()
+            && remove_event(&kprobe_events, name).is_ok()
+        {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// perf_event_open(2) on a tracepoint-type event (a tracefs kprobe), all CPUs' worth:
+/// kprobes fire on every CPU whatever the event's CPU.
+fn perf_event_open_tracepoint(id: u64) -> Result<OwnedFd> {
+    let mut attr: libbpf_rs::libbpf_sys::perf_event_attr = unsafe { std::mem::zeroed() };
+    attr.type_ = libbpf_rs::libbpf_sys::PERF_TYPE_TRACEPOINT;
+    attr.size = std::mem::size_of_val(&attr) as u32;
+    attr.config = id;
+    // SAFETY: a valid attr, pid -1 with cpu 0 (system-wide), no group, CLOEXEC.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_perf_event_open,
+            &attr as *const _,
+            -1 as libc::pid_t,
+            0 as libc::c_int,
+            -1 as libc::c_int,
+            libbpf_rs::libbpf_sys::PERF_FLAG_FD_CLOEXEC as libc::c_ulong,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    // SAFETY: the kernel just gave us this fd.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
