@@ -5,10 +5,10 @@
 //! CPU time, its start-up time and peak memory. Prints figures; passes or fails nothing.
 
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -41,20 +41,23 @@ fn main() {
     println!("{CONNECTS} loopback connect+accept+close per measurement, {THREADS} client threads, {ROUNDS} interleaved rounds, median shown\n");
 
     // Warm up the TCP stack and the page cache.
-    storm(server.addr, CONNECTS / 4);
+    storm(&server, CONNECTS / 4);
 
     let mut setups = vec![Setup::Nothing];
     for mode in &modes {
         setups.push(Setup::Floor(mode.clone()));
-        setups.push(Setup::Tracer(mode.clone(), "ringbuf"));
+        setups.push(Setup::Tracer(mode.clone(), "ringbuf", true));
         // The perf buffer is what kernels before 5.8 (and legacy mode) get: same probes.
-        setups.push(Setup::Tracer(mode.clone(), "perfbuf"));
+        setups.push(Setup::Tracer(mode.clone(), "perfbuf", true));
+        // Every probe runs in full but the last filter drops each event: the probes'
+        // cost without any output.
+        setups.push(Setup::Tracer(mode.clone(), "ringbuf", false));
     }
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); setups.len()];
     let mut tracer_stats: Vec<Vec<(usize, usize, f64)>> = vec![Vec::new(); setups.len()];
     for _ in 0..ROUNDS {
         for (i, setup) in setups.iter().enumerate() {
-            let (us, stats) = measure(setup, server.addr);
+            let (us, stats) = measure(setup, &server);
             times[i].push(us);
             tracer_stats[i].extend(stats);
         }
@@ -68,7 +71,7 @@ fn main() {
     );
     // The floor of a tracer's mode: the empty programs on its hooks.
     let floor_of = |i: usize| match &setups[i] {
-        Setup::Tracer(mode, _) => setups
+        Setup::Tracer(mode, _, _) => setups
             .iter()
             .position(|s| matches!(s, Setup::Floor(m) if m == mode))
             .map(|f| median(&times[f])),
@@ -98,6 +101,9 @@ fn main() {
             if floor > base { (us - base) / (floor - base) } else { f64::NAN },
         );
         let stats = &tracer_stats[i];
+        if let Setup::Tracer(_, _, false) = setups[i] {
+            continue;
+        }
         let made: usize = stats.iter().map(|s| s.0).sum();
         let seen: usize = stats.iter().map(|s| s.1).sum();
         let cpu = stats.iter().map(|s| s.2).sum::<f64>() / stats.len() as f64;
@@ -138,37 +144,53 @@ fn features() -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("--features --json")
 }
 
-/// Accepts and closes connections as fast as they come.
+/// One listener per client thread, on 127.0.0.1: each thread accepts its own connects
+/// (a shared accept thread falls behind under load, overflows the accept queue and turns
+/// connects into 1 s SYN retransmits).
 struct Server {
-    addr: SocketAddr,
+    listeners: Arc<Vec<TcpListener>>,
 }
 
 impl Server {
     fn start() -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        thread::spawn(move || {
-            for conn in listener.incoming() {
-                drop(conn);
-            }
-        });
-        Server { addr }
+        let listeners = (0..THREADS)
+            .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        Server {
+            listeners: Arc::new(listeners),
+        }
+    }
+
+    /// Their ports, comma-separated for --dport.
+    fn ports(&self) -> String {
+        let ports: Vec<String> = self
+            .listeners
+            .iter()
+            .map(|l| l.local_addr().unwrap().port().to_string())
+            .collect();
+        ports.join(",")
     }
 }
 
-/// `n` connects from THREADS threads; the wall time.
-fn storm(addr: SocketAddr, n: usize) -> Duration {
+/// `n` connects, accepts and closes from THREADS threads; the wall time.
+fn storm(server: &Server, n: usize) -> Duration {
     let left = Arc::new(AtomicUsize::new(n));
     let start = Instant::now();
     let workers: Vec<_> = (0..THREADS)
-        .map(|_| {
+        .map(|i| {
             let left = left.clone();
+            let listeners = server.listeners.clone();
             thread::spawn(move || {
+                let listener = &listeners[i];
+                let to = listener.local_addr().unwrap();
                 while left
                     .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| l.checked_sub(1))
                     .is_ok()
                 {
-                    drop(TcpStream::connect(addr).expect("connect"));
+                    let client = connect_from(next_source(), to);
+                    let (accepted, _) = listener.accept().expect("accept");
+                    drop(client);
+                    drop(accepted);
                 }
             })
         })
@@ -179,12 +201,43 @@ fn storm(addr: SocketAddr, n: usize) -> Duration {
     start.elapsed()
 }
 
+/// Source addresses 127.0.0.2 to 127.0.0.251 in turn: each has its own ephemeral ports,
+/// so hundreds of thousands of connects never meet an old connection's TIME_WAIT.
+fn next_source() -> std::net::Ipv4Addr {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed) % 250;
+    std::net::Ipv4Addr::new(127, 0, 0, 2 + n as u8)
+}
+
+/// One blocking connect from `source`.
+fn connect_from(source: std::net::Ipv4Addr, to: SocketAddr) -> std::os::fd::OwnedFd {
+    use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
+    use std::os::fd::AsRawFd;
+    let SocketAddr::V4(to) = to else {
+        unreachable!("the server is on 127.0.0.1")
+    };
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("socket");
+    bind(
+        fd.as_raw_fd(),
+        &SockaddrIn::from(std::net::SocketAddrV4::new(source, 0)),
+    )
+    .expect("bind a loopback source");
+    connect(fd.as_raw_fd(), &SockaddrIn::from(to)).expect("connect");
+    fd
+}
+
 enum Setup {
     Nothing,
     /// Empty programs on a mode's hooks.
     Floor(String),
-    /// Mode and transport.
-    Tracer(String, &'static str),
+    /// Mode, transport, and whether events reach the output.
+    Tracer(String, &'static str, bool),
 }
 
 impl Setup {
@@ -192,8 +245,11 @@ impl Setup {
         match self {
             Setup::Nothing => "no tracer".into(),
             Setup::Floor(mode) => format!("empty programs ({mode} hooks)"),
-            Setup::Tracer(mode, transport) => {
+            Setup::Tracer(mode, transport, true) => {
                 format!("tcpconnlat --mode {mode} --transport {transport}")
+            }
+            Setup::Tracer(mode, transport, false) => {
+                format!("tcpconnlat --mode {mode} --transport {transport}, no output")
             }
         }
     }
@@ -201,17 +257,19 @@ impl Setup {
 
 /// One storm under `setup`: microseconds per connect, and for tcpconnlat (connects made,
 /// events it showed, its CPU share).
-fn measure(setup: &Setup, addr: SocketAddr) -> (f64, Option<(usize, usize, f64)>) {
+fn measure(setup: &Setup, server: &Server) -> (f64, Option<(usize, usize, f64)>) {
     let per_connect = |d: Duration| d.as_secs_f64() * 1e6 / CONNECTS as f64;
     match setup {
-        Setup::Nothing => (per_connect(storm(addr, CONNECTS)), None),
+        Setup::Nothing => (per_connect(storm(server, CONNECTS)), None),
         Setup::Floor(mode) => {
             let _floor = Floor::attach(mode);
-            (per_connect(storm(addr, CONNECTS)), None)
+            (per_connect(storm(server, CONNECTS)), None)
         }
-        Setup::Tracer(mode, transport) => {
-            let tracer = Tracer::start(mode, transport, addr.port());
-            let took = storm(addr, CONNECTS);
+        Setup::Tracer(mode, transport, shown) => {
+            // Port 1: nothing connects there, so the final --dport check drops every event.
+            let ports = if *shown { server.ports() } else { "1".into() };
+            let tracer = Tracer::start(mode, transport, &ports);
+            let took = storm(server, CONNECTS);
             (per_connect(took), Some(tracer.finish(CONNECTS)))
         }
     }
@@ -260,7 +318,8 @@ impl Floor {
 /// tcpconnlat in one mode, its JSON lines counted (only the benchmark server's port).
 struct Tracer {
     child: Child,
-    events: mpsc::Receiver<usize>,
+    /// Its stdout: a file, so that no reader of ours competes with the storm for CPU.
+    output: tempfile::NamedTempFile,
     cpu_start: f64,
     started: Instant,
 }
@@ -273,11 +332,12 @@ impl Drop for Tracer {
 }
 
 impl Tracer {
-    fn start(mode: &str, transport: &str, port: u16) -> Tracer {
+    fn start(mode: &str, transport: &str, ports: &str) -> Tracer {
+        let output = tempfile::NamedTempFile::new().expect("a temporary file");
         let mut child = Command::new(BIN)
             .args(["--json", "--mode", mode, "--transport", transport])
-            .args(["--dport", &port.to_string()])
-            .stdout(Stdio::piped())
+            .args(["--dport", ports])
+            .stdout(output.reopen().expect("reopen the output file"))
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn tcpconnlat");
@@ -291,35 +351,27 @@ impl Tracer {
             }
         }
         thread::spawn(move || lines.for_each(|l| eprintln!("  tracer: {}", l.unwrap_or_default())));
-        let (tx, events) = mpsc::channel();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        thread::spawn(move || {
-            let n = stdout
-                .lines()
-                .map_while(Result::ok)
-                .filter(|l| l.contains("\"type\":\"connect\""))
-                .count();
-            let _ = tx.send(n);
-        });
         let cpu_start = cpu_seconds(child.id());
         Tracer {
             child,
-            events,
+            output,
             cpu_start,
             started: Instant::now(),
         }
     }
 
     /// (connects made, events seen, CPU share) once it has shown everything and exited.
-    fn finish(self, made: usize) -> (usize, usize, f64) {
+    fn finish(mut self, made: usize) -> (usize, usize, f64) {
         let cpu = cpu_seconds(self.child.id()) - self.cpu_start;
         let share = cpu / self.started.elapsed().as_secs_f64();
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
-        let seen = self
-            .events
-            .recv_timeout(Duration::from_secs(20))
-            .unwrap_or(0);
+        let _ = self.child.wait();
+        let seen = BufReader::new(self.output.reopen().expect("reopen the output file"))
+            .lines()
+            .map_while(Result::ok)
+            .filter(|l| l.contains("\"type\":\"connect\""))
+            .count();
         (made, seen, share)
     }
 }

@@ -165,7 +165,7 @@ test_bin() { # name: the release integration test executable for tests/<name>.rs
 }
 # The kernel-facing suites, run once per mode; and the suites run once per kernel.
 TRACE_TESTS="$(test_bin trace) $(test_bin outcomes)"
-ONCE_TESTS="$(test_bin cli) $(test_bin legacy)"
+ONCE_TESTS="$(test_bin cli) $(test_bin legacy) $(test_bin hardening)"
 for t in $TRACE_TESTS $ONCE_TESTS; do
     [ -x "$t" ] || { echo "ci/matrix.sh: test binaries not found" >&2; exit 1; }
 done

@@ -210,13 +210,18 @@ struct state_change {
 /* Read a field at a runtime offset (from a format file, BTF or kernel headers). */
 #define READ_AT(dst, base, off) bpf_probe_read(&(dst), sizeof(dst), (char *)(base) + (off))
 
+/*
+ * Read what decides; -1 if unreadable or if it is no transition into or out of SYN_SENT
+ * (most state changes: those cost two reads only).
+ */
 static __always_inline int read_state_change(void *ctx, const struct state_layout *l,
 					     struct state_change *sc)
 {
-	if (READ_AT(sc->skaddr, ctx, l->skaddr) ||
-	    READ_AT(sc->oldstate, ctx, l->oldstate) ||
-	    READ_AT(sc->newstate, ctx, l->newstate) ||
-	    READ_AT(sc->family, ctx, l->family))
+	if (READ_AT(sc->oldstate, ctx, l->oldstate) || READ_AT(sc->newstate, ctx, l->newstate))
+		return -1;
+	if (sc->oldstate != TCP_SYN_SENT && sc->newstate != TCP_SYN_SENT)
+		return -1;
+	if (READ_AT(sc->skaddr, ctx, l->skaddr) || READ_AT(sc->family, ctx, l->family))
 		return -1;
 	sc->protocol = IPPROTO_TCP;
 	if (l->protocol && READ_AT(sc->protocol, ctx, l->protocol))

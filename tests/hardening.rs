@@ -96,9 +96,13 @@ fn a_syn_flood_is_reported_in_full_as_timeouts_with_flat_memory() {
     let started = Instant::now();
     let sockets = flood(&net.a, server, n);
     let made = started.elapsed();
-    thread::sleep(Duration::from_millis(500));
-    // Every connect is in flight at once, and the table holds them all.
-    assert_eq!(tracer.map_entries("pending"), n);
+    // Every connect is in flight at once, and the table holds them all (until the first
+    // ones time out, 3 s after their SYN: a slow machine may not get them all out by then).
+    if made < Duration::from_millis(2500) {
+        assert_eq!(tracer.map_entries("pending"), n);
+    } else {
+        eprintln!("the flood took {made:?}: not checking that all were in flight at once");
+    }
 
     // Counted as they come (looking at every event each time would be quadratic).
     let mut answered = 0;

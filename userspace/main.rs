@@ -205,7 +205,10 @@ fn run(cli: &Cli, started: Instant) -> Result<()> {
     } else {
         View::Lines
     };
-    let mut printer = Printer::new(io::stdout().lock(), cli.json, view, columns, tracer.mode);
+    // Stdout alone flushes every line: a write per event would cost more than the probes.
+    // Lines are flushed whenever the queue is empty, so none waits longer than --max-delay.
+    let out = io::BufWriter::with_capacity(64 * 1024, io::stdout().lock());
+    let mut printer = Printer::new(out, cli.json, view, columns, tracer.mode);
     printer.start()?;
     runtime.block_on(async {
         let mut stream = stream;

@@ -39,6 +39,7 @@ for mode in $REFUSED; do
 done
 
 # Errors, --features against the kernel's files, every forced mode as --features says,
+# hardening (SYN flood, lost events, signals, capabilities) in the mode auto picks,
 # and legacy mode's object, tracefs kprobe cleanup and agreement with fentry.
 result=pass
 : >"$t/results"
