@@ -69,6 +69,20 @@ fn flood(ns: &str, server: SocketAddr, n: usize) -> Vec<OwnedFd> {
     })
 }
 
+/// How many IPv4 TCP sockets of namespace `ns` are in each state (/proc/net/tcp codes).
+fn tcp_states(ns: &str) -> std::collections::BTreeMap<String, usize> {
+    let table = NetPair::within(ns, || {
+        fs::read_to_string("/proc/thread-self/net/tcp").unwrap()
+    });
+    let mut states = std::collections::BTreeMap::new();
+    for line in table.lines().skip(1) {
+        if let Some(state) = line.split_whitespace().nth(3) {
+            *states.entry(state.to_owned()).or_insert(0) += 1;
+        }
+    }
+    states
+}
+
 /// How many sockets to flood with: 30,000, or as many as this process may open (raising
 /// the hard limit needs CAP_SYS_RESOURCE), leaving room for everything else.
 fn flood_size() -> usize {
@@ -98,7 +112,8 @@ fn a_syn_flood_is_reported_in_full_as_timeouts_with_flat_memory() {
     let made = started.elapsed();
     // Every connect is in flight at once, and the table holds them all (until the first
     // ones time out, 3 s after their SYN: a slow machine may not get them all out by then).
-    if made < Duration::from_millis(2500) {
+    let all_at_once = made < Duration::from_millis(2500);
+    if all_at_once {
         assert_eq!(tracer.map_entries("pending"), n);
     } else {
         eprintln!("the flood took {made:?}: not checking that all were in flight at once");
@@ -123,15 +138,26 @@ fn a_syn_flood_is_reported_in_full_as_timeouts_with_flat_memory() {
     );
     assert_eq!(counted(&all, "lost"), 0, "events were lost");
     assert_eq!(counted(&all, "untracked"), 0);
-    assert_eq!(events.len(), n);
+    assert_eq!(
+        events.len(),
+        n,
+        "{} still pending in the tracer; sockets in namespace a by TCP state (hex): {:?}; tracer stderr: {}",
+        tracer.map_entries("pending"),
+        tcp_states(&net.a),
+        tracer.stderr.lock().unwrap()
+    );
     for e in &events {
         assert_eq!(e["outcome"], "timeout", "{e}");
         // Asked for one retry; kernels differ in how many SYNs fit before they give up.
         assert!(e["syn_retrans"].as_u64() >= Some(1), "{e}");
         assert_eq!(e["daddr"], net.server_v4(), "{e}");
     }
-    let ports: HashSet<_> = events.iter().map(|e| e["lport"].as_u64()).collect();
-    assert_eq!(ports.len(), n, "some connect was reported twice");
+    // While all are in flight each holds its own port; on a machine too slow for that,
+    // ports of connects that already timed out are taken again.
+    if all_at_once {
+        let ports: HashSet<_> = events.iter().map(|e| e["lport"].as_u64()).collect();
+        assert_eq!(ports.len(), n, "some connect was reported twice");
+    }
     assert_eq!(
         tracer.map_entries("pending"),
         0,

@@ -27,7 +27,18 @@ impl Host {
     /// stay unknown and the plan says so.
     pub fn detect(privileged: bool, btf_file: Option<&Path>) -> Host {
         let root = Path::new("/");
-        let mut features = Features::detect(root);
+        // The two slow parts of start-up side by side: the kernel formatting
+        // /proc/kallsyms (in Features::detect) and parsing its BTF for struct offsets.
+        let (mut features, sock_offsets) = std::thread::scope(|scope| {
+            let features = scope.spawn(|| Features::detect(root));
+            let release = std::fs::read_to_string(root.join("proc/sys/kernel/osrelease"))
+                .map(|r| r.trim().to_owned())
+                .ok();
+            let kernel_btf = Path::new(VMLINUX_BTF).is_file();
+            let offsets = find_offsets(kernel_btf, release.as_deref(), btf_file);
+            let features = features.join().expect("kernel feature detection panicked");
+            (features, offsets)
+        });
         let mut mounted_tracefs = None;
         if features.tracefs.is_none() && privileged {
             if let Some(dir) = mount_tracefs() {
@@ -35,7 +46,6 @@ impl Host {
                 features = Features::detect(root);
             }
         }
-        let sock_offsets = find_offsets(&features, btf_file);
         let mut trials = Trials {
             sock_offsets: Some(
                 sock_offsets
@@ -67,7 +77,11 @@ pub struct KnownOffsets {
 
 /// In order: the BTF file the user gave, the kernel's own BTF, offsets built in from
 /// kernel headers for this release; else an error naming both remedies.
-fn find_offsets(features: &Features, btf_file: Option<&Path>) -> Result<KnownOffsets, String> {
+fn find_offsets(
+    kernel_btf: bool,
+    release: Option<&str>,
+    btf_file: Option<&Path>,
+) -> Result<KnownOffsets, String> {
     let from_btf = |path: &Path| {
         btf::sock_offsets(path)
             .map(|offsets| KnownOffsets {
@@ -79,10 +93,10 @@ fn find_offsets(features: &Features, btf_file: Option<&Path>) -> Result<KnownOff
     if let Some(path) = btf_file {
         return from_btf(path);
     }
-    if features.btf {
+    if kernel_btf {
         return from_btf(Path::new(VMLINUX_BTF));
     }
-    let release = features.release.as_deref().unwrap_or("unknown");
+    let release = release.unwrap_or("unknown");
     probes::header_offsets(release)
         .map(|offsets| KnownOffsets {
             offsets,

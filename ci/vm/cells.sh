@@ -3,7 +3,8 @@
 # host (by ci/matrix.sh). Needs: BIN, TRACE_TESTS (the kernel-facing test binaries, run
 # once per mode), ONCE_TESTS (run once), MODES (modes, or variants such as legacy+btf and
 # legacy+tracefs) and REFUSED
-# (space-separated modes), AUTO (the mode auto must pick). Prints @@CELL and @@FEATURES
+# (space-separated modes), AUTO (the mode auto must pick), optionally ONCE_SKIP (a test
+# the once-run suites leave out here). Prints @@CELL and @@FEATURES
 # lines (see ci/vm/init).
 t=$(mktemp -d)
 cell() { echo "@@CELL $1 $2 $3"; }
@@ -45,7 +46,7 @@ result=pass
 : >"$t/results"
 for test in $ONCE_TESTS; do
     if ! TCPCONNLAT_EXPECT_AUTO=$AUTO TCPCONNLAT_EXPECT_REFUSED=$(echo $REFUSED | tr ' ' ,) \
-        timeout 600 "$test" --test-threads=1 >"$t/out" 2>&1; then
+        timeout 600 "$test" --test-threads=1 ${ONCE_SKIP:+--skip "$ONCE_SKIP"} >"$t/out" 2>&1; then
         result=fail
         tail -60 "$t/out"
     fi
