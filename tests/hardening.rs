@@ -397,3 +397,42 @@ fn once_attached_it_keeps_no_capability_it_does_not_need() {
     assert!(events.iter().any(|e| e["lport"] == lport), "{events:#?}");
     assert!(tracer.interrupt().success());
 }
+
+#[test]
+fn an_entry_whose_end_no_probe_saw_is_swept_and_reported() {
+    use libbpf_rs::{MapCore, MapFlags, MapHandle};
+    let _serial = serial();
+    let tracer = Tracer::start(&["--json"]);
+    let pending = tracer
+        .map_ids()
+        .into_iter()
+        .map(|id| MapHandle::from_map_id(id).unwrap())
+        .find(|m| m.name().to_str() == Some("pending"))
+        .unwrap();
+    // What the kernel leaves when it skips the probe that would end a connect: an entry
+    // nobody removes. One an hour old, one just made (a connect still waiting).
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
+    let now_ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
+    let entry = |start_ns: u64| {
+        let mut value = vec![0u8; pending.value_size() as usize];
+        value[..8].copy_from_slice(&start_ns.to_ne_bytes());
+        value
+    };
+    let (stale, fresh) = (0xdead_0000_u64.to_ne_bytes(), 0xbeef_0000_u64.to_ne_bytes());
+    pending
+        .update(&stale, &entry(now_ns - 3_600_000_000_000), MapFlags::ANY)
+        .unwrap();
+    pending
+        .update(&fresh, &entry(now_ns), MapFlags::ANY)
+        .unwrap();
+    let all = tracer.events_until(Duration::from_secs(15), |ev| {
+        ev.iter().any(|e| e["type"] == "missed")
+    });
+    assert_eq!(counted(&all, "missed"), 1, "{all:#?}");
+    assert!(pending.lookup(&stale, MapFlags::ANY).unwrap().is_none());
+    assert!(pending.lookup(&fresh, MapFlags::ANY).unwrap().is_some());
+    let said = |s: &str| s.contains("1 connects not traced to their end: the kernel skipped");
+    assert!(said(&tracer.stderr_until(Duration::from_secs(2), said)));
+    pending.delete(&fresh).unwrap();
+    assert!(tracer.interrupt().success());
+}

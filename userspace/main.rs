@@ -257,6 +257,7 @@ fn run(cli: &Cli, started: Instant) -> Result<()> {
                 }
                 Record::Lost(n) => printer.lost(n, tracer.transport.name())?,
                 Record::Untracked(n) => printer.untracked(n, tracer.sizes.max_pending)?,
+                Record::Missed(n) => printer.missed(n)?,
             }
             if stream.is_idle() {
                 printer.flush()?;

@@ -132,6 +132,14 @@ impl<W: Write> Printer<W> {
         self.shortfall("untracked", count, &message)
     }
 
+    /// Connects whose end the kernel did not show the probes.
+    pub fn missed(&mut self, count: u64) -> io::Result<()> {
+        let message = format!(
+            "{count} connects not traced to their end: the kernel skipped the probe (it would have run inside another BPF program)"
+        );
+        self.shortfall("missed", count, &message)
+    }
+
     /// Something missing from the output: said on stderr, and in the JSON stream.
     fn shortfall(&mut self, kind: &str, count: u64, message: &str) -> io::Result<()> {
         eprintln!("tcpconnlat: {message}");

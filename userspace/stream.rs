@@ -31,6 +31,51 @@ pub enum Record {
     Lost(u64),
     /// Connects not timed because the pending table was full.
     Untracked(u64),
+    /// Connects whose end no probe saw (the kernel skipped it), found stale and removed.
+    Missed(u64),
+}
+
+/// The pending table's entries are removed by the probe that sees the socket leave
+/// SYN_SENT. The kernel skips a BPF program that would run nested in another one on the
+/// same CPU (a softirq landing inside a probe), so once in a long while that probe never
+/// runs and its entry would stay. Entries are swept this often, and removed once older
+/// than any SYN retry schedule with default settings (about 2 minutes) could keep a
+/// connect waiting, with a wide margin.
+struct Sweeper {
+    map: MapHandle,
+    last: std::time::Instant,
+}
+
+impl Sweeper {
+    const EVERY: Duration = Duration::from_secs(5);
+    const STALE_NS: u64 = 15 * 60 * 1_000_000_000;
+
+    /// Entries removed, if a sweep was due.
+    fn sweep(&mut self) -> Result<u64> {
+        if self.last.elapsed() < Self::EVERY {
+            return Ok(0);
+        }
+        self.last = std::time::Instant::now();
+        // Entries hold bpf_ktime_get_ns() start times: CLOCK_MONOTONIC.
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+            .context("reading the monotonic clock")?;
+        let now_ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
+        let mut removed = 0;
+        let keys: Vec<Vec<u8>> = self.map.keys().collect();
+        for key in keys {
+            let Ok(Some(value)) = self.map.lookup(&key, MapFlags::ANY) else {
+                continue; // finished meanwhile
+            };
+            let start_ns = value
+                .get(..8)
+                .and_then(|b| b.try_into().ok())
+                .map_or(0, u64::from_ne_bytes);
+            if now_ns.saturating_sub(start_ns) > Self::STALE_NS && self.map.delete(&key).is_ok() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
 }
 
 /// The probes' `counters` map (see COUNTER_* in probes/tcpconnlat.h) and what was last
@@ -84,6 +129,7 @@ pub struct EventStream<'cb> {
     tick: Interval,
     queue: Rc<RefCell<VecDeque<Record>>>,
     counters: Counters,
+    sweeper: Sweeper,
 }
 
 impl<'cb> EventStream<'cb> {
@@ -138,6 +184,10 @@ impl<'cb> EventStream<'cb> {
             seen: [0; 2],
             perf_lost,
         };
+        let sweeper = Sweeper {
+            map: MapHandle::try_from(&find_map(&tracer.object, "pending")?)?,
+            last: std::time::Instant::now(),
+        };
         let mut tick = interval(max_delay);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         Ok(EventStream {
@@ -146,6 +196,7 @@ impl<'cb> EventStream<'cb> {
             tick,
             queue,
             counters,
+            sweeper,
         })
     }
 
@@ -170,7 +221,11 @@ impl<'cb> EventStream<'cb> {
             Buffer::Perf(perf) => perf.consume()?,
         }
         let (dropped, untracked) = self.counters.read()?;
+        let missed = self.sweeper.sweep()?;
         let mut queue = self.queue.borrow_mut();
+        if missed > 0 {
+            queue.push_back(Record::Missed(missed));
+        }
         if dropped > 0 {
             queue.push_back(Record::Lost(dropped));
         }
