@@ -307,7 +307,19 @@ fn signals_at_any_moment_under_load_leave_nothing_behind() {
         let stop = stop.clone();
         thread::spawn(move || {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                connect(server);
+                // Closed with an RST (linger 0) and paced: an unbounded loop leaves tens of
+                // thousands of TIME_WAIT sockets, and once the ephemeral ports run out each
+                // connect scans them all in the kernel (a minute-long soft lockup under
+                // emulation).
+                let stream =
+                    std::net::TcpStream::connect_timeout(&server, Duration::from_secs(5)).unwrap();
+                let linger = libc::linger {
+                    l_onoff: 1,
+                    l_linger: 0,
+                };
+                socket::setsockopt(&stream, socket::sockopt::Linger, &linger).unwrap();
+                drop(stream);
+                thread::sleep(Duration::from_millis(1));
             }
         })
     };
