@@ -43,6 +43,10 @@ fn vm_rss_kb(pid: u32) -> u64 {
 /// `n` non-blocking connects from namespace `ns` to `server`, all left waiting for an
 /// answer; the sockets are returned so that the caller decides when they close.
 fn flood(ns: &str, server: SocketAddr, n: usize) -> Vec<OwnedFd> {
+    assert!(
+        n <= flood_size(),
+        "RLIMIT_NOFILE does not allow {n} sockets"
+    );
     let SocketAddr::V4(v4) = server else {
         unreachable!()
     };
@@ -422,7 +426,8 @@ fn an_entry_whose_end_no_probe_saw_is_swept_and_reported() {
         .find(|m| m.name().to_str() == Some("pending"))
         .unwrap();
     // What the kernel leaves when it skips the probe that would end a connect: an entry
-    // nobody removes. One an hour old, one just made (a connect still waiting).
+    // nobody removes. One from before this tracer started, one just made (a connect still
+    // waiting).
     let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
     let now_ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
     let entry = |start_ns: u64| {
@@ -431,9 +436,8 @@ fn an_entry_whose_end_no_probe_saw_is_swept_and_reported() {
         value
     };
     let (stale, fresh) = (0xdead_0000_u64.to_ne_bytes(), 0xbeef_0000_u64.to_ne_bytes());
-    pending
-        .update(&stale, &entry(now_ns - 3_600_000_000_000), MapFlags::ANY)
-        .unwrap();
+    // Started before tracing began: no probe of this tracer can have made it.
+    pending.update(&stale, &entry(1), MapFlags::ANY).unwrap();
     pending
         .update(&fresh, &entry(now_ns), MapFlags::ANY)
         .unwrap();

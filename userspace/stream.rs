@@ -40,10 +40,19 @@ pub enum Record {
 /// same CPU (a softirq landing inside a probe), so once in a long while that probe never
 /// runs and its entry would stay. Entries are swept this often, and removed once older
 /// than any SYN retry schedule with default settings (about 2 minutes) could keep a
-/// connect waiting, with a wide margin.
+/// connect waiting, with a wide margin, or if they claim to predate tracing.
 struct Sweeper {
     map: MapHandle,
     last: std::time::Instant,
+    /// CLOCK_MONOTONIC when tracing began.
+    started_ns: u64,
+}
+
+fn monotonic_ns() -> Result<u64> {
+    // Entries hold bpf_ktime_get_ns() start times: CLOCK_MONOTONIC.
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .context("reading the monotonic clock")?;
+    Ok(now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64)
 }
 
 impl Sweeper {
@@ -56,10 +65,7 @@ impl Sweeper {
             return Ok(0);
         }
         self.last = std::time::Instant::now();
-        // Entries hold bpf_ktime_get_ns() start times: CLOCK_MONOTONIC.
-        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-            .context("reading the monotonic clock")?;
-        let now_ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
+        let now_ns = monotonic_ns()?;
         let mut removed = 0;
         let keys: Vec<Vec<u8>> = self.map.keys().collect();
         for key in keys {
@@ -70,7 +76,8 @@ impl Sweeper {
                 .get(..8)
                 .and_then(|b| b.try_into().ok())
                 .map_or(0, u64::from_ne_bytes);
-            if now_ns.saturating_sub(start_ns) > Self::STALE_NS && self.map.delete(&key).is_ok() {
+            let stale = now_ns.saturating_sub(start_ns) > Self::STALE_NS;
+            if (stale || start_ns < self.started_ns) && self.map.delete(&key).is_ok() {
                 removed += 1;
             }
         }
@@ -187,6 +194,7 @@ impl<'cb> EventStream<'cb> {
         let sweeper = Sweeper {
             map: MapHandle::try_from(&find_map(&tracer.object, "pending")?)?,
             last: std::time::Instant::now(),
+            started_ns: monotonic_ns()?,
         };
         let mut tick = interval(max_delay);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
