@@ -1,11 +1,11 @@
-//! The overhead benchmark (`ci/bench.sh`, as root): a loopback connect storm measured side
-//! by side, in interleaved rounds, with no tracer, with empty programs on the hooks each
+//! The overhead benchmark (`ci/bench.sh`, as root): connect storms on loopback and across a
+//! veth pair into a network namespace, measured side by side, in interleaved rounds, with no tracer, with empty programs on the hooks each
 //! mode uses (the floor no tracer can go below) and with tcpconnlat in each mode this kernel
 //! allows; then events received against connects made (nothing may be lost), the tracer's
 //! CPU time, its start-up time and peak memory. Prints figures; passes or fails nothing.
 
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -17,13 +17,30 @@ use libbpf_rs::{Link, ObjectBuilder};
 const BIN: &str = env!("CARGO_BIN_EXE_tcpconnlat");
 const EMPTY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/empty.bpf.o"));
 
-/// Connects per measurement, client threads, rounds of every configuration.
-const CONNECTS: usize = 20_000;
+/// Client threads.
 const THREADS: usize = 2;
-const ROUNDS: usize = 5;
+
+/// Connects per measurement (the matrix VMs, under emulation, use fewer).
+fn connects() -> usize {
+    from_env("TCPCONNLAT_BENCH_CONNECTS", 20_000)
+}
+
+/// Rounds of every configuration.
+fn rounds() -> usize {
+    from_env("TCPCONNLAT_BENCH_ROUNDS", 5)
+}
+
+fn from_env(name: &str, default: usize) -> usize {
+    std::env::var(name).map_or(default, |v| {
+        v.parse()
+            .unwrap_or_else(|_| panic!("{name} must be a whole number, not {v:?}"))
+    })
+}
 
 fn main() {
     let features = features();
+    // Across a veth pair too, unless told not to (the emulated matrix VM, for time).
+    let veth = std::env::var("TCPCONNLAT_BENCH_VETH").map_or(true, |v| v != "0");
     let modes: Vec<String> = features["plan"]
         .as_array()
         .unwrap()
@@ -31,57 +48,81 @@ fn main() {
         .filter(|s| s["usable"] == true && s["mode"] != "legacy")
         .map(|s| s["mode"].as_str().unwrap().to_owned())
         .collect();
-    let server = Server::start();
+    let mut servers = vec![Server::loopback()];
+    if veth {
+        servers.push(Server::veth());
+    }
     println!(
         "kernel {}; {} CPUs; modes here: {}",
         features["kernel"]["release"].as_str().unwrap_or("?"),
         thread::available_parallelism().map_or(0, |n| n.get()),
         modes.join(", ")
     );
-    println!("{CONNECTS} loopback connect+accept+close per measurement, {THREADS} client threads, {ROUNDS} interleaved rounds, median shown\n");
+    println!("{} connect+accept+close per measurement, {THREADS} client threads, {} interleaved rounds, median shown\n", connects(), rounds());
 
-    // Warm up the TCP stack and the page cache.
-    storm(&server, CONNECTS / 4);
+    // Warm up the TCP stack, the page cache and the veth pair's neighbours.
+    for server in &servers {
+        storm(server, connects() / 4);
+    }
 
-    let mut setups = vec![Setup::Nothing];
-    for mode in &modes {
-        setups.push(Setup::Floor(mode.clone()));
-        setups.push(Setup::Tracer(mode.clone(), "ringbuf", true));
-        // The perf buffer is what kernels before 5.8 (and legacy mode) get: same probes.
-        setups.push(Setup::Tracer(mode.clone(), "perfbuf", true));
-        // Every probe runs in full but the last filter drops each event: the probes'
-        // cost without any output.
-        setups.push(Setup::Tracer(mode.clone(), "ringbuf", false));
+    // (network, setup): everything on loopback; across veth the tracer as it runs by default.
+    let mut setups = Vec::new();
+    for (net, _) in servers.iter().enumerate() {
+        setups.push((net, Setup::Nothing));
+        for mode in &modes {
+            setups.push((net, Setup::Floor(mode.clone())));
+            setups.push((net, Setup::Tracer(mode.clone(), "ringbuf", true)));
+            if net > 0 {
+                continue;
+            }
+            // The perf buffer is what kernels before 5.8 (and legacy mode) get: same probes.
+            setups.push((net, Setup::Tracer(mode.clone(), "perfbuf", true)));
+            // Every probe runs in full but the last filter drops each event: the probes'
+            // cost without any output.
+            setups.push((net, Setup::Tracer(mode.clone(), "ringbuf", false)));
+        }
     }
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); setups.len()];
     let mut tracer_stats: Vec<Vec<(usize, usize, f64)>> = vec![Vec::new(); setups.len()];
-    for _ in 0..ROUNDS {
-        for (i, setup) in setups.iter().enumerate() {
-            let (us, stats) = measure(setup, &server);
+    for _ in 0..rounds() {
+        for (i, (net, setup)) in setups.iter().enumerate() {
+            let (us, stats) = measure(setup, &servers[*net]);
             times[i].push(us);
             tracer_stats[i].extend(stats);
         }
     }
-    let names: Vec<String> = setups.iter().map(Setup::name).collect();
-
-    let base = median(&times[0]);
+    let names: Vec<String> = setups
+        .iter()
+        .map(|(net, setup)| format!("{}: {}", servers[*net].name, setup.name()))
+        .collect();
+    // Each network's untraced time.
+    let base_of = |i: usize| {
+        let net = setups[i].0;
+        median(
+            &times[setups
+                .iter()
+                .position(|(n, s)| *n == net && matches!(s, Setup::Nothing))
+                .unwrap()],
+        )
+    };
     println!(
-        "{:<50} {:>12} {:>12} {:>10} {:>10}",
+        "{:<72} {:>12} {:>12} {:>10} {:>10}",
         "configuration", "us/connect", "connects/s", "vs none", "vs floor"
     );
-    // The floor of a tracer's mode: the empty programs on its hooks.
+    // The floor of a tracer's mode: the empty programs on its hooks, on the same network.
     let floor_of = |i: usize| match &setups[i] {
-        Setup::Tracer(mode, _, _) => setups
+        (net, Setup::Tracer(mode, _, _)) => setups
             .iter()
-            .position(|s| matches!(s, Setup::Floor(m) if m == mode))
+            .position(|(n, s)| n == net && matches!(s, Setup::Floor(m) if m == mode))
             .map(|f| median(&times[f])),
         _ => None,
     };
     for (i, name) in names.iter().enumerate() {
+        let base = base_of(i);
         let us = median(&times[i]);
         let floor = floor_of(i);
         println!(
-            "{name:<50} {us:>12.2} {:>12.0} {:>9.3}x {:>10}",
+            "{name:<72} {us:>12.2} {:>12.0} {:>9.3}x {:>10}",
             1e6 / us,
             us / base,
             floor.map_or("".into(), |f| format!("{:.3}x", us / f))
@@ -92,23 +133,24 @@ fn main() {
         let Some(floor) = floor_of(i) else {
             continue;
         };
+        let base = base_of(i);
         let us = median(&times[i]);
         println!(
-            "  {name:<50} +{:.2} us ({:+.1} % of an untraced connect); probe logic over the floor: +{:.2} us ({:.2}x the floor's cost over none)",
+            "  {name:<72} +{:.2} us ({:+.1} % of an untraced connect); probe logic over the floor: +{:.2} us ({:.2}x the floor's cost over none)",
             us - base,
             (us - base) / base * 100.0,
             us - floor,
             if floor > base { (us - base) / (floor - base) } else { f64::NAN },
         );
         let stats = &tracer_stats[i];
-        if let Setup::Tracer(_, _, false) = setups[i] {
+        if let (_, Setup::Tracer(_, _, false)) = setups[i] {
             continue;
         }
         let made: usize = stats.iter().map(|s| s.0).sum();
         let seen: usize = stats.iter().map(|s| s.1).sum();
         let cpu = stats.iter().map(|s| s.2).sum::<f64>() / stats.len() as f64;
         println!(
-            "  {:<50} events: {seen} of {made} connects ({} lost); tracer CPU {:.1} % of one core while tracing",
+            "  {:<72} events: {seen} of {made} connects ({} lost); tracer CPU {:.1} % of one core while tracing",
             "", made - seen.min(made), cpu * 100.0
         );
     }
@@ -144,20 +186,51 @@ fn features() -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("--features --json")
 }
 
-/// One listener per client thread, on 127.0.0.1: each thread accepts its own connects
-/// (a shared accept thread falls behind under load, overflows the accept queue and turns
-/// connects into 1 s SYN retransmits).
+/// One listener per client thread: each thread accepts its own connects (a shared accept
+/// thread falls behind under load, overflows the accept queue and turns connects into 1 s
+/// SYN retransmits). Clients connect from 250 source addresses in turn: each has its own
+/// ephemeral ports, so hundreds of thousands of connects never meet an old connection's
+/// TIME_WAIT.
 struct Server {
+    name: &'static str,
     listeners: Arc<Vec<TcpListener>>,
+    sources: Arc<Vec<Ipv4Addr>>,
+    _veth: Option<Veth>,
 }
 
 impl Server {
-    fn start() -> Server {
+    /// On 127.0.0.1, from 127.0.0.2 to 127.0.0.251.
+    fn loopback() -> Server {
         let listeners = (0..THREADS)
             .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
             .collect();
         Server {
+            name: "loopback",
             listeners: Arc::new(listeners),
+            sources: Arc::new((2..252).map(|n| Ipv4Addr::new(127, 0, 0, n)).collect()),
+            _veth: None,
+        }
+    }
+
+    /// In a network namespace at the far end of a veth pair, from 250 addresses on the
+    /// near end.
+    fn veth() -> Server {
+        let veth = Veth::create();
+        let ns = std::fs::File::open(format!("/run/netns/{}", veth.ns)).expect("open the netns");
+        // A thread that enters the namespace creates the listeners there; they stay in it.
+        let listeners = thread::spawn(move || {
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            (0..THREADS)
+                .map(|_| TcpListener::bind((Veth::FAR, 0)).expect("listen in the netns"))
+                .collect()
+        })
+        .join()
+        .unwrap();
+        Server {
+            name: "veth",
+            listeners: Arc::new(listeners),
+            sources: Arc::new(Veth::near()),
+            _veth: Some(veth),
         }
     }
 
@@ -180,6 +253,7 @@ fn storm(server: &Server, n: usize) -> Duration {
         .map(|i| {
             let left = left.clone();
             let listeners = server.listeners.clone();
+            let sources = server.sources.clone();
             thread::spawn(move || {
                 let listener = &listeners[i];
                 let to = listener.local_addr().unwrap();
@@ -187,7 +261,7 @@ fn storm(server: &Server, n: usize) -> Duration {
                     .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| l.checked_sub(1))
                     .is_ok()
                 {
-                    let client = connect_from(next_source(), to);
+                    let client = connect_from(next_source(&sources), to);
                     let (accepted, _) = listener.accept().expect("accept");
                     drop(client);
                     drop(accepted);
@@ -201,16 +275,68 @@ fn storm(server: &Server, n: usize) -> Duration {
     start.elapsed()
 }
 
-/// Source addresses 127.0.0.2 to 127.0.0.251 in turn: each has its own ephemeral ports,
-/// so hundreds of thousands of connects never meet an old connection's TIME_WAIT.
-fn next_source() -> std::net::Ipv4Addr {
+/// The next source address, in turn.
+fn next_source(sources: &[Ipv4Addr]) -> Ipv4Addr {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed) % 250;
-    std::net::Ipv4Addr::new(127, 0, 0, 2 + n as u8)
+    sources[NEXT.fetch_add(1, Ordering::Relaxed) % sources.len()]
+}
+
+/// A veth pair into a namespace of our own, removed (with the pair) when dropped.
+struct Veth {
+    ns: String,
+}
+
+impl Veth {
+    /// The listeners' address, in the namespace.
+    const FAR: Ipv4Addr = Ipv4Addr::new(10, 231, 0, 1);
+
+    /// The clients' addresses, on the near end.
+    fn near() -> Vec<Ipv4Addr> {
+        (1..251).map(|n| Ipv4Addr::new(10, 231, 1, n)).collect()
+    }
+
+    fn create() -> Veth {
+        let id = std::process::id();
+        let veth = Veth {
+            ns: format!("tcpconnlat-bench-{id}"),
+        };
+        let (near, far) = (format!("tclbn{id}"), format!("tclbf{id}"));
+        let mut batch = vec![
+            format!("netns add {}", veth.ns),
+            format!(
+                "link add {near} type veth peer name {far} netns {}",
+                veth.ns
+            ),
+            format!("link set {near} up"),
+            format!("-n {} link set lo up", veth.ns),
+            format!("-n {} link set {far} up", veth.ns),
+            format!("-n {} addr add {}/16 dev {far}", veth.ns, Veth::FAR),
+        ];
+        batch.extend(
+            Veth::near()
+                .iter()
+                .map(|a| format!("addr add {a}/16 dev {near}")),
+        );
+        for command in batch {
+            let args: Vec<&str> = command.split_whitespace().collect();
+            let status = Command::new("ip").args(&args).status().expect("run ip");
+            assert!(status.success(), "ip {command} failed");
+        }
+        veth
+    }
+}
+
+impl Drop for Veth {
+    fn drop(&mut self) {
+        // Deleting one end removes the pair at once (the namespace's teardown is lazy).
+        let near = format!("tclbn{}", std::process::id());
+        let _ = Command::new("ip").args(["link", "del", &near]).status();
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+    }
 }
 
 /// One blocking connect from `source`.
-fn connect_from(source: std::net::Ipv4Addr, to: SocketAddr) -> std::os::fd::OwnedFd {
+fn connect_from(source: Ipv4Addr, to: SocketAddr) -> std::os::fd::OwnedFd {
     use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
     use std::os::fd::AsRawFd;
     let SocketAddr::V4(to) = to else {
@@ -258,19 +384,19 @@ impl Setup {
 /// One storm under `setup`: microseconds per connect, and for tcpconnlat (connects made,
 /// events it showed, its CPU share).
 fn measure(setup: &Setup, server: &Server) -> (f64, Option<(usize, usize, f64)>) {
-    let per_connect = |d: Duration| d.as_secs_f64() * 1e6 / CONNECTS as f64;
+    let per_connect = |d: Duration| d.as_secs_f64() * 1e6 / connects() as f64;
     match setup {
-        Setup::Nothing => (per_connect(storm(server, CONNECTS)), None),
+        Setup::Nothing => (per_connect(storm(server, connects())), None),
         Setup::Floor(mode) => {
             let _floor = Floor::attach(mode);
-            (per_connect(storm(server, CONNECTS)), None)
+            (per_connect(storm(server, connects())), None)
         }
         Setup::Tracer(mode, transport, shown) => {
             // Port 1: nothing connects there, so the final --dport check drops every event.
             let ports = if *shown { server.ports() } else { "1".into() };
             let tracer = Tracer::start(mode, transport, &ports);
-            let took = storm(server, CONNECTS);
-            (per_connect(took), Some(tracer.finish(CONNECTS)))
+            let took = storm(server, connects());
+            (per_connect(took), Some(tracer.finish(connects())))
         }
     }
 }

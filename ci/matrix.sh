@@ -166,7 +166,13 @@ test_bin() { # name: the release integration test executable for tests/<name>.rs
 # The kernel-facing suites, run once per mode; and the suites run once per kernel.
 TRACE_TESTS="$(test_bin trace) $(test_bin outcomes)"
 ONCE_TESTS="$(test_bin cli) $(test_bin legacy) $(test_bin hardening)"
-for t in $TRACE_TESTS $ONCE_TESTS; do
+# The overhead benchmark, small, in one VM: the fentry and kprobe modes against their
+# empty-program floor (this host has neither). Under emulation only ratios within that
+# one run mean anything; it prints figures and passes or fails nothing.
+BENCH=$(cargo bench --locked --no-run --bench overhead --message-format=json 2>/dev/null |
+    grep '"kind":\["bench"\]' | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
+BENCH_IN=deb612
+for t in $TRACE_TESTS $ONCE_TESTS $BENCH; do
     [ -x "$t" ] || { echo "ci/matrix.sh: test binaries not found" >&2; exit 1; }
 done
 
@@ -232,6 +238,8 @@ make_initramfs() { # id out
     echo "nobody:x:65534:65534:nobody:/:/bin/false" >>"$root/etc/passwd"
     printf 'root:x:0:\nnogroup:x:65534:\n' >"$root/etc/group"
     [ -z "${KBTFS[$id]}" ] || cp "${KBTFS[$id]}" "$root/vmlinux.btf"
+    local bench=""
+    if [ "$id" = "$BENCH_IN" ]; then bench=$BENCH && add_file "$root" "$BENCH"; fi
     local modules="" KMODDIR=${KMODDIRS[$id]} KVER=${KVERS[$id]}
     if [ -n "$KMODDIR" ]; then
         local dest=$root/lib/modules/$KVER f rel
@@ -258,6 +266,7 @@ MODES='${MODES[$id]}'
 REFUSED='${REFUSED[$id]}'
 AUTO='${AUTO[$id]}'
 MODULES='$modules'
+BENCH='$bench'
 EOF
     (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) >"$out"
     rm -rf "$root"
@@ -342,6 +351,12 @@ for id in "${kernels[@]}"; do
     if markers "$id" '@@CELL ' | grep -qE '^@@CELL [a-z]+ (fail|unrefused) '; then
         echo "  $id: failing cells (full console in ci/out/$id/console.log):" >&2
         markers "$id" '@@CELL ' | grep -E '^@@CELL [a-z]+ (fail|unrefused) ' | sed 's/^/    /' >&2
+    fi
+done
+for id in "${kernels[@]}"; do
+    if grep -qa '@@BENCH ' "$OUT/$id/console.log"; then
+        echo "  $id: overhead benchmark (emulated: compare ratios only)" >&2
+        markers "$id" '@@BENCH ' | sed 's/^@@BENCH /    /' >&2
     fi
 done
 echo "(cells: pass = the whole trace suite passed in that mode; refused = one clear error, as expected; - = not run there; ! = not what this kernel should do)" >&2

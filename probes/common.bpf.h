@@ -217,8 +217,22 @@ struct state_change {
 static __always_inline int read_state_change(void *ctx, const struct state_layout *l,
 					     struct state_change *sc)
 {
-	if (READ_AT(sc->oldstate, ctx, l->oldstate) || READ_AT(sc->newstate, ctx, l->newstate))
+	struct {
+		int oldstate;
+		int newstate;
+	} pair;
+
+	/* Every kernel so far puts newstate right after oldstate: one read, not two, on
+	 * each of the state changes most connects go through. */
+	if (l->newstate == l->oldstate + sizeof(int)) {
+		if (READ_AT(pair, ctx, l->oldstate))
+			return -1;
+		sc->oldstate = pair.oldstate;
+		sc->newstate = pair.newstate;
+	} else if (READ_AT(sc->oldstate, ctx, l->oldstate) ||
+		   READ_AT(sc->newstate, ctx, l->newstate)) {
 		return -1;
+	}
 	if (sc->oldstate != TCP_SYN_SENT && sc->newstate != TCP_SYN_SENT)
 		return -1;
 	if (READ_AT(sc->skaddr, ctx, l->skaddr) || READ_AT(sc->family, ctx, l->family))

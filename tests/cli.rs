@@ -211,12 +211,18 @@ fn features_tell_the_truth() {
             assert_eq!(f["tracepoint_layout"][field].to_string(), offset, "{field}");
         }
     }
-    // Every symbol claimed is a function in kallsyms.
+    // Symbols are resolved where kprobes can use them, and every one claimed, like every
+    // fentry target the BTF claims, is a function in kallsyms.
+    let kprobes = f["kprobe_pmu"] == true || f["kprobe_events"] == true;
+    assert_eq!(f["symbols"].is_object(), kprobes, "{}", f["symbols"]);
+    assert_eq!(f["fentry_targets"].is_object(), f["btf"] == true);
     let kallsyms = fs::read_to_string("/proc/kallsyms").unwrap();
-    for (func, symbol) in f["symbols"].as_object().unwrap() {
-        let Some(symbol) = symbol.as_str() else {
-            continue;
-        };
+    let claimed = [&f["symbols"], &f["fentry_targets"]]
+        .into_iter()
+        .filter_map(|s| s.as_object())
+        .flatten()
+        .filter_map(|(func, symbol)| Some((func, symbol.as_str()?)));
+    for (func, symbol) in claimed {
         assert!(symbol.starts_with(func.as_str()));
         assert!(
             kallsyms.lines().any(|l| {

@@ -6,10 +6,8 @@ use std::path::Path;
 use anyhow::Result;
 use libbpf_rs::{MapType, ObjectBuilder};
 use serde_json::json;
-use tcpconnlat_compat::btf::{self, SockOffsets};
-use tcpconnlat_compat::{tracefs, Features, Func, Plan, Trials};
-
-const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+use tcpconnlat_compat::btf::{self, BtfError, BtfFacts, SockOffsets};
+use tcpconnlat_compat::{tracefs, AttachPoints, Features, Func, Plan, Trials};
 
 use crate::probes;
 
@@ -23,22 +21,22 @@ pub struct Host {
 }
 
 impl Host {
-    /// Detect everything. Trials and mounting need privileges; without them the trials
-    /// stay unknown and the plan says so.
-    pub fn detect(privileged: bool, btf_file: Option<&Path>) -> Host {
-        let root = Path::new("/");
-        // The two slow parts of start-up side by side: the kernel formatting
-        // /proc/kallsyms (in Features::detect) and parsing its BTF for struct offsets.
-        let (mut features, sock_offsets) = std::thread::scope(|scope| {
-            let features = scope.spawn(|| Features::detect(root));
-            let release = std::fs::read_to_string(root.join("proc/sys/kernel/osrelease"))
-                .map(|r| r.trim().to_owned())
-                .ok();
-            let kernel_btf = Path::new(VMLINUX_BTF).is_file();
-            let offsets = find_offsets(kernel_btf, release.as_deref(), btf_file);
-            let features = features.join().expect("kernel feature detection panicked");
-            (features, offsets)
+    /// Detect what choosing a mode needs. Trials and mounting need privileges; without
+    /// them the trials stay unknown and the plan says so. Kernel symbols are read only
+    /// where a kprobe mode may be used: when no earlier mode is, or for `every_mode`
+    /// (the `--features` report, a forced mode).
+    pub fn detect(privileged: bool, btf_file: Option<&Path>, every_mode: bool) -> Host {
+        let root = Path::new(ROOT);
+        let mut features = Features::detect(root);
+        // The kernel's BTF, parsed once: most of start-up and of peak memory.
+        let kernel_btf = features.btf.then(btf::read_kernel);
+        let fentry_targets = kernel_btf.as_ref().map(|facts| {
+            facts
+                .as_ref()
+                .map(|f| with_module_functions(f.functions.clone()))
+                .map_err(|e| e.to_string())
         });
+        let sock_offsets = find_offsets(kernel_btf, features.release.as_deref(), btf_file);
         let mut mounted_tracefs = None;
         if features.tracefs.is_none() && privileged {
             if let Some(dir) = mount_tracefs() {
@@ -53,20 +51,48 @@ impl Host {
                     .map(|o| o.source.clone())
                     .map_err(Clone::clone),
             ),
+            fentry_targets,
             ..Trials::default()
         };
         if privileged {
             trials.fentry = Some(trial_fentry(&features));
             trials.ringbuf = Some(MapType::RingBuf.is_supported().unwrap_or(false));
         }
-        Host {
+        let mut host = Host {
             features,
             trials,
             sock_offsets,
             mounted_tracefs,
+        };
+        if every_mode || !matches!(host.trials.fentry, Some(Ok(()))) {
+            host.read_symbols();
+        }
+        host
+    }
+
+    /// Resolve the kprobe targets, if kprobes can be used at all and it is not done yet.
+    pub fn read_symbols(&mut self) {
+        if self.features.kprobes() && self.features.attach_points.is_none() {
+            self.features.read_symbols(Path::new(ROOT));
         }
     }
 }
+
+const ROOT: &str = "/";
+
+/// With IPv6 built as a module, tcp_v6_connect is described by the module's BTF, which
+/// the kernel publishes while the module is loaded (and libbpf attaches fentry there).
+fn with_module_functions(mut functions: AttachPoints) -> AttachPoints {
+    if functions.get(Func::TcpV6Connect).is_none() && Path::new(IPV6_MODULE_BTF).is_file() {
+        functions = AttachPoints::from_fn(|func| match func {
+            Func::TcpV6Connect => Some(func.name().to_owned()),
+            other => functions.get(other).map(str::to_owned),
+        });
+    }
+    functions
+}
+
+const IPV6_MODULE_BTF: &str = "/sys/kernel/btf/ipv6";
 
 /// struct sock offsets, and where they came from.
 #[derive(Clone, Debug)]
@@ -75,15 +101,15 @@ pub struct KnownOffsets {
     pub source: String,
 }
 
-/// In order: the BTF file the user gave, the kernel's own BTF, offsets built in from
-/// kernel headers for this release; else an error naming both remedies.
+/// In order: the BTF file the user gave, the kernel's own BTF (already parsed), offsets
+/// built in from kernel headers for this release; else an error naming both remedies.
 fn find_offsets(
-    kernel_btf: bool,
+    kernel_btf: Option<Result<BtfFacts, BtfError>>,
     release: Option<&str>,
     btf_file: Option<&Path>,
 ) -> Result<KnownOffsets, String> {
-    let from_btf = |path: &Path| {
-        btf::sock_offsets(path)
+    let from_btf = |path: &Path, offsets: Result<SockOffsets, BtfError>| {
+        offsets
             .map(|offsets| KnownOffsets {
                 offsets,
                 source: format!("BTF {}", path.display()),
@@ -91,10 +117,10 @@ fn find_offsets(
             .map_err(|e| e.to_string())
     };
     if let Some(path) = btf_file {
-        return from_btf(path);
+        return from_btf(path, btf::sock_offsets(path));
     }
-    if kernel_btf {
-        return from_btf(Path::new(VMLINUX_BTF));
+    if let Some(facts) = kernel_btf {
+        return from_btf(Path::new(btf::VMLINUX), facts.and_then(|f| f.sock));
     }
     let release = release.unwrap_or("unknown");
     probes::header_offsets(release)
@@ -214,8 +240,29 @@ pub fn report_text(host: &Host, plan: &Plan) -> String {
         f.global_data()
             .map_or("unknown".to_owned(), |b| yes_no(b).to_owned()),
     );
+    line(
+        "fentry targets",
+        match &host.trials.fentry_targets {
+            None => "unknown (no kernel BTF)".to_owned(),
+            Some(Err(why)) => format!("unknown ({why})"),
+            Some(Ok(targets)) => Func::ALL
+                .iter()
+                .filter_map(|&func| targets.get(func))
+                .collect::<Vec<_>>()
+                .join(" "),
+        },
+    );
     match &f.attach_points {
-        Ok(points) => {
+        None => line(
+            "kprobe symbols",
+            if f.kprobes() {
+                "not read".to_owned()
+            } else {
+                "not needed (no kprobes)".to_owned()
+            },
+        ),
+        Some(Ok(points)) => {
+            line("kprobe symbols", "(from /proc/kallsyms)".to_owned());
             for func in Func::ALL {
                 line(
                     &format!("  {}", func.name()),
@@ -223,7 +270,7 @@ pub fn report_text(host: &Host, plan: &Plan) -> String {
                 );
             }
         }
-        Err(why) => line("symbols", why.clone()),
+        Some(Err(why)) => line("kprobe symbols", why.clone()),
     }
     out.push_str("\nmode plan (auto tries these in order):\n");
     for step in &plan.steps {
@@ -263,8 +310,9 @@ pub fn report_json(host: &Host, plan: &Plan) -> serde_json::Value {
         "sock_offsets_source": host.sock_offsets.as_ref().ok().map(|o| o.source.clone()),
         "ringbuf": host.trials.ringbuf,
         "global_data": f.global_data(),
-        "symbols": f.attach_points.as_ref().ok(),
-        "symbols_error": f.attach_points.as_ref().err(),
+        "symbols": f.attach_points.as_ref().and_then(|p| p.as_ref().ok()),
+        "symbols_error": f.attach_points.as_ref().and_then(|p| p.as_ref().err()),
+        "fentry_targets": host.trials.fentry_targets.as_ref().and_then(|t| t.as_ref().ok()),
         "plan": plan.steps.iter().map(|s| json!({
             "mode": s.mode,
             "usable": s.verdict.is_ok(),

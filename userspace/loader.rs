@@ -4,7 +4,7 @@
 use anyhow::{anyhow, bail, Context, Result};
 use libbpf_rs::{Link, MapCore, MapFlags, Object, ObjectBuilder};
 use tcpconnlat_compat::btf::SockOffsets;
-use tcpconnlat_compat::{Features, Func, Mode, StateLayout, Trials};
+use tcpconnlat_compat::{AttachPoints, Features, Func, Mode, StateLayout, Trials};
 
 use crate::kprobes::{self, Kprobe, KprobeAttach};
 use crate::probes::{self, Config, RawSockLayout, RawStateLayout};
@@ -215,6 +215,8 @@ struct Planned {
 /// How to load: what the host offers and the user asked for, beyond the filters.
 pub struct Setup<'a> {
     pub features: &'a Features,
+    /// What fentry can attach to, from the kernel's BTF.
+    pub fentry_targets: Option<&'a AttachPoints>,
     /// struct sock offsets, for the probes that cannot use CO-RE.
     pub sock: Option<&'a SockOffsets>,
     pub transport: Transport,
@@ -263,6 +265,7 @@ impl Sizes {
 pub fn start(mode: Mode, setup: &Setup<'_>, filters: &Filters) -> Result<Tracer> {
     let Setup {
         features,
+        fentry_targets,
         sock,
         kprobe_attach,
         ..
@@ -310,10 +313,14 @@ pub fn start(mode: Mode, setup: &Setup<'_>, filters: &Filters) -> Result<Tracer>
     for hook in spec.hooks {
         let symbol = match hook.attach {
             Attach::Fentry(func) | Attach::Kprobe(func) | Attach::Kretprobe(func) => {
-                let points = features
-                    .attach_points
-                    .as_ref()
-                    .map_err(|why| anyhow!("{why}"))?;
+                let points = match hook.attach {
+                    Attach::Fentry(_) => fentry_targets
+                        .ok_or_else(|| anyhow!("the kernel's BTF could not be read"))?,
+                    _ => match &features.attach_points {
+                        Some(points) => points.as_ref().map_err(|why| anyhow!("{why}"))?,
+                        None => bail!("kernel symbols were not read"),
+                    },
+                };
                 match (points.get(func), func) {
                     (Some(symbol), _) => Some(symbol.to_owned()),
                     (None, Func::TcpV6Connect) => {
@@ -335,7 +342,14 @@ pub fn start(mode: Mode, setup: &Setup<'_>, filters: &Filters) -> Result<Tracer>
                         );
                         continue;
                     }
-                    (None, _) => bail!("kernel function {} is not in /proc/kallsyms", func.name()),
+                    (None, _) => bail!(
+                        "kernel function {} is not in {}",
+                        func.name(),
+                        match hook.attach {
+                            Attach::Fentry(_) => "the kernel's BTF",
+                            _ => "/proc/kallsyms",
+                        }
+                    ),
                 }
             }
             Attach::Tracepoint(Tracepoint::State) => None,

@@ -93,8 +93,12 @@ fn run(cli: &Cli, started: Instant) -> Result<()> {
         // Checked before anything else: a wrong path should not wait for a failed load.
         tcpconnlat_compat::btf::sock_offsets(path).map_err(|e| anyhow!("--btf: {e}"))?;
     }
-    let host = Host::detect(privileged, cli.btf.as_deref());
     let forced = cli.forced_mode();
+    let host = Host::detect(
+        privileged,
+        cli.btf.as_deref(),
+        cli.features || forced.is_some(),
+    );
     if cli.features {
         let plan = Plan::new(&host.features, &host.trials, None);
         let mut out = io::stdout().lock();
@@ -148,6 +152,11 @@ fn run(cli: &Cli, started: Instant) -> Result<()> {
     };
     let setup = loader::Setup {
         features: &host.features,
+        fentry_targets: host
+            .trials
+            .fentry_targets
+            .as_ref()
+            .and_then(|t| t.as_ref().ok()),
         sock: host.sock_offsets.as_ref().ok().map(|o| &o.offsets),
         transport: loader::Transport::choose(&cli.transport, &host.trials)?,
         kprobe_attach: match cli.kprobe_attach.as_str() {
@@ -167,9 +176,11 @@ fn run(cli: &Cli, started: Instant) -> Result<()> {
     }
     let stream = EventStream::new(&tracer, Duration::from_millis(cli.max_delay))?;
     drop_capabilities(|| stream.can_read_counters())?;
+    // Why the better modes were not used (later ones do not matter).
     let why = plan
         .steps
         .iter()
+        .take_while(|s| s.mode != tracer.mode)
         .filter_map(|s| s.verdict.as_ref().err().map(|e| format!("{}: {e}", s.mode)))
         .filter(|_| forced.is_none())
         .collect::<Vec<_>>();

@@ -3,10 +3,12 @@
 
 use std::path::Path;
 
-use libbpf_rs::btf::types::{Composite, MemberAttr};
+use libbpf_rs::btf::types::{self, Composite, MemberAttr};
 use libbpf_rs::btf::{Btf, BtfType};
 use serde::Serialize;
 use thiserror::Error;
+
+use crate::kallsyms::AttachPoints;
 
 /// Byte offsets in `struct sock` of what the non-CO-RE probes read. Mirrors
 /// `struct sock_layout` in `probes/tcpconnlat.h`.
@@ -81,13 +83,53 @@ pub enum BtfError {
     NoField { path: String, field: String },
 }
 
-/// Read the offsets from a BTF file.
-pub fn sock_offsets(path: &Path) -> Result<SockOffsets, BtfError> {
-    let shown = path.display().to_string();
+/// What one parse of a BTF file tells: the struct sock offsets, and which hooked
+/// functions it describes (an fentry program attaches by BTF name, so for fentry this, not
+/// kallsyms, says whether a function is there).
+#[derive(Debug)]
+pub struct BtfFacts {
+    pub sock: Result<SockOffsets, BtfError>,
+    pub functions: AttachPoints,
+}
+
+/// Parse a BTF file once (vmlinux BTF is megabytes: parsing it is most of start-up).
+pub fn read(path: &Path) -> Result<BtfFacts, BtfError> {
     let btf = Btf::from_path(path).map_err(|source| BtfError::Read {
-        path: shown.clone(),
+        path: path.display().to_string(),
         source,
     })?;
+    Ok(facts(&btf, path))
+}
+
+/// The running kernel's BTF, `/sys/kernel/btf/vmlinux`. libbpf maps it where the kernel
+/// allows (6.16+) instead of reading it into a copy: half the peak memory of [`read`].
+pub fn read_kernel() -> Result<BtfFacts, BtfError> {
+    let btf = Btf::from_vmlinux().map_err(|source| BtfError::Read {
+        path: VMLINUX.to_owned(),
+        source,
+    })?;
+    Ok(facts(&btf, Path::new(VMLINUX)))
+}
+
+pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
+
+fn facts(btf: &Btf<'_>, path: &Path) -> BtfFacts {
+    BtfFacts {
+        sock: offsets_in(btf, path),
+        functions: AttachPoints::from_fn(|func| {
+            btf.type_by_name::<types::Func<'_>>(func.name())
+                .map(|_| func.name().to_owned())
+        }),
+    }
+}
+
+/// Read the offsets from a BTF file.
+pub fn sock_offsets(path: &Path) -> Result<SockOffsets, BtfError> {
+    read(path)?.sock
+}
+
+fn offsets_in(btf: &Btf<'_>, path: &Path) -> Result<SockOffsets, BtfError> {
+    let shown = path.display().to_string();
     let sock = btf
         .type_by_name::<Composite<'_>>("sock")
         .ok_or_else(|| BtfError::NoSock {
@@ -95,7 +137,7 @@ pub fn sock_offsets(path: &Path) -> Result<SockOffsets, BtfError> {
         })?;
     let mut pairs = Vec::new();
     for (name, field_path) in SockOffsets::FIELDS {
-        let bits = offset_bits(&btf, sock, field_path).ok_or_else(|| BtfError::NoField {
+        let bits = offset_bits(btf, sock, field_path).ok_or_else(|| BtfError::NoField {
             path: shown.clone(),
             field: field_path.join("."),
         })?;

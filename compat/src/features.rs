@@ -51,8 +51,10 @@ pub struct Features {
     pub retransmit_tracepoint: Result<u16, String>,
     /// `skaddr` offset in `tcp:tcp_receive_reset` (RSTs), or why not.
     pub reset_tracepoint: Result<u16, String>,
-    /// Kernel symbols for the kprobe/fentry targets, or why they cannot be read.
-    pub attach_points: Result<AttachPoints, String>,
+    /// Kernel symbols for the kprobe targets, or why they cannot be read; `None` until
+    /// [`Features::read_symbols`]: the kernel takes tens of milliseconds to format
+    /// /proc/kallsyms, and only the kprobe modes need it.
+    pub attach_points: Option<Result<AttachPoints, String>>,
 }
 
 /// Capabilities only known by trying, found by the caller and fed to the plan. `None`
@@ -66,6 +68,9 @@ pub struct Trials {
     /// Where legacy mode's struct sock offsets come from (a BTF file, or kernel headers
     /// at build time), or why there are none.
     pub sock_offsets: Option<Result<String, String>>,
+    /// The hooked functions the kernel's BTF describes (what fentry can attach to), or
+    /// why it cannot be read.
+    pub fentry_targets: Option<Result<AttachPoints, String>>,
 }
 
 impl Features {
@@ -100,9 +105,6 @@ impl Features {
         };
         let retransmit_tracepoint = skaddr(RETRANSMIT_TRACEPOINT);
         let reset_tracepoint = skaddr(RESET_TRACEPOINT);
-        let attach_points = fs::read_to_string(root.join("proc/kallsyms"))
-            .map(|text| AttachPoints::from_kallsyms(&text))
-            .map_err(|e| format!("cannot read /proc/kallsyms: {e}"));
         Features {
             release,
             version,
@@ -117,8 +119,22 @@ impl Features {
             state_tracepoint,
             retransmit_tracepoint,
             reset_tracepoint,
-            attach_points,
+            attach_points: None,
         }
+    }
+
+    /// Whether kprobes can be attached at all (through the PMU or tracefs).
+    pub fn kprobes(&self) -> bool {
+        self.kprobe_pmu || self.kprobe_events
+    }
+
+    /// Resolve the kprobe targets from `/proc/kallsyms` under `root`.
+    pub fn read_symbols(&mut self, root: &Path) {
+        self.attach_points = Some(
+            fs::read_to_string(root.join("proc/kallsyms"))
+                .map(|text| AttachPoints::from_kallsyms(&text))
+                .map_err(|e| format!("cannot read /proc/kallsyms: {e}")),
+        );
     }
 
     /// Global data sections (`.rodata`, `.data`, `.bss` maps) arrived in Linux 5.2.

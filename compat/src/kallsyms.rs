@@ -79,6 +79,15 @@ impl AttachPoints {
         }
     }
 
+    /// The symbol `find` gives for each [`Func`].
+    pub fn from_fn(mut find: impl FnMut(Func) -> Option<String>) -> AttachPoints {
+        let mut found = AttachPoints::default();
+        for func in Func::ALL {
+            *found.slot(func) = find(func);
+        }
+        found
+    }
+
     /// Resolve every [`Func`] from the text of `/proc/kallsyms`.
     pub fn from_kallsyms(kallsyms: &str) -> AttachPoints {
         let mut found = AttachPoints::default();

@@ -47,7 +47,16 @@ impl Mode {
                     Some(Err(why)) => return Err(Unsupported::FentryRefused(why.clone())),
                     Some(Ok(())) => {}
                 }
-                need_symbols(features, CORE_FUNCS)?;
+                let targets = match &trials.fentry_targets {
+                    None => return Err(Unsupported::NotTried("reading the kernel's BTF")),
+                    Some(Err(why)) => return Err(Unsupported::NoBtfFunctions(why.clone())),
+                    Some(Ok(targets)) => targets,
+                };
+                for &func in CORE_FUNCS {
+                    if targets.get(func).is_none() {
+                        return Err(Unsupported::MissingFunction(func.name()));
+                    }
+                }
                 need_state_tracepoint(features)
             }
             Mode::Kprobe => {
@@ -89,7 +98,7 @@ fn need_btf(features: &Features) -> Result<(), Unsupported> {
 const CORE_FUNCS: &[Func] = &[Func::TcpV4Connect, Func::TcpRcvStateProcess];
 
 fn need_kprobes(features: &Features) -> Result<(), Unsupported> {
-    if features.kprobe_pmu || features.kprobe_events {
+    if features.kprobes() {
         Ok(())
     } else {
         Err(Unsupported::NoKprobes)
@@ -97,10 +106,11 @@ fn need_kprobes(features: &Features) -> Result<(), Unsupported> {
 }
 
 fn need_symbols(features: &Features, funcs: &[Func]) -> Result<(), Unsupported> {
-    let points = features
-        .attach_points
-        .as_ref()
-        .map_err(|why| Unsupported::NoKallsyms(why.clone()))?;
+    let points = match &features.attach_points {
+        None => return Err(Unsupported::SymbolsNotRead),
+        Some(Err(why)) => return Err(Unsupported::NoKallsyms(why.clone())),
+        Some(Ok(points)) => points,
+    };
     for &func in funcs {
         if points.get(func).is_none() {
             return Err(Unsupported::MissingSymbol(func.name()));
@@ -149,6 +159,13 @@ pub enum Unsupported {
     NoKallsyms(String),
     #[error("kernel function {0} is not in /proc/kallsyms")]
     MissingSymbol(&'static str),
+    /// Not an answer about the kernel: auto had a better mode and skipped reading.
+    #[error("/proc/kallsyms not read (an earlier mode was usable)")]
+    SymbolsNotRead,
+    #[error("{0}")]
+    NoBtfFunctions(String),
+    #[error("kernel function {0} is not in the kernel's BTF")]
+    MissingFunction(&'static str),
     #[error("tracepoint sock:inet_sock_set_state is unusable: {0}")]
     NoStateTracepoint(String),
     #[error("{0}")]

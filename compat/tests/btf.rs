@@ -6,6 +6,7 @@ mod support;
 use std::path::Path;
 
 use tcpconnlat_compat::btf::{sock_offsets, BtfError, SockOffsets};
+use tcpconnlat_compat::Func;
 
 /// What build.rs read from that kernel's headers (KERNEL_HEADERS=its build tree); the
 /// kernel matrix runs legacy mode on it with both sources.
@@ -65,4 +66,14 @@ fn offsets_need_every_field() {
     assert_eq!((all.family, all.err_soft), (1, 10));
     let err = SockOffsets::from_pairs(names.take(9).zip(1..)).unwrap_err();
     assert!(err.contains("err_soft"), "{err}");
+}
+
+#[test]
+fn btf_says_which_hooked_functions_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    let facts = tcpconnlat_compat::btf::read(&unpacked(dir.path())).unwrap();
+    assert_eq!(facts.sock.unwrap(), FROM_HEADERS);
+    for func in Func::ALL {
+        assert_eq!(facts.functions.get(func), Some(func.name()), "{func:?}");
+    }
 }

@@ -4,7 +4,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use tcpconnlat_compat::{Features, Func, Mode, Plan, Trials, Unsupported};
+use tcpconnlat_compat::{AttachPoints, Features, Func, Mode, Plan, Trials, Unsupported};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -31,6 +31,18 @@ fn copy_of(name: &str) -> tempfile::TempDir {
     dir
 }
 
+/// What the tracer learns when a kprobe mode may be used: files and kernel symbols.
+fn detect(root: &Path) -> Features {
+    let mut f = Features::detect(root);
+    f.read_symbols(root);
+    f
+}
+
+/// The kernel's BTF describing every hooked function but `missing`.
+fn btf_functions(missing: &[Func]) -> AttachPoints {
+    AttachPoints::from_fn(|func| (!missing.contains(&func)).then(|| func.name().to_owned()))
+}
+
 const FORMAT: &str = "sys/kernel/tracing/events/sock/inet_sock_set_state/format";
 
 fn trials(fentry: Result<(), &str>) -> Trials {
@@ -38,6 +50,15 @@ fn trials(fentry: Result<(), &str>) -> Trials {
         fentry: Some(fentry.map_err(str::to_owned)),
         ringbuf: Some(true),
         sock_offsets: Some(Ok("BTF /sys/kernel/btf/vmlinux".to_owned())),
+        fentry_targets: Some(Ok(btf_functions(&[]))),
+    }
+}
+
+/// fentry allowed, and the kernel's BTF without `missing`.
+fn btf_without(missing: &[Func]) -> Trials {
+    Trials {
+        fentry_targets: Some(Ok(btf_functions(missing))),
+        ..trials(Ok(()))
     }
 }
 
@@ -50,7 +71,7 @@ fn verdicts(plan: &Plan) -> Vec<(Mode, Result<(), Unsupported>)> {
 
 #[test]
 fn host_6_18_without_kprobes_or_fentry_plans_tracepoint() {
-    let f = Features::detect(&fixture("host-6.18"));
+    let f = detect(&fixture("host-6.18"));
     assert_eq!(f.release.as_deref(), Some("6.18.44-fc-v669"));
     assert!(f.btf && !f.kprobe_pmu && !f.kprobe_events);
     assert_eq!(f.global_data(), Some(true));
@@ -63,7 +84,7 @@ fn host_6_18_without_kprobes_or_fentry_plans_tracepoint() {
         (layout.protocol, layout.saddr_v6, layout.daddr_v6),
         (Some(30), 40, 56)
     );
-    let points = f.attach_points.clone().unwrap();
+    let points = f.attach_points.clone().unwrap().unwrap();
     for func in Func::ALL {
         assert_eq!(points.get(func), Some(func.name()));
     }
@@ -112,7 +133,7 @@ fn kprobe_pmu_or_kprobe_events_enable_kprobe_mode() {
         let file = dir.path().join(path);
         fs::create_dir_all(file.parent().unwrap()).unwrap();
         fs::write(&file, "6\n").unwrap();
-        let f = Features::detect(dir.path());
+        let f = detect(dir.path());
         let plan = Plan::new(&f, &trials(Err("EPERM")), None);
         assert_eq!(plan.first(), Some(Mode::Kprobe), "{path}");
     }
@@ -128,7 +149,7 @@ fn without_btf_no_co_re_mode_is_planned() {
         "6\n",
     )
     .unwrap();
-    let f = Features::detect(dir.path());
+    let f = detect(dir.path());
     assert!(!f.btf);
     let plan = Plan::new(&f, &trials(Ok(())), None);
     assert_eq!(plan.steps[0].verdict, Err(Unsupported::NoBtf));
@@ -146,8 +167,8 @@ fn renamed_symbols_are_found_and_missing_ipv6_is_tolerated() {
          ffffffff820311a0 t tcp_v4_connect.constprop.0\n",
     )
     .unwrap();
-    let f = Features::detect(dir.path());
-    let points = f.attach_points.clone().unwrap();
+    let f = detect(dir.path());
+    let points = f.attach_points.clone().unwrap().unwrap();
     assert_eq!(
         points.get(Func::TcpRcvStateProcess),
         Some("tcp_rcv_state_process.isra.0")
@@ -162,27 +183,67 @@ fn renamed_symbols_are_found_and_missing_ipv6_is_tolerated() {
 }
 
 #[test]
-fn a_missing_connect_symbol_rejects_the_hooking_modes() {
-    let dir = copy_of("host-6.18");
+fn a_missing_connect_function_rejects_the_hooking_modes() {
+    // kprobes need the symbol in kallsyms...
+    let dir = copy_of("deb61");
     fs::write(
         dir.path().join("proc/kallsyms"),
         "ffffffff82022bc0 T tcp_rcv_state_process\n",
     )
     .unwrap();
-    let f = Features::detect(dir.path());
-    let plan = Plan::new(&f, &trials(Ok(())), None);
+    let f = detect(dir.path());
+    let plan = Plan::new(&f, &trials(Err("EPERM")), None);
     assert_eq!(
-        plan.steps[0].verdict,
+        plan.steps[1].verdict,
         Err(Unsupported::MissingSymbol("tcp_v4_connect"))
     );
     assert_eq!(plan.first(), Some(Mode::Tracepoint));
+    // ... and fentry the function in the kernel's BTF, whatever kallsyms says.
+    let plan = Plan::new(
+        &detect(&fixture("deb61")),
+        &btf_without(&[Func::TcpV4Connect]),
+        None,
+    );
+    assert_eq!(
+        plan.steps[0].verdict,
+        Err(Unsupported::MissingFunction("tcp_v4_connect"))
+    );
+    assert_eq!(plan.first(), Some(Mode::Kprobe));
+    // IPv6 alone may be missing.
+    assert_eq!(
+        Plan::new(
+            &detect(&fixture("deb61")),
+            &btf_without(&[Func::TcpV6Connect]),
+            None
+        )
+        .first(),
+        Some(Mode::Fentry)
+    );
+}
+
+#[test]
+fn kernel_symbols_are_read_only_for_the_kprobe_modes() {
+    // Not reading /proc/kallsyms is what auto does when fentry works: the kprobe modes
+    // then say why they were not considered, and fentry and the tracepoint do not care.
+    let f = Features::detect(&fixture("deb61"));
+    assert!(f.attach_points.is_none());
+    let plan = Plan::new(&f, &trials(Ok(())), None);
+    assert_eq!(
+        verdicts(&plan),
+        [
+            (Mode::Fentry, Ok(())),
+            (Mode::Kprobe, Err(Unsupported::SymbolsNotRead)),
+            (Mode::Tracepoint, Ok(())),
+            (Mode::Legacy, Err(Unsupported::SymbolsNotRead)),
+        ]
+    );
 }
 
 #[test]
 fn no_tracefs_means_no_tracepoint_and_says_how_to_fix_it() {
     let dir = copy_of("host-6.18");
     fs::remove_dir_all(dir.path().join("sys/kernel/tracing")).unwrap();
-    let f = Features::detect(dir.path());
+    let f = detect(dir.path());
     assert!(f.tracefs.is_none());
     let plan = Plan::new(&f, &trials(Ok(())), None);
     assert!(plan.first().is_none());
@@ -196,7 +257,7 @@ fn tracefs_inside_debugfs_is_found() {
     let debug = dir.path().join("sys/kernel/debug");
     fs::create_dir_all(&debug).unwrap();
     fs::rename(dir.path().join("sys/kernel/tracing"), debug.join("tracing")).unwrap();
-    let f = Features::detect(dir.path());
+    let f = detect(dir.path());
     assert_eq!(f.tracefs, Some(debug.join("tracing")));
     assert!(f.state_tracepoint.is_ok());
 }
@@ -213,7 +274,7 @@ fn a_record_without_protocol_still_works_and_a_wrong_size_does_not() {
         .map(|l| format!("{l}\n"))
         .collect();
     fs::write(&format, &old).unwrap();
-    let f = Features::detect(dir.path());
+    let f = detect(dir.path());
     assert_eq!(f.state_tracepoint.clone().unwrap().protocol, None);
 
     fs::write(
@@ -224,20 +285,24 @@ fn a_record_without_protocol_still_works_and_a_wrong_size_does_not() {
         ),
     )
     .unwrap();
-    let f = Features::detect(dir.path());
+    let f = detect(dir.path());
     let why = f.state_tracepoint.unwrap_err();
     assert!(why.contains("`oldstate` is 8 bytes, expected 4"), "{why}");
 }
 
 #[test]
 fn debian_6_1_cloud_has_everything_and_plans_fentry() {
-    let f = Features::detect(&fixture("deb61"));
+    let f = detect(&fixture("deb61"));
     assert!(f.release.as_deref().unwrap().starts_with("6.1.0-"));
     assert!(f.btf && f.kprobe_pmu && f.kprobe_events);
     assert!(f.state_tracepoint.is_ok());
-    assert!(Func::ALL
-        .iter()
-        .all(|&func| f.attach_points.as_ref().unwrap().get(func).is_some()));
+    assert!(Func::ALL.iter().all(|&func| f
+        .attach_points
+        .clone()
+        .unwrap()
+        .unwrap()
+        .get(func)
+        .is_some()));
     let plan = Plan::new(&f, &trials(Ok(())), None);
     assert_eq!(
         verdicts(&plan),
@@ -257,7 +322,7 @@ fn debian_6_1_cloud_has_everything_and_plans_fentry() {
 
 #[test]
 fn without_btf_legacy_needs_offsets_and_comes_last() {
-    let f = Features::detect(&fixture("nobtf"));
+    let f = detect(&fixture("nobtf"));
     assert!(!f.btf && f.kprobe_pmu);
     let with = Trials {
         sock_offsets: Some(Ok("kernel headers for 6.1.192, built in".into())),
