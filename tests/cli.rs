@@ -286,3 +286,29 @@ fn forced_modes_work_or_fail_as_features_say() {
         }
     }
 }
+
+/// Without --mode, tracing starts in the mode --features says auto picks (kernel symbols,
+/// read only for the kprobe modes, are then read only where those may be used), and names
+/// the better modes it could not use, and only those.
+#[test]
+fn auto_traces_in_the_mode_features_picks() {
+    let _serial = serial();
+    let f = features();
+    let auto = f["auto"].as_str().expect("no usable mode here");
+    let tracer = Tracer::start(&["--json"]);
+    let err = tracer.stderr.lock().unwrap().clone();
+    assert!(
+        err.contains(&format!("Tracing TCP connects in {auto} mode")),
+        "{err}"
+    );
+    let modes = f["plan"].as_array().unwrap().iter();
+    let mut before = true;
+    for mode in modes.filter_map(|s| s["mode"].as_str()) {
+        if mode == auto {
+            before = false;
+            continue;
+        }
+        assert_eq!(err.contains(&format!("{mode}: ")), before, "{mode}: {err}");
+    }
+    assert!(tracer.interrupt().success());
+}
