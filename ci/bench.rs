@@ -1,8 +1,10 @@
-//! The overhead benchmark (`ci/bench.sh`, as root): connect storms on loopback and across a
-//! veth pair into a network namespace, measured side by side, in interleaved rounds, with no tracer, with empty programs on the hooks each
-//! mode uses (the floor no tracer can go below) and with tcpconnlat in each mode this kernel
-//! allows; then events received against connects made (nothing may be lost), the tracer's
-//! CPU time, its start-up time and peak memory. Prints figures; passes or fails nothing.
+//! The overhead benchmark (`ci/bench.sh`, as root): connect storms on loopback (from two
+//! client threads, and from one that leaves the tracer a core of its own) and across a veth
+//! pair into a network namespace, measured side by side, in interleaved rounds, with no
+//! tracer, with empty programs on the hooks each mode uses (the floor no tracer can go
+//! below) and with tcpconnlat in each mode this kernel allows; then events received
+//! against connects made (nothing may be lost), the tracer's CPU time, its start-up time
+//! and peak memory. Prints figures; passes or fails nothing.
 
 use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
@@ -17,7 +19,8 @@ use libbpf_rs::{Link, ObjectBuilder};
 const BIN: &str = env!("CARGO_BIN_EXE_tcpconnlat");
 const EMPTY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/empty.bpf.o"));
 
-/// Client threads.
+/// Client threads in a storm that keeps this machine's cores busy (the tracer's CPU then
+/// comes out of the storm's).
 const THREADS: usize = 2;
 
 /// Connects per measurement (the matrix VMs, under emulation, use fewer).
@@ -48,9 +51,11 @@ fn main() {
         .filter(|s| s["usable"] == true && s["mode"] != "legacy")
         .map(|s| s["mode"].as_str().unwrap().to_owned())
         .collect();
-    let mut servers = vec![Server::loopback()];
+    // One client alone leaves the tracer a core of its own: what a traced connect costs the
+    // process that makes it.
+    let mut servers = vec![Server::loopback(THREADS), Server::loopback(1)];
     if veth {
-        servers.push(Server::veth());
+        servers.push(Server::veth(THREADS));
     }
     println!(
         "kernel {}; {} CPUs; modes here: {}",
@@ -58,14 +63,19 @@ fn main() {
         thread::available_parallelism().map_or(0, |n| n.get()),
         modes.join(", ")
     );
-    println!("{} connect+accept+close per measurement, {THREADS} client threads, {} interleaved rounds, median shown\n", connects(), rounds());
+    println!(
+        "{} connect+accept+close per measurement, {} interleaved rounds, median shown\n",
+        connects(),
+        rounds()
+    );
 
     // Warm up the TCP stack, the page cache and the veth pair's neighbours.
     for server in &servers {
         storm(server, connects() / 4);
     }
 
-    // (network, setup): everything on loopback; across veth the tracer as it runs by default.
+    // (network, setup): everything on the loopback storm; with one client and across veth
+    // the tracer as it runs by default.
     let mut setups = Vec::new();
     for (net, _) in servers.iter().enumerate() {
         setups.push((net, Setup::Nothing));
@@ -106,7 +116,7 @@ fn main() {
         )
     };
     println!(
-        "{:<72} {:>12} {:>12} {:>10} {:>10}",
+        "{:<84} {:>12} {:>12} {:>10} {:>10}",
         "configuration", "us/connect", "connects/s", "vs none", "vs floor"
     );
     // The floor of a tracer's mode: the empty programs on its hooks, on the same network.
@@ -122,7 +132,7 @@ fn main() {
         let us = median(&times[i]);
         let floor = floor_of(i);
         println!(
-            "{name:<72} {us:>12.2} {:>12.0} {:>9.3}x {:>10}",
+            "{name:<84} {us:>12.2} {:>12.0} {:>9.3}x {:>10}",
             1e6 / us,
             us / base,
             floor.map_or("".into(), |f| format!("{:.3}x", us / f))
@@ -136,7 +146,7 @@ fn main() {
         let base = base_of(i);
         let us = median(&times[i]);
         println!(
-            "  {name:<72} +{:.2} us ({:+.1} % of an untraced connect); probe logic over the floor: +{:.2} us ({:.2}x the floor's cost over none)",
+            "  {name:<84} +{:.2} us ({:+.1} % of an untraced connect); probe logic over the floor: +{:.2} us ({:.2}x the floor's cost over none)",
             us - base,
             (us - base) / base * 100.0,
             us - floor,
@@ -150,8 +160,40 @@ fn main() {
         let seen: usize = stats.iter().map(|s| s.1).sum();
         let cpu = stats.iter().map(|s| s.2).sum::<f64>() / stats.len() as f64;
         println!(
-            "  {:<72} events: {seen} of {made} connects ({} lost); tracer CPU {:.1} % of one core while tracing",
+            "  {:<84} events: {seen} of {made} connects ({} lost); tracer CPU {:.1} % of one core while tracing",
             "", made - seen.min(made), cpu * 100.0
+        );
+    }
+
+    // Where loss starts: the first mode (auto's pick) on the busiest storm, with ever
+    // smaller buffers.
+    println!(
+        "\nevents lost at full rate ({}, {} mode) against buffer size:",
+        servers[0].name, modes[0]
+    );
+    for transport in ["ringbuf", "perfbuf"] {
+        let unit = match transport {
+            "ringbuf" => "pages in all",
+            _ => "pages per CPU",
+        };
+        let lost: Vec<String> = [1, 2, 4, 8, 16, 32, 64]
+            .iter()
+            .map(|pages| {
+                let tracer = Tracer::start(
+                    &modes[0],
+                    transport,
+                    &servers[0].ports(),
+                    &["--buffer-pages", &pages.to_string()],
+                );
+                storm(&servers[0], connects());
+                let (made, seen, _) = tracer.finish(connects());
+                format!("{pages}: {}", made - seen.min(made))
+            })
+            .collect();
+        println!(
+            "  {transport} ({unit}: lost of {}) {}",
+            connects(),
+            lost.join(", ")
         );
     }
 
@@ -186,13 +228,14 @@ fn features() -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("--features --json")
 }
 
-/// One listener per client thread: each thread accepts its own connects (a shared accept
+/// Where a storm goes, and from how many client threads (one listener per client thread:
+/// each thread accepts its own connects (a shared accept
 /// thread falls behind under load, overflows the accept queue and turns connects into 1 s
 /// SYN retransmits). Clients connect from 250 source addresses in turn: each has its own
 /// ephemeral ports, so hundreds of thousands of connects never meet an old connection's
 /// TIME_WAIT.
 struct Server {
-    name: &'static str,
+    name: String,
     listeners: Arc<Vec<TcpListener>>,
     sources: Arc<Vec<Ipv4Addr>>,
     _veth: Option<Veth>,
@@ -200,12 +243,12 @@ struct Server {
 
 impl Server {
     /// On 127.0.0.1, from 127.0.0.2 to 127.0.0.251.
-    fn loopback() -> Server {
-        let listeners = (0..THREADS)
+    fn loopback(clients: usize) -> Server {
+        let listeners = (0..clients)
             .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
             .collect();
         Server {
-            name: "loopback",
+            name: Server::name("loopback", clients),
             listeners: Arc::new(listeners),
             sources: Arc::new((2..252).map(|n| Ipv4Addr::new(127, 0, 0, n)).collect()),
             _veth: None,
@@ -214,23 +257,30 @@ impl Server {
 
     /// In a network namespace at the far end of a veth pair, from 250 addresses on the
     /// near end.
-    fn veth() -> Server {
+    fn veth(clients: usize) -> Server {
         let veth = Veth::create();
         let ns = std::fs::File::open(format!("/run/netns/{}", veth.ns)).expect("open the netns");
         // A thread that enters the namespace creates the listeners there; they stay in it.
         let listeners = thread::spawn(move || {
             nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-            (0..THREADS)
+            (0..clients)
                 .map(|_| TcpListener::bind((Veth::FAR, 0)).expect("listen in the netns"))
                 .collect()
         })
         .join()
         .unwrap();
         Server {
-            name: "veth",
+            name: Server::name("veth", clients),
             listeners: Arc::new(listeners),
             sources: Arc::new(Veth::near()),
             _veth: Some(veth),
+        }
+    }
+
+    fn name(network: &str, clients: usize) -> String {
+        match clients {
+            1 => format!("{network}, 1 client"),
+            n => format!("{network}, {n} clients"),
         }
     }
 
@@ -245,11 +295,11 @@ impl Server {
     }
 }
 
-/// `n` connects, accepts and closes from THREADS threads; the wall time.
+/// `n` connects, accepts and closes from the server's client threads; the wall time.
 fn storm(server: &Server, n: usize) -> Duration {
     let left = Arc::new(AtomicUsize::new(n));
     let start = Instant::now();
-    let workers: Vec<_> = (0..THREADS)
+    let workers: Vec<_> = (0..server.listeners.len())
         .map(|i| {
             let left = left.clone();
             let listeners = server.listeners.clone();
@@ -394,7 +444,7 @@ fn measure(setup: &Setup, server: &Server) -> (f64, Option<(usize, usize, f64)>)
         Setup::Tracer(mode, transport, shown) => {
             // Port 1: nothing connects there, so the final --dport check drops every event.
             let ports = if *shown { server.ports() } else { "1".into() };
-            let tracer = Tracer::start(mode, transport, &ports);
+            let tracer = Tracer::start(mode, transport, &ports, &[]);
             let took = storm(server, connects());
             (per_connect(took), Some(tracer.finish(connects())))
         }
@@ -458,11 +508,12 @@ impl Drop for Tracer {
 }
 
 impl Tracer {
-    fn start(mode: &str, transport: &str, ports: &str) -> Tracer {
+    fn start(mode: &str, transport: &str, ports: &str, extra: &[&str]) -> Tracer {
         let output = tempfile::NamedTempFile::new().expect("a temporary file");
         let mut child = Command::new(BIN)
             .args(["--json", "--mode", mode, "--transport", transport])
             .args(["--dport", ports])
+            .args(extra)
             .stdout(output.reopen().expect("reopen the output file"))
             .stderr(Stdio::piped())
             .spawn()
@@ -476,7 +527,13 @@ impl Tracer {
                 _ => panic!("tcpconnlat --mode {mode} did not start"),
             }
         }
-        thread::spawn(move || lines.for_each(|l| eprintln!("  tracer: {}", l.unwrap_or_default())));
+        // Loss is counted from the events seen; the rest of what it says is shown.
+        thread::spawn(move || {
+            lines
+                .map_while(Result::ok)
+                .filter(|l| !l.starts_with("tcpconnlat: lost "))
+                .for_each(|l| eprintln!("  tracer: {l}"))
+        });
         let cpu_start = cpu_seconds(child.id());
         Tracer {
             child,
