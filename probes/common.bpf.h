@@ -222,6 +222,18 @@ static __always_inline int read_state_change(void *ctx, const struct state_layou
 		int newstate;
 	} pair;
 
+	if (l->direct) {
+		const struct state_record *r = ctx;
+
+		sc->oldstate = r->oldstate;
+		sc->newstate = r->newstate;
+		if (sc->oldstate != TCP_SYN_SENT && sc->newstate != TCP_SYN_SENT)
+			return -1;
+		sc->skaddr = r->skaddr;
+		sc->family = r->family;
+		sc->protocol = r->protocol;
+		return 0;
+	}
 	/* Every kernel so far puts newstate right after oldstate: one read, not two, on
 	 * each of the state changes most connects go through. */
 	if (l->newstate == l->oldstate + sizeof(int)) {
@@ -246,6 +258,20 @@ static __always_inline int read_state_change(void *ctx, const struct state_layou
 static __always_inline void read_endpoints(void *ctx, const struct state_layout *l,
 					   struct event *e)
 {
+	if (l->direct) {
+		const struct state_record *r = ctx;
+
+		e->lport = r->sport;
+		e->dport = r->dport;
+		if (e->af == AF_INET) {
+			__builtin_memcpy(e->saddr, r->saddr, 4);
+			__builtin_memcpy(e->daddr, r->daddr, 4);
+		} else {
+			__builtin_memcpy(e->saddr, r->saddr_v6, 16);
+			__builtin_memcpy(e->daddr, r->daddr_v6, 16);
+		}
+		return;
+	}
 	READ_AT(e->lport, ctx, l->sport);
 	READ_AT(e->dport, ctx, l->dport);
 	if (e->af == AF_INET) {

@@ -11,3 +11,4 @@
 struct config shared_config;
 struct pending shared_pending;
 struct event shared_event;
+struct state_record shared_state_record;

@@ -145,6 +145,11 @@ pub struct Cli {
     #[arg(long, value_name = "HOW", default_value = "auto", value_parser = ["auto", "pmu", "tracefs"])]
     pub kprobe_attach: String,
 
+    /// Read the sock:inet_sock_set_state record at its format file's offsets even where
+    /// its layout is the known one (for tests: the path other kernels take)
+    #[arg(long, hide = true)]
+    pub record_offsets: bool,
+
     /// Same as --mode legacy: kprobes without BTF, for old kernels
     #[arg(long, conflicts_with = "mode")]
     pub legacy: bool,

@@ -7,7 +7,7 @@ use tcpconnlat_compat::btf::SockOffsets;
 use tcpconnlat_compat::{AttachPoints, Features, Func, Mode, StateLayout, Trials};
 
 use crate::kprobes::{self, Kprobe, KprobeAttach};
-use crate::probes::{self, Config, RawSockLayout, RawStateLayout};
+use crate::probes::{self, Config, RawSockLayout, RawStateLayout, RawStateRecord};
 
 /// How events reach userspace.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -221,6 +221,9 @@ pub struct Setup<'a> {
     pub sock: Option<&'a SockOffsets>,
     pub transport: Transport,
     pub kprobe_attach: KprobeAttach,
+    /// Read the state tracepoint's record through its offsets even where its layout is
+    /// `struct state_record` (the hidden `--record-offsets`, for tests).
+    pub record_offsets: bool,
     pub sizes: Sizes,
 }
 
@@ -419,7 +422,8 @@ pub fn start(mode: Mode, setup: &Setup<'_>, filters: &Filters) -> Result<Tracer>
 
     let ring_bytes =
         find_map(&object, Transport::RingBuf.map()).map_or(0, |m| u64::from(m.max_entries()));
-    let config = config(filters, features, layout, sock, ring_bytes);
+    let direct = !setup.record_offsets && layout.is_some_and(is_state_record);
+    let config = config(filters, features, layout, direct, sock, ring_bytes);
     write_config(&object, &config)?;
     write_set(
         &object,
@@ -478,6 +482,7 @@ fn config(
     filters: &Filters,
     features: &Features,
     layout: Option<&StateLayout>,
+    direct: bool,
     sock: Option<&SockOffsets>,
     ring_bytes: u64,
 ) -> Config {
@@ -522,7 +527,7 @@ fn config(
             daddr: layout.daddr,
             saddr_v6: layout.saddr_v6,
             daddr_v6: layout.daddr_v6,
-            ..Default::default()
+            direct: direct.into(),
         },
         sk: RawSockLayout {
             family: sock.family,
@@ -564,6 +569,27 @@ fn note(notes: &mut Vec<String>, text: &str) {
     }
 }
 
+/// Whether the kernel's state tracepoint record is laid out as `struct state_record`,
+/// which the probes then read directly instead of field by field through bpf_probe_read.
+fn is_state_record(layout: &StateLayout) -> bool {
+    use std::mem::offset_of;
+    [
+        (layout.skaddr, offset_of!(RawStateRecord, skaddr)),
+        (layout.oldstate, offset_of!(RawStateRecord, oldstate)),
+        (layout.newstate, offset_of!(RawStateRecord, newstate)),
+        (layout.sport, offset_of!(RawStateRecord, sport)),
+        (layout.dport, offset_of!(RawStateRecord, dport)),
+        (layout.family, offset_of!(RawStateRecord, family)),
+        (layout.saddr, offset_of!(RawStateRecord, saddr)),
+        (layout.daddr, offset_of!(RawStateRecord, daddr)),
+        (layout.saddr_v6, offset_of!(RawStateRecord, saddr_v6)),
+        (layout.daddr_v6, offset_of!(RawStateRecord, daddr_v6)),
+    ]
+    .into_iter()
+    .all(|(found, ours)| usize::from(found) == ours)
+        && layout.protocol.map(usize::from) == Some(offset_of!(RawStateRecord, protocol))
+}
+
 fn write_config(object: &Object, config: &Config) -> Result<()> {
     let map = find_map(object, "config_map")?;
     // SAFETY: Config is plain data (see probes.rs).
@@ -577,4 +603,37 @@ pub fn find_map<'a>(object: &'a Object, name: &str) -> Result<libbpf_rs::Map<'a>
         .maps()
         .find(|m| m.name() == name)
         .ok_or_else(|| anyhow!("map {name} missing from the probe object"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The record layout of every kernel we captured is the one the probes read directly;
+    /// any other layout is read at its offsets.
+    #[test]
+    fn known_records_are_read_directly_and_others_at_their_offsets() {
+        let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/compat/tests/fixtures");
+        let mut seen = 0;
+        for kernel in std::fs::read_dir(fixtures).unwrap() {
+            let format = kernel
+                .unwrap()
+                .path()
+                .join("sys/kernel/tracing/events/sock/inet_sock_set_state/format");
+            let Ok(text) = std::fs::read_to_string(&format) else {
+                continue;
+            };
+            let layout = StateLayout::from_format(&text).unwrap();
+            assert!(is_state_record(&layout), "{}", format.display());
+            seen += 1;
+
+            let mut older = layout.clone();
+            older.protocol = None;
+            assert!(!is_state_record(&older));
+            let mut moved = layout;
+            moved.daddr_v6 += 8;
+            assert!(!is_state_record(&moved));
+        }
+        assert!(seen >= 5, "{seen} fixtures");
+    }
 }

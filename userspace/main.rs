@@ -164,6 +164,7 @@ fn run(cli: &Cli, started: Instant) -> Result<()> {
             "tracefs" => kprobes::KprobeAttach::Tracefs,
             _ => kprobes::KprobeAttach::Auto,
         },
+        record_offsets: cli.record_offsets,
         sizes: loader::Sizes {
             buffer_pages: cli.buffer_pages,
             max_pending: cli.max_pending,

@@ -9,7 +9,7 @@ mod skel {
 
 pub use skel::types::{
     config as Config, event as RawEvent, sock_layout as RawSockLayout,
-    state_layout as RawStateLayout,
+    state_layout as RawStateLayout, state_record as RawStateRecord,
 };
 
 // SAFETY: both are #[repr(C)] plain integers and byte arrays, with explicit padding
