@@ -165,6 +165,35 @@ fn main() {
         );
     }
 
+    // The kernel's own count of time spent in BPF programs: no wall-clock noise, and the
+    // probes' cost apart from the tracer's (and the storm's) userspace.
+    println!(
+        "\nBPF time per connect ({}; the kernel's run-time stats, {} connects):",
+        servers[1].name,
+        connects()
+    );
+    let stats = BpfStats::enable();
+    for mode in &modes {
+        let floor = {
+            let _floor = Floor::attach(mode);
+            stats.per_connect(std::process::id(), &servers[1])
+        };
+        let mut ours = Vec::new();
+        for extra in [&[][..], &["--record-offsets"][..]] {
+            let tracer = Tracer::start(mode, "ringbuf", &servers[1].ports(), extra);
+            ours.push(stats.per_connect(tracer.child.id(), &servers[1]));
+            tracer.finish(connects());
+        }
+        println!(
+            "  {mode:<12} empty programs {floor:.0} ns; tcpconnlat {:.0} ns ({:.2}x), with the tracepoint record read at its offsets {:.0} ns ({:.2}x)",
+            ours[0],
+            ours[0] / floor,
+            ours[1],
+            ours[1] / floor
+        );
+    }
+    drop(stats);
+
     // Where loss starts: the first mode (auto's pick) on the busiest storm, with ever
     // smaller buffers.
     println!(
@@ -557,6 +586,50 @@ impl Tracer {
             .count();
         (made, seen, share)
     }
+}
+
+/// Kernel accounting of BPF program run time, on while this lives (BPF_ENABLE_STATS: it
+/// ends with the descriptor, whatever becomes of this process).
+struct BpfStats {
+    _on: std::os::fd::OwnedFd,
+}
+
+impl BpfStats {
+    fn enable() -> BpfStats {
+        use libbpf_rs::libbpf_sys;
+        use std::os::fd::FromRawFd;
+        // SAFETY: a plain syscall wrapper; a non-negative result is a new descriptor.
+        let fd = unsafe { libbpf_sys::bpf_enable_stats(libbpf_sys::BPF_STATS_RUN_TIME) };
+        assert!(
+            fd >= 0,
+            "BPF_ENABLE_STATS: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: the descriptor was just created and nothing else owns it.
+        BpfStats {
+            _on: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) },
+        }
+    }
+
+    /// Nanoseconds the BPF programs held by `pid` ran per connect of one storm.
+    fn per_connect(&self, pid: u32, server: &Server) -> f64 {
+        let before = bpf_run_ns(pid);
+        storm(server, connects());
+        (bpf_run_ns(pid) - before) as f64 / connects() as f64
+    }
+}
+
+/// Run time so far of every BPF program `pid` holds a descriptor of (its fdinfo).
+fn bpf_run_ns(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .expect("read the fdinfo directory")
+        .filter_map(|entry| std::fs::read_to_string(entry.ok()?.path()).ok())
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("run_time_ns:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .sum()
 }
 
 fn cpu_seconds(pid: u32) -> f64 {
