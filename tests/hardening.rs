@@ -418,7 +418,8 @@ fn once_attached_it_keeps_no_capability_it_does_not_need() {
 fn an_entry_whose_end_no_probe_saw_is_swept_and_reported() {
     use libbpf_rs::{MapCore, MapFlags, MapHandle};
     let _serial = serial();
-    let tracer = Tracer::start(&["--json"]);
+    // Looked at once present for a second (not 15 minutes), swept every 5 s.
+    let tracer = Tracer::start(&["--json", "--sweep-after", "1"]);
     let pending = tracer
         .map_ids()
         .into_iter()

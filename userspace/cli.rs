@@ -150,6 +150,12 @@ pub struct Cli {
     #[arg(long, hide = true)]
     pub record_offsets: bool,
 
+    /// Look inside a pending entry once its key has been there this many seconds (default:
+    /// 15 minutes; for tests)
+    #[arg(long, hide = true, value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub sweep_after: Option<u64>,
+
     /// Same as --mode legacy: kprobes without BTF, for old kernels
     #[arg(long, conflicts_with = "mode")]
     pub legacy: bool,

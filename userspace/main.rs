@@ -175,7 +175,8 @@ fn run(cli: &Cli, started: Instant) -> Result<()> {
     for note in &tracer.notes {
         eprintln!("tcpconnlat: {note}");
     }
-    let stream = EventStream::new(&tracer, Duration::from_millis(cli.max_delay))?;
+    let sweep_after = cli.sweep_after.map_or(stream::STALE, Duration::from_secs);
+    let stream = EventStream::new(&tracer, Duration::from_millis(cli.max_delay), sweep_after)?;
     drop_capabilities(|| stream.can_read_counters())?;
     // Why the better modes were not used (later ones do not matter).
     let why = plan

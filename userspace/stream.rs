@@ -6,12 +6,12 @@
 //! probes/common.bpf.h).
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::RawFd;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context as TaskContext, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use futures::Stream;
@@ -35,17 +35,28 @@ pub enum Record {
     Missed(u64),
 }
 
+/// How old a pending entry must be to be removed as one whose end no probe saw, and how
+/// long its key must have been there before the sweeper looks (by default).
+pub const STALE: Duration = Duration::from_secs(15 * 60);
+
 /// The pending table's entries are removed by the probe that sees the socket leave
-/// SYN_SENT. The kernel skips a BPF program that would run nested in another one on the
-/// same CPU (a softirq landing inside a probe), so once in a long while that probe never
-/// runs and its entry would stay. Entries are swept this often, and removed once older
-/// than any SYN retry schedule with default settings (about 2 minutes) could keep a
-/// connect waiting, with a wide margin, or if they claim to predate tracing.
+/// SYN_SENT. The kernel skips a tracing program that would run nested in another one on
+/// the same CPU, or inside a map lookup, update or delete that userspace makes through
+/// bpf() (ours included): a timer softirq landing there, expiring a batch of connects,
+/// runs none of their probes, and their entries would stay. So the sweeper does not look
+/// inside the table while connects come and go: it lists keys only (BPF_MAP_GET_NEXT_KEY
+/// is not such a window) and reads an entry only once its key has been there at every
+/// sweep for `look_after`; the entry is removed if it is older than any SYN retry
+/// schedule with default settings (about 2 minutes) could keep a connect waiting, with a
+/// wide margin, or if it claims to predate tracing.
 struct Sweeper {
     map: MapHandle,
-    last: std::time::Instant,
+    last: Instant,
     /// CLOCK_MONOTONIC when tracing began.
     started_ns: u64,
+    /// Keys present at the last sweep, with when they were first seen.
+    seen: HashMap<u64, Instant>,
+    look_after: Duration,
 }
 
 fn monotonic_ns() -> Result<u64> {
@@ -57,38 +68,64 @@ fn monotonic_ns() -> Result<u64> {
 
 impl Sweeper {
     const EVERY: Duration = Duration::from_secs(5);
-    const STALE_NS: u64 = 15 * 60 * 1_000_000_000;
+
+    fn new(map: MapHandle, look_after: Duration) -> Result<Sweeper> {
+        Ok(Sweeper {
+            map,
+            last: Instant::now(),
+            started_ns: monotonic_ns()?,
+            seen: HashMap::new(),
+            look_after,
+        })
+    }
 
     /// Entries removed, if a sweep was due.
     fn sweep(&mut self) -> Result<u64> {
         if self.last.elapsed() < Self::EVERY {
             return Ok(0);
         }
-        self.last = std::time::Instant::now();
-        let now_ns = monotonic_ns()?;
+        let now = Instant::now();
+        self.last = now;
         let mut removed = 0;
+        let mut seen = HashMap::with_capacity(self.seen.len());
         let keys: Vec<Vec<u8>> = self.map.keys().collect();
         for key in keys {
-            let Ok(Some(value)) = self.map.lookup(&key, MapFlags::ANY) else {
-                continue; // finished meanwhile
+            let Some(id) = key.get(..8).and_then(|b| b.try_into().ok()) else {
+                continue;
             };
-            let start_ns = value
-                .get(..8)
-                .and_then(|b| b.try_into().ok())
-                .map_or(0, u64::from_ne_bytes);
-            let stale = now_ns.saturating_sub(start_ns) > Self::STALE_NS;
-            if (stale || start_ns < self.started_ns) && self.map.delete(&key).is_ok() {
-                removed += 1;
+            let id = u64::from_ne_bytes(id);
+            let mut first = self.seen.get(&id).copied().unwrap_or(now);
+            if now.duration_since(first) >= self.look_after {
+                let Ok(Some(value)) = self.map.lookup(&key, MapFlags::ANY) else {
+                    continue; // finished meanwhile
+                };
+                let start_ns = value
+                    .get(..8)
+                    .and_then(|b| b.try_into().ok())
+                    .map_or(0, u64::from_ne_bytes);
+                let age = Duration::from_nanos(monotonic_ns()?.saturating_sub(start_ns));
+                if age > STALE || start_ns < self.started_ns {
+                    if self.map.delete(&key).is_ok() {
+                        removed += 1;
+                    }
+                    continue;
+                }
+                // A later connect on a reused socket address: as old as it says.
+                first = now.checked_sub(age).unwrap_or(now);
             }
+            seen.insert(id, first);
         }
+        self.seen = seen;
         Ok(removed)
     }
 }
 
 /// The probes' `counters` map (see COUNTER_* in probes/tcpconnlat.h) and what was last
-/// read from it, so that only increases are reported.
+/// read from it, so that only increases are reported. Read once a second, not at every
+/// drain: each lookup is a moment in which the kernel would skip our probes (see Sweeper).
 struct Counters {
     map: MapHandle,
+    last: Option<Instant>,
     seen: [u64; 2],
     /// Samples the perf buffer reported lost. They are the ones the probes counted too
     /// (on kernels that tell them), but arrive only once the next sample fits: the larger
@@ -99,9 +136,14 @@ struct Counters {
 impl Counters {
     const DROPPED: u32 = 0;
     const UNTRACKED: u32 = 1;
+    const EVERY: Duration = Duration::from_secs(1);
 
-    /// Increases since the last call: (dropped, untracked).
-    fn read(&mut self) -> Result<(u64, u64)> {
+    /// Increases since the last read, (dropped, untracked), if one is due or `now`.
+    fn read(&mut self, now: bool) -> Result<(u64, u64)> {
+        if !now && self.last.is_some_and(|t| t.elapsed() < Self::EVERY) {
+            return Ok((0, 0));
+        }
+        self.last = Some(Instant::now());
         let mut delta = [0; 2];
         for (i, counter) in [Self::DROPPED, Self::UNTRACKED].into_iter().enumerate() {
             let total = self
@@ -141,7 +183,13 @@ pub struct EventStream<'cb> {
 
 impl<'cb> EventStream<'cb> {
     /// Must be created inside a tokio runtime.
-    pub fn new(tracer: &Tracer, max_delay: Duration) -> Result<EventStream<'cb>> {
+    /// Must be created inside a tokio runtime. Pending entries are looked at once present
+    /// for `sweep_after` (see Sweeper).
+    pub fn new(
+        tracer: &Tracer,
+        max_delay: Duration,
+        sweep_after: Duration,
+    ) -> Result<EventStream<'cb>> {
         let queue = Rc::new(RefCell::new(VecDeque::new()));
         let map = find_map(&tracer.object, tracer.transport.map())?;
         let perf_lost = Rc::new(Cell::new(0));
@@ -188,14 +236,12 @@ impl<'cb> EventStream<'cb> {
             .map_err(|e| anyhow::anyhow!("watching the event buffer: {e}"))?;
         let counters = Counters {
             map: MapHandle::try_from(&find_map(&tracer.object, "counters")?)?,
+            last: None,
             seen: [0; 2],
             perf_lost,
         };
-        let sweeper = Sweeper {
-            map: MapHandle::try_from(&find_map(&tracer.object, "pending")?)?,
-            last: std::time::Instant::now(),
-            started_ns: monotonic_ns()?,
-        };
+        let pending = MapHandle::try_from(&find_map(&tracer.object, "pending")?)?;
+        let sweeper = Sweeper::new(pending, sweep_after)?;
         let mut tick = interval(max_delay);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         Ok(EventStream {
@@ -222,13 +268,18 @@ impl<'cb> EventStream<'cb> {
         self.queue.borrow().is_empty()
     }
 
-    /// Read everything the kernel has queued into our queue.
+    /// Read everything the kernel has queued into our queue, counters included (at exit:
+    /// nothing left unsaid).
     pub fn drain(&mut self) -> Result<()> {
+        self.read(true)
+    }
+
+    fn read(&mut self, counters_now: bool) -> Result<()> {
         match &self.buffer {
             Buffer::Ring(ring) => ring.consume().context("reading the ring buffer")?,
             Buffer::Perf(perf) => perf.consume()?,
         }
-        let (dropped, untracked) = self.counters.read()?;
+        let (dropped, untracked) = self.counters.read(counters_now)?;
         let missed = self.sweeper.sweep()?;
         let mut queue = self.queue.borrow_mut();
         if missed > 0 {
@@ -269,7 +320,7 @@ impl Stream for EventStream<'_> {
             if !due {
                 return Poll::Pending;
             }
-            if let Err(e) = self.drain() {
+            if let Err(e) = self.read(false) {
                 return Poll::Ready(Some(Err(e)));
             }
         }
