@@ -161,7 +161,7 @@ fn main() {
         let cpu = stats.iter().map(|s| s.2).sum::<f64>() / stats.len() as f64;
         println!(
             "  {:<84} events: {seen} of {made} connects ({} lost); tracer CPU {:.1} % of one core while tracing",
-            "", made - seen.min(made), cpu * 100.0
+            "", made.saturating_sub(seen), cpu * 100.0
         );
     }
 
@@ -216,7 +216,7 @@ fn main() {
                 );
                 storm(&servers[0], connects());
                 let (made, seen, _) = tracer.finish(connects());
-                format!("{pages}: {}", made - seen.min(made))
+                format!("{pages}: {}", made.saturating_sub(seen))
             })
             .collect();
         println!(
@@ -257,10 +257,9 @@ fn features() -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("--features --json")
 }
 
-/// Where a storm goes, and from how many client threads (one listener per client thread:
-/// each thread accepts its own connects (a shared accept
-/// thread falls behind under load, overflows the accept queue and turns connects into 1 s
-/// SYN retransmits). Clients connect from 250 source addresses in turn: each has its own
+/// Where a storm goes, and from how many client threads. One listener per client thread:
+/// each thread accepts its own connects (a shared accept thread falls behind under load,
+/// overflows the accept queue and turns connects into 1 s SYN retransmits). Clients connect from 250 source addresses in turn: each has its own
 /// ephemeral ports, so hundreds of thousands of connects never meet an old connection's
 /// TIME_WAIT.
 struct Server {

@@ -59,6 +59,12 @@ struct Sweeper {
     look_after: Duration,
 }
 
+/// A map key or value's first 8 bytes: the pending table's key (the socket), the start
+/// time that leads its value, a counter.
+fn leading_u64(bytes: &[u8]) -> Option<u64> {
+    bytes.get(..8)?.try_into().ok().map(u64::from_ne_bytes)
+}
+
 fn monotonic_ns() -> Result<u64> {
     // Entries hold bpf_ktime_get_ns() start times: CLOCK_MONOTONIC.
     let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
@@ -86,24 +92,21 @@ impl Sweeper {
         }
         let now = Instant::now();
         self.last = now;
+        let now_ns = monotonic_ns()?;
         let mut removed = 0;
         let mut seen = HashMap::with_capacity(self.seen.len());
         let keys: Vec<Vec<u8>> = self.map.keys().collect();
         for key in keys {
-            let Some(id) = key.get(..8).and_then(|b| b.try_into().ok()) else {
+            let Some(id) = leading_u64(&key) else {
                 continue;
             };
-            let id = u64::from_ne_bytes(id);
             let mut first = self.seen.get(&id).copied().unwrap_or(now);
             if now.duration_since(first) >= self.look_after {
                 let Ok(Some(value)) = self.map.lookup(&key, MapFlags::ANY) else {
                     continue; // finished meanwhile
                 };
-                let start_ns = value
-                    .get(..8)
-                    .and_then(|b| b.try_into().ok())
-                    .map_or(0, u64::from_ne_bytes);
-                let age = Duration::from_nanos(monotonic_ns()?.saturating_sub(start_ns));
+                let start_ns = leading_u64(&value).unwrap_or(0);
+                let age = Duration::from_nanos(now_ns.saturating_sub(start_ns));
                 if age > STALE || start_ns < self.started_ns {
                     if self.map.delete(&key).is_ok() {
                         removed += 1;
@@ -150,7 +153,7 @@ impl Counters {
                 .map
                 .lookup(&counter.to_ne_bytes(), MapFlags::ANY)
                 .context("reading the probes' counters")?
-                .and_then(|v| v.try_into().ok().map(u64::from_ne_bytes))
+                .and_then(|v| leading_u64(&v))
                 .unwrap_or(0);
             let total = if counter == Self::DROPPED {
                 total.max(self.perf_lost.get())
@@ -182,7 +185,6 @@ pub struct EventStream<'cb> {
 }
 
 impl<'cb> EventStream<'cb> {
-    /// Must be created inside a tokio runtime.
     /// Must be created inside a tokio runtime. Pending entries are looked at once present
     /// for `sweep_after` (see Sweeper).
     pub fn new(
