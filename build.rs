@@ -21,19 +21,14 @@ const PROBES: &[&str] = &[
     "empty",
 ];
 
-/// The fields of struct sock_layout, in order (probes/sock_offsets.c names them alike).
-const SOCK_FIELDS: [&str; 10] = [
-    "family",
-    "state",
-    "num",
-    "dport",
-    "rcv_saddr",
-    "daddr",
-    "v6_rcv_saddr",
-    "v6_daddr",
-    "err",
-    "err_soft",
-];
+/// The fields of struct sock_layout, in order: the names of probes/sock_fields.h.
+fn sock_fields() -> Vec<String> {
+    let text = fs::read_to_string("probes/sock_fields.h").expect("read probes/sock_fields.h");
+    text.lines()
+        .filter_map(|l| l.strip_prefix("SOCK_FIELD(")?.split(',').next())
+        .map(|name| name.trim().to_owned())
+        .collect()
+}
 
 fn main() {
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
@@ -72,7 +67,7 @@ fn main() {
     let mut table = String::from(
         "/// struct sock offsets from kernel headers at build time: (release, offsets in\n\
          /// struct sock_layout order).\n\
-         pub const HEADER_OFFSETS: &[(&str, [u16; 10])] = &[\n",
+         pub const HEADER_OFFSETS: &[(&str, [u16; tcpconnlat_compat::btf::SOCK_FIELDS])] = &[\n",
     );
     for dir in env::var("KERNEL_HEADERS").unwrap_or_default().split(':') {
         if dir.is_empty() {
@@ -91,7 +86,7 @@ fn main() {
 
 /// Compile probes/sock_offsets.c against one kernel build tree (an O= build directory
 /// with its `source` link, or an in-tree build) and read the offsets from the assembly.
-fn header_offsets(obj: &Path, out: &Path) -> Result<(String, [u16; 10]), String> {
+fn header_offsets(obj: &Path, out: &Path) -> Result<(String, Vec<u16>), String> {
     let src = if obj.join("source").exists() {
         obj.join("source")
     } else {
@@ -142,8 +137,8 @@ fn header_offsets(obj: &Path, out: &Path) -> Result<(String, [u16; 10]), String>
         ));
     }
     let text = fs::read_to_string(&asm).map_err(|e| e.to_string())?;
-    let mut offsets = [0u16; 10];
-    for (i, field) in SOCK_FIELDS.iter().enumerate() {
+    let mut offsets = Vec::new();
+    for field in sock_fields() {
         // "tcpconnlat_offset_family:\n\t.quad\t16"
         let label = format!("tcpconnlat_offset_{field}:");
         let value = text
@@ -152,9 +147,11 @@ fn header_offsets(obj: &Path, out: &Path) -> Result<(String, [u16; 10]), String>
             .find_map(|l| l.trim().strip_prefix(".quad"))
             .map(|v| v.split('#').next().unwrap_or("").trim().to_owned())
             .ok_or_else(|| format!("no {label} in the compiled offsets"))?;
-        offsets[i] = value
-            .parse()
-            .map_err(|_| format!("{field}: offset {value:?} is not a number"))?;
+        offsets.push(
+            value
+                .parse()
+                .map_err(|_| format!("{field}: offset {value:?} is not a number"))?,
+        );
     }
     Ok((release, offsets))
 }

@@ -18,9 +18,17 @@ if [ -e /sys/bus/event_source/devices/kprobe/type ]; then
     mkdir -p "$dest/sys/bus/event_source/devices/kprobe"
     cat /sys/bus/event_source/devices/kprobe/type > "$dest/sys/bus/event_source/devices/kprobe/type"
 fi
+# The vDSO image: its ELF note carries the kernel's LINUX_VERSION_CODE (compat::kversion).
+range=$(grep '\[vdso\]' /proc/$$/maps | cut -d' ' -f1)
+if [ -n "$range" ]; then
+    start=$((0x${range%-*})) end=$((0x${range#*-}))
+    dd if=/proc/$$/mem of="$dest/vdso" bs=4096 skip=$((start / 4096)) count=$(((end - start) / 4096)) 2>/dev/null ||
+        rm -f "$dest/vdso"
+fi
 for t in /sys/kernel/tracing /sys/kernel/debug/tracing; do
     if [ -d "$t/events" ]; then
         rel=${t#/}
+        mkdir -p "$dest/$rel/events"
         for tp in sock/inet_sock_set_state tcp/tcp_retransmit_skb tcp/tcp_receive_reset; do
             [ -d "$t/events/$tp" ] || continue
             mkdir -p "$dest/$rel/events/$tp"

@@ -4,12 +4,15 @@
 # integration test binaries and what they call (ip, iptables-legacy, bash, setpriv).
 #
 #   ci/matrix.sh                     every kernel
-#   ci/matrix.sh deb61 nobtf         only these (ids: host deb61 deb612 nobtf noftrace)
+#   ci/matrix.sh deb61 nobtf         only these (ids: host deb61 deb612 nobtf noftrace
+#                                    old414 old54)
 #   ci/matrix.sh --update-fixtures   also copy each kernel's captured compat fixture into
 #                                    compat/tests/fixtures/<id>
 #
 # Kernel images are cached under ~/.cache/tcpconnlat-ci (TCPCONNLAT_CACHE), built ones keyed by the hash
-# of their config, so a warm machine skips the builds. Prints a table (rows kernels,
+# of their config, so a warm machine skips the builds. Kernels no registry has (4.14, 5.4)
+# come prebuilt from TCPCONNLAT_KERNELS_DIR (default ../shared/kernels/old): a folder per
+# version with bzImage, headers.tar.xz and vmlinux.btf.xz. Prints a table (rows kernels,
 # columns modes) and exits non-zero on any unexpected cell.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +20,8 @@ ROOT=$PWD
 # Outside the work tree, so that CI's fresh clone on a warm machine finds it.
 CACHE=${TCPCONNLAT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tcpconnlat-ci}
 OUT=$ROOT/ci/out
-ALL=(host deb61 deb612 nobtf noftrace)
+ALL=(host deb61 deb612 nobtf noftrace old414 old54)
+KERNELS_DIR=${TCPCONNLAT_KERNELS_DIR:-$ROOT/../shared/kernels/old}
 ALL_MODES=(fentry kprobe tracepoint legacy)
 # Legacy mode proven further: offsets from a BTF file made with pahole instead of kernel
 # headers, and kprobes through tracefs kprobe_events instead of the PMU.
@@ -26,12 +30,17 @@ VM_TIMEOUT=${TCPCONNLAT_VM_TIMEOUT:-1500}
 
 # What each kernel must do: modes whose whole trace suite must pass, modes that must be
 # refused with a clear error, and what auto must pick.
+# 4.14 has no kprobe PMU (4.17+): its plain legacy cell already goes through tracefs.
 declare -A MODES=([deb61]="fentry kprobe tracepoint legacy" [deb612]="fentry kprobe tracepoint legacy"
-    [nobtf]="tracepoint legacy legacy+btf legacy+tracefs" [noftrace]="kprobe tracepoint legacy")
-declare -A REFUSED=([deb61]="" [deb612]="" [nobtf]="fentry kprobe" [noftrace]="fentry")
-declare -A AUTO=([deb61]=fentry [deb612]=fentry [nobtf]=tracepoint [noftrace]=kprobe)
+    [nobtf]="tracepoint legacy legacy+btf legacy+tracefs" [noftrace]="kprobe tracepoint legacy"
+    [old414]="legacy legacy+btf" [old54]="tracepoint legacy legacy+btf legacy+tracefs")
+declare -A REFUSED=([deb61]="" [deb612]="" [nobtf]="fentry kprobe" [noftrace]="fentry"
+    [old414]="fentry kprobe tracepoint" [old54]="fentry kprobe")
+declare -A AUTO=([deb61]=fentry [deb612]=fentry [nobtf]=tracepoint [noftrace]=kprobe
+    [old414]=legacy [old54]=tracepoint)
 declare -A WHAT=([host]="running kernel" [deb61]="Debian 12 cloud 6.1" [deb612]="Debian 12 6.12"
-    [nobtf]="6.1, no BTF" [noftrace]="6.1, BTF, no ftrace")
+    [nobtf]="6.1, no BTF" [noftrace]="6.1, BTF, no ftrace" [old414]="4.14.325, no BTF"
+    [old54]="5.4.286, no BTF")
 # Modules the tests need where the kernel has them as modules (the built kernels have
 # them built in).
 DEB_MODULES="veth x_tables ip_tables iptable_filter xt_recent xt_tcpudp ipt_REJECT"
@@ -41,7 +50,7 @@ kernels=()
 for arg in "$@"; do
     case $arg in
     --update-fixtures) update_fixtures=1 ;;
-    host | deb61 | deb612 | nobtf | noftrace) kernels+=("$arg") ;;
+    host | deb61 | deb612 | nobtf | noftrace | old414 | old54) kernels+=("$arg") ;;
     *) echo "ci/matrix.sh: unknown kernel or option '$arg' (kernels: ${ALL[*]})" >&2; exit 2 ;;
     esac
 done
@@ -50,7 +59,7 @@ done
 log() { echo "[matrix $(date +%H:%M:%S)] $*" >&2; }
 
 ./ci/deps.sh qemu-system-x86 busybox-static cpio kmod xz-utils linux-source-6.1 dwarves \
-    flex bison bc libssl-dev libelf-dev gcc make
+    flex bison bc libssl-dev libelf-dev gcc make patchelf
 
 # --- kernels -----------------------------------------------------------------------------
 # Each sets KIMAGE (bzImage), KVER (uname -r), KMODDIR (its modules, or empty), KHEADERS
@@ -131,8 +140,32 @@ built_kernel() { # id: built from linux-source-6.1 with ci/kernels/base.config +
     [ ! -f "$dir/vmlinux.btf" ] || KBTF=$dir/vmlinux.btf
 }
 
+prebuilt_kernel() { # id version: a kernel from KERNELS_DIR/<version>, unpacked into the cache
+    local id=$1 from=$KERNELS_DIR/$2 dir=$CACHE/kernels/$1
+    local f
+    for f in bzImage headers.tar.xz vmlinux.btf.xz; do
+        [ -f "$from/$f" ] || { echo "ci/matrix.sh: $id needs $from/$f (set TCPCONNLAT_KERNELS_DIR)" >&2; return 1; }
+    done
+    local stamp
+    stamp=$(cat "$from/headers.tar.xz" "$from/vmlinux.btf.xz" | sha256sum | cut -c1-16)
+    if [ ! -f "$dir/$stamp.done" ]; then
+        log "$id: unpacking its headers and BTF from $from"
+        rm -rf "$dir" && mkdir -p "$dir/headers"
+        tar -C "$dir/headers" -xJf "$from/headers.tar.xz"
+        xz -dc "$from/vmlinux.btf.xz" >"$dir/vmlinux.btf"
+        touch "$dir/$stamp.done"
+    fi
+    KIMAGE=$from/bzImage
+    KVER=$(cut -d'"' -f2 "$dir/headers/include/generated/utsrelease.h")
+    KMODDIR=
+    KHEADERS=$dir/headers
+    KBTF=$dir/vmlinux.btf
+}
+
 kernel() { # id
     case $1 in
+    old414) prebuilt_kernel old414 4.14 ;;
+    old54) prebuilt_kernel old54 5.4 ;;
     deb61) deb_kernel deb61 "$(apt-cache depends linux-image-cloud-amd64 | grep -oE 'linux-image-6[^ ]*' | head -1)-unsigned" ;;
     deb612) deb_kernel deb612 "$(newest '^linux-image-6\.12\.[0-9]+\+deb12-amd64-unsigned$')" ;;
     nobtf | noftrace) built_kernel "$1" ;;
@@ -153,11 +186,18 @@ for id in "${kernels[@]}"; do
 done
 
 # --- the binaries under test -------------------------------------------------------------
-log "building the release binary and test binaries"
+log "building the release binaries and test binaries"
+# First without any kernel headers: legacy's --btf cells prove that binary, as a user
+# who has only a BTF file for their kernel would run it. Then the one under test
+# everywhere else, with the header offsets of every kernel that has headers.
+mkdir -p "$OUT"
+KERNEL_HEADERS= cargo build --release --locked
+BIN=$ROOT/target/x86_64-unknown-linux-gnu/release/tcpconnlat
+cp "$BIN" "$OUT/tcpconnlat-noheaders"
+BIN_NOHEADERS=$OUT/tcpconnlat-noheaders
 export KERNEL_HEADERS
 KERNEL_HEADERS=$(IFS=:; echo "${headers[*]}")
 cargo build --release --locked
-BIN=$ROOT/target/release/tcpconnlat
 test_bin() { # name: the release integration test executable for tests/<name>.rs
     cargo test --release --locked --no-run --message-format=json 2>/dev/null |
         grep '"kind":\["test"\]' | grep "\"name\":\"$1\"" |
@@ -194,15 +234,34 @@ done
 
 # --- initramfs ---------------------------------------------------------------------------
 
-add_file() { # root path: copy a file (and, for ELF files, its libraries) to the same path
+# The VMs hold no shared library where a program could find one: the tracer and the test
+# binaries are static (a dynamic one could not even start: there is no ELF interpreter at
+# its usual path). The tests' helper tools from Debian (iproute2, iptables, bash, setpriv)
+# are dynamic: they live in /toolbox with their libraries, their interpreter and library
+# path rewritten to point there, and are linked from their usual paths.
+TOOLBOX=/toolbox
+
+add_static() { # root path: a static executable, at the same path
     local root=$1 path=$2
+    if readelf -l "$path" | grep -q 'program interpreter' || readelf -d "$path" | grep -q '(NEEDED)'; then
+        echo "ci/matrix.sh: $path is not static" >&2
+        return 1
+    fi
     mkdir -p "$root$(dirname "$path")"
     cp -L "$path" "$root$path"
-    if ldd "$path" >/dev/null 2>&1; then
-        ldd "$path" | grep -oE '/[^ ]+' | while read -r lib; do
-            [ -e "$root$lib" ] || { mkdir -p "$root$(dirname "$lib")" && cp -L "$lib" "$root$lib"; }
-        done
-    fi
+}
+
+add_tool() { # root path: a dynamic helper tool into the toolbox
+    local root=$1 path=$2 lib
+    local name=${path##*/}
+    mkdir -p "$root$TOOLBOX/bin" "$root$TOOLBOX/lib" "$root$(dirname "$path")"
+    cp -L "$path" "$root$TOOLBOX/bin/$name"
+    ldd "$path" | grep -oE '/[^ ]+' | while read -r lib; do
+        cp -Ln "$lib" "$root$TOOLBOX/lib/" 2>/dev/null || true
+    done
+    patchelf --set-interpreter "$TOOLBOX/lib/ld-linux-x86-64.so.2" --force-rpath \
+        --set-rpath "$TOOLBOX/lib" "$root$TOOLBOX/bin/$name"
+    ln -sf "$TOOLBOX/bin/$name" "$root$path"
 }
 
 module_closure() { # moddir module...: the module files needed, dependencies first
@@ -227,19 +286,24 @@ make_initramfs() { # id out
     for applet in $(/bin/busybox --list); do
         [ -e "$root/bin/$applet" ] || ln -s busybox "$root/bin/$applet"
     done
-    for f in "$BIN" $TRACE_TESTS $ONCE_TESTS /usr/bin/ip /usr/sbin/xtables-legacy-multi /usr/bin/bash /usr/bin/setpriv; do
-        add_file "$root" "$f"
+    for f in "$BIN" "$BIN_NOHEADERS" $TRACE_TESTS $ONCE_TESTS; do
+        add_static "$root" "$f"
     done
     rm -f "$root/bin/ip" "$root/bin/setpriv" "$root/bin/bash"   # the real ones, not busybox's
-    ln -sf xtables-legacy-multi "$root/usr/sbin/iptables-legacy"
+    for f in /usr/bin/ip /usr/sbin/xtables-legacy-multi /usr/bin/bash /usr/bin/setpriv; do
+        add_tool "$root" "$f"
+    done
+    ln -sf xtables-legacy-multi "$root$TOOLBOX/bin/iptables-legacy"
+    ln -sf "$TOOLBOX/bin/iptables-legacy" "$root/usr/sbin/iptables-legacy"
+    # iptables finds its extensions through XTABLES_LIBDIR (ci/vm/init sets it).
     local xt=/usr/lib/x86_64-linux-gnu/xtables
-    mkdir -p "$root$xt" && cp "$xt"/libxt_*.so "$xt"/libipt_*.so "$root$xt/"
+    mkdir -p "$root$TOOLBOX/xtables" && cp "$xt"/libxt_*.so "$xt"/libipt_*.so "$root$TOOLBOX/xtables/"
     echo "root:x:0:0:root:/root:/bin/sh" >"$root/etc/passwd"
     echo "nobody:x:65534:65534:nobody:/:/bin/false" >>"$root/etc/passwd"
     printf 'root:x:0:\nnogroup:x:65534:\n' >"$root/etc/group"
     [ -z "${KBTFS[$id]}" ] || cp "${KBTFS[$id]}" "$root/vmlinux.btf"
     local bench=""
-    if [ "$id" = "$BENCH_IN" ]; then bench=$BENCH && add_file "$root" "$BENCH"; fi
+    if [ "$id" = "$BENCH_IN" ]; then bench=$BENCH && add_static "$root" "$BENCH"; fi
     local modules="" KMODDIR=${KMODDIRS[$id]} KVER=${KVERS[$id]}
     if [ -n "$KMODDIR" ]; then
         local dest=$root/lib/modules/$KVER f rel
@@ -260,6 +324,7 @@ make_initramfs() { # id out
     cat >"$root/matrix.conf" <<EOF
 KERNEL_ID='$id'
 BIN='$BIN'
+BIN_NOHEADERS='$BIN_NOHEADERS'
 TRACE_TESTS='$TRACE_TESTS'
 ONCE_TESTS='$ONCE_TESTS'
 MODES='${MODES[$id]}'
@@ -318,15 +383,17 @@ done
 # --- the table ---------------------------------------------------------------------------
 bad=0
 printf '\n%-10s %-22s' kernel "" >&2
-printf '%-15s' "${ALL_MODES[@]}" "${VARIANTS[@]}" cli >&2
+printf '%-15s' "${ALL_MODES[@]}" "${VARIANTS[@]}" cli static >&2
 printf '%s\n' "auto picks" >&2
 for id in "${kernels[@]}"; do
     log=$OUT/$id/console.log
     printf '%-10s %-22s' "$id" "${WHAT[$id]}" >&2
-    for col in "${ALL_MODES[@]}" "${VARIANTS[@]}" cli; do
+    for col in "${ALL_MODES[@]}" "${VARIANTS[@]}" cli static; do
         got=$(cell_of "$id" "$col")
         want=missing
         case " ${MODES[$id]} cli " in *" $col "*) want=pass ;; esac
+        # Every VM proves the binaries run with no shared library (ci/vm/init).
+        if [ "$col" = static ] && [ "$id" != host ]; then want=pass; fi
         case " ${REFUSED[$id]} " in *" $col "*) want=refused ;; esac
         if [ "$got" = "$want" ]; then shown=$got; else shown="$got!"; bad=1; fi
         [ "$shown" != missing ] || shown=-

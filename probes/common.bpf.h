@@ -215,14 +215,14 @@ struct state_change {
  * (most state changes: those cost two reads only).
  */
 static __always_inline int read_state_change(void *ctx, const struct state_layout *l,
-					     struct state_change *sc)
+					     int direct, struct state_change *sc)
 {
 	struct {
 		int oldstate;
 		int newstate;
 	} pair;
 
-	if (l->direct) {
+	if (direct) {
 		const struct state_record *r = ctx;
 
 		sc->oldstate = r->oldstate;
@@ -250,15 +250,22 @@ static __always_inline int read_state_change(void *ctx, const struct state_layou
 	if (READ_AT(sc->skaddr, ctx, l->skaddr) || READ_AT(sc->family, ctx, l->family))
 		return -1;
 	sc->protocol = IPPROTO_TCP;
-	if (l->protocol && READ_AT(sc->protocol, ctx, l->protocol))
+	if (l->protocol && l->protocol_size == 1) {
+		__u8 protocol;
+
+		if (READ_AT(protocol, ctx, l->protocol))
+			return -1;
+		sc->protocol = protocol;
+	} else if (l->protocol && READ_AT(sc->protocol, ctx, l->protocol)) {
 		return -1;
+	}
 	return 0;
 }
 
 static __always_inline void read_endpoints(void *ctx, const struct state_layout *l,
-					   struct event *e)
+					   int direct, struct event *e)
 {
-	if (l->direct) {
+	if (direct) {
 		const struct state_record *r = ctx;
 
 		e->lport = r->sport;
@@ -370,15 +377,15 @@ static __always_inline void mark_reset(__u64 sk)
 #ifndef TCPCONNLAT_LEGACY
 /*
  * sock:inet_sock_set_state. With `record_start` (tracepoint mode) the CLOSE -> SYN_SENT
- * transition also starts the clock.
+ * transition also starts the clock; with `direct` the record is a struct state_record.
  */
-static __always_inline int handle_state(void *ctx, int transport, int record_start)
+static __always_inline int handle_state(void *ctx, int transport, int record_start, int direct)
 {
 	const struct config *cfg = get_config();
 	struct state_change sc;
 	struct event e = {};
 
-	if (!cfg || read_state_change(ctx, &cfg->tp, &sc) || sc.protocol != IPPROTO_TCP)
+	if (!cfg || read_state_change(ctx, &cfg->tp, direct, &sc) || sc.protocol != IPPROTO_TCP)
 		return 0;
 	if (sc.newstate == TCP_SYN_SENT) {
 		if (record_start && sc.oldstate == TCP_CLOSE)
@@ -388,7 +395,7 @@ static __always_inline int handle_state(void *ctx, int transport, int record_sta
 	if (sc.oldstate != TCP_SYN_SENT || !finish_connect(cfg, sc.skaddr, sc.newstate, &e))
 		return 0;
 	e.af = sc.family;
-	read_endpoints(ctx, &cfg->tp, &e);
+	read_endpoints(ctx, &cfg->tp, direct, &e);
 	report(ctx, cfg, &e, transport);
 	return 0;
 }
@@ -415,18 +422,21 @@ static __always_inline int handle_reset(void *ctx)
 	return 0;
 }
 
-/* The tracepoint programs every object has: two per transport for the state machine. */
+/* The state machine's program, for one transport and one way of reading the record. */
+#define STATE_PROGRAM(name, transport, record_start, direct)                            \
+	SEC("tracepoint/sock/inet_sock_set_state")                                      \
+	int name(void *ctx)                                                             \
+	{                                                                               \
+		return handle_state(ctx, transport, record_start, direct);              \
+	}
+
+/* The tracepoint programs every object has: four for the state machine (per transport,
+ * the record read at its offsets or directly), one each for retransmits and RSTs. */
 #define STATE_PROGRAMS(record_start)                                                    \
-	SEC("tracepoint/sock/inet_sock_set_state")                                      \
-	int tp_state_rb(void *ctx)                                                      \
-	{                                                                               \
-		return handle_state(ctx, TRANSPORT_RINGBUF, record_start);              \
-	}                                                                               \
-	SEC("tracepoint/sock/inet_sock_set_state")                                      \
-	int tp_state_pb(void *ctx)                                                      \
-	{                                                                               \
-		return handle_state(ctx, TRANSPORT_PERFBUF, record_start);              \
-	}                                                                               \
+	STATE_PROGRAM(tp_state_rb, TRANSPORT_RINGBUF, record_start, 0)                  \
+	STATE_PROGRAM(tp_state_pb, TRANSPORT_PERFBUF, record_start, 0)                  \
+	STATE_PROGRAM(tp_state_direct_rb, TRANSPORT_RINGBUF, record_start, 1)           \
+	STATE_PROGRAM(tp_state_direct_pb, TRANSPORT_PERFBUF, record_start, 1)           \
 	SEC("tracepoint/tcp/tcp_retransmit_skb")                                        \
 	int tp_retransmit(void *ctx)                                                    \
 	{                                                                               \

@@ -9,15 +9,25 @@
 
 #define TASK_COMM_LEN 16
 
+/*
+ * The constants below are enums, not macros, so that they reach BTF (types.bpf.c) and the
+ * Rust side uses the generated values: no number is written twice.
+ */
+
 /* Which buffer an emitting program writes to; each emitter is built once per transport. */
-#define TRANSPORT_RINGBUF 0
-#define TRANSPORT_PERFBUF 1
+enum transport {
+	TRANSPORT_RINGBUF,
+	TRANSPORT_PERFBUF,
+};
 
 /*
- * The sock:inet_sock_set_state record as today's kernels lay it out (every kernel of our
- * matrix, 6.1 to 6.18). Where the tracepoint's format file says the kernel's record is
- * this one, the probes read it directly (free); elsewhere through bpf_probe_read at the
- * offsets below (some 25 ns a field, about twenty fields per connect).
+ * The sock:inet_sock_set_state record as kernels from 5.6 lay it out (6.1 to 6.18 in our
+ * matrix). Where the tracepoint's format file says the kernel's record is this one, the
+ * `_direct` programs read it directly (free); elsewhere the others read it through
+ * bpf_probe_read at the offsets below (some 25 ns a field, about twenty fields per
+ * connect). They are separate programs because a tracepoint program may not even contain
+ * a read past the end of the kernel's record (attaching fails with EACCES): 5.4's record,
+ * with a one-byte protocol, ends at byte 71 of this struct's 72.
  */
 struct state_record {
 	__u64 common;
@@ -47,45 +57,45 @@ struct state_layout {
 	__u16 dport;
 	__u16 family;
 	__u16 protocol; /* 0: the kernel's record has no protocol field (TCP only) */
+	__u16 protocol_size; /* 1 (a __u8 before Linux 5.6) or 2 */
 	__u16 saddr;
 	__u16 daddr;
 	__u16 saddr_v6;
 	__u16 daddr_v6;
-	__u16 direct; /* 1: the record is a struct state_record, read directly */
 };
 
 /*
- * Where the fields of struct sock that the probes without CO-RE read live, from BTF or
- * from kernel headers at build time (0 = unknown, for fields a mode can do without).
+ * Where the fields of struct sock that the probes without CO-RE read live (sock_fields.h
+ * lists them), from BTF or from kernel headers at build time (0 = unknown, for fields a
+ * mode can do without).
  */
 struct sock_layout {
-	__u16 family;
-	__u16 state;
-	__u16 num;   /* local port, host order */
-	__u16 dport; /* network order */
-	__u16 rcv_saddr;
-	__u16 daddr;
-	__u16 v6_rcv_saddr;
-	__u16 v6_daddr;
-	__u16 err;
-	__u16 err_soft; /* an ICMP error that came while the socket was locked */
+#define SOCK_FIELD(name, member) __u16 name;
+#include "sock_fields.h"
+#undef SOCK_FIELD
 };
 
-/* The probes' `counters` array map. */
-#define COUNTER_DROPPED 0   /* events the buffer had no room for */
-#define COUNTER_UNTRACKED 1 /* connects not timed: the pending table was full */
-#define COUNTERS 2
+/* The slots of the probes' `counters` array map. */
+enum counter {
+	COUNTER_DROPPED,   /* events the buffer had no room for */
+	COUNTER_UNTRACKED, /* connects not timed: the pending table was full */
+	COUNTERS,
+};
 
 /* How a connect ended (event.outcome). */
-#define OUTCOME_ESTABLISHED 0
-#define OUTCOME_REFUSED 1     /* an RST answered the SYN */
-#define OUTCOME_TIMEOUT 2     /* no answer: left SYN_SENT by timer or close */
-#define OUTCOME_UNREACHABLE 3 /* an ICMP error: host or network unreachable */
-#define OUTCOME_ERROR 4       /* another socket error (see event.error) */
+enum outcome {
+	OUTCOME_ESTABLISHED,
+	OUTCOME_REFUSED,     /* an RST answered the SYN */
+	OUTCOME_TIMEOUT,     /* no answer: left SYN_SENT by timer or close */
+	OUTCOME_UNREACHABLE, /* an ICMP error: host or network unreachable */
+	OUTCOME_ERROR,       /* another socket error (see event.error) */
+};
 
-/* config.report: which outcomes to emit. */
-#define REPORT_ESTABLISHED 1
-#define REPORT_FAILED 2
+/* config.report: which outcomes to emit (bits). */
+enum report {
+	REPORT_ESTABLISHED = 1,
+	REPORT_FAILED = 2,
+};
 
 /* Written by userspace into the `config_map` array map (key 0) before anything is attached. */
 struct config {

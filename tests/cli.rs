@@ -155,7 +155,7 @@ fn without_privileges_it_says_to_use_root() {
             "--inh-caps=-all",
             "--",
         ])
-        .arg(BIN)
+        .arg(bin())
         .output()
         .expect("setpriv (util-linux)");
     let err = String::from_utf8_lossy(&out.stderr);
@@ -311,4 +311,37 @@ fn auto_traces_in_the_mode_features_picks() {
         assert_eq!(err.contains(&format!("{mode}: ")), before, "{mode}: {err}");
     }
     assert!(tracer.interrupt().success());
+}
+
+/// One binary for every host: no ELF interpreter to find and no shared library to load,
+/// so it starts on any x86-64 Linux userspace (glibc 2.17 distributions included).
+#[test]
+fn the_tracer_is_one_static_executable() {
+    use object::elf::{DT_NEEDED, PT_DYNAMIC, PT_INTERP};
+    use object::read::elf::{Dyn, ElfFile64, ProgramHeader};
+    use object::Endianness;
+
+    let data = fs::read(bin()).unwrap();
+    let elf = ElfFile64::<Endianness>::parse(&*data).unwrap();
+    let endian = elf.endian();
+    let mut needed = 0;
+    for header in elf.elf_program_headers() {
+        assert_ne!(
+            header.p_type(endian),
+            PT_INTERP,
+            "{} asks for an ELF interpreter",
+            bin()
+        );
+        if header.p_type(endian) == PT_DYNAMIC {
+            let entries = header.dynamic(endian, &*data).unwrap().unwrap_or_default();
+            needed += entries
+                .iter()
+                .filter(|d| d.d_tag(endian) == u64::from(DT_NEEDED))
+                .count();
+        }
+    }
+    assert_eq!(needed, 0, "{} needs shared libraries", bin());
+    // And it runs, here, as it is.
+    let out = Command::new(bin()).arg("--version").output().unwrap();
+    assert!(out.status.success());
 }

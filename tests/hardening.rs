@@ -41,8 +41,9 @@ fn vm_rss_kb(pid: u32) -> u64 {
 }
 
 /// `n` non-blocking connects from namespace `ns` to `server`, all left waiting for an
-/// answer; the sockets are returned so that the caller decides when they close.
-fn flood(ns: &str, server: SocketAddr, n: usize) -> Vec<OwnedFd> {
+/// answer, each sending its SYN again `syn_retries` times before it times out (1: about
+/// 3 s after it began); the sockets are returned so that the caller decides when they close.
+fn flood(ns: &str, server: SocketAddr, n: usize, syn_retries: u8) -> Vec<OwnedFd> {
     assert!(
         n <= flood_size(),
         "RLIMIT_NOFILE does not allow {n} sockets"
@@ -51,8 +52,11 @@ fn flood(ns: &str, server: SocketAddr, n: usize) -> Vec<OwnedFd> {
         unreachable!()
     };
     NetPair::within(ns, move || {
-        // One SYN retransmit, then ETIMEDOUT: about 3 s instead of 2 minutes.
-        fs::write("/proc/sys/net/ipv4/tcp_syn_retries", "1").unwrap();
+        fs::write(
+            "/proc/sys/net/ipv4/tcp_syn_retries",
+            syn_retries.to_string(),
+        )
+        .unwrap();
         // A source port for each of them (one destination).
         fs::write("/proc/sys/net/ipv4/ip_local_port_range", "10000 65000").unwrap();
         (0..n)
@@ -100,19 +104,38 @@ fn flood_size() -> usize {
     (soft.saturating_sub(1000)).min(WANTED) as usize
 }
 
+/// Under QEMU's software emulation (the matrix VMs set TCPCONNLAT_EMULATED) a BPF program
+/// runs hundreds of times slower, timer softirqs land inside it, and the kernel skips the
+/// probes nested there: a flood of simultaneous timeouts leaves some connects whose end no
+/// probe saw (64 of 30,000 once). Those are what the sweeper reports as missed.
+fn emulated() -> bool {
+    std::env::var_os("TCPCONNLAT_EMULATED").is_some()
+}
+
 #[test]
 fn a_syn_flood_is_reported_in_full_as_timeouts_with_flat_memory() {
     let _serial = serial();
-    let n = flood_size();
-    assert!(n >= 10_000, "RLIMIT_NOFILE allows only {n} sockets");
+    let (n, least) = if emulated() {
+        (flood_size().min(5_000), 5_000)
+    } else {
+        (flood_size(), 10_000)
+    };
+    assert!(n >= least, "RLIMIT_NOFILE allows only {n} sockets");
     let net = NetPair::new();
     let server: SocketAddr = format!("{}:7", net.server_v4()).parse().unwrap();
     net.drop_syns(server.port(), false);
-    let tracer = Tracer::start(&["--json", "-p", &me(), "--max-pending", "32768"]);
+    let me = me();
+    let mut args = vec!["--json", "-p", &me, "--max-pending", "32768"];
+    if emulated() {
+        // Entries no probe finished are swept and reported within the test, not after
+        // 15 minutes; a connect here ends about 3 s after its SYN.
+        args.extend(["--sweep-after", "1", "--stale-after", "30"]);
+    }
+    let tracer = Tracer::start(&args);
     let rss_before = vm_rss_kb(tracer.pid());
 
     let started = Instant::now();
-    let sockets = flood(&net.a, server, n);
+    let sockets = flood(&net.a, server, n, 1);
     let made = started.elapsed();
     // Every connect is in flight at once, and the table holds them all (until the first
     // ones time out, 3 s after their SYN: a slow machine may not get them all out by then).
@@ -125,42 +148,49 @@ fn a_syn_flood_is_reported_in_full_as_timeouts_with_flat_memory() {
 
     // Counted as they come (looking at every event each time would be quadratic).
     let mut answered = 0;
-    let all = tracer.events_until(Duration::from_secs(60), |ev| {
-        if ev
-            .last()
-            .is_some_and(|e| e["type"] == "connect" || e["type"] == "lost")
-        {
-            answered += 1;
-        }
+    let wait = Duration::from_secs(if emulated() { 150 } else { 60 });
+    let all = tracer.events_until(wait, |ev| {
+        answered += match ev.last() {
+            Some(e) if e["type"] == "connect" || e["type"] == "lost" => 1,
+            Some(e) if e["type"] == "missed" => e["count"].as_u64().unwrap() as usize,
+            _ => 0,
+        };
         answered >= n
     });
     let events = records(&all, "connect");
+    let missed = counted(&all, "missed") as usize;
     eprintln!(
-        "{n} connects made in {made:?}; {} reported after {:?}",
+        "{n} connects made in {made:?}; {} reported, {missed} missed, after {:?}",
         events.len(),
         started.elapsed()
     );
     assert_eq!(counted(&all, "lost"), 0, "events were lost");
     assert_eq!(counted(&all, "untracked"), 0);
+    // Real hardware misses none; emulation a few, every one of them accounted for.
+    let missable = if emulated() { n / 20 } else { 0 };
+    assert!(missed <= missable, "{missed} missed");
     assert_eq!(
-        events.len(),
+        events.len() + missed,
         n,
         "{} still pending in the tracer; sockets in namespace a by TCP state (hex): {:?}; tracer stderr: {}",
         tracer.map_entries("pending"),
         tcp_states(&net.a),
         tracer.stderr.lock().unwrap()
     );
+    let mut uncounted = 0;
     for e in &events {
         assert_eq!(e["outcome"], "timeout", "{e}");
         // Asked for one retry; kernels differ in how many SYNs fit before they give up.
-        assert!(e["syn_retrans"].as_u64() >= Some(1), "{e}");
+        // Under emulation the kernel skips some retransmit probes too.
+        uncounted += usize::from(e["syn_retrans"].as_u64() < Some(1));
+        assert!(uncounted <= missable, "{e}");
         assert_eq!(e["daddr"], net.server_v4(), "{e}");
     }
     // While all are in flight each holds its own port; on a machine too slow for that,
     // ports of connects that already timed out are taken again.
     if all_at_once {
         let ports: HashSet<_> = events.iter().map(|e| e["lport"].as_u64()).collect();
-        assert_eq!(ports.len(), n, "some connect was reported twice");
+        assert_eq!(ports.len(), events.len(), "some connect was reported twice");
     }
     assert_eq!(
         tracer.map_entries("pending"),
@@ -185,7 +215,12 @@ fn connects_beyond_max_pending_are_counted_not_lost_silently() {
     net.drop_syns(server.port(), false);
     let (room, n) = (1000, 3000);
     let tracer = Tracer::start(&["--json", "-p", &me(), "--max-pending", &room.to_string()]);
-    let sockets = flood(&net.a, server, n);
+    // Exact by construction: no connect may end while the flood is still being made (an
+    // entry freed early would let a later connect be timed), however slow the machine, so
+    // none times out for a minute; then closing them all ends the timed ones at once.
+    let sockets = flood(&net.a, server, n, 5);
+    assert_eq!(tracer.map_entries("pending"), room);
+    drop(sockets);
     let mut timed = 0;
     let all = tracer.events_until(Duration::from_secs(30), |ev| {
         timed += usize::from(ev.last().is_some_and(|e| e["type"] == "connect"));
@@ -210,7 +245,6 @@ fn connects_beyond_max_pending_are_counted_not_lost_silently() {
     };
     let stderr = tracer.stderr_until(Duration::from_secs(2), |s| said(s) >= n - room);
     assert_eq!(said(&stderr), n - room, "{stderr}");
-    drop(sockets);
     assert!(tracer.interrupt().success());
 }
 
@@ -218,7 +252,19 @@ fn connects_beyond_max_pending_are_counted_not_lost_silently() {
 fn a_burst_beyond_the_buffer_is_counted_and_tracing_goes_on() {
     let _serial = serial();
     let server = listen("127.0.0.1:0");
+    let (_, features, _) = run(&["--features", "--json"]);
+    let features: serde_json::Value = serde_json::from_str(&features).unwrap();
     for transport in ["ringbuf", "perfbuf"] {
+        if transport == "ringbuf" && features["ringbuf"] != true {
+            // Before Linux 5.8: the user is told to use the perf buffer.
+            let (status, _, err) = run(&["--transport", "ringbuf", "-d", "1"]);
+            assert_eq!(status.code(), Some(1), "{err}");
+            assert_eq!(
+                err.trim(),
+                "tcpconnlat: this kernel has no BPF ring buffer (Linux 5.8+): use --transport perfbuf"
+            );
+            continue;
+        }
         // One page: a few dozen events, in the ring or in each CPU's perf buffer.
         let tracer = Tracer::start(&[
             "--json",
@@ -230,16 +276,31 @@ fn a_burst_beyond_the_buffer_is_counted_and_tracing_goes_on() {
             transport,
         ]);
         let pid = Pid::from_raw(tracer.pid() as i32);
+        // On one CPU, so that the burst fills that CPU's buffer alone: kernels before 5.4
+        // tell of a perf sample that did not fit only when the next one is written there
+        // (the perf LOST record). The connects after the burst are such next samples, and
+        // show that tracing goes on.
+        let _pinned = PinnedToCpu0::new();
         kill(pid, Signal::SIGSTOP).unwrap();
         let burst = 500;
-        for _ in 0..burst {
-            connect(server);
-        }
+        let burst_ports: HashSet<u16> = (0..burst).map(|_| connect(server)).collect();
         kill(pid, Signal::SIGCONT).unwrap();
+        let after: Vec<u16> = (0..3)
+            .map(|_| {
+                thread::sleep(Duration::from_millis(200));
+                connect(server)
+            })
+            .collect();
         let all = tracer.events_until(Duration::from_secs(10), |ev| {
-            records(ev, "connect").len() as u64 + counted(ev, "lost") >= burst
+            records(ev, "connect").len() + counted(ev, "lost") as usize >= burst + after.len()
         });
-        let (seen, lost) = (records(&all, "connect").len() as u64, counted(&all, "lost"));
+        let connects = records(&all, "connect");
+        let port = |e: &&Value| e["lport"].as_u64().unwrap() as u16;
+        let seen = connects
+            .iter()
+            .filter(|e| burst_ports.contains(&port(e)))
+            .count();
+        let lost = counted(&all, "lost") as usize;
         assert!(
             lost > 0,
             "{transport}: nothing lost with one page: {seen} seen"
@@ -254,16 +315,33 @@ fn a_burst_beyond_the_buffer_is_counted_and_tracing_goes_on() {
             said(&tracer.stderr_until(Duration::from_secs(2), said)),
             "{transport}: loss not said on stderr"
         );
-        // Still tracing.
-        let lport = connect(server);
-        let next = tracer.events_until(Duration::from_secs(5), |ev| {
-            ev.iter().any(|e| e["lport"] == lport)
-        });
-        assert!(
-            next.iter().any(|e| e["lport"] == lport),
-            "{transport}: {next:#?}"
-        );
+        for lport in after {
+            assert!(
+                connects.iter().any(|e| port(e) == lport),
+                "{transport}: tracing stopped after the burst: {all:#?}"
+            );
+        }
         assert!(tracer.interrupt().success());
+    }
+}
+
+/// This thread runs on CPU 0 until dropped.
+struct PinnedToCpu0(nix::sched::CpuSet);
+
+impl PinnedToCpu0 {
+    fn new() -> PinnedToCpu0 {
+        use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+        let before = sched_getaffinity(Pid::from_raw(0)).unwrap();
+        let mut one = CpuSet::new();
+        one.set(0).unwrap();
+        sched_setaffinity(Pid::from_raw(0), &one).unwrap();
+        PinnedToCpu0(before)
+    }
+}
+
+impl Drop for PinnedToCpu0 {
+    fn drop(&mut self) {
+        let _ = nix::sched::sched_setaffinity(Pid::from_raw(0), &self.0);
     }
 }
 
@@ -337,7 +415,7 @@ fn signals_at_any_moment_under_load_leave_nothing_behind() {
         for _ in 0..3 {
             // Anywhere from detecting the kernel through loading to tracing.
             let after = Duration::from_millis(moments.next_ms(600));
-            let mut child = std::process::Command::new(BIN)
+            let mut child = std::process::Command::new(bin())
                 .args(["--json"])
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
@@ -424,7 +502,7 @@ fn an_entry_whose_end_no_probe_saw_is_swept_and_reported() {
         .map_ids()
         .into_iter()
         .map(|id| MapHandle::from_map_id(id).unwrap())
-        .find(|m| m.name().to_str() == Some("pending"))
+        .find(|m| map_is(m, "pending"))
         .unwrap();
     // What the kernel leaves when it skips the probe that would end a connect: an entry
     // nobody removes. One from before this tracer started, one just made (a connect still

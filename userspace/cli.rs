@@ -156,6 +156,12 @@ pub struct Cli {
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub sweep_after: Option<u64>,
 
+    /// Take a pending entry this many seconds old for one no probe will finish (default:
+    /// 15 minutes; for tests)
+    #[arg(long, hide = true, value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub stale_after: Option<u64>,
+
     /// Same as --mode legacy: kprobes without BTF, for old kernels
     #[arg(long, conflicts_with = "mode")]
     pub legacy: bool,
@@ -205,12 +211,24 @@ fn parse_uid(s: &str) -> Result<u32, String> {
     if let Ok(uid) = s.parse::<u32>() {
         return Ok(uid);
     }
-    match nix::unistd::User::from_name(s) {
-        Ok(Some(user)) => Ok(user.uid.as_raw()),
-        _ => Err(format!(
-            "no user named {s:?}: give a user name or a numeric uid"
-        )),
-    }
+    let passwd = std::fs::read_to_string(PASSWD).unwrap_or_default();
+    uid_in_passwd(&passwd, s).ok_or_else(|| {
+        format!("no user named {s:?} in {PASSWD}: give a user name or a numeric uid")
+    })
+}
+
+/// Users are looked up in the file itself: the static binary cannot load the host's NSS
+/// modules (a glibc linked in cannot use another glibc's), so directory users (LDAP, sssd)
+/// are given by uid.
+const PASSWD: &str = "/etc/passwd";
+
+/// The uid of `name` in passwd(5) text.
+fn uid_in_passwd(passwd: &str, name: &str) -> Option<u32> {
+    passwd.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        (fields.next()? == name).then_some(())?;
+        fields.nth(1)?.parse().ok()
+    })
 }
 
 fn parse_comm(s: &str) -> Result<String, String> {
@@ -252,6 +270,20 @@ mod tests {
         assert_eq!(cli.pid, [42]);
         assert_eq!(cli.min_ms, Some(2.5));
         assert_eq!(cli.forced_mode(), None);
+    }
+
+    #[test]
+    fn users_come_from_passwd_lines() {
+        let passwd = "root:x:0:0:root:/root:/bin/sh\n\
+                      # not a user\n\
+                      web:x:33:33::/var/www:/usr/sbin/nologin\n\
+                      broken:x:notanumber:1::/:/bin/false\n";
+        assert_eq!(uid_in_passwd(passwd, "root"), Some(0));
+        assert_eq!(uid_in_passwd(passwd, "web"), Some(33));
+        assert_eq!(uid_in_passwd(passwd, "broken"), None);
+        assert_eq!(uid_in_passwd(passwd, "ro"), None);
+        assert_eq!(uid_in_passwd(passwd, "x"), None);
+        assert_eq!(uid_in_passwd("", "root"), None);
     }
 
     #[test]

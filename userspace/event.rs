@@ -2,11 +2,11 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::probes::RawEvent;
+use crate::probes::{RawEvent, RawOutcome};
 
 const AF_INET: u16 = 2;
 
-/// How a connect ended (probes/tcpconnlat.h OUTCOME_*).
+/// How a connect ended (enum outcome in probes/tcpconnlat.h).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Outcome {
@@ -23,11 +23,11 @@ pub enum Outcome {
 
 impl Outcome {
     fn from_raw(raw: u8) -> Outcome {
-        match raw {
-            0 => Outcome::Established,
-            1 => Outcome::Refused,
-            2 => Outcome::Timeout,
-            3 => Outcome::Unreachable,
+        match RawOutcome(raw.into()) {
+            RawOutcome::OUTCOME_ESTABLISHED => Outcome::Established,
+            RawOutcome::OUTCOME_REFUSED => Outcome::Refused,
+            RawOutcome::OUTCOME_TIMEOUT => Outcome::Timeout,
+            RawOutcome::OUTCOME_UNREACHABLE => Outcome::Unreachable,
             _ => Outcome::Error,
         }
     }

@@ -7,7 +7,8 @@ use anyhow::Result;
 use libbpf_rs::{MapType, ObjectBuilder};
 use serde_json::json;
 use tcpconnlat_compat::btf::{self, BtfError, BtfFacts, SockOffsets};
-use tcpconnlat_compat::{tracefs, AttachPoints, Features, Func, Plan, Trials};
+use tcpconnlat_compat::kversion;
+use tcpconnlat_compat::{tracefs, AttachPoints, Features, Func, KernelVersion, Plan, Trials};
 
 use crate::probes;
 
@@ -18,6 +19,12 @@ pub struct Host {
     pub sock_offsets: Result<KnownOffsets, String>,
     /// We mounted tracefs because nothing had.
     pub mounted_tracefs: Option<String>,
+    /// The kernel's LINUX_VERSION_CODE from its vDSO, which kprobe programs must carry
+    /// before Linux 5.0, or why it is unknown (libbpf then guesses from `uname -r`).
+    pub version_code: Result<u32, String>,
+    /// Why RLIMIT_MEMLOCK could not be raised on a kernel that charges BPF memory to it
+    /// (before 5.11); `None` where it was raised or plays no part.
+    pub memlock: Option<String>,
 }
 
 impl Host {
@@ -58,11 +65,14 @@ impl Host {
             trials.fentry = Some(trial_fentry(&features));
             trials.ringbuf = Some(MapType::RingBuf.is_supported().unwrap_or(false));
         }
+        let memlock = raise_memlock(&features);
         let mut host = Host {
             features,
             trials,
             sock_offsets,
             mounted_tracefs,
+            version_code: vdso_version_code(),
+            memlock,
         };
         if every_mode || !matches!(host.trials.fentry, Some(Ok(()))) {
             host.read_symbols();
@@ -79,6 +89,54 @@ impl Host {
 }
 
 const ROOT: &str = "/";
+
+/// LINUX_VERSION_CODE from the vDSO the kernel mapped into this process.
+fn vdso_version_code() -> Result<u32, String> {
+    let start = unsafe { libc::getauxval(libc::AT_SYSINFO_EHDR) } as usize;
+    if start == 0 {
+        return Err("the kernel mapped no vDSO".to_owned());
+    }
+    let maps = std::fs::read_to_string("/proc/self/maps")
+        .map_err(|e| format!("cannot read /proc/self/maps: {e}"))?;
+    let end = maps
+        .lines()
+        .filter(|l| l.ends_with("[vdso]"))
+        .filter_map(|l| l.split(' ').next()?.split_once('-'))
+        .filter(|(from, _)| usize::from_str_radix(from, 16) == Ok(start))
+        .find_map(|(_, to)| usize::from_str_radix(to, 16).ok())
+        .ok_or("the vDSO is not in /proc/self/maps")?;
+    // SAFETY: the kernel maps the vDSO readable for the life of the process, and
+    // /proc/self/maps gave its extent.
+    let image = unsafe { std::slice::from_raw_parts(start as *const u8, end - start) };
+    tcpconnlat_compat::kversion::from_vdso(image).map_err(|e| e.to_string())
+}
+
+/// Before Linux 5.11 every BPF map and program is charged to RLIMIT_MEMLOCK, whose
+/// default (64 KiB on older distributions) holds almost nothing: raise it, and say why
+/// not where that fails. From 5.11 memory is charged to the cgroup and the limit plays no
+/// part (raising it needs CAP_SYS_RESOURCE, which sandboxes often lack: no failure then).
+fn raise_memlock(features: &Features) -> Option<String> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource, RLIM_INFINITY};
+    if features
+        .version
+        .is_some_and(|v| v >= KernelVersion(5, 11, 0))
+    {
+        return None;
+    }
+    match setrlimit(Resource::RLIMIT_MEMLOCK, RLIM_INFINITY, RLIM_INFINITY) {
+        Ok(()) => None,
+        Err(e) => {
+            let (soft, _) = getrlimit(Resource::RLIMIT_MEMLOCK).unwrap_or((0, 0));
+            Some(format!(
+                "cannot raise RLIMIT_MEMLOCK ({}), which this kernel charges BPF memory to \
+                 (it is {} KiB): run as root, or with CAP_SYS_RESOURCE, or raise it first \
+                 (ulimit -l unlimited)",
+                e.desc(),
+                soft / 1024
+            ))
+        }
+    }
+}
 
 /// With IPv6 built as a module, tcp_v6_connect is described by the module's BTF, which
 /// the kernel publishes while the module is loaded (and libbpf attaches fentry there).
@@ -196,6 +254,16 @@ pub fn report_text(host: &Host, plan: &Plan) -> String {
             _ => "unknown".to_owned(),
         },
     );
+    line(
+        "version code",
+        match &host.version_code {
+            Ok(code) => format!("{} (from the vDSO)", kversion::display(*code)),
+            Err(why) => format!("unknown ({why})"),
+        },
+    );
+    if let Some(why) = &host.memlock {
+        line("memlock", why.clone());
+    }
     line("BTF", yes_no(f.btf).to_owned());
     line(
         "tracefs",
@@ -292,7 +360,13 @@ pub fn report_json(host: &Host, plan: &Plan) -> serde_json::Value {
         Some(Err(_)) => json!(false),
     };
     json!({
-        "kernel": { "release": f.release, "version": f.version.map(|v| v.to_string()) },
+        "kernel": {
+            "release": f.release,
+            "version": f.version.map(|v| v.to_string()),
+            "version_code": host.version_code.as_ref().ok().map(|&c| kversion::display(c)),
+            "version_code_error": host.version_code.as_ref().err(),
+        },
+        "memlock_error": host.memlock,
         "btf": f.btf,
         "tracefs": f.tracefs,
         "tracefs_mounted_by_us": host.mounted_tracefs.is_some(),

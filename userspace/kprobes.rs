@@ -63,7 +63,15 @@ pub fn attach(
         KprobeAttach::Auto => pmu,
     };
     if use_pmu {
-        return Ok(Kprobe::Pmu(prog.attach_kprobe(retprobe, symbol)?));
+        match prog.attach_kprobe(retprobe, symbol) {
+            Ok(link) => return Ok(Kprobe::Pmu(link)),
+            // Older PMUs refuse some names that kprobe_events takes (GCC's clones, such as
+            // tcp_v4_connect.isra.0): try there, as cilium/ebpf does.
+            Err(_)
+                if how == KprobeAttach::Auto
+                    && tracefs.is_some_and(|t| t.join("kprobe_events").exists()) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     let tracefs =
         tracefs.ok_or_else(|| anyhow!("tracefs is not mounted: kprobe_events needs it"))?;

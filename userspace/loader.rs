@@ -2,12 +2,13 @@
 //! their [`ModeSpec`]: which object, which programs, and how each one attaches.
 
 use anyhow::{anyhow, bail, Context, Result};
-use libbpf_rs::{Link, MapCore, MapFlags, Object, ObjectBuilder};
+use libbpf_rs::libbpf_sys::bpf_object__set_kversion;
+use libbpf_rs::{AsRawLibbpf, Link, MapCore, MapFlags, Object, ObjectBuilder};
 use tcpconnlat_compat::btf::SockOffsets;
 use tcpconnlat_compat::{AttachPoints, Features, Func, Mode, StateLayout, Trials};
 
 use crate::kprobes::{self, Kprobe, KprobeAttach};
-use crate::probes::{self, Config, RawSockLayout, RawStateLayout, RawStateRecord};
+use crate::probes::{self, Config, RawStateLayout, RawStateRecord, Report};
 
 /// How events reach userspace.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -225,6 +226,8 @@ pub struct Setup<'a> {
     /// `struct state_record` (the hidden `--record-offsets`, for tests).
     pub record_offsets: bool,
     pub sizes: Sizes,
+    /// The kernel's LINUX_VERSION_CODE, where known (see `Host::version_code`).
+    pub version_code: Option<u32>,
 }
 
 /// How big the kernel-side tables are (`--buffer-pages`, `--max-pending`).
@@ -312,6 +315,7 @@ pub fn start(mode: Mode, setup: &Setup<'_>, filters: &Filters) -> Result<Tracer>
             "failed connects are told apart only as refused or timeout: no BTF to find sk_err in",
         );
     }
+    let direct = !setup.record_offsets && layout.is_some_and(is_state_record);
     let mut planned = Vec::new();
     for hook in spec.hooks {
         let symbol = match hook.attach {
@@ -374,10 +378,14 @@ pub fn start(mode: Mode, setup: &Setup<'_>, filters: &Filters) -> Result<Tracer>
                 }
             },
         };
-        let name = if hook.emits {
-            format!("{}_{}", hook.prog, transport.suffix())
-        } else {
-            hook.prog.to_owned()
+        // The state machine reads a record laid out as `struct state_record` directly,
+        // in programs of their own (`<hook>_direct_<suffix>`).
+        let name = match hook.attach {
+            _ if !hook.emits => hook.prog.to_owned(),
+            Attach::Tracepoint(Tracepoint::State) if direct => {
+                format!("{}_direct_{}", hook.prog, transport.suffix())
+            }
+            _ => format!("{}_{}", hook.prog, transport.suffix()),
         };
         planned.push(Planned {
             hook: *hook,
@@ -389,6 +397,12 @@ pub fn start(mode: Mode, setup: &Setup<'_>, filters: &Filters) -> Result<Tracer>
     let mut open = ObjectBuilder::default()
         .open_memory(spec.object)
         .context("opening the probe object")?;
+    if let Some(code) = setup.version_code {
+        // Kernels before 5.0 load a kprobe program only if it names their exact
+        // LINUX_VERSION_CODE, which libbpf would guess from `uname -r`.
+        // SAFETY: the object is open and not loaded yet.
+        unsafe { bpf_object__set_kversion(open.as_libbpf_object().as_ptr(), code) };
+    }
     for mut prog in open.progs_mut() {
         let wanted = planned.iter().any(|p| prog.name() == p.name.as_str());
         prog.set_autoload(wanted);
@@ -422,8 +436,7 @@ pub fn start(mode: Mode, setup: &Setup<'_>, filters: &Filters) -> Result<Tracer>
 
     let ring_bytes =
         find_map(&object, Transport::RingBuf.map()).map_or(0, |m| u64::from(m.max_entries()));
-    let direct = !setup.record_offsets && layout.is_some_and(is_state_record);
-    let config = config(filters, features, layout, direct, sock, ring_bytes);
+    let config = config(filters, features, layout, sock, ring_bytes);
     write_config(&object, &config)?;
     write_set(
         &object,
@@ -482,7 +495,6 @@ fn config(
     filters: &Filters,
     features: &Features,
     layout: Option<&StateLayout>,
-    direct: bool,
     sock: Option<&SockOffsets>,
     ring_bytes: u64,
 ) -> Config {
@@ -511,7 +523,13 @@ fn config(
         filter_pids: (!filters.pids.is_empty()).into(),
         filter_dports: (!filters.dports.is_empty()).into(),
         filter_comm: filters.comm.is_some().into(),
-        report: u8::from(filters.established) | (u8::from(filters.failed) << 1),
+        report: [
+            (filters.established, Report::REPORT_ESTABLISHED),
+            (filters.failed, Report::REPORT_FAILED),
+        ]
+        .into_iter()
+        .filter(|(wanted, _)| *wanted)
+        .fold(0, |bits, (_, bit)| bits | bit.0 as u8),
         retransmit_skaddr: *features.retransmit_tracepoint.as_ref().unwrap_or(&0),
         reset_skaddr: *features.reset_tracepoint.as_ref().unwrap_or(&0),
         comm,
@@ -523,24 +541,13 @@ fn config(
             dport: layout.dport,
             family: layout.family,
             protocol: layout.protocol.unwrap_or(0),
+            protocol_size: layout.protocol_size,
             saddr: layout.saddr,
             daddr: layout.daddr,
             saddr_v6: layout.saddr_v6,
             daddr_v6: layout.daddr_v6,
-            direct: direct.into(),
         },
-        sk: RawSockLayout {
-            family: sock.family,
-            state: sock.state,
-            num: sock.num,
-            dport: sock.dport,
-            rcv_saddr: sock.rcv_saddr,
-            daddr: sock.daddr,
-            v6_rcv_saddr: sock.v6_rcv_saddr,
-            v6_daddr: sock.v6_daddr,
-            err: sock.err,
-            err_soft: sock.err_soft,
-        },
+        sk: probes::sock_layout(&sock),
         ..Default::default()
     }
 }
@@ -588,6 +595,7 @@ fn is_state_record(layout: &StateLayout) -> bool {
     .into_iter()
     .all(|(found, ours)| usize::from(found) == ours)
         && layout.protocol.map(usize::from) == Some(offset_of!(RawStateRecord, protocol))
+        && usize::from(layout.protocol_size) == std::mem::size_of::<u16>()
 }
 
 fn write_config(object: &Object, config: &Config) -> Result<()> {
@@ -609,23 +617,28 @@ pub fn find_map<'a>(object: &'a Object, name: &str) -> Result<libbpf_rs::Map<'a>
 mod tests {
     use super::*;
 
-    /// The record layout of every kernel we captured is the one the probes read directly;
-    /// any other layout is read at its offsets.
+    /// The record layout of every kernel we captured from 5.6 on (a 16-bit protocol) is
+    /// the one the probes read directly; older ones, and any other layout, are read at
+    /// their offsets.
     #[test]
     fn known_records_are_read_directly_and_others_at_their_offsets() {
+        use tcpconnlat_compat::KernelVersion;
         let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/compat/tests/fixtures");
         let mut seen = 0;
         for kernel in std::fs::read_dir(fixtures).unwrap() {
-            let format = kernel
-                .unwrap()
-                .path()
-                .join("sys/kernel/tracing/events/sock/inet_sock_set_state/format");
+            let root = kernel.unwrap().path();
+            let format = root.join("sys/kernel/tracing/events/sock/inet_sock_set_state/format");
             let Ok(text) = std::fs::read_to_string(&format) else {
                 continue;
             };
+            let release = std::fs::read_to_string(root.join("proc/sys/kernel/osrelease")).unwrap();
+            let modern = KernelVersion::parse(&release).unwrap() >= KernelVersion(5, 6, 0);
             let layout = StateLayout::from_format(&text).unwrap();
-            assert!(is_state_record(&layout), "{}", format.display());
+            assert_eq!(is_state_record(&layout), modern, "{}", format.display());
             seen += 1;
+            if !modern {
+                continue;
+            }
 
             let mut older = layout.clone();
             older.protocol = None;
@@ -634,6 +647,6 @@ mod tests {
             moved.daddr_v6 += 8;
             assert!(!is_state_record(&moved));
         }
-        assert!(seen >= 5, "{seen} fixtures");
+        assert!(seen >= 6, "{seen} fixtures");
     }
 }

@@ -99,40 +99,6 @@ fn run(cli: &Cli, started: Instant) -> Result<()> {
         cli.btf.as_deref(),
         cli.features || forced.is_some(),
     );
-    if cli.features {
-        let plan = Plan::new(&host.features, &host.trials, None);
-        let mut out = io::stdout().lock();
-        if cli.json {
-            writeln!(out, "{}", features::report_json(&host, &plan))?;
-        } else {
-            write!(out, "{}", features::report_text(&host, &plan))?;
-        }
-        return Ok(());
-    }
-    if !privileged {
-        bail!("loading BPF programs needs root (or CAP_BPF and CAP_PERFMON): run it with sudo");
-    }
-    if let Some(dir) = &host.mounted_tracefs {
-        eprintln!("tcpconnlat: tracefs was not mounted; mounted it at {dir}");
-    }
-    if let Some(tracefs) = &host.features.tracefs {
-        let stale = kprobes::remove_stale(tracefs);
-        if stale > 0 {
-            eprintln!(
-                "tcpconnlat: removed {stale} kprobe events left by a tcpconnlat that was killed"
-            );
-        }
-    }
-
-    // Handlers first: a signal that arrives while loading must still end us cleanly.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the event loop")?;
-    let _guard = runtime.enter();
-    let mut sigint = signal(SignalKind::interrupt()).context("handling SIGINT")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("handling SIGTERM")?;
-
     let filters = Filters {
         min_lat_ns: cli.min_ms.map_or(0, |ms| (ms * 1e6) as u64),
         pids: cli.pid.clone(),
@@ -169,14 +135,58 @@ fn run(cli: &Cli, started: Instant) -> Result<()> {
             buffer_pages: cli.buffer_pages,
             max_pending: cli.max_pending,
         },
+        version_code: host.version_code.as_ref().ok().copied(),
     };
+    if cli.features {
+        let mut plan = Plan::new(&host.features, &host.trials, None);
+        if privileged {
+            verify_plan(&mut plan, &setup);
+        }
+        let mut out = io::stdout().lock();
+        if cli.json {
+            writeln!(out, "{}", features::report_json(&host, &plan))?;
+        } else {
+            write!(out, "{}", features::report_text(&host, &plan))?;
+        }
+        return Ok(());
+    }
+    if !privileged {
+        bail!("loading BPF programs needs root (or CAP_BPF and CAP_PERFMON): run it with sudo");
+    }
+    if let Some(why) = &host.memlock {
+        eprintln!("tcpconnlat: {why}");
+    }
+    if let Some(dir) = &host.mounted_tracefs {
+        eprintln!("tcpconnlat: tracefs was not mounted; mounted it at {dir}");
+    }
+    if let Some(tracefs) = &host.features.tracefs {
+        let stale = kprobes::remove_stale(tracefs);
+        if stale > 0 {
+            eprintln!(
+                "tcpconnlat: removed {stale} kprobe events left by a tcpconnlat that was killed"
+            );
+        }
+    }
+
+    // Handlers first: a signal that arrives while loading must still end us cleanly.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the event loop")?;
+    let _guard = runtime.enter();
+    let mut sigint = signal(SignalKind::interrupt()).context("handling SIGINT")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("handling SIGTERM")?;
+
     let mut plan = Plan::new(&host.features, &host.trials, forced);
     let tracer = start_first(&mut plan, &setup, &filters, forced)?;
     for note in &tracer.notes {
         eprintln!("tcpconnlat: {note}");
     }
-    let sweep_after = cli.sweep_after.map_or(stream::STALE, Duration::from_secs);
-    let stream = EventStream::new(&tracer, Duration::from_millis(cli.max_delay), sweep_after)?;
+    let sweep = stream::SweepTimes {
+        look_after: cli.sweep_after.map_or(stream::STALE, Duration::from_secs),
+        stale: cli.stale_after.map_or(stream::STALE, Duration::from_secs),
+    };
+    let stream = EventStream::new(&tracer, Duration::from_millis(cli.max_delay), sweep)?;
     drop_capabilities(|| stream.can_read_counters())?;
     // Why the better modes were not used (later ones do not matter).
     let why = plan
@@ -324,7 +334,73 @@ fn cgroup_id(path: &std::path::Path) -> Result<u64> {
     if !meta.is_dir() {
         bail!("--cgroup {shown} is not a cgroup directory");
     }
-    Ok(meta.ino())
+    match kernfs_id(path) {
+        Ok(id) => Ok(id),
+        // From 5.5 the id is the inode number.
+        Err(_) if !kernel_before(5, 5) => Ok(meta.ino()),
+        Err(e) => bail!(
+            "--cgroup: before Linux 5.5 a cgroup's id holds a generation that only \
+             name_to_handle_at(2) shows, and it fails here ({}; a kernel built without \
+             CONFIG_FHANDLE): filter with -p or --comm instead",
+            e.desc()
+        ),
+    }
+}
+
+/// Whether the running kernel is older than `major.minor`.
+fn kernel_before(major: u32, minor: u32) -> bool {
+    use tcpconnlat_compat::KernelVersion;
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    KernelVersion::parse(&release).is_some_and(|v| v < KernelVersion(major, minor, 0))
+}
+
+/// The id the kernel gives a cgroup (bpf_get_current_cgroup_id), from the file handle of
+/// its directory. From Linux 5.5 it is the inode number; before, the generation is in its
+/// upper 32 bits, which stat does not show.
+fn kernfs_id(path: &std::path::Path) -> nix::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    #[repr(C)]
+    struct Handle {
+        bytes: libc::c_uint,
+        kind: libc::c_int,
+        id: [u8; 8],
+    }
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| nix::errno::Errno::EINVAL)?;
+    let mut handle = Handle {
+        bytes: 8,
+        kind: 0,
+        id: [0; 8],
+    };
+    let mut mount_id = 0;
+    // SAFETY: `handle` is a struct file_handle with room for the 8 bytes it says.
+    let rc = unsafe {
+        libc::name_to_handle_at(
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            (&raw mut handle).cast(),
+            &mut mount_id,
+            0,
+        )
+    };
+    nix::errno::Errno::result(rc)?;
+    if handle.bytes != 8 {
+        return Err(nix::errno::Errno::EOVERFLOW);
+    }
+    Ok(u64::from_ne_bytes(handle.id))
+}
+
+/// `--features` tells what really works: every mode the plan allows is started (loaded
+/// and attached, then detached at once), and one that fails is marked with the reason.
+fn verify_plan(plan: &mut Plan, setup: &loader::Setup<'_>) {
+    let candidates: Vec<Mode> = plan.candidates().collect();
+    for mode in candidates {
+        if let Err(e) = loader::start(mode, setup, &Filters::default()) {
+            plan.fail(mode, format!("{e:#}"));
+        }
+    }
 }
 
 /// Start the first mode of the plan that loads and attaches, recording why the others

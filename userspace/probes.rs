@@ -8,14 +8,16 @@ mod skel {
 }
 
 pub use skel::types::{
-    config as Config, event as RawEvent, sock_layout as RawSockLayout,
-    state_layout as RawStateLayout, state_record as RawStateRecord,
+    config as Config, counter as Counter, event as RawEvent, outcome as RawOutcome,
+    report as Report, sock_layout as RawSockLayout, state_layout as RawStateLayout,
+    state_record as RawStateRecord,
 };
 
 // SAFETY: both are #[repr(C)] plain integers and byte arrays, with explicit padding
 // fields, generated from the C header: every bit pattern is a valid value.
 unsafe impl plain::Plain for RawEvent {}
 unsafe impl plain::Plain for Config {}
+unsafe impl plain::Plain for RawSockLayout {}
 
 /// fentry and kprobe programs (CO-RE) plus the tracepoint that forgets failed connects.
 pub const CORE_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/tcpconnlat.bpf.o"));
@@ -29,16 +31,63 @@ pub const LEGACY_OBJECT: &[u8] =
 pub const TRIAL_FENTRY_OBJECT: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/trial_fentry.bpf.o"));
 
+use tcpconnlat_compat::btf::SockOffsets;
+
 mod built_in {
     include!(concat!(env!("OUT_DIR"), "/header_offsets.rs"));
 }
 
 /// struct sock offsets compiled in from kernel headers (KERNEL_HEADERS at build time).
-pub fn header_offsets(release: &str) -> Option<tcpconnlat_compat::btf::SockOffsets> {
-    use tcpconnlat_compat::btf::SockOffsets;
+pub fn header_offsets(release: &str) -> Option<SockOffsets> {
     let (_, values) = built_in::HEADER_OFFSETS
         .iter()
         .find(|(r, _)| *r == release)?;
-    let names = SockOffsets::FIELDS.iter().map(|(name, _)| *name);
-    SockOffsets::from_pairs(names.zip(values.iter().copied())).ok()
+    Some(SockOffsets(*values))
+}
+
+/// The probes' `struct sock_layout`: the offsets in the same order (sock_fields.h), which
+/// a test holds to the struct's BTF.
+pub fn sock_layout(offsets: &SockOffsets) -> RawSockLayout {
+    let mut layout = RawSockLayout::default();
+    // SAFETY: RawSockLayout is plain data: SOCK_FIELDS u16s, no padding.
+    let bytes = unsafe { plain::as_mut_bytes(&mut layout) };
+    for (chunk, offset) in bytes.chunks_exact_mut(2).zip(offsets.0) {
+        chunk.copy_from_slice(&offset.to_ne_bytes());
+    }
+    layout
+}
+
+#[cfg(test)]
+mod tests {
+    use libbpf_rs::btf::types::{Composite, MemberAttr};
+    use libbpf_rs::btf::Btf;
+    use tcpconnlat_compat::btf::sock_fields;
+
+    /// The probes' struct sock_layout, as compiled (its BTF), is sock_fields.h's list: the
+    /// same names in the same order, 16 bits each, so `sock_layout` may copy in order.
+    #[test]
+    fn sock_layout_is_the_sock_fields_list() {
+        let object = include_bytes!(concat!(env!("OUT_DIR"), "/types.bpf.o"));
+        let btf = Btf::from_raw("types", object).unwrap().unwrap();
+        let layout = btf.type_by_name::<Composite<'_>>("sock_layout").unwrap();
+        let members: Vec<(String, u32)> = layout
+            .iter()
+            .map(|m| {
+                let MemberAttr::Normal { offset } = m.attr else {
+                    panic!("bitfield in sock_layout")
+                };
+                (m.name.unwrap().to_string_lossy().into_owned(), offset)
+            })
+            .collect();
+        let expected: Vec<(String, u32)> = sock_fields()
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (f.name.to_owned(), i as u32 * 16))
+            .collect();
+        assert_eq!(members, expected);
+        assert_eq!(
+            std::mem::size_of::<super::RawSockLayout>(),
+            2 * sock_fields().len()
+        );
+    }
 }

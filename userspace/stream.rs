@@ -23,6 +23,7 @@ use tokio::time::{interval, Interval, MissedTickBehavior};
 use crate::event::Event;
 use crate::loader::{find_map, page_size, Tracer, Transport};
 use crate::perfbuf::{BatchedPerfBuffer, Sample};
+use crate::probes::Counter;
 
 #[derive(Debug)]
 pub enum Record {
@@ -38,6 +39,15 @@ pub enum Record {
 /// How old a pending entry must be to be removed as one whose end no probe saw, and how
 /// long its key must have been there before the sweeper looks (by default).
 pub const STALE: Duration = Duration::from_secs(15 * 60);
+
+/// When the sweeper looks inside a pending entry (once its key has been there this long)
+/// and when it takes the entry for one no probe will finish (this old). Both are
+/// [`STALE`] but in tests (the hidden `--sweep-after`, `--stale-after`).
+#[derive(Clone, Copy, Debug)]
+pub struct SweepTimes {
+    pub look_after: Duration,
+    pub stale: Duration,
+}
 
 /// The pending table's entries are removed by the probe that sees the socket leave
 /// SYN_SENT. The kernel skips a tracing program that would run nested in another one on
@@ -56,7 +66,7 @@ struct Sweeper {
     started_ns: u64,
     /// Keys present at the last sweep, with when they were first seen.
     seen: HashMap<u64, Instant>,
-    look_after: Duration,
+    times: SweepTimes,
 }
 
 /// A map key or value's first 8 bytes: the pending table's key (the socket), the start
@@ -75,13 +85,13 @@ fn monotonic_ns() -> Result<u64> {
 impl Sweeper {
     const EVERY: Duration = Duration::from_secs(5);
 
-    fn new(map: MapHandle, look_after: Duration) -> Result<Sweeper> {
+    fn new(map: MapHandle, times: SweepTimes) -> Result<Sweeper> {
         Ok(Sweeper {
             map,
             last: Instant::now(),
             started_ns: monotonic_ns()?,
             seen: HashMap::new(),
-            look_after,
+            times,
         })
     }
 
@@ -101,13 +111,13 @@ impl Sweeper {
                 continue;
             };
             let mut first = self.seen.get(&id).copied().unwrap_or(now);
-            if now.duration_since(first) >= self.look_after {
+            if now.duration_since(first) >= self.times.look_after {
                 let Ok(Some(value)) = self.map.lookup(&key, MapFlags::ANY) else {
                     continue; // finished meanwhile
                 };
                 let start_ns = leading_u64(&value).unwrap_or(0);
                 let age = Duration::from_nanos(now_ns.saturating_sub(start_ns));
-                if age > STALE || start_ns < self.started_ns {
+                if age > self.times.stale || start_ns < self.started_ns {
                     if self.map.delete(&key).is_ok() {
                         removed += 1;
                     }
@@ -123,13 +133,13 @@ impl Sweeper {
     }
 }
 
-/// The probes' `counters` map (see COUNTER_* in probes/tcpconnlat.h) and what was last
+/// The probes' `counters` map (enum counter in probes/tcpconnlat.h) and what was last
 /// read from it, so that only increases are reported. Read once a second, not at every
 /// drain: each lookup is a moment in which the kernel would skip our probes (see Sweeper).
 struct Counters {
     map: MapHandle,
     last: Option<Instant>,
-    seen: [u64; 2],
+    seen: [u64; Counter::COUNTERS.0 as usize],
     /// Samples the perf buffer reported lost. They are the ones the probes counted too
     /// (on kernels that tell them), but arrive only once the next sample fits: the larger
     /// of the two totals is what was lost.
@@ -137,8 +147,6 @@ struct Counters {
 }
 
 impl Counters {
-    const DROPPED: u32 = 0;
-    const UNTRACKED: u32 = 1;
     const EVERY: Duration = Duration::from_secs(1);
 
     /// Increases since the last read, (dropped, untracked), if one is due or `now`.
@@ -147,23 +155,25 @@ impl Counters {
             return Ok((0, 0));
         }
         self.last = Some(Instant::now());
-        let mut delta = [0; 2];
-        for (i, counter) in [Self::DROPPED, Self::UNTRACKED].into_iter().enumerate() {
+        let mut delta = [0; Counter::COUNTERS.0 as usize];
+        for counter in [Counter::COUNTER_DROPPED, Counter::COUNTER_UNTRACKED] {
             let total = self
                 .map
-                .lookup(&counter.to_ne_bytes(), MapFlags::ANY)
+                .lookup(&counter.0.to_ne_bytes(), MapFlags::ANY)
                 .context("reading the probes' counters")?
                 .and_then(|v| leading_u64(&v))
                 .unwrap_or(0);
-            let total = if counter == Self::DROPPED {
+            let total = if counter == Counter::COUNTER_DROPPED {
                 total.max(self.perf_lost.get())
             } else {
                 total
             };
+            let i = counter.0 as usize;
             delta[i] = total.saturating_sub(self.seen[i]);
             self.seen[i] = total.max(self.seen[i]);
         }
-        Ok((delta[0], delta[1]))
+        let (dropped, untracked) = (Counter::COUNTER_DROPPED, Counter::COUNTER_UNTRACKED);
+        Ok((delta[dropped.0 as usize], delta[untracked.0 as usize]))
     }
 }
 
@@ -185,12 +195,12 @@ pub struct EventStream<'cb> {
 }
 
 impl<'cb> EventStream<'cb> {
-    /// Must be created inside a tokio runtime. Pending entries are looked at once present
-    /// for `sweep_after` (see Sweeper).
+    /// Must be created inside a tokio runtime. Pending entries are swept as `sweep` says
+    /// (see Sweeper).
     pub fn new(
         tracer: &Tracer,
         max_delay: Duration,
-        sweep_after: Duration,
+        sweep: SweepTimes,
     ) -> Result<EventStream<'cb>> {
         let queue = Rc::new(RefCell::new(VecDeque::new()));
         let map = find_map(&tracer.object, tracer.transport.map())?;
@@ -243,7 +253,7 @@ impl<'cb> EventStream<'cb> {
             perf_lost,
         };
         let pending = MapHandle::try_from(&find_map(&tracer.object, "pending")?)?;
-        let sweeper = Sweeper::new(pending, sweep_after)?;
+        let sweeper = Sweeper::new(pending, sweep)?;
         let mut tick = interval(max_delay);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         Ok(EventStream {

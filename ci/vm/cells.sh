@@ -2,9 +2,8 @@
 # The matrix cells for one kernel, run inside a test VM (sourced by ci/vm/init) or on the
 # host (by ci/matrix.sh). Needs: BIN, TRACE_TESTS (the kernel-facing test binaries, run
 # once per mode), ONCE_TESTS (run once), MODES (modes, or variants such as legacy+btf and
-# legacy+tracefs) and REFUSED
-# (space-separated modes), AUTO (the mode auto must pick), optionally ONCE_SKIP (a test
-# the once-run suites leave out here). Prints @@CELL and @@FEATURES
+# legacy+tracefs; a +btf cell runs BIN_NOHEADERS where given) and REFUSED
+# (space-separated modes) and AUTO (the mode auto must pick). Prints @@CELL and @@FEATURES
 # lines (see ci/vm/init).
 t=$(mktemp -d)
 cell() { echo "@@CELL $1 $2 $3"; }
@@ -12,15 +11,17 @@ echo "@@FEATURES $("$BIN" --features --json 2>&1 | tr '\n' ' ')"
 
 for cell in $MODES; do
     mode=${cell%%+*}
+    bin=$BIN
     case $cell in
-    *+btf) args="--btf /vmlinux.btf" ;;
+    # A BTF file, with a binary built without any kernel headers.
+    *+btf) args="--btf /vmlinux.btf" bin=${BIN_NOHEADERS:-$BIN} ;;
     *+tracefs) args="--kprobe-attach tracefs" ;;
     *) args= ;;
     esac
     result=pass
     : >"$t/results"
     for test in $TRACE_TESTS; do
-        if ! TCPCONNLAT_TEST_MODE=$mode TCPCONNLAT_TEST_ARGS=$args timeout 900 "$test" --test-threads=1 >"$t/out" 2>&1; then
+        if ! TCPCONNLAT_TEST_BIN=$bin TCPCONNLAT_TEST_MODE=$mode TCPCONNLAT_TEST_ARGS=$args timeout 900 "$test" --test-threads=1 >"$t/out" 2>&1; then
             result=fail
             tail -60 "$t/out"
         fi
@@ -46,7 +47,7 @@ result=pass
 : >"$t/results"
 for test in $ONCE_TESTS; do
     if ! TCPCONNLAT_EXPECT_AUTO=$AUTO TCPCONNLAT_EXPECT_REFUSED=$(echo $REFUSED | tr ' ' ,) \
-        timeout 600 "$test" --test-threads=1 ${ONCE_SKIP:+--skip "$ONCE_SKIP"} >"$t/out" 2>&1; then
+        timeout 600 "$test" --test-threads=1 >"$t/out" 2>&1; then
         result=fail
         tail -60 "$t/out"
     fi

@@ -10,63 +10,92 @@ use thiserror::Error;
 
 use crate::kallsyms::AttachPoints;
 
-/// Byte offsets in `struct sock` of what the non-CO-RE probes read. Mirrors
-/// `struct sock_layout` in `probes/tcpconnlat.h`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct SockOffsets {
-    pub family: u16,
-    pub state: u16,
-    /// Local port, host order.
-    pub num: u16,
-    /// Remote port, network order.
-    pub dport: u16,
-    pub rcv_saddr: u16,
-    pub daddr: u16,
-    pub v6_rcv_saddr: u16,
-    pub v6_daddr: u16,
-    pub err: u16,
-    /// The error of an ICMP that arrived while the socket was locked.
-    pub err_soft: u16,
+/// `probes/sock_fields.h`: the one list of the struct sock fields the probes without CO-RE
+/// read, as `SOCK_FIELD(name, member.path)` lines.
+const SOCK_FIELDS_H: &str = include_str!("../../probes/sock_fields.h");
+
+/// How many fields `probes/sock_fields.h` lists.
+pub const SOCK_FIELDS: usize = count_fields(SOCK_FIELDS_H.as_bytes());
+
+const fn count_fields(text: &[u8]) -> usize {
+    const NEEDLE: &[u8] = b"\nSOCK_FIELD(";
+    let (mut i, mut n) = (0, 0);
+    while i + NEEDLE.len() <= text.len() {
+        let mut j = 0;
+        while j < NEEDLE.len() && text[i + j] == NEEDLE[j] {
+            j += 1;
+        }
+        n += (j == NEEDLE.len()) as usize;
+        i += 1;
+    }
+    n
 }
 
-impl SockOffsets {
-    /// Each field with its path in `struct sock`.
-    pub const FIELDS: [(&'static str, &'static [&'static str]); 10] = [
-        ("family", &["__sk_common", "skc_family"]),
-        ("state", &["__sk_common", "skc_state"]),
-        ("num", &["__sk_common", "skc_num"]),
-        ("dport", &["__sk_common", "skc_dport"]),
-        ("rcv_saddr", &["__sk_common", "skc_rcv_saddr"]),
-        ("daddr", &["__sk_common", "skc_daddr"]),
-        ("v6_rcv_saddr", &["__sk_common", "skc_v6_rcv_saddr"]),
-        ("v6_daddr", &["__sk_common", "skc_v6_daddr"]),
-        ("err", &["sk_err"]),
-        ("err_soft", &["sk_err_soft"]),
-    ];
+/// One field of `probes/sock_fields.h`: its name in `struct sock_layout` and its member
+/// path in the kernel's `struct sock`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SockField {
+    pub name: &'static str,
+    pub path: Vec<&'static str>,
+}
 
+/// The fields of `probes/sock_fields.h`, in order.
+pub fn sock_fields() -> &'static [SockField] {
+    static FIELDS: std::sync::LazyLock<Vec<SockField>> = std::sync::LazyLock::new(|| {
+        SOCK_FIELDS_H
+            .lines()
+            .filter_map(|line| line.strip_prefix("SOCK_FIELD(")?.split_once(')'))
+            .map(|(args, _)| {
+                let (name, member) = args.split_once(',').expect("SOCK_FIELD(name, member)");
+                SockField {
+                    name: name.trim(),
+                    path: member.trim().split('.').collect(),
+                }
+            })
+            .collect()
+    });
+    &FIELDS
+}
+
+/// Byte offsets in `struct sock` of what the non-CO-RE probes read, in the order of
+/// `probes/sock_fields.h` (that of `struct sock_layout`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockOffsets(pub [u16; SOCK_FIELDS]);
+
+impl SockOffsets {
     /// Build from (field, offset) pairs; every field must be there.
     pub fn from_pairs<'a>(
         pairs: impl IntoIterator<Item = (&'a str, u16)>,
     ) -> Result<SockOffsets, String> {
-        let mut found: [Option<u16>; 10] = [None; 10];
+        let mut found: [Option<u16>; SOCK_FIELDS] = [None; SOCK_FIELDS];
         for (name, offset) in pairs {
-            if let Some(i) = Self::FIELDS.iter().position(|(n, _)| *n == name) {
+            if let Some(i) = sock_fields().iter().position(|f| f.name == name) {
                 found[i] = Some(offset);
             }
         }
-        let get = |i: usize| found[i].ok_or_else(|| format!("no offset for {}", Self::FIELDS[i].0));
-        Ok(SockOffsets {
-            family: get(0)?,
-            state: get(1)?,
-            num: get(2)?,
-            dport: get(3)?,
-            rcv_saddr: get(4)?,
-            daddr: get(5)?,
-            v6_rcv_saddr: get(6)?,
-            v6_daddr: get(7)?,
-            err: get(8)?,
-            err_soft: get(9)?,
-        })
+        let mut offsets = [0; SOCK_FIELDS];
+        for (i, field) in sock_fields().iter().enumerate() {
+            offsets[i] = found[i].ok_or_else(|| format!("no offset for {}", field.name))?;
+        }
+        Ok(SockOffsets(offsets))
+    }
+
+    /// The offset of field `name`.
+    pub fn get(&self, name: &str) -> Option<u16> {
+        let i = sock_fields().iter().position(|f| f.name == name)?;
+        Some(self.0[i])
+    }
+}
+
+/// As an object of field names and offsets (`--features --json`).
+impl Serialize for SockOffsets {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(SOCK_FIELDS))?;
+        for (field, offset) in sock_fields().iter().zip(self.0) {
+            map.serialize_entry(field.name, &offset)?;
+        }
+        map.end()
     }
 }
 
@@ -135,19 +164,16 @@ fn offsets_in(btf: &Btf<'_>, path: &Path) -> Result<SockOffsets, BtfError> {
         .ok_or_else(|| BtfError::NoSock {
             path: shown.clone(),
         })?;
-    let mut pairs = Vec::new();
-    for (name, field_path) in SockOffsets::FIELDS {
-        let bits = offset_bits(btf, sock, field_path).ok_or_else(|| BtfError::NoField {
+    let mut offsets = [0; SOCK_FIELDS];
+    for (offset, field) in offsets.iter_mut().zip(sock_fields()) {
+        let missing = || BtfError::NoField {
             path: shown.clone(),
-            field: field_path.join("."),
-        })?;
-        let bytes = u16::try_from(bits / 8).map_err(|_| BtfError::NoField {
-            path: shown.clone(),
-            field: field_path.join("."),
-        })?;
-        pairs.push((name, bytes));
+            field: field.path.join("."),
+        };
+        let bits = offset_bits(btf, sock, &field.path).ok_or_else(missing)?;
+        *offset = u16::try_from(bits / 8).map_err(|_| missing())?;
     }
-    SockOffsets::from_pairs(pairs).map_err(|field| BtfError::NoField { path: shown, field })
+    Ok(SockOffsets(offsets))
 }
 
 /// The bit offset of `path` inside `composite`, looking through anonymous structs and

@@ -7,6 +7,7 @@
 pub mod btf;
 pub mod features;
 pub mod kallsyms;
+pub mod kversion;
 pub mod plan;
 pub mod tracefs;
 

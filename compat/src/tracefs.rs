@@ -125,8 +125,10 @@ pub struct StateLayout {
     pub sport: u16,
     pub dport: u16,
     pub family: u16,
-    /// Absent before Linux 4.20, when the tracepoint was TCP-only.
+    /// Absent where the tracepoint is TCP-only.
     pub protocol: Option<u16>,
+    /// 1 before Linux 5.6 (a `__u8`; `sk_protocol` grew to 16 bits for MPTCP), then 2.
+    pub protocol_size: u16,
     pub saddr: u16,
     pub daddr: u16,
     pub saddr_v6: u16,
@@ -135,27 +137,32 @@ pub struct StateLayout {
 
 impl StateLayout {
     /// Read the layout from the tracepoint's format file, checking every size the probes
-    /// rely on.
+    /// rely on. Only `protocol` may be missing (the probes then take every record for TCP)
+    /// or of either size; a missing or resized field the probes read is an error.
     pub fn from_format(text: &str) -> Result<StateLayout, FormatError> {
         let fields = parse_format(text)?;
-        let find = |name: &'static str, expected: usize| -> Result<Option<u16>, FormatError> {
+        let find = |name: &'static str, sizes: &[usize]| -> Result<Option<Field>, FormatError> {
             let Some(field) = fields.iter().find(|f| f.name == name) else {
                 return Ok(None);
             };
-            if field.size != expected {
+            if !sizes.contains(&field.size) {
                 return Err(FormatError::BadSize {
                     name,
                     found: field.size,
-                    expected,
+                    expected: sizes[sizes.len() - 1],
                 });
             }
-            u16::try_from(field.offset)
-                .map(Some)
-                .map_err(|_| FormatError::TooFar(name))
+            if field.offset + field.size > usize::from(u16::MAX) {
+                return Err(FormatError::TooFar(name));
+            }
+            Ok(Some(field.clone()))
         };
         let need = |name: &'static str, size: usize| {
-            find(name, size)?.ok_or(FormatError::MissingField(name))
+            find(name, &[size])?
+                .map(|f| f.offset as u16)
+                .ok_or(FormatError::MissingField(name))
         };
+        let protocol = find("protocol", &[1, 2])?;
         Ok(StateLayout {
             skaddr: need("skaddr", 8)?,
             oldstate: need("oldstate", 4)?,
@@ -163,7 +170,8 @@ impl StateLayout {
             sport: need("sport", 2)?,
             dport: need("dport", 2)?,
             family: need("family", 2)?,
-            protocol: find("protocol", 2)?,
+            protocol: protocol.as_ref().map(|f| f.offset as u16),
+            protocol_size: protocol.map_or(0, |f| f.size as u16),
             saddr: need("saddr", 4)?,
             daddr: need("daddr", 4)?,
             saddr_v6: need("saddr_v6", 16)?,

@@ -5,23 +5,14 @@ mod support;
 
 use std::path::Path;
 
-use tcpconnlat_compat::btf::{sock_offsets, BtfError, SockOffsets};
+use tcpconnlat_compat::btf::{sock_fields, sock_offsets, BtfError, SockOffsets, SOCK_FIELDS};
 use tcpconnlat_compat::Func;
 
 /// What build.rs read from that kernel's headers (KERNEL_HEADERS=its build tree); the
 /// kernel matrix runs legacy mode on it with both sources.
-const FROM_HEADERS: SockOffsets = SockOffsets {
-    family: 16,
-    state: 18,
-    num: 14,
-    dport: 12,
-    rcv_saddr: 4,
-    daddr: 0,
-    v6_rcv_saddr: 72,
-    v6_daddr: 56,
-    err: 528,
-    err_soft: 532,
-};
+/// In the order of probes/sock_fields.h: family, state, num, dport, rcv_saddr, daddr,
+/// v6_rcv_saddr, v6_daddr, err, err_soft.
+const FROM_HEADERS: SockOffsets = SockOffsets([16, 18, 14, 12, 4, 0, 72, 56, 528, 532]);
 
 fn unpacked(dir: &Path) -> std::path::PathBuf {
     let path = dir.join("vmlinux.btf");
@@ -61,11 +52,24 @@ fn bad_btf_files_are_clear_errors() {
 
 #[test]
 fn offsets_need_every_field() {
-    let names = SockOffsets::FIELDS.iter().map(|(n, _)| *n);
+    let names = sock_fields().iter().map(|f| f.name);
     let all = SockOffsets::from_pairs(names.clone().zip(1..)).unwrap();
-    assert_eq!((all.family, all.err_soft), (1, 10));
+    assert_eq!(
+        (all.get("family"), all.get("err_soft")),
+        (Some(1), Some(10))
+    );
     let err = SockOffsets::from_pairs(names.take(9).zip(1..)).unwrap_err();
     assert!(err.contains("err_soft"), "{err}");
+}
+
+/// probes/sock_fields.h is read as the one list of fields.
+#[test]
+fn the_field_list_is_probes_sock_fields_h() {
+    assert_eq!(SOCK_FIELDS, 10);
+    assert_eq!(sock_fields().len(), SOCK_FIELDS);
+    assert_eq!(sock_fields()[0].name, "family");
+    assert_eq!(sock_fields()[0].path, ["__sk_common", "skc_family"]);
+    assert_eq!(sock_fields()[9].path, ["sk_err_soft"]);
 }
 
 #[test]

@@ -267,7 +267,7 @@ fn a_record_without_protocol_still_works_and_a_wrong_size_does_not() {
     let dir = copy_of("host-6.18");
     let format = dir.path().join(FORMAT);
     let text = fs::read_to_string(&format).unwrap();
-    // Before Linux 4.20 there was no protocol field.
+    // A TCP-only record, without the protocol field.
     let old: String = text
         .lines()
         .filter(|l| !l.contains(" protocol;"))
@@ -350,4 +350,44 @@ fn without_btf_legacy_needs_offsets_and_comes_last() {
             "no BTF and no struct offsets built in".into()
         ))
     );
+}
+
+#[test]
+fn linux_4_14_has_only_legacy_through_kprobe_events() {
+    let f = detect(&fixture("old414"));
+    assert_eq!(f.release.as_deref(), Some("4.14.325"));
+    // No BTF, no kprobe PMU (4.17+), no sock:inet_sock_set_state (4.16+).
+    assert!(!f.btf && !f.kprobe_pmu && f.kprobe_events);
+    assert!(f.state_tracepoint.is_err());
+    assert_eq!(f.global_data(), Some(false));
+    let with = Trials {
+        sock_offsets: Some(Ok("kernel headers for 4.14.325, built in".into())),
+        ..trials(Err("no kernel BTF"))
+    };
+    let plan = Plan::new(&f, &with, None);
+    assert_eq!(plan.steps[0].verdict, Err(Unsupported::NoBtf));
+    assert_eq!(plan.steps[1].verdict, Err(Unsupported::NoBtf));
+    assert!(matches!(
+        plan.steps[2].verdict,
+        Err(Unsupported::NoStateTracepoint(_))
+    ));
+    assert_eq!(plan.first(), Some(Mode::Legacy));
+}
+
+#[test]
+fn linux_5_4_reads_its_one_byte_protocol_and_plans_tracepoint() {
+    let f = detect(&fixture("old54"));
+    assert_eq!(f.release.as_deref(), Some("5.4.286"));
+    assert!(!f.btf && f.kprobe_pmu && f.kprobe_events);
+    let layout = f.state_tracepoint.clone().unwrap();
+    // A __u8 protocol at 30 moves the addresses one byte down from today's record.
+    assert_eq!((layout.protocol, layout.protocol_size), (Some(30), 1));
+    assert_eq!((layout.saddr, layout.daddr_v6), (31, 55));
+    let with = Trials {
+        sock_offsets: Some(Ok("kernel headers for 5.4.286, built in".into())),
+        ..trials(Err("no kernel BTF"))
+    };
+    let plan = Plan::new(&f, &with, None);
+    assert_eq!(plan.first(), Some(Mode::Tracepoint));
+    assert_eq!(plan.steps[3].verdict, Ok(()));
 }

@@ -15,7 +15,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_tcpconnlat");
+/// The tracer under test: the one cargo built, or TCPCONNLAT_TEST_BIN (the kernel matrix
+/// proves `--btf` with a binary built without any kernel headers).
+pub fn bin() -> String {
+    std::env::var("TCPCONNLAT_TEST_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_tcpconnlat").to_owned())
+}
 
 /// Kernel-facing tests run one at a time: every tracer sees every connect on the host,
 /// and the map checks must see only their own tracer.
@@ -39,11 +44,8 @@ impl Tracer {
             Some(mode) if !args.contains(&"--mode") => vec!["--mode".into(), mode],
             _ => Vec::new(),
         };
-        // The matrix proves variants of a mode, e.g. "--kprobe-attach tracefs".
-        if let Ok(extra) = std::env::var("TCPCONNLAT_TEST_ARGS") {
-            forced.extend(extra.split_whitespace().map(str::to_owned));
-        }
-        let mut child = Command::new(BIN)
+        forced.extend(test_args());
+        let mut child = Command::new(bin())
             .args(&forced)
             .args(args)
             .stdout(Stdio::piped())
@@ -162,19 +164,45 @@ impl Tracer {
         }
     }
 
-    /// IDs of the BPF maps this tracer holds, from its fdinfo.
+    /// IDs of the BPF maps this tracer holds. Its fdinfo names them from Linux 4.15 on;
+    /// before, it shows each map's type and sizes only, and the maps are those of the
+    /// system with the same (the VMs that run such kernels have no other BPF user).
     pub fn map_ids(&self) -> Vec<u32> {
         let dir = format!("/proc/{}/fdinfo", self.pid());
         let mut ids = Vec::new();
+        let mut shapes = Vec::new();
         for entry in fs::read_dir(dir).unwrap().flatten() {
             let Ok(info) = fs::read_to_string(entry.path()) else {
                 continue;
             };
-            for line in info.lines() {
-                if let Some(id) = line.strip_prefix("map_id:") {
-                    ids.push(id.trim().parse().unwrap());
-                }
+            let field = |name: &str| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix(name)?.trim().parse::<u32>().ok())
+            };
+            if let Some(id) = field("map_id:") {
+                ids.push(id);
+            } else if let Some(kind) = field("map_type:") {
+                let sizes = (
+                    field("key_size:"),
+                    field("value_size:"),
+                    field("max_entries:"),
+                );
+                shapes.push((kind, sizes.0, sizes.1, sizes.2));
             }
+        }
+        if ids.is_empty() {
+            ids = libbpf_rs::query::MapInfoIter::default()
+                .filter(|m| {
+                    let shape = (
+                        m.ty as u32,
+                        Some(m.key_size),
+                        Some(m.value_size),
+                        Some(m.max_entries),
+                    );
+                    shapes.contains(&shape)
+                })
+                .map(|m| m.id)
+                .collect();
         }
         ids.sort_unstable();
         ids.dedup();
@@ -186,12 +214,33 @@ impl Tracer {
         use libbpf_rs::{MapCore, MapHandle};
         for id in self.map_ids() {
             let map = MapHandle::from_map_id(id).unwrap();
-            if map.name().to_str() == Some(name) {
+            if map_is(&map, name) {
                 return map.keys().count();
             }
         }
         panic!("tracer {} has no map {name}", self.pid());
     }
+}
+
+/// Whether `map` is the probes' map `name`: by its name, or on kernels before 4.15, which
+/// keep no map names, by the type and sizes of the map of that name in the probe objects.
+pub fn map_is(map: &impl libbpf_rs::MapCore, name: &str) -> bool {
+    const LEGACY_OBJECT: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/tcpconnlat_legacy.bpf.o"));
+    if !map.name().is_empty() {
+        return map.name().to_str() == Some(name);
+    }
+    let object = libbpf_rs::ObjectBuilder::default()
+        .open_memory(LEGACY_OBJECT)
+        .unwrap();
+    let same = object
+        .maps()
+        .find(|m| m.name().to_str() == Some(name))
+        .is_some_and(|ours| {
+            (ours.map_type(), ours.key_size(), ours.value_size())
+                == (map.map_type(), map.key_size(), map.value_size())
+        });
+    same
 }
 
 impl Drop for Tracer {
@@ -210,9 +259,30 @@ pub fn test_mode() -> Option<String> {
         .filter(|m| !m.is_empty())
 }
 
+/// The matrix proves variants of a mode, e.g. "--kprobe-attach tracefs" or "--btf FILE"
+/// (TCPCONNLAT_TEST_ARGS).
+pub fn test_args() -> Vec<String> {
+    std::env::var("TCPCONNLAT_TEST_ARGS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// [`run`] with the variant's arguments ([`test_args`]) first.
+pub fn run_as_tested(args: &[&str]) -> (ExitStatus, String, String) {
+    let extra = test_args();
+    let all: Vec<&str> = extra
+        .iter()
+        .map(String::as_str)
+        .chain(args.iter().copied())
+        .collect();
+    run(&all)
+}
+
 /// Run tcpconnlat to completion; (exit status, stdout, stderr).
 pub fn run(args: &[&str]) -> (ExitStatus, String, String) {
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args(args)
         .output()
         .expect("run tcpconnlat");
@@ -236,6 +306,36 @@ pub fn connect(addr: SocketAddr) -> u16 {
     let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
     s.local_addr().unwrap().port()
+}
+
+/// `f`'s result and how long it took, as the application sees it.
+pub fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
+    let start = Instant::now();
+    let result = f();
+    (result, start.elapsed())
+}
+
+/// A connect's traced latency against the time the application itself saw it take: no
+/// more (the tracer's clock starts inside connect() and stops before it returns, or at the
+/// close that ends it), and no less than that minus what the syscalls around it cost.
+/// Both are the kernel's CLOCK_MONOTONIC, so an emulated machine whose timers drift
+/// against it (a 1 s RTO measured at 962 ms under QEMU TCG) cannot part them. `at_least_ms`
+/// is what the connect must have waited for (an RTO), allowing that drift.
+pub fn assert_latency(e: &Value, app: Duration, at_least_ms: f64) {
+    let lat = e["lat_ms"].as_f64().expect("lat_ms");
+    let app = app.as_secs_f64() * 1e3;
+    assert!(
+        lat <= app + 0.5,
+        "traced {lat} ms, but the application saw {app:.3} ms: {e}"
+    );
+    assert!(
+        lat >= app - (20.0 + app * 0.05),
+        "traced {lat} ms, far below the {app:.3} ms the application saw: {e}"
+    );
+    assert!(
+        lat >= at_least_ms * 0.9,
+        "traced {lat} ms, expected about {at_least_ms} ms: {e}"
+    );
 }
 
 /// A listener that accepts (and drops) connections in the background.
