@@ -3,12 +3,12 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use libbpf_rs::libbpf_sys::bpf_object__set_kversion;
-use libbpf_rs::{AsRawLibbpf, Link, MapCore, MapFlags, Object, ObjectBuilder};
+use libbpf_rs::{AsRawLibbpf, Link, MapCore, MapFlags, Object, ObjectBuilder, OpenObject};
 use tcpconnlat_compat::btf::SockOffsets;
 use tcpconnlat_compat::{AttachPoints, Features, Func, Mode, StateLayout, Trials};
 
 use crate::kprobes::{self, Kprobe, KprobeAttach};
-use crate::probes::{self, Config, RawStateLayout, RawStateRecord, Report};
+use crate::probes::{self, maps, Config, RawStateLayout, RawStateRecord, Report};
 
 /// How events reach userspace.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,8 +37,8 @@ impl Transport {
     /// The map the probes write to; the other transport's map is never created.
     pub fn map(self) -> &'static str {
         match self {
-            Transport::RingBuf => "events_rb",
-            Transport::PerfBuf => "events_pb",
+            Transport::RingBuf => maps::EVENTS_RB,
+            Transport::PerfBuf => maps::EVENTS_PB,
         }
     }
 
@@ -59,7 +59,7 @@ impl Transport {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Tracepoint {
+pub enum Tracepoint {
     /// `sock:inet_sock_set_state`: finishes every connect; required.
     State,
     /// `tcp:tcp_retransmit_skb`: SYN retransmit counts.
@@ -68,8 +68,9 @@ enum Tracepoint {
     Reset,
 }
 
-#[derive(Clone, Copy, Debug)]
-enum Attach {
+/// Where a program goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attach {
     /// fentry or fexit, by BTF name as the program's section says.
     Fentry(Func),
     /// By the symbol kallsyms gave for the function.
@@ -85,6 +86,8 @@ struct Hook {
     attach: Attach,
     /// Built once per transport (the program name gets the transport's suffix).
     emits: bool,
+    /// What is lost when the kernel lacks this hook; `None`: the mode cannot do without.
+    if_missing: Option<&'static str>,
 }
 
 const fn hook(prog: &'static str, attach: Attach) -> Hook {
@@ -92,6 +95,15 @@ const fn hook(prog: &'static str, attach: Attach) -> Hook {
         prog,
         attach,
         emits: false,
+        if_missing: None,
+    }
+}
+
+/// A hook the mode can do without, and what is lost without it.
+const fn optional(prog: &'static str, attach: Attach, if_missing: &'static str) -> Hook {
+    Hook {
+        if_missing: Some(if_missing),
+        ..hook(prog, attach)
     }
 }
 
@@ -103,17 +115,21 @@ struct ModeSpec {
 }
 
 mod hooks {
-    use super::{hook, Attach::*, Hook, Tracepoint::*};
+    use super::{hook, optional, Attach::*, Hook, Tracepoint::*};
     use tcpconnlat_compat::Func::*;
 
-    /// The tracepoints every mode finishes connects with.
+    const NO_IPV6: &str = "IPv6 connects are not traced";
+    const NO_RETRANSMITS: &str = "SYN retransmits are not counted";
+    const NO_RESETS: &str = "RSTs are only seen through sk_err";
+
+    /// The tracepoints every mode but legacy finishes connects with.
     macro_rules! with_tracepoints {
         ($($hook:expr),* $(,)?) => {
             &[
                 $($hook,)*
-                Hook { prog: "tp_state", attach: Tracepoint(State), emits: true },
-                hook("tp_retransmit", Tracepoint(Retransmit)),
-                hook("tp_reset", Tracepoint(Reset)),
+                Hook { emits: true, ..hook("tp_state", Tracepoint(State)) },
+                optional("tp_retransmit", Tracepoint(Retransmit), NO_RETRANSMITS),
+                optional("tp_reset", Tracepoint(Reset), NO_RESETS),
             ]
         };
     }
@@ -121,28 +137,32 @@ mod hooks {
     pub const FENTRY: &[Hook] = with_tracepoints![
         hook("fentry_v4_connect", Fentry(TcpV4Connect)),
         hook("fexit_v4_connect", Fentry(TcpV4Connect)),
-        hook("fentry_v6_connect", Fentry(TcpV6Connect)),
-        hook("fexit_v6_connect", Fentry(TcpV6Connect)),
+        optional("fentry_v6_connect", Fentry(TcpV6Connect), NO_IPV6),
+        optional("fexit_v6_connect", Fentry(TcpV6Connect), NO_IPV6),
         hook("fentry_rcv_state", Fentry(TcpRcvStateProcess)),
     ];
     pub const KPROBE: &[Hook] = with_tracepoints![
         hook("kprobe_v4_connect", Kprobe(TcpV4Connect)),
         hook("kretprobe_v4_connect", Kretprobe(TcpV4Connect)),
-        hook("kprobe_v6_connect", Kprobe(TcpV6Connect)),
-        hook("kretprobe_v6_connect", Kretprobe(TcpV6Connect)),
+        optional("kprobe_v6_connect", Kprobe(TcpV6Connect), NO_IPV6),
+        optional("kretprobe_v6_connect", Kretprobe(TcpV6Connect), NO_IPV6),
         hook("kprobe_rcv_state", Kprobe(TcpRcvStateProcess)),
     ];
     pub const TRACEPOINT: &[Hook] = with_tracepoints![];
     /// No tracepoints: everything by kprobe, one program serving both address families.
     pub const LEGACY: &[Hook] = &[
         hook("legacy_connect", Kprobe(TcpV4Connect)),
-        hook("legacy_connect", Kprobe(TcpV6Connect)),
+        optional("legacy_connect", Kprobe(TcpV6Connect), NO_IPV6),
         hook("legacy_connect_return", Kretprobe(TcpV4Connect)),
-        hook("legacy_connect_return", Kretprobe(TcpV6Connect)),
+        optional("legacy_connect_return", Kretprobe(TcpV6Connect), NO_IPV6),
         hook("legacy_rcv_state", Kprobe(TcpRcvStateProcess)),
         hook("legacy_set_state", Kprobe(TcpSetState)),
-        hook("legacy_retransmit", Kprobe(TcpRetransmitSkb)),
-        hook("legacy_reset", Kprobe(TcpReset)),
+        optional(
+            "legacy_retransmit",
+            Kprobe(TcpRetransmitSkb),
+            NO_RETRANSMITS,
+        ),
+        optional("legacy_reset", Kprobe(TcpReset), NO_RESETS),
     ];
 }
 
@@ -206,11 +226,19 @@ pub struct Tracer {
     _kprobes: Vec<Kprobe>,
 }
 
-/// A program to load, with its final name and, for kprobes, the symbol to attach to.
-struct Planned {
-    hook: Hook,
-    name: String,
-    symbol: Option<String>,
+/// One program on one hook: its name in the object and, for kprobes, the kernel symbol.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedHook {
+    pub prog: String,
+    pub attach: Attach,
+    pub symbol: Option<String>,
+}
+
+/// Which programs go where, and what the user should know about hooks the kernel lacks.
+#[derive(Debug, Default)]
+pub struct HookPlan {
+    pub hooks: Vec<PlannedHook>,
+    pub notes: Vec<String>,
 }
 
 /// How to load: what the host offers and the user asked for, beyond the filters.
@@ -267,133 +295,145 @@ impl Sizes {
     }
 }
 
-/// Load and attach `mode`'s probes.
+/// Load and attach `mode`'s probes: plan, open, load, configure, attach. Whether the
+/// kernel can run the mode at all was decided before (compat's `Mode::check`).
 pub fn start(mode: Mode, setup: &Setup<'_>, filters: &Filters) -> Result<Tracer> {
-    let Setup {
-        features,
-        fentry_targets,
-        sock,
-        kprobe_attach,
-        ..
-    } = *setup;
+    check_filters(mode, filters)?;
     let spec = spec(mode);
     let transport = if spec.ringbuf {
         setup.transport
     } else {
         Transport::PerfBuf
     };
-    let mut notes = Vec::new();
-    let layout = features.state_tracepoint.as_ref().ok();
-    if spec
-        .hooks
-        .iter()
-        .any(|h| matches!(h.attach, Attach::Tracepoint(_)))
-        && layout.is_none()
-    {
-        let why = features
-            .state_tracepoint
-            .as_ref()
-            .err()
-            .cloned()
-            .unwrap_or_default();
-        bail!("{why}");
-    }
-    if mode == Mode::Legacy {
-        if sock.is_none() {
-            bail!("no struct sock offsets (see --features)");
-        }
-        if filters.cgroup_id.is_some() {
-            bail!(
-                "--cgroup needs a helper legacy mode does without (Linux 4.18+): use another mode"
-            );
-        }
-    }
-    // The CO-RE probes read sk_err themselves; the others need its offset.
-    if sock.is_none() && spec.object == probes::TRACEPOINT_OBJECT {
+    let layout = setup.features.state_tracepoint.as_ref().ok();
+    let direct = !setup.record_offsets && layout.is_some_and(is_state_record);
+    let mut plan = plan_hooks(
+        mode,
+        setup.features,
+        setup.fentry_targets,
+        transport,
+        direct,
+    )
+    .map_err(|why| anyhow!(why))?;
+    // The CO-RE probes read sk_err themselves; the tracepoint object needs its offset.
+    if setup.sock.is_none() && spec.object == probes::TRACEPOINT_OBJECT {
         note(
-            &mut notes,
+            &mut plan.notes,
             "failed connects are told apart only as refused or timeout: no BTF to find sk_err in",
         );
     }
-    let direct = !setup.record_offsets && layout.is_some_and(is_state_record);
-    let mut planned = Vec::new();
-    for hook in spec.hooks {
-        let symbol = match hook.attach {
-            Attach::Fentry(func) | Attach::Kprobe(func) | Attach::Kretprobe(func) => {
-                let points = match hook.attach {
-                    Attach::Fentry(_) => fentry_targets
-                        .ok_or_else(|| anyhow!("the kernel's BTF could not be read"))?,
-                    _ => match &features.attach_points {
-                        Some(points) => points.as_ref().map_err(|why| anyhow!("{why}"))?,
-                        None => bail!("kernel symbols were not read"),
-                    },
-                };
-                match (points.get(func), func) {
-                    (Some(symbol), _) => Some(symbol.to_owned()),
-                    (None, Func::TcpV6Connect) => {
-                        note(&mut notes, "IPv6 connects are not traced: the kernel has no tcp_v6_connect (IPv6 disabled or not loaded)");
-                        continue;
-                    }
-                    (None, Func::TcpRetransmitSkb | Func::TcpReset) => {
-                        note(
-                            &mut notes,
-                            &format!(
-                                "{} is not in /proc/kallsyms: {}",
-                                func.name(),
-                                if func == Func::TcpReset {
-                                    "RSTs are only seen through sk_err"
-                                } else {
-                                    "SYN retransmits are not counted"
-                                }
-                            ),
-                        );
-                        continue;
-                    }
-                    (None, _) => bail!(
-                        "kernel function {} is not in {}",
-                        func.name(),
-                        match hook.attach {
-                            Attach::Fentry(_) => "the kernel's BTF",
-                            _ => "/proc/kallsyms",
-                        }
-                    ),
-                }
-            }
-            Attach::Tracepoint(Tracepoint::State) => None,
-            Attach::Tracepoint(Tracepoint::Retransmit) => match &features.retransmit_tracepoint {
-                Ok(_) => None,
-                Err(why) => {
-                    note(
-                        &mut notes,
-                        &format!("SYN retransmits are not counted: {why}"),
-                    );
+    let object = open(&spec, &plan, transport, setup)?
+        .load()
+        .with_context(|| format!("loading the {mode} probes (run with -v for the verifier log)"))?;
+    configure(&object, filters, setup)?;
+    let (links, kprobes) = attach_all(&object, &plan, setup)?;
+    Ok(Tracer {
+        mode,
+        transport,
+        object,
+        notes: plan.notes,
+        sizes: setup.sizes,
+        _links: links,
+        _kprobes: kprobes,
+    })
+}
+
+/// Filters a mode cannot apply.
+fn check_filters(mode: Mode, filters: &Filters) -> Result<()> {
+    if mode == Mode::Legacy && filters.cgroup_id.is_some() {
+        bail!("--cgroup needs a helper legacy mode does without (Linux 4.18+): use another mode");
+    }
+    Ok(())
+}
+
+/// Which program of `mode` goes on which hook of this kernel (pure: from what was
+/// detected). The emitting program is the one for `transport`, reading the state record
+/// directly where `direct`. A hook the kernel lacks is left out with a note where the mode
+/// can do without it, and is an error where it cannot.
+pub fn plan_hooks(
+    mode: Mode,
+    features: &Features,
+    fentry_targets: Option<&AttachPoints>,
+    transport: Transport,
+    direct: bool,
+) -> Result<HookPlan, String> {
+    let mut plan = HookPlan::default();
+    for hook in spec(mode).hooks {
+        let symbol = match target(hook.attach, features, fentry_targets) {
+            Ok(symbol) => symbol,
+            Err(missing) => match hook.if_missing {
+                Some(lost) => {
+                    note(&mut plan.notes, &format!("{lost}: {missing}"));
                     continue;
                 }
-            },
-            Attach::Tracepoint(Tracepoint::Reset) => match &features.reset_tracepoint {
-                Ok(_) => None,
-                Err(why) => {
-                    note(&mut notes, &format!("RSTs are not seen directly: {why}"));
-                    continue;
-                }
+                None => return Err(missing),
             },
         };
-        // The state machine reads a record laid out as `struct state_record` directly,
-        // in programs of their own (`<hook>_direct_<suffix>`).
-        let name = match hook.attach {
+        let prog = match hook.attach {
             _ if !hook.emits => hook.prog.to_owned(),
+            // A record laid out as `struct state_record` is read directly, by programs of
+            // their own (`<hook>_direct_<suffix>`).
             Attach::Tracepoint(Tracepoint::State) if direct => {
                 format!("{}_direct_{}", hook.prog, transport.suffix())
             }
             _ => format!("{}_{}", hook.prog, transport.suffix()),
         };
-        planned.push(Planned {
-            hook: *hook,
-            name,
+        plan.hooks.push(PlannedHook {
+            prog,
+            attach: hook.attach,
             symbol,
         });
     }
+    Ok(plan)
+}
 
+/// Where `attach` goes on this kernel: the symbol for kprobes (`None` for hooks the
+/// program's section names), or what is missing.
+fn target(
+    attach: Attach,
+    features: &Features,
+    fentry_targets: Option<&AttachPoints>,
+) -> Result<Option<String>, String> {
+    let tracepoint = |found: Result<(), &String>| found.map(|()| None).map_err(Clone::clone);
+    let (points, source) = match attach {
+        Attach::Tracepoint(Tracepoint::State) => {
+            return tracepoint(features.state_tracepoint.as_ref().map(drop))
+        }
+        Attach::Tracepoint(Tracepoint::Retransmit) => {
+            return tracepoint(features.retransmit_tracepoint.as_ref().map(drop))
+        }
+        Attach::Tracepoint(Tracepoint::Reset) => {
+            return tracepoint(features.reset_tracepoint.as_ref().map(drop))
+        }
+        Attach::Fentry(_) => (
+            fentry_targets.ok_or("the kernel's BTF could not be read")?,
+            "the kernel's BTF",
+        ),
+        Attach::Kprobe(_) | Attach::Kretprobe(_) => match &features.attach_points {
+            Some(points) => (points.as_ref().map_err(Clone::clone)?, "/proc/kallsyms"),
+            None => return Err("kernel symbols were not read".to_owned()),
+        },
+    };
+    let (Attach::Fentry(func) | Attach::Kprobe(func) | Attach::Kretprobe(func)) = attach else {
+        unreachable!("tracepoints returned above")
+    };
+    match points.get(func) {
+        Some(symbol) => Ok(Some(symbol.to_owned())),
+        None => Err(format!(
+            "kernel function {} is not in {source}",
+            func.name()
+        )),
+    }
+}
+
+/// Open the mode's object with only the planned programs, only the maps they use, sized
+/// as asked, stamped with the kernel's version code.
+fn open(
+    spec: &ModeSpec,
+    plan: &HookPlan,
+    transport: Transport,
+    setup: &Setup<'_>,
+) -> Result<OpenObject> {
     let mut open = ObjectBuilder::default()
         .open_memory(spec.object)
         .context("opening the probe object")?;
@@ -404,25 +444,27 @@ pub fn start(mode: Mode, setup: &Setup<'_>, filters: &Filters) -> Result<Tracer>
         unsafe { bpf_object__set_kversion(open.as_libbpf_object().as_ptr(), code) };
     }
     for mut prog in open.progs_mut() {
-        let wanted = planned.iter().any(|p| prog.name() == p.name.as_str());
+        let wanted = plan.hooks.iter().any(|p| prog.name() == p.prog.as_str());
         prog.set_autoload(wanted);
     }
     // Maps no loaded program uses are never created: the other transport's buffer, and
     // the kretprobes' `connecting` table where there are no kretprobes.
-    let kretprobes = planned
+    let kretprobes = plan
+        .hooks
         .iter()
-        .any(|p| matches!(p.hook.attach, Attach::Kretprobe(_)));
+        .any(|p| matches!(p.attach, Attach::Kretprobe(_)));
     for mut map in open.maps_mut() {
-        let name = map.name().to_string_lossy();
-        let unused = ((name == "events_rb" || name == "events_pb") && name != transport.map())
-            || (name == "connecting" && !kretprobes);
+        let name = map.name().to_string_lossy().into_owned();
+        let buffers = [Transport::RingBuf.map(), Transport::PerfBuf.map()];
+        let unused = (buffers.contains(&name.as_str()) && name != transport.map())
+            || (name == maps::CONNECTING && !kretprobes);
         if unused {
             map.set_autocreate(false)
                 .with_context(|| format!("leaving out map {name}"))?;
         }
-        let size = match &*name {
-            "pending" => Some(setup.sizes.max_pending),
-            "events_rb" => Some(setup.sizes.ring_bytes()),
+        let size = match name.as_str() {
+            maps::PENDING => Some(setup.sizes.max_pending),
+            maps::EVENTS_RB => Some(setup.sizes.ring_bytes()),
             _ => None,
         };
         if let Some(size) = size {
@@ -430,48 +472,55 @@ pub fn start(mode: Mode, setup: &Setup<'_>, filters: &Filters) -> Result<Tracer>
                 .with_context(|| format!("sizing map {name}"))?;
         }
     }
-    let object = open
-        .load()
-        .with_context(|| format!("loading the {mode} probes (run with -v for the verifier log)"))?;
+    Ok(open)
+}
 
+/// Write the configuration and the filter sets, before anything is attached.
+fn configure(object: &Object, filters: &Filters, setup: &Setup<'_>) -> Result<()> {
     let ring_bytes =
-        find_map(&object, Transport::RingBuf.map()).map_or(0, |m| u64::from(m.max_entries()));
-    let config = config(filters, features, layout, sock, ring_bytes);
-    write_config(&object, &config)?;
+        find_map(object, Transport::RingBuf.map()).map_or(0, |m| u64::from(m.max_entries()));
+    let layout = setup.features.state_tracepoint.as_ref().ok();
+    let config = config(filters, setup.features, layout, setup.sock, ring_bytes);
+    write_config(object, &config)?;
     write_set(
-        &object,
-        "pids",
+        object,
+        maps::PIDS,
         filters.pids.iter().map(|p| p.to_ne_bytes().to_vec()),
     )?;
     write_set(
-        &object,
-        "dports",
+        object,
+        maps::DPORTS,
         filters.dports.iter().map(|p| p.to_ne_bytes().to_vec()),
-    )?;
+    )
+}
 
-    let mut links = Vec::new();
-    let mut kprobes = Vec::new();
-    for (index, p) in planned.iter().enumerate() {
+/// Attach every planned program; what is returned detaches when dropped.
+fn attach_all(
+    object: &Object,
+    plan: &HookPlan,
+    setup: &Setup<'_>,
+) -> Result<(Vec<Link>, Vec<Kprobe>)> {
+    let (mut links, mut kprobes) = (Vec::new(), Vec::new());
+    for (index, hook) in plan.hooks.iter().enumerate() {
         let prog = object
             .progs_mut()
-            .find(|prog| prog.name() == p.name.as_str())
-            .ok_or_else(|| anyhow!("program {} missing from the probe object", p.name))?;
-        let target = match &p.symbol {
+            .find(|prog| prog.name() == hook.prog.as_str())
+            .ok_or_else(|| anyhow!("program {} missing from the probe object", hook.prog))?;
+        let target = match &hook.symbol {
             Some(symbol) => symbol.clone(),
             None => prog.section().to_string_lossy().into_owned(),
         };
-        let context = || format!("attaching {} to {target}", p.name);
-        match (p.hook.attach, &p.symbol) {
+        let context = || format!("attaching {} to {target}", hook.prog);
+        match (hook.attach, &hook.symbol) {
             (Attach::Kprobe(_) | Attach::Kretprobe(_), Some(symbol)) => {
-                let retprobe = matches!(p.hook.attach, Attach::Kretprobe(_));
-                let tracefs = features.tracefs.as_deref();
+                let retprobe = matches!(hook.attach, Attach::Kretprobe(_));
                 let probe = kprobes::attach(
                     &prog,
                     retprobe,
                     symbol,
-                    kprobe_attach,
-                    features.kprobe_pmu,
-                    tracefs,
+                    setup.kprobe_attach,
+                    setup.features.kprobe_pmu,
+                    setup.features.tracefs.as_deref(),
                     index,
                 )
                 .with_context(context)?;
@@ -480,15 +529,7 @@ pub fn start(mode: Mode, setup: &Setup<'_>, filters: &Filters) -> Result<Tracer>
             _ => links.push(prog.attach().with_context(context)?),
         }
     }
-    Ok(Tracer {
-        mode,
-        transport,
-        object,
-        notes,
-        sizes: setup.sizes,
-        _links: links,
-        _kprobes: kprobes,
-    })
+    Ok((links, kprobes))
 }
 
 fn config(
@@ -599,7 +640,7 @@ fn is_state_record(layout: &StateLayout) -> bool {
 }
 
 fn write_config(object: &Object, config: &Config) -> Result<()> {
-    let map = find_map(object, "config_map")?;
+    let map = find_map(object, maps::CONFIG)?;
     // SAFETY: Config is plain data (see probes.rs).
     let bytes = unsafe { plain::as_bytes(config) };
     map.update(&0u32.to_ne_bytes(), bytes, MapFlags::ANY)
@@ -616,6 +657,161 @@ pub fn find_map<'a>(object: &'a Object, name: &str) -> Result<libbpf_rs::Map<'a>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
+
+    /// What a fixture kernel (compat/tests/fixtures, captured from real kernels) offers.
+    fn kernel(name: &str) -> Features {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("compat/tests/fixtures")
+            .join(name);
+        let mut features = Features::detect(&root);
+        features.read_symbols(&root);
+        features
+    }
+
+    fn progs(plan: &HookPlan) -> Vec<(&str, Option<&str>)> {
+        plan.hooks
+            .iter()
+            .map(|h| (h.prog.as_str(), h.symbol.as_deref()))
+            .collect()
+    }
+
+    /// Every program and map the loader and the event stream open by name is in the
+    /// object of each mode (a renamed C program would otherwise push auto to a worse mode
+    /// at run time).
+    #[test]
+    fn every_name_userspace_uses_is_in_the_embedded_objects() {
+        for mode in Mode::ALL {
+            let spec = spec(mode);
+            let open = ObjectBuilder::default().open_memory(spec.object).unwrap();
+            let progs: Vec<String> = open
+                .progs()
+                .map(|p| p.name().to_string_lossy().into_owned())
+                .collect();
+            let map_names: Vec<String> = open
+                .maps()
+                .map(|m| m.name().to_string_lossy().into_owned())
+                .collect();
+            let transports: &[Transport] = if spec.ringbuf {
+                &[Transport::RingBuf, Transport::PerfBuf]
+            } else {
+                &[Transport::PerfBuf]
+            };
+            for &transport in transports {
+                for direct in [false, true] {
+                    let all = AttachPoints::from_fn(|func| Some(func.name().to_owned()));
+                    let mut features = kernel("deb61");
+                    features.attach_points = Some(Ok(all.clone()));
+                    let plan = plan_hooks(mode, &features, Some(&all), transport, direct).unwrap();
+                    for hook in plan.hooks {
+                        assert!(
+                            progs.contains(&hook.prog),
+                            "{mode}: no program {}",
+                            hook.prog
+                        );
+                    }
+                    assert!(map_names.iter().any(|m| m == transport.map()), "{mode}");
+                }
+            }
+            let used = [
+                maps::CONFIG,
+                maps::PENDING,
+                maps::PIDS,
+                maps::DPORTS,
+                maps::COUNTERS,
+            ];
+            for name in used {
+                assert!(map_names.iter().any(|m| m == name), "{mode}: no map {name}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_mode_plans_its_programs_on_the_kernels_hooks() {
+        let deb61 = kernel("deb61");
+        let btf = AttachPoints::from_fn(|func| Some(func.name().to_owned()));
+        let fentry = plan_hooks(Mode::Fentry, &deb61, Some(&btf), Transport::RingBuf, true);
+        assert_eq!(
+            progs(&fentry.unwrap()),
+            [
+                ("fentry_v4_connect", Some("tcp_v4_connect")),
+                ("fexit_v4_connect", Some("tcp_v4_connect")),
+                ("fentry_v6_connect", Some("tcp_v6_connect")),
+                ("fexit_v6_connect", Some("tcp_v6_connect")),
+                ("fentry_rcv_state", Some("tcp_rcv_state_process")),
+                ("tp_state_direct_rb", None),
+                ("tp_retransmit", None),
+                ("tp_reset", None),
+            ]
+        );
+        // 5.4: its record is read at its offsets, through the perf buffer.
+        let old54 = kernel("old54");
+        let tracepoint = plan_hooks(Mode::Tracepoint, &old54, None, Transport::PerfBuf, false);
+        let tracepoint = tracepoint.unwrap();
+        assert_eq!(
+            progs(&tracepoint),
+            [
+                ("tp_state_pb", None),
+                ("tp_retransmit", None),
+                ("tp_reset", None)
+            ]
+        );
+        assert!(tracepoint.notes.is_empty(), "{:?}", tracepoint.notes);
+        // 4.14: kprobes only, at the symbols kallsyms gives, one program for both families.
+        let legacy = plan_hooks(
+            Mode::Legacy,
+            &kernel("old414"),
+            None,
+            Transport::PerfBuf,
+            false,
+        );
+        let legacy = legacy.unwrap();
+        assert_eq!(legacy.hooks.len(), 8);
+        assert_eq!(
+            legacy.hooks[1],
+            PlannedHook {
+                prog: "legacy_connect".into(),
+                attach: Attach::Kprobe(Func::TcpV6Connect),
+                symbol: Some("tcp_v6_connect".into()),
+            }
+        );
+    }
+
+    #[test]
+    fn a_hook_the_mode_can_do_without_is_a_note_and_one_it_needs_an_error() {
+        let mut old414 = kernel("old414");
+        let without = |missing: &'static [Func]| {
+            let all = AttachPoints::from_fn(|func| Some(func.name().to_owned()));
+            AttachPoints::from_fn(|func| {
+                (!missing.contains(&func)).then(|| all.get(func).unwrap().to_owned())
+            })
+        };
+        old414.attach_points = Some(Ok(without(&[Func::TcpV6Connect, Func::TcpReset])));
+        let plan = plan_hooks(Mode::Legacy, &old414, None, Transport::PerfBuf, false).unwrap();
+        assert_eq!(plan.hooks.len(), 5);
+        assert_eq!(
+            plan.notes,
+            [
+                "IPv6 connects are not traced: kernel function tcp_v6_connect is not in /proc/kallsyms",
+                "RSTs are only seen through sk_err: kernel function tcp_reset is not in /proc/kallsyms",
+            ]
+        );
+        old414.attach_points = Some(Ok(without(&[Func::TcpSetState])));
+        assert_eq!(
+            plan_hooks(Mode::Legacy, &old414, None, Transport::PerfBuf, false).unwrap_err(),
+            "kernel function tcp_set_state is not in /proc/kallsyms"
+        );
+        // No state tracepoint (4.14): the tracepoint mode cannot be planned, and says why.
+        let why = plan_hooks(
+            Mode::Tracepoint,
+            &kernel("old414"),
+            None,
+            Transport::PerfBuf,
+            false,
+        )
+        .unwrap_err();
+        assert!(why.contains("inet_sock_set_state"), "{why}");
+    }
 
     /// The record layout of every kernel we captured from 5.6 on (a 16-bit protocol) is
     /// the one the probes read directly; older ones, and any other layout, are read at

@@ -19,6 +19,24 @@ unsafe impl plain::Plain for RawEvent {}
 unsafe impl plain::Plain for Config {}
 unsafe impl plain::Plain for RawSockLayout {}
 
+/// The names of the probes' maps (probes/common.bpf.h) that userspace opens by name.
+pub mod maps {
+    /// `struct config`, key 0.
+    pub const CONFIG: &str = "config_map";
+    /// Connects in flight, by socket.
+    pub const PENDING: &str = "pending";
+    /// -p and --dport sets.
+    pub const PIDS: &str = "pids";
+    pub const DPORTS: &str = "dports";
+    /// enum counter slots.
+    pub const COUNTERS: &str = "counters";
+    /// The kretprobes' socket of each thread's connect in progress.
+    pub const CONNECTING: &str = "connecting";
+    /// The two transports' event buffers.
+    pub const EVENTS_RB: &str = "events_rb";
+    pub const EVENTS_PB: &str = "events_pb";
+}
+
 /// fentry and kprobe programs (CO-RE) plus the tracepoint that forgets failed connects.
 pub const CORE_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/tcpconnlat.bpf.o"));
 /// Tracepoint mode: no CO-RE relocation, loads without BTF.

@@ -23,7 +23,7 @@ use tokio::time::{interval, Interval, MissedTickBehavior};
 use crate::event::Event;
 use crate::loader::{find_map, page_size, Tracer, Transport};
 use crate::perfbuf::{BatchedPerfBuffer, Sample};
-use crate::probes::Counter;
+use crate::probes::{maps, Counter};
 
 #[derive(Debug)]
 pub enum Record {
@@ -247,12 +247,12 @@ impl<'cb> EventStream<'cb> {
         let wakeup = unsafe { AsyncFd::register_with_interest(epoll_fd, Interest::READABLE) }
             .map_err(|e| anyhow::anyhow!("watching the event buffer: {e}"))?;
         let counters = Counters {
-            map: MapHandle::try_from(&find_map(&tracer.object, "counters")?)?,
+            map: MapHandle::try_from(&find_map(&tracer.object, maps::COUNTERS)?)?,
             last: None,
             seen: [0; 2],
             perf_lost,
         };
-        let pending = MapHandle::try_from(&find_map(&tracer.object, "pending")?)?;
+        let pending = MapHandle::try_from(&find_map(&tracer.object, maps::PENDING)?)?;
         let sweeper = Sweeper::new(pending, sweep)?;
         let mut tick = interval(max_delay);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
