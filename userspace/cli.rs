@@ -2,9 +2,17 @@
 
 use std::time::Duration;
 
-use clap::builder::{PossibleValuesParser, TypedValueParser};
-use clap::Parser;
+use anyhow::{bail, Result};
+use clap::{Parser, ValueEnum};
 use tcpconnlat_compat::Mode;
+
+use crate::cgroup::cgroup_id;
+use crate::host::Host;
+use crate::kprobes::KprobeAttach;
+use crate::loader::{Filters, Setup, Sizes, Transport};
+use crate::output::{Columns, View};
+use crate::stats::{By, Hists, Summary};
+use crate::stream::{SweepTimes, STALE};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -77,8 +85,8 @@ pub struct Cli {
     pub interval: Option<Duration>,
 
     /// With --hist: one histogram per destination (daddr:dport) or per process name
-    #[arg(long, value_name = "KEY", value_parser = ["dest", "comm"], requires = "hist")]
-    pub by: Option<String>,
+    #[arg(long, value_name = "KEY", value_enum, requires = "hist")]
+    pub by: Option<HistBy>,
 
     /// Only IPv4 connects
     #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
@@ -105,18 +113,12 @@ pub struct Cli {
     pub count: Option<u64>,
 
     /// How to hook the kernel; auto picks the best this kernel can do
-    #[arg(
-        long,
-        value_name = "MODE",
-        default_value = "auto",
-        value_parser = PossibleValuesParser::new(["auto", "fentry", "kprobe", "tracepoint", "legacy"])
-            .map(|s| s.parse::<Mode>().map_or(ModeChoice::Auto, ModeChoice::Only))
-    )]
-    pub mode: ModeChoice,
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = ModeArg::Auto)]
+    pub mode: ModeArg,
 
     /// How events reach userspace: auto uses the ring buffer where the kernel has one
-    #[arg(long, value_name = "KIND", default_value = "auto", value_parser = ["auto", "ringbuf", "perfbuf"])]
-    pub transport: String,
+    #[arg(long, value_name = "KIND", value_enum, default_value_t = TransportArg::Auto)]
+    pub transport: TransportArg,
 
     /// Event buffer size in pages (a power of two): per CPU for the perf buffer (default
     /// 64), in all for the ring buffer (default: room for --max-pending events). Raise it
@@ -142,8 +144,8 @@ pub struct Cli {
     pub btf: Option<std::path::PathBuf>,
 
     /// How to attach kprobes: auto uses the kprobe PMU where the kernel has it
-    #[arg(long, value_name = "HOW", default_value = "auto", value_parser = ["auto", "pmu", "tracefs"])]
-    pub kprobe_attach: String,
+    #[arg(long, value_name = "HOW", value_enum, default_value_t = KprobeAttach::Auto)]
+    pub kprobe_attach: KprobeAttach,
 
     /// Read the sock:inet_sock_set_state record at its format file's offsets even where
     /// its layout is the known one (for tests: the path other kernels take)
@@ -172,21 +174,145 @@ pub struct Cli {
 }
 
 /// `--mode`: auto, or one mode only.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ModeChoice {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
     Auto,
-    Only(Mode),
+    Fentry,
+    Kprobe,
+    Tracepoint,
+    Legacy,
+}
+
+/// `--transport`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TransportArg {
+    /// The ring buffer where the kernel has one.
+    Auto,
+    Ringbuf,
+    Perfbuf,
+}
+
+/// `--by`: what each histogram of `--hist` is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum HistBy {
+    Dest,
+    Comm,
 }
 
 impl Cli {
     /// The mode the user forced, if any (`None` is auto).
     pub fn forced_mode(&self) -> Option<Mode> {
-        match (self.legacy, self.mode) {
-            (true, _) => Some(Mode::Legacy),
-            (false, ModeChoice::Only(mode)) => Some(mode),
-            (false, ModeChoice::Auto) => None,
+        if self.legacy {
+            return Some(Mode::Legacy);
+        }
+        match self.mode {
+            ModeArg::Auto => None,
+            ModeArg::Fentry => Some(Mode::Fentry),
+            ModeArg::Kprobe => Some(Mode::Kprobe),
+            ModeArg::Tracepoint => Some(Mode::Tracepoint),
+            ModeArg::Legacy => Some(Mode::Legacy),
         }
     }
+
+    /// What the probes are to filter, each value checked against the system first.
+    pub fn filters(&self) -> Result<Filters> {
+        for pid in &self.pid {
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                bail!("no process with PID {pid} (check it with: ps -p {pid})");
+            }
+        }
+        Ok(Filters {
+            min_lat_ns: self.min_ms.map_or(0, |ms| (ms * 1e6) as u64),
+            pids: self.pid.clone(),
+            uid: self.uid,
+            cgroup_id: self.cgroup.as_deref().map(cgroup_id).transpose()?,
+            comm: self.comm.clone(),
+            dports: self.dport.clone(),
+            established: !self.failed,
+            failed: !self.established,
+            ip_version: match (self.ipv4, self.ipv6) {
+                (true, _) => Some(4),
+                (_, true) => Some(6),
+                _ => None,
+            },
+        })
+    }
+
+    /// How to load on `host`, as asked.
+    pub fn setup<'h>(&self, host: &'h Host) -> Result<Setup<'h>> {
+        Ok(Setup {
+            features: &host.features,
+            fentry_targets: host
+                .trials
+                .fentry_targets
+                .as_ref()
+                .and_then(|t| t.as_ref().ok()),
+            sock: host.sock_offsets.as_ref().ok().map(|o| &o.offsets),
+            transport: Transport::choose(self.transport, &host.trials)?,
+            kprobe_attach: self.kprobe_attach,
+            record_offsets: self.record_offsets,
+            sizes: Sizes {
+                buffer_pages: self.buffer_pages,
+                max_pending: self.max_pending,
+            },
+            version_code: host.version_code.as_ref().ok().copied(),
+        })
+    }
+
+    /// `--max-delay`.
+    pub fn max_delay(&self) -> Duration {
+        Duration::from_millis(self.max_delay)
+    }
+
+    /// When the sweeper looks at and gives up on pending entries.
+    pub fn sweep_times(&self) -> SweepTimes {
+        SweepTimes {
+            look_after: self.sweep_after.map_or(STALE, Duration::from_secs),
+            stale: self.stale_after.map_or(STALE, Duration::from_secs),
+        }
+    }
+
+    /// What is shown, and how.
+    pub fn view(&self) -> View {
+        if self.hist {
+            View::Hist(Hists::new(match self.by {
+                Some(HistBy::Dest) => By::Dest,
+                Some(HistBy::Comm) => By::Comm,
+                None => By::All,
+            }))
+        } else if self.summary {
+            View::Summary(Summary::default())
+        } else {
+            View::Lines
+        }
+    }
+
+    pub fn columns(&self) -> Columns {
+        Columns {
+            timestamp: self.timestamp,
+            lport: self.lport,
+        }
+    }
+
+    /// When tracing ends by itself.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            duration: self.duration,
+            count: self.count,
+            interval: self.interval,
+        }
+    }
+}
+
+/// When tracing stops by itself, and when aggregates are printed along the way.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Limits {
+    /// `-d`: stop after this long.
+    pub duration: Option<Duration>,
+    /// `-c`: stop after this many connects shown.
+    pub count: Option<u64>,
+    /// `--interval`: print (and restart) `--hist`/`--summary` this often.
+    pub interval: Option<Duration>,
 }
 
 fn parse_min_ms(s: &str) -> Result<f64, String> {

@@ -12,7 +12,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use libbpf_rs::{Link, ProgramMut};
 
 /// How kprobes are attached (`--kprobe-attach`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum KprobeAttach {
     /// The PMU where the kernel has it, else tracefs.
     Auto,

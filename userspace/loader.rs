@@ -7,6 +7,7 @@ use libbpf_rs::{AsRawLibbpf, Link, MapCore, MapFlags, Object, ObjectBuilder, Ope
 use tcpconnlat_compat::btf::SockOffsets;
 use tcpconnlat_compat::{AttachPoints, Features, Func, Mode, StateLayout, Trials};
 
+use crate::cli::TransportArg;
 use crate::kprobes::{self, Kprobe, KprobeAttach};
 use crate::probes::{self, maps, Config, RawStateLayout, RawStateRecord, Report};
 
@@ -21,16 +22,16 @@ pub enum Transport {
 
 impl Transport {
     /// The ring buffer where the kernel has one, unless the user asked otherwise.
-    pub fn choose(requested: &str, trials: &Trials) -> Result<Transport> {
+    pub fn choose(requested: TransportArg, trials: &Trials) -> Result<Transport> {
         let ring = trials.ringbuf == Some(true);
         match requested {
-            "ringbuf" if !ring => {
+            TransportArg::Ringbuf if !ring => {
                 bail!("this kernel has no BPF ring buffer (Linux 5.8+): use --transport perfbuf")
             }
-            "ringbuf" => Ok(Transport::RingBuf),
-            "perfbuf" => Ok(Transport::PerfBuf),
-            _ if ring => Ok(Transport::RingBuf),
-            _ => Ok(Transport::PerfBuf),
+            TransportArg::Ringbuf => Ok(Transport::RingBuf),
+            TransportArg::Perfbuf => Ok(Transport::PerfBuf),
+            TransportArg::Auto if ring => Ok(Transport::RingBuf),
+            TransportArg::Auto => Ok(Transport::PerfBuf),
         }
     }
 

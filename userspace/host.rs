@@ -1,14 +1,11 @@
-//! Finding out what this host can do: the compat layer's file-based detection plus the
-//! trials only a real load can answer, and the `--features` report.
+//! What this host can do: the compat layer's file-based detection plus what only trying
+//! can tell (trial loads, the vDSO's version note, raising the memlock limit).
 
 use std::path::Path;
 
-use anyhow::Result;
 use libbpf_rs::{MapType, ObjectBuilder};
-use serde_json::json;
 use tcpconnlat_compat::btf::{self, BtfError, BtfFacts, SockOffsets};
-use tcpconnlat_compat::kversion;
-use tcpconnlat_compat::{tracefs, AttachPoints, Features, Func, KernelVersion, Plan, Trials};
+use tcpconnlat_compat::{tracefs, AttachPoints, Features, Func, KernelVersion, Trials};
 
 use crate::probes;
 
@@ -17,7 +14,7 @@ pub struct Host {
     pub trials: Trials,
     /// struct sock offsets for probes that cannot use CO-RE, and where they came from.
     pub sock_offsets: Result<KnownOffsets, String>,
-    /// We mounted tracefs because nothing had.
+    /// Where we mounted tracefs because nothing had (see [`mount_tracefs`]).
     pub mounted_tracefs: Option<String>,
     /// The kernel's LINUX_VERSION_CODE from its vDSO, which kprobe programs must carry
     /// before Linux 5.0, or why it is unknown (libbpf then guesses from `uname -r`).
@@ -28,13 +25,18 @@ pub struct Host {
 }
 
 impl Host {
-    /// Detect what choosing a mode needs. Trials and mounting need privileges; without
-    /// them the trials stay unknown and the plan says so. Kernel symbols are read only
-    /// where a kprobe mode may be used: when no earlier mode is, or for `every_mode`
-    /// (the `--features` report, a forced mode).
-    pub fn detect(privileged: bool, btf_file: Option<&Path>, every_mode: bool) -> Host {
+    /// Detect what choosing a mode needs. Trials need privileges; without them the trials
+    /// stay unknown and the plan says so. Kernel symbols are read only where a kprobe
+    /// mode may be used: when no earlier mode is, or for `every_mode` (the `--features`
+    /// report, a forced mode).
+    pub fn detect(
+        privileged: bool,
+        btf_file: Option<&Path>,
+        every_mode: bool,
+        mounted_tracefs: Option<String>,
+    ) -> Host {
         let root = Path::new(ROOT);
-        let mut features = Features::detect(root);
+        let features = Features::detect(root);
         // The kernel's BTF, parsed once: most of start-up and of peak memory.
         let kernel_btf = features.btf.then(btf::read_kernel);
         let fentry_targets = kernel_btf.as_ref().map(|facts| {
@@ -44,13 +46,6 @@ impl Host {
                 .map_err(|e| e.to_string())
         });
         let sock_offsets = find_offsets(kernel_btf, features.release.as_deref(), btf_file);
-        let mut mounted_tracefs = None;
-        if features.tracefs.is_none() && privileged {
-            if let Some(dir) = mount_tracefs() {
-                mounted_tracefs = Some(dir);
-                features = Features::detect(root);
-            }
-        }
         let mut trials = Trials {
             sock_offsets: Some(
                 sock_offsets
@@ -196,8 +191,12 @@ fn find_offsets(
 
 /// tracefs is not always mounted (this is the case on minimal and container hosts); the
 /// tracepoint and tracefs kprobes need it, so mount it where the kernel expects it.
-fn mount_tracefs() -> Option<String> {
+/// Where it was mounted, if it was not and now is.
+pub fn mount_tracefs() -> Option<String> {
     use nix::mount::{mount, MsFlags};
+    if tracefs::find_tracefs(Path::new(ROOT)).is_some() {
+        return None;
+    }
     let dir = format!("/{}", tracefs::TRACEFS_DIRS[0]);
     mount(
         Some("tracefs"),
@@ -224,174 +223,4 @@ fn trial_fentry(features: &Features) -> Result<(), String> {
     let mut progs = object.progs_mut();
     let prog = progs.next().ok_or("empty trial object")?;
     prog.attach().map(drop).map_err(|e| format!("attach: {e}"))
-}
-
-fn yes_no(b: bool) -> &'static str {
-    if b {
-        "yes"
-    } else {
-        "no"
-    }
-}
-
-fn trial_text(t: &Option<Result<(), String>>) -> String {
-    match t {
-        None => "unknown (needs root to try)".to_owned(),
-        Some(Ok(())) => "yes".to_owned(),
-        Some(Err(why)) => format!("no ({why})"),
-    }
-}
-
-pub fn report_text(host: &Host, plan: &Plan) -> String {
-    let f = &host.features;
-    let mut out = String::new();
-    let mut line = |k: &str, v: String| out.push_str(&format!("{k:<24}{v}\n"));
-    line(
-        "kernel",
-        match (&f.release, f.version) {
-            (Some(r), Some(v)) => format!("{r} ({v})"),
-            (Some(r), None) => r.clone(),
-            _ => "unknown".to_owned(),
-        },
-    );
-    line(
-        "version code",
-        match &host.version_code {
-            Ok(code) => format!("{} (from the vDSO)", kversion::display(*code)),
-            Err(why) => format!("unknown ({why})"),
-        },
-    );
-    if let Some(why) = &host.memlock {
-        line("memlock", why.clone());
-    }
-    line("BTF", yes_no(f.btf).to_owned());
-    line(
-        "tracefs",
-        match (&f.tracefs, &host.mounted_tracefs) {
-            (Some(dir), Some(_)) => format!("{} (mounted by tcpconnlat)", dir.display()),
-            (Some(dir), None) => dir.display().to_string(),
-            (None, _) => "not mounted".to_owned(),
-        },
-    );
-    line("kprobe PMU", yes_no(f.kprobe_pmu).to_owned());
-    line("kprobe_events", yes_no(f.kprobe_events).to_owned());
-    line("fentry", trial_text(&host.trials.fentry));
-    line(
-        "tracepoint",
-        match &f.state_tracepoint {
-            Ok(_) => "sock:inet_sock_set_state".to_owned(),
-            Err(why) => format!("no ({why})"),
-        },
-    );
-    let opt = |r: &Result<u16, String>| match r {
-        Ok(_) => "yes".to_owned(),
-        Err(why) => format!("no ({why})"),
-    };
-    line("SYN retransmits", opt(&f.retransmit_tracepoint));
-    line("RST tracepoint", opt(&f.reset_tracepoint));
-    line(
-        "struct sock offsets",
-        match &host.sock_offsets {
-            Ok(o) => format!("from {}", o.source),
-            Err(why) => format!("unknown ({why})"),
-        },
-    );
-    line(
-        "ring buffer",
-        match host.trials.ringbuf {
-            None => "unknown (needs root to try)".to_owned(),
-            Some(b) => yes_no(b).to_owned(),
-        },
-    );
-    line(
-        "global data",
-        f.global_data()
-            .map_or("unknown".to_owned(), |b| yes_no(b).to_owned()),
-    );
-    line(
-        "fentry targets",
-        match &host.trials.fentry_targets {
-            None => "unknown (no kernel BTF)".to_owned(),
-            Some(Err(why)) => format!("unknown ({why})"),
-            Some(Ok(targets)) => Func::ALL
-                .iter()
-                .filter_map(|&func| targets.get(func))
-                .collect::<Vec<_>>()
-                .join(" "),
-        },
-    );
-    match &f.attach_points {
-        None => line(
-            "kprobe symbols",
-            if f.kprobes() {
-                "not read".to_owned()
-            } else {
-                "not needed (no kprobes)".to_owned()
-            },
-        ),
-        Some(Ok(points)) => {
-            line("kprobe symbols", "(from /proc/kallsyms)".to_owned());
-            for func in Func::ALL {
-                line(
-                    &format!("  {}", func.name()),
-                    points.get(func).unwrap_or("absent").to_owned(),
-                );
-            }
-        }
-        Some(Err(why)) => line("kprobe symbols", why.clone()),
-    }
-    out.push_str("\nmode plan (auto tries these in order):\n");
-    for step in &plan.steps {
-        let verdict = match &step.verdict {
-            Ok(()) if Some(step.mode) == plan.first() => "usable  <- auto picks this".to_owned(),
-            Ok(()) => "usable".to_owned(),
-            Err(why) => format!("rejected: {why}"),
-        };
-        out.push_str(&format!("  {:<12}{verdict}\n", step.mode.name()));
-    }
-    out
-}
-
-pub fn report_json(host: &Host, plan: &Plan) -> serde_json::Value {
-    let f = &host.features;
-    let trial = |t: &Option<Result<(), String>>| match t {
-        None => json!(null),
-        Some(Ok(())) => json!(true),
-        Some(Err(_)) => json!(false),
-    };
-    json!({
-        "kernel": {
-            "release": f.release,
-            "version": f.version.map(|v| v.to_string()),
-            "version_code": host.version_code.as_ref().ok().map(|&c| kversion::display(c)),
-            "version_code_error": host.version_code.as_ref().err(),
-        },
-        "memlock_error": host.memlock,
-        "btf": f.btf,
-        "tracefs": f.tracefs,
-        "tracefs_mounted_by_us": host.mounted_tracefs.is_some(),
-        "kprobe_pmu": f.kprobe_pmu,
-        "kprobe_events": f.kprobe_events,
-        "fentry": trial(&host.trials.fentry),
-        "fentry_error": host.trials.fentry.as_ref().and_then(|t| t.as_ref().err()),
-        "tracepoint": f.state_tracepoint.is_ok(),
-        "tracepoint_layout": f.state_tracepoint.as_ref().ok(),
-        "tracepoint_error": f.state_tracepoint.as_ref().err(),
-        "retransmit_tracepoint": f.retransmit_tracepoint.is_ok(),
-        "reset_tracepoint": f.reset_tracepoint.is_ok(),
-        "sock_offsets": host.sock_offsets.as_ref().ok().map(|o| o.offsets),
-        "sock_offsets_error": host.sock_offsets.as_ref().err(),
-        "sock_offsets_source": host.sock_offsets.as_ref().ok().map(|o| o.source.clone()),
-        "ringbuf": host.trials.ringbuf,
-        "global_data": f.global_data(),
-        "symbols": f.attach_points.as_ref().and_then(|p| p.as_ref().ok()),
-        "symbols_error": f.attach_points.as_ref().and_then(|p| p.as_ref().err()),
-        "fentry_targets": host.trials.fentry_targets.as_ref().and_then(|t| t.as_ref().ok()),
-        "plan": plan.steps.iter().map(|s| json!({
-            "mode": s.mode,
-            "usable": s.verdict.is_ok(),
-            "reason": s.verdict.as_ref().err().map(|e| e.to_string()),
-        })).collect::<Vec<_>>(),
-        "auto": plan.first(),
-    })
 }

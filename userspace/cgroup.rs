@@ -1,0 +1,77 @@
+//! `--cgroup PATH`: the id the kernel gives that cgroup, which the probes compare with
+//! bpf_get_current_cgroup_id().
+
+use anyhow::{anyhow, bail, Result};
+
+/// The id of a cgroup v2 directory, as bpf_get_current_cgroup_id() gives it.
+pub fn cgroup_id(path: &std::path::Path) -> Result<u64> {
+    use nix::sys::statfs::{statfs, CGROUP2_SUPER_MAGIC};
+    use std::os::unix::fs::MetadataExt;
+    let shown = path.display();
+    let fs = statfs(path).map_err(|e| anyhow!("--cgroup {shown}: {}", e.desc()))?;
+    if fs.filesystem_type() != CGROUP2_SUPER_MAGIC {
+        bail!(
+            "--cgroup {shown} is not in a cgroup v2 hierarchy (usually mounted at /sys/fs/cgroup)"
+        );
+    }
+    let meta = std::fs::metadata(path).map_err(|e| anyhow!("--cgroup {shown}: {e}"))?;
+    if !meta.is_dir() {
+        bail!("--cgroup {shown} is not a cgroup directory");
+    }
+    match kernfs_id(path) {
+        Ok(id) => Ok(id),
+        // From 5.5 the id is the inode number.
+        Err(_) if !kernel_before(5, 5) => Ok(meta.ino()),
+        Err(e) => bail!(
+            "--cgroup: before Linux 5.5 a cgroup's id holds a generation that only \
+             name_to_handle_at(2) shows, and it fails here ({}; a kernel built without \
+             CONFIG_FHANDLE): filter with -p or --comm instead",
+            e.desc()
+        ),
+    }
+}
+
+/// Whether the running kernel is older than `major.minor`.
+fn kernel_before(major: u32, minor: u32) -> bool {
+    use tcpconnlat_compat::KernelVersion;
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    KernelVersion::parse(&release).is_some_and(|v| v < KernelVersion(major, minor, 0))
+}
+
+/// The id the kernel gives a cgroup (bpf_get_current_cgroup_id), from the file handle of
+/// its directory. From Linux 5.5 it is the inode number; before, the generation is in its
+/// upper 32 bits, which stat does not show.
+fn kernfs_id(path: &std::path::Path) -> nix::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    #[repr(C)]
+    struct Handle {
+        bytes: libc::c_uint,
+        kind: libc::c_int,
+        id: [u8; 8],
+    }
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| nix::errno::Errno::EINVAL)?;
+    let mut handle = Handle {
+        bytes: 8,
+        kind: 0,
+        id: [0; 8],
+    };
+    let mut mount_id = 0;
+    // SAFETY: `handle` is a struct file_handle with room for the 8 bytes it says.
+    let rc = unsafe {
+        libc::name_to_handle_at(
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            (&raw mut handle).cast(),
+            &mut mount_id,
+            0,
+        )
+    };
+    nix::errno::Errno::result(rc)?;
+    if handle.bytes != 8 {
+        return Err(nix::errno::Errno::EOVERFLOW);
+    }
+    Ok(u64::from_ne_bytes(handle.id))
+}
