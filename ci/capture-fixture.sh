@@ -28,7 +28,9 @@ fi
 for t in /sys/kernel/tracing /sys/kernel/debug/tracing; do
     if [ -d "$t/events" ]; then
         rel=${t#/}
-        mkdir -p "$dest/$rel/events"
+        # A file of its own keeps events/ (which marks tracefs) in git where the kernel has
+        # none of the tracepoints we read (4.14).
+        mkdir -p "$dest/$rel/events" && : >"$dest/$rel/events/.tracefs"
         for tp in sock/inet_sock_set_state tcp/tcp_retransmit_skb tcp/tcp_receive_reset; do
             [ -d "$t/events/$tp" ] || continue
             mkdir -p "$dest/$rel/events/$tp"

@@ -242,11 +242,7 @@ impl Cli {
     pub fn setup<'h>(&self, host: &'h Host) -> Result<Setup<'h>> {
         Ok(Setup {
             features: &host.features,
-            fentry_targets: host
-                .trials
-                .fentry_targets
-                .as_ref()
-                .and_then(|t| t.as_ref().ok()),
+            fentry_targets: host.trials.fentry_targets.yes(),
             sock: host.sock_offsets.as_ref().ok().map(|o| &o.offsets),
             transport: Transport::choose(self.transport, &host.trials)?,
             kprobe_attach: self.kprobe_attach,

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use libbpf_rs::{MapType, ObjectBuilder};
 use tcpconnlat_compat::btf::{self, BtfError, BtfFacts, SockOffsets};
-use tcpconnlat_compat::{tracefs, AttachPoints, Features, Func, KernelVersion, Trials};
+use tcpconnlat_compat::{tracefs, AttachPoints, Features, Func, KernelVersion, Probe, Trials};
 
 use crate::probes;
 
@@ -39,15 +39,18 @@ impl Host {
         let features = Features::detect(root);
         // The kernel's BTF, parsed once: most of start-up and of peak memory.
         let kernel_btf = features.btf.then(btf::read_kernel);
-        let fentry_targets = kernel_btf.as_ref().map(|facts| {
-            facts
-                .as_ref()
-                .map(|f| with_module_functions(f.functions.clone()))
-                .map_err(|e| e.to_string())
-        });
+        let fentry_targets = match &kernel_btf {
+            None => Probe::No("no kernel BTF".to_owned()),
+            Some(facts) => Probe::from_result(
+                facts
+                    .as_ref()
+                    .map(|f| with_module_functions(f.functions.clone()))
+                    .map_err(|e| e.to_string()),
+            ),
+        };
         let sock_offsets = find_offsets(kernel_btf, features.release.as_deref(), btf_file);
         let mut trials = Trials {
-            sock_offsets: Some(
+            sock_offsets: Probe::from_result(
                 sock_offsets
                     .as_ref()
                     .map(|o| o.source.clone())
@@ -56,9 +59,16 @@ impl Host {
             fentry_targets,
             ..Trials::default()
         };
-        if privileged {
-            trials.fentry = Some(trial_fentry(&features));
-            trials.ringbuf = Some(MapType::RingBuf.is_supported().unwrap_or(false));
+        if !privileged {
+            trials.fentry = Probe::Unknown("needs root to try".to_owned());
+            trials.ringbuf = Probe::Unknown("needs root to try".to_owned());
+        } else {
+            trials.fentry = Probe::from_result(trial_fentry(&features));
+            trials.ringbuf = match MapType::RingBuf.is_supported() {
+                Ok(true) => Probe::Yes(()),
+                Ok(false) => Probe::No("no BPF ring buffer (Linux 5.8+)".to_owned()),
+                Err(e) => Probe::Unknown(e.to_string()),
+            };
         }
         let memlock = raise_memlock(&features);
         let mut host = Host {
@@ -69,7 +79,7 @@ impl Host {
             version_code: vdso_version_code(),
             memlock,
         };
-        if every_mode || !matches!(host.trials.fentry, Some(Ok(()))) {
+        if every_mode || !host.trials.fentry.is_yes() {
             host.read_symbols();
         }
         host
@@ -77,7 +87,7 @@ impl Host {
 
     /// Resolve the kprobe targets, if kprobes can be used at all and it is not done yet.
     pub fn read_symbols(&mut self) {
-        if self.features.kprobes() && self.features.attach_points.is_none() {
+        if self.features.kprobes() && self.features.attach_points.is_unknown() {
             self.features.read_symbols(Path::new(ROOT));
         }
     }

@@ -5,7 +5,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use libbpf_rs::libbpf_sys::bpf_object__set_kversion;
 use libbpf_rs::{AsRawLibbpf, Link, MapCore, MapFlags, Object, ObjectBuilder, OpenObject};
 use tcpconnlat_compat::btf::SockOffsets;
-use tcpconnlat_compat::{AttachPoints, Features, Func, Mode, StateLayout, Trials};
+use tcpconnlat_compat::{AttachPoints, Features, Func, Mode, Probe, StateLayout, Trials};
 
 use crate::cli::TransportArg;
 use crate::kprobes::{self, Kprobe, KprobeAttach};
@@ -23,7 +23,7 @@ pub enum Transport {
 impl Transport {
     /// The ring buffer where the kernel has one, unless the user asked otherwise.
     pub fn choose(requested: TransportArg, trials: &Trials) -> Result<Transport> {
-        let ring = trials.ringbuf == Some(true);
+        let ring = trials.ringbuf.is_yes();
         match requested {
             TransportArg::Ringbuf if !ring => {
                 bail!("this kernel has no BPF ring buffer (Linux 5.8+): use --transport perfbuf")
@@ -411,8 +411,8 @@ fn target(
             "the kernel's BTF",
         ),
         Attach::Kprobe(_) | Attach::Kretprobe(_) => match &features.attach_points {
-            Some(points) => (points.as_ref().map_err(Clone::clone)?, "/proc/kallsyms"),
-            None => return Err("kernel symbols were not read".to_owned()),
+            Probe::Yes(points) => (points, "/proc/kallsyms"),
+            Probe::No(why) | Probe::Unknown(why) => return Err(why.clone()),
         },
     };
     let (Attach::Fentry(func) | Attach::Kprobe(func) | Attach::Kretprobe(func)) = attach else {
@@ -702,7 +702,7 @@ mod tests {
                 for direct in [false, true] {
                     let all = AttachPoints::from_fn(|func| Some(func.name().to_owned()));
                     let mut features = kernel("deb61");
-                    features.attach_points = Some(Ok(all.clone()));
+                    features.attach_points = Probe::Yes(all.clone());
                     let plan = plan_hooks(mode, &features, Some(&all), transport, direct).unwrap();
                     for hook in plan.hooks {
                         assert!(
@@ -787,7 +787,7 @@ mod tests {
                 (!missing.contains(&func)).then(|| all.get(func).unwrap().to_owned())
             })
         };
-        old414.attach_points = Some(Ok(without(&[Func::TcpV6Connect, Func::TcpReset])));
+        old414.attach_points = Probe::Yes(without(&[Func::TcpV6Connect, Func::TcpReset]));
         let plan = plan_hooks(Mode::Legacy, &old414, None, Transport::PerfBuf, false).unwrap();
         assert_eq!(plan.hooks.len(), 5);
         assert_eq!(
@@ -797,7 +797,7 @@ mod tests {
                 "RSTs are only seen through sk_err: kernel function tcp_reset is not in /proc/kallsyms",
             ]
         );
-        old414.attach_points = Some(Ok(without(&[Func::TcpSetState])));
+        old414.attach_points = Probe::Yes(without(&[Func::TcpSetState]));
         assert_eq!(
             plan_hooks(Mode::Legacy, &old414, None, Transport::PerfBuf, false).unwrap_err(),
             "kernel function tcp_set_state is not in /proc/kallsyms"

@@ -1,125 +1,19 @@
 //! The `--features` report: what this host offers and the mode plan, as text or JSON.
 
-use serde_json::json;
+use serde_json::{json, Value};
 use tcpconnlat_compat::kversion;
-use tcpconnlat_compat::{Func, Plan};
+use tcpconnlat_compat::{AttachPoints, Func, Plan, Probe};
 
 use crate::host::Host;
 
-fn yes_no(b: bool) -> &'static str {
-    if b {
-        "yes"
-    } else {
-        "no"
-    }
-}
-
-fn trial_text(t: &Option<Result<(), String>>) -> String {
-    match t {
-        None => "unknown (needs root to try)".to_owned(),
-        Some(Ok(())) => "yes".to_owned(),
-        Some(Err(why)) => format!("no ({why})"),
-    }
-}
-
+/// The report as aligned `name  value` lines, then the plan.
 pub fn report_text(host: &Host, plan: &Plan) -> String {
-    let f = &host.features;
-    let mut out = String::new();
-    let mut line = |k: &str, v: String| out.push_str(&format!("{k:<24}{v}\n"));
-    line(
-        "kernel",
-        match (&f.release, f.version) {
-            (Some(r), Some(v)) => format!("{r} ({v})"),
-            (Some(r), None) => r.clone(),
-            _ => "unknown".to_owned(),
-        },
-    );
-    line(
-        "version code",
-        match &host.version_code {
-            Ok(code) => format!("{} (from the vDSO)", kversion::display(*code)),
-            Err(why) => format!("unknown ({why})"),
-        },
-    );
-    if let Some(why) = &host.memlock {
-        line("memlock", why.clone());
-    }
-    line("BTF", yes_no(f.btf).to_owned());
-    line(
-        "tracefs",
-        match (&f.tracefs, &host.mounted_tracefs) {
-            (Some(dir), Some(_)) => format!("{} (mounted by tcpconnlat)", dir.display()),
-            (Some(dir), None) => dir.display().to_string(),
-            (None, _) => "not mounted".to_owned(),
-        },
-    );
-    line("kprobe PMU", yes_no(f.kprobe_pmu).to_owned());
-    line("kprobe_events", yes_no(f.kprobe_events).to_owned());
-    line("fentry", trial_text(&host.trials.fentry));
-    line(
-        "tracepoint",
-        match &f.state_tracepoint {
-            Ok(_) => "sock:inet_sock_set_state".to_owned(),
-            Err(why) => format!("no ({why})"),
-        },
-    );
-    let opt = |r: &Result<u16, String>| match r {
-        Ok(_) => "yes".to_owned(),
-        Err(why) => format!("no ({why})"),
-    };
-    line("SYN retransmits", opt(&f.retransmit_tracepoint));
-    line("RST tracepoint", opt(&f.reset_tracepoint));
-    line(
-        "struct sock offsets",
-        match &host.sock_offsets {
-            Ok(o) => format!("from {}", o.source),
-            Err(why) => format!("unknown ({why})"),
-        },
-    );
-    line(
-        "ring buffer",
-        match host.trials.ringbuf {
-            None => "unknown (needs root to try)".to_owned(),
-            Some(b) => yes_no(b).to_owned(),
-        },
-    );
-    line(
-        "global data",
-        f.global_data()
-            .map_or("unknown".to_owned(), |b| yes_no(b).to_owned()),
-    );
-    line(
-        "fentry targets",
-        match &host.trials.fentry_targets {
-            None => "unknown (no kernel BTF)".to_owned(),
-            Some(Err(why)) => format!("unknown ({why})"),
-            Some(Ok(targets)) => Func::ALL
-                .iter()
-                .filter_map(|&func| targets.get(func))
-                .collect::<Vec<_>>()
-                .join(" "),
-        },
-    );
-    match &f.attach_points {
-        None => line(
-            "kprobe symbols",
-            if f.kprobes() {
-                "not read".to_owned()
-            } else {
-                "not needed (no kprobes)".to_owned()
-            },
-        ),
-        Some(Ok(points)) => {
-            line("kprobe symbols", "(from /proc/kallsyms)".to_owned());
-            for func in Func::ALL {
-                line(
-                    &format!("  {}", func.name()),
-                    points.get(func).unwrap_or("absent").to_owned(),
-                );
-            }
-        }
-        Some(Err(why)) => line("kprobe symbols", why.clone()),
-    }
+    let mut rows = kernel_rows(host);
+    rows.extend(hook_rows(host));
+    let mut out: String = rows
+        .into_iter()
+        .map(|(name, value)| format!("{name:<24}{value}\n"))
+        .collect();
     out.push_str("\nmode plan (auto tries these in order):\n");
     for step in &plan.steps {
         let verdict = match &step.verdict {
@@ -132,13 +26,152 @@ pub fn report_text(host: &Host, plan: &Plan) -> String {
     out
 }
 
-pub fn report_json(host: &Host, plan: &Plan) -> serde_json::Value {
+type Row = (String, String);
+
+fn row(name: &str, value: impl Into<String>) -> Row {
+    (name.to_owned(), value.into())
+}
+
+/// The kernel and what it offers for loading.
+fn kernel_rows(host: &Host) -> Vec<Row> {
     let f = &host.features;
-    let trial = |t: &Option<Result<(), String>>| match t {
-        None => json!(null),
-        Some(Ok(())) => json!(true),
-        Some(Err(_)) => json!(false),
+    let mut rows = vec![
+        row(
+            "kernel",
+            match (&f.release, f.version) {
+                (Some(r), Some(v)) => format!("{r} ({v})"),
+                (Some(r), None) => r.clone(),
+                _ => "unknown".to_owned(),
+            },
+        ),
+        row(
+            "version code",
+            match &host.version_code {
+                Ok(code) => format!("{} (from the vDSO)", kversion::display(*code)),
+                Err(why) => format!("unknown ({why})"),
+            },
+        ),
+    ];
+    if let Some(why) = &host.memlock {
+        rows.push(row("memlock", why.clone()));
+    }
+    rows.extend([
+        row("BTF", yes_no(f.btf)),
+        row(
+            "tracefs",
+            match (&f.tracefs, &host.mounted_tracefs) {
+                (Some(dir), Some(_)) => format!("{} (mounted by tcpconnlat)", dir.display()),
+                (Some(dir), None) => dir.display().to_string(),
+                (None, _) => "not mounted".to_owned(),
+            },
+        ),
+        row("kprobe PMU", yes_no(f.kprobe_pmu)),
+        row("kprobe_events", yes_no(f.kprobe_events)),
+        row(
+            "fentry",
+            probe_text(&host.trials.fentry, |()| "yes".to_owned()),
+        ),
+        row(
+            "struct sock offsets",
+            match &host.sock_offsets {
+                Ok(o) => format!("from {}", o.source),
+                Err(why) => format!("unknown ({why})"),
+            },
+        ),
+        row(
+            "ring buffer",
+            probe_text(&host.trials.ringbuf, |()| "yes".to_owned()),
+        ),
+        row("global data", f.global_data().map_or("unknown", yes_no)),
+    ]);
+    rows
+}
+
+/// The tracepoints and kernel functions the modes hook.
+fn hook_rows(host: &Host) -> Vec<Row> {
+    let f = &host.features;
+    let found = |r: &Result<u16, String>| match r {
+        Ok(_) => "yes".to_owned(),
+        Err(why) => format!("no ({why})"),
     };
+    let mut rows = vec![
+        row(
+            "tracepoint",
+            match &f.state_tracepoint {
+                Ok(_) => "sock:inet_sock_set_state".to_owned(),
+                Err(why) => format!("no ({why})"),
+            },
+        ),
+        row("SYN retransmits", found(&f.retransmit_tracepoint)),
+        row("RST tracepoint", found(&f.reset_tracepoint)),
+        row(
+            "fentry targets",
+            probe_text(&host.trials.fentry_targets, |targets| {
+                Func::ALL
+                    .iter()
+                    .filter_map(|&func| targets.get(func))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            }),
+        ),
+    ];
+    match &f.attach_points {
+        Probe::Yes(points) => {
+            rows.push(row("kprobe symbols", "(from /proc/kallsyms)"));
+            rows.extend(symbol_rows(points));
+        }
+        _ if !f.kprobes() => rows.push(row("kprobe symbols", "not needed (no kprobes)")),
+        other => rows.push(row("kprobe symbols", probe_text(other, |_| String::new()))),
+    }
+    rows
+}
+
+fn symbol_rows(points: &AttachPoints) -> Vec<Row> {
+    Func::ALL
+        .iter()
+        .map(|&func| {
+            let symbol = points.get(func).unwrap_or("absent");
+            row(&format!("  {}", func.name()), symbol)
+        })
+        .collect()
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+fn probe_text<T>(probe: &Probe<T>, yes: impl FnOnce(&T) -> String) -> String {
+    match probe {
+        Probe::Yes(found) => yes(found),
+        Probe::No(why) => format!("no ({why})"),
+        Probe::Unknown(why) => format!("unknown ({why})"),
+    }
+}
+
+/// true, false, or null for unknown.
+fn probe_json<T>(probe: &Probe<T>) -> Value {
+    match probe {
+        Probe::Yes(_) => json!(true),
+        Probe::No(_) => json!(false),
+        Probe::Unknown(_) => Value::Null,
+    }
+}
+
+/// Why not, where the answer is no or unknown.
+fn probe_why<T>(probe: &Probe<T>) -> Option<&str> {
+    match probe {
+        Probe::Yes(_) => None,
+        Probe::No(why) | Probe::Unknown(why) => Some(why),
+    }
+}
+
+pub fn report_json(host: &Host, plan: &Plan) -> Value {
+    let f = &host.features;
+    let t = &host.trials;
     json!({
         "kernel": {
             "release": f.release,
@@ -152,8 +185,8 @@ pub fn report_json(host: &Host, plan: &Plan) -> serde_json::Value {
         "tracefs_mounted_by_us": host.mounted_tracefs.is_some(),
         "kprobe_pmu": f.kprobe_pmu,
         "kprobe_events": f.kprobe_events,
-        "fentry": trial(&host.trials.fentry),
-        "fentry_error": host.trials.fentry.as_ref().and_then(|t| t.as_ref().err()),
+        "fentry": probe_json(&t.fentry),
+        "fentry_error": probe_why(&t.fentry),
         "tracepoint": f.state_tracepoint.is_ok(),
         "tracepoint_layout": f.state_tracepoint.as_ref().ok(),
         "tracepoint_error": f.state_tracepoint.as_ref().err(),
@@ -162,11 +195,11 @@ pub fn report_json(host: &Host, plan: &Plan) -> serde_json::Value {
         "sock_offsets": host.sock_offsets.as_ref().ok().map(|o| o.offsets),
         "sock_offsets_error": host.sock_offsets.as_ref().err(),
         "sock_offsets_source": host.sock_offsets.as_ref().ok().map(|o| o.source.clone()),
-        "ringbuf": host.trials.ringbuf,
+        "ringbuf": probe_json(&t.ringbuf),
         "global_data": f.global_data(),
-        "symbols": f.attach_points.as_ref().and_then(|p| p.as_ref().ok()),
-        "symbols_error": f.attach_points.as_ref().and_then(|p| p.as_ref().err()),
-        "fentry_targets": host.trials.fentry_targets.as_ref().and_then(|t| t.as_ref().ok()),
+        "symbols": f.attach_points.yes(),
+        "symbols_error": probe_why(&f.attach_points),
+        "fentry_targets": t.fentry_targets.yes(),
         "plan": plan.steps.iter().map(|s| json!({
             "mode": s.mode,
             "usable": s.verdict.is_ok(),

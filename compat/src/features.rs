@@ -33,6 +33,48 @@ impl fmt::Display for KernelVersion {
     }
 }
 
+/// What a check found out: the kernel has it (with what was found), it does not (and why),
+/// or it could not be told (and why: not tried, not allowed to try, not read yet). As in
+/// cilium/ebpf, "not supported" is kept apart from "could not tell".
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Probe<T> {
+    Yes(T),
+    No(String),
+    Unknown(String),
+}
+
+impl<T> Probe<T> {
+    /// Yes or no, from the outcome of a check that could be made.
+    pub fn from_result(result: Result<T, String>) -> Probe<T> {
+        match result {
+            Ok(found) => Probe::Yes(found),
+            Err(why) => Probe::No(why),
+        }
+    }
+
+    /// What was found, where the answer is yes.
+    pub fn yes(&self) -> Option<&T> {
+        match self {
+            Probe::Yes(found) => Some(found),
+            _ => None,
+        }
+    }
+
+    pub fn is_yes(&self) -> bool {
+        matches!(self, Probe::Yes(_))
+    }
+
+    pub fn is_unknown(&self) -> bool {
+        matches!(self, Probe::Unknown(_))
+    }
+}
+
+impl<T> Default for Probe<T> {
+    fn default() -> Probe<T> {
+        Probe::Unknown("not tried".to_owned())
+    }
+}
+
 /// Everything that can be known by reading files.
 #[derive(Clone, Debug)]
 pub struct Features {
@@ -51,26 +93,26 @@ pub struct Features {
     pub retransmit_tracepoint: Result<u16, String>,
     /// `skaddr` offset in `tcp:tcp_receive_reset` (RSTs), or why not.
     pub reset_tracepoint: Result<u16, String>,
-    /// Kernel symbols for the kprobe targets, or why they cannot be read; `None` until
+    /// Kernel symbols for the kprobe targets, or why they cannot be read; unknown until
     /// [`Features::read_symbols`]: the kernel takes tens of milliseconds to format
     /// /proc/kallsyms, and only the kprobe modes need it.
-    pub attach_points: Option<Result<AttachPoints, String>>,
+    pub attach_points: Probe<AttachPoints>,
 }
 
-/// Capabilities only known by trying, found by the caller and fed to the plan. `None`
-/// means not tried (for example without the privilege to try).
+/// Capabilities only known by trying, found by the caller and fed to the plan; unknown
+/// where not tried (for example without the privilege to try).
 #[derive(Clone, Debug, Default)]
 pub struct Trials {
     /// Loading a minimal fentry program.
-    pub fentry: Option<Result<(), String>>,
+    pub fentry: Probe<()>,
     /// Creating a BPF ring buffer map (Linux 5.8+).
-    pub ringbuf: Option<bool>,
+    pub ringbuf: Probe<()>,
     /// Where legacy mode's struct sock offsets come from (a BTF file, or kernel headers
     /// at build time), or why there are none.
-    pub sock_offsets: Option<Result<String, String>>,
+    pub sock_offsets: Probe<String>,
     /// The hooked functions the kernel's BTF describes (what fentry can attach to), or
     /// why it cannot be read.
-    pub fentry_targets: Option<Result<AttachPoints, String>>,
+    pub fentry_targets: Probe<AttachPoints>,
 }
 
 impl Features {
@@ -119,7 +161,7 @@ impl Features {
             state_tracepoint,
             retransmit_tracepoint,
             reset_tracepoint,
-            attach_points: None,
+            attach_points: Probe::Unknown("/proc/kallsyms not read".to_owned()),
         }
     }
 
@@ -130,7 +172,7 @@ impl Features {
 
     /// Resolve the kprobe targets from `/proc/kallsyms` under `root`.
     pub fn read_symbols(&mut self, root: &Path) {
-        self.attach_points = Some(
+        self.attach_points = Probe::from_result(
             fs::read_to_string(root.join("proc/kallsyms"))
                 .map(|text| AttachPoints::from_kallsyms(&text))
                 .map_err(|e| format!("cannot read /proc/kallsyms: {e}")),

@@ -11,7 +11,7 @@ pub mod kversion;
 pub mod plan;
 pub mod tracefs;
 
-pub use features::{Features, KernelVersion, Trials};
+pub use features::{Features, KernelVersion, Probe, Trials};
 pub use kallsyms::{AttachPoints, Func};
 pub use plan::{Mode, Plan, Step, Unsupported};
 pub use tracefs::StateLayout;

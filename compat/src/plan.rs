@@ -7,7 +7,7 @@ use std::str::FromStr;
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::features::{Features, Trials};
+use crate::features::{Features, Probe, Trials};
 use crate::kallsyms::Func;
 
 /// How tcpconnlat hooks the kernel. One value drives loading, attaching and reporting.
@@ -43,14 +43,16 @@ impl Mode {
             Mode::Fentry => {
                 need_btf(features)?;
                 match &trials.fentry {
-                    None => return Err(Unsupported::NotTried("an fentry trial load")),
-                    Some(Err(why)) => return Err(Unsupported::FentryRefused(why.clone())),
-                    Some(Ok(())) => {}
+                    Probe::Unknown(_) => return Err(Unsupported::NotTried("an fentry trial load")),
+                    Probe::No(why) => return Err(Unsupported::FentryRefused(why.clone())),
+                    Probe::Yes(()) => {}
                 }
                 let targets = match &trials.fentry_targets {
-                    None => return Err(Unsupported::NotTried("reading the kernel's BTF")),
-                    Some(Err(why)) => return Err(Unsupported::NoBtfFunctions(why.clone())),
-                    Some(Ok(targets)) => targets,
+                    Probe::Unknown(_) => {
+                        return Err(Unsupported::NotTried("reading the kernel's BTF"))
+                    }
+                    Probe::No(why) => return Err(Unsupported::NoBtfFunctions(why.clone())),
+                    Probe::Yes(targets) => targets,
                 };
                 for &func in CORE_FUNCS {
                     if targets.get(func).is_none() {
@@ -77,9 +79,11 @@ impl Mode {
                     ],
                 )?;
                 match &trials.sock_offsets {
-                    None => Err(Unsupported::NotTried("looking for struct sock offsets")),
-                    Some(Err(why)) => Err(Unsupported::NoOffsets(why.clone())),
-                    Some(Ok(_)) => Ok(()),
+                    Probe::Unknown(_) => {
+                        Err(Unsupported::NotTried("looking for struct sock offsets"))
+                    }
+                    Probe::No(why) => Err(Unsupported::NoOffsets(why.clone())),
+                    Probe::Yes(_) => Ok(()),
                 }
             }
         }
@@ -107,9 +111,9 @@ fn need_kprobes(features: &Features) -> Result<(), Unsupported> {
 
 fn need_symbols(features: &Features, funcs: &[Func]) -> Result<(), Unsupported> {
     let points = match &features.attach_points {
-        None => return Err(Unsupported::SymbolsNotRead),
-        Some(Err(why)) => return Err(Unsupported::NoKallsyms(why.clone())),
-        Some(Ok(points)) => points,
+        Probe::Unknown(_) => return Err(Unsupported::SymbolsNotRead),
+        Probe::No(why) => return Err(Unsupported::NoKallsyms(why.clone())),
+        Probe::Yes(points) => points,
     };
     for &func in funcs {
         if points.get(func).is_none() {

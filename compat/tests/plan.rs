@@ -4,7 +4,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use tcpconnlat_compat::{AttachPoints, Features, Func, Mode, Plan, Trials, Unsupported};
+use tcpconnlat_compat::{AttachPoints, Features, Func, Mode, Plan, Probe, Trials, Unsupported};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -47,17 +47,17 @@ const FORMAT: &str = "sys/kernel/tracing/events/sock/inet_sock_set_state/format"
 
 fn trials(fentry: Result<(), &str>) -> Trials {
     Trials {
-        fentry: Some(fentry.map_err(str::to_owned)),
-        ringbuf: Some(true),
-        sock_offsets: Some(Ok("BTF /sys/kernel/btf/vmlinux".to_owned())),
-        fentry_targets: Some(Ok(btf_functions(&[]))),
+        fentry: Probe::from_result(fentry.map_err(str::to_owned)),
+        ringbuf: Probe::Yes(()),
+        sock_offsets: Probe::Yes("BTF /sys/kernel/btf/vmlinux".to_owned()),
+        fentry_targets: Probe::Yes(btf_functions(&[])),
     }
 }
 
 /// fentry allowed, and the kernel's BTF without `missing`.
 fn btf_without(missing: &[Func]) -> Trials {
     Trials {
-        fentry_targets: Some(Ok(btf_functions(missing))),
+        fentry_targets: Probe::Yes(btf_functions(missing)),
         ..trials(Ok(()))
     }
 }
@@ -84,7 +84,7 @@ fn host_6_18_without_kprobes_or_fentry_plans_tracepoint() {
         (layout.protocol, layout.saddr_v6, layout.daddr_v6),
         (Some(30), 40, 56)
     );
-    let points = f.attach_points.clone().unwrap().unwrap();
+    let points = f.attach_points.yes().unwrap().clone();
     for func in Func::ALL {
         assert_eq!(points.get(func), Some(func.name()));
     }
@@ -168,7 +168,7 @@ fn renamed_symbols_are_found_and_missing_ipv6_is_tolerated() {
     )
     .unwrap();
     let f = detect(dir.path());
-    let points = f.attach_points.clone().unwrap().unwrap();
+    let points = f.attach_points.yes().unwrap().clone();
     assert_eq!(
         points.get(Func::TcpRcvStateProcess),
         Some("tcp_rcv_state_process.isra.0")
@@ -226,7 +226,7 @@ fn kernel_symbols_are_read_only_for_the_kprobe_modes() {
     // Not reading /proc/kallsyms is what auto does when fentry works: the kprobe modes
     // then say why they were not considered, and fentry and the tracepoint do not care.
     let f = Features::detect(&fixture("deb61"));
-    assert!(f.attach_points.is_none());
+    assert!(f.attach_points.is_unknown());
     let plan = Plan::new(&f, &trials(Ok(())), None);
     assert_eq!(
         verdicts(&plan),
@@ -296,13 +296,9 @@ fn debian_6_1_cloud_has_everything_and_plans_fentry() {
     assert!(f.release.as_deref().unwrap().starts_with("6.1.0-"));
     assert!(f.btf && f.kprobe_pmu && f.kprobe_events);
     assert!(f.state_tracepoint.is_ok());
-    assert!(Func::ALL.iter().all(|&func| f
-        .attach_points
-        .clone()
-        .unwrap()
-        .unwrap()
-        .get(func)
-        .is_some()));
+    assert!(Func::ALL
+        .iter()
+        .all(|&func| f.attach_points.yes().unwrap().get(func).is_some()));
     let plan = Plan::new(&f, &trials(Ok(())), None);
     assert_eq!(
         verdicts(&plan),
@@ -325,7 +321,7 @@ fn without_btf_legacy_needs_offsets_and_comes_last() {
     let f = detect(&fixture("nobtf"));
     assert!(!f.btf && f.kprobe_pmu);
     let with = Trials {
-        sock_offsets: Some(Ok("kernel headers for 6.1.192, built in".into())),
+        sock_offsets: Probe::Yes("kernel headers for 6.1.192, built in".into()),
         ..trials(Err("no kernel BTF"))
     };
     let plan = Plan::new(&f, &with, None);
@@ -340,7 +336,7 @@ fn without_btf_legacy_needs_offsets_and_comes_last() {
     );
 
     let without = Trials {
-        sock_offsets: Some(Err("no BTF and no struct offsets built in".into())),
+        sock_offsets: Probe::No("no BTF and no struct offsets built in".into()),
         ..with
     };
     let plan = Plan::new(&f, &without, None);
@@ -361,7 +357,7 @@ fn linux_4_14_has_only_legacy_through_kprobe_events() {
     assert!(f.state_tracepoint.is_err());
     assert_eq!(f.global_data(), Some(false));
     let with = Trials {
-        sock_offsets: Some(Ok("kernel headers for 4.14.325, built in".into())),
+        sock_offsets: Probe::Yes("kernel headers for 4.14.325, built in".into()),
         ..trials(Err("no kernel BTF"))
     };
     let plan = Plan::new(&f, &with, None);
@@ -384,7 +380,7 @@ fn linux_5_4_reads_its_one_byte_protocol_and_plans_tracepoint() {
     assert_eq!((layout.protocol, layout.protocol_size), (Some(30), 1));
     assert_eq!((layout.saddr, layout.daddr_v6), (31, 55));
     let with = Trials {
-        sock_offsets: Some(Ok("kernel headers for 5.4.286, built in".into())),
+        sock_offsets: Probe::Yes("kernel headers for 5.4.286, built in".into()),
         ..trials(Err("no kernel BTF"))
     };
     let plan = Plan::new(&f, &with, None);
