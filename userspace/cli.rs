@@ -10,7 +10,7 @@ use crate::cgroup::cgroup_id;
 use crate::host::Host;
 use crate::kprobes::KprobeAttach;
 use crate::loader::{Filters, Setup, Sizes, Transport};
-use crate::output::{Columns, View};
+use crate::output::{Columns, Format, View};
 use crate::stats::{By, Hists, Summary};
 use crate::stream::{SweepTimes, STALE};
 
@@ -100,7 +100,8 @@ pub struct Cli {
     #[arg(short, long)]
     pub verbose: bool,
 
-    /// One JSON object per line instead of a table
+    /// One JSON record per line instead of a table: connect, or with --hist/--summary hist
+    /// and summary; lost, untracked and missed when something could not be traced
     #[arg(short, long)]
     pub json: bool,
 
@@ -283,6 +284,14 @@ impl Cli {
         }
     }
 
+    pub fn format(&self) -> Format {
+        if self.json {
+            Format::Json
+        } else {
+            Format::Text
+        }
+    }
+
     pub fn columns(&self) -> Columns {
         Columns {
             timestamp: self.timestamp,
@@ -392,6 +401,21 @@ mod tests {
         assert_eq!(cli.pid, [42]);
         assert_eq!(cli.min_ms, Some(2.5));
         assert_eq!(cli.forced_mode(), None);
+    }
+
+    /// --help names every JSON record type (record.rs; README's table lists their fields).
+    #[test]
+    fn help_names_every_json_record() {
+        use clap::CommandFactory;
+        let help = Cli::command().render_long_help().to_string();
+        let json = help
+            .split("--json")
+            .nth(1)
+            .and_then(|rest| rest.split("\n  -").next())
+            .unwrap();
+        for kind in ["connect", "hist", "summary", "lost", "untracked", "missed"] {
+            assert!(json.contains(kind), "--json help lacks {kind}: {json}");
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@ mod output;
 mod perfbuf;
 mod privileges;
 mod probes;
+mod record;
 mod report;
 mod stats;
 mod stream;
@@ -119,7 +120,7 @@ fn run(cli: &Cli, started: Instant) -> Result<()> {
     // Stdout alone flushes every line: a write per event would cost more than the probes.
     // Lines are flushed whenever the queue is empty, so none waits longer than --max-delay.
     let out = io::BufWriter::with_capacity(64 * 1024, io::stdout().lock());
-    let mut printer = Printer::new(out, cli.json, cli.view(), cli.columns(), tracer.mode);
+    let mut printer = Printer::new(out, cli.format(), cli.view(), cli.columns(), tracer.mode);
     printer.start()?;
     runtime.block_on(pump(stream, &mut printer, &tracer, cli.limits(), signals))?;
     printer.report()?;

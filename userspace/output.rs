@@ -4,12 +4,21 @@
 
 use std::io::{self, Write};
 
-use serde::Serialize;
 use tcpconnlat_compat::Mode;
 use unicode_width::UnicodeWidthStr;
 
 use crate::event::{Event, Outcome};
+use crate::record::{Connect, Count, Record};
 use crate::stats::{Hists, Summary};
+
+/// How records are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// bcc's table, histograms and summaries as text.
+    Text,
+    /// One JSON record per line (see record.rs).
+    Json,
+}
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Columns {
@@ -27,7 +36,7 @@ pub enum View {
 
 pub struct Printer<W: Write> {
     out: W,
-    json: bool,
+    format: Format,
     view: View,
     columns: Columns,
     mode: Mode,
@@ -41,32 +50,12 @@ pub struct Printer<W: Write> {
 const MIN_ADDR_WIDTH: usize = 16;
 const COMM_WIDTH: usize = 16;
 
-#[derive(Serialize)]
-struct JsonEvent<'a> {
-    r#type: &'static str,
-    ts_us: u64,
-    pid: u32,
-    comm: &'a str,
-    af: u8,
-    saddr: String,
-    lport: u16,
-    daddr: String,
-    dport: u16,
-    lat_us: f64,
-    lat_ms: f64,
-    outcome: Outcome,
-    errno: Option<String>,
-    syn_retrans: u32,
-    uid: u32,
-    mode: Mode,
-}
-
 impl<W: Write> Printer<W> {
-    pub fn new(out: W, json: bool, view: View, columns: Columns, mode: Mode) -> Printer<W> {
-        let header_due = !json && matches!(view, View::Lines);
+    pub fn new(out: W, format: Format, view: View, columns: Columns, mode: Mode) -> Printer<W> {
+        let header_due = format == Format::Text && matches!(view, View::Lines);
         Printer {
             out,
-            json,
+            format,
             view,
             columns,
             mode,
@@ -93,27 +82,32 @@ impl<W: Write> Printer<W> {
     /// Print the histograms or summary gathered so far and start over (every interval
     /// and at the end); nothing for the line view.
     pub fn report(&mut self) -> io::Result<()> {
-        let json = self.json;
-        let (text, records) = match &mut self.view {
+        let (text, records): (String, Vec<Record<'_>>) = match &mut self.view {
             View::Lines => return Ok(()),
             View::Hist(h) => {
-                let out = (h.render(), h.to_json());
+                let out = (
+                    h.render(),
+                    h.records().into_iter().map(Record::Hist).collect(),
+                );
                 *h = Hists::new(h.by());
                 out
             }
             View::Summary(s) => {
-                let out = (s.render(), s.to_json());
+                let out = (
+                    s.render(),
+                    s.records().into_iter().map(Record::Summary).collect(),
+                );
                 *s = Summary::default();
                 out
             }
         };
-        if json {
-            for record in records {
-                serde_json::to_writer(&mut self.out, &record)?;
-                writeln!(self.out)?;
+        match self.format {
+            Format::Json => {
+                for record in records {
+                    write_json(&mut self.out, &record)?;
+                }
             }
-        } else {
-            writeln!(self.out, "{text}")?;
+            Format::Text => writeln!(self.out, "{text}")?,
         }
         self.flush()
     }
@@ -121,7 +115,7 @@ impl<W: Write> Printer<W> {
     /// Events the kernel could not queue.
     pub fn lost(&mut self, count: u64, buffer: &str) -> io::Result<()> {
         let message = format!("lost {count} events: the {buffer} was full (raise --buffer-pages)");
-        self.shortfall("lost", count, &message)
+        self.shortfall(Record::Lost(Count { count }), &message)
     }
 
     /// Connects the probes could not time.
@@ -129,7 +123,7 @@ impl<W: Write> Printer<W> {
         let message = format!(
             "{count} connects not traced: more than {max_pending} were waiting for an answer (raise --max-pending)"
         );
-        self.shortfall("untracked", count, &message)
+        self.shortfall(Record::Untracked(Count { count }), &message)
     }
 
     /// Connects whose end the kernel did not show the probes.
@@ -137,41 +131,21 @@ impl<W: Write> Printer<W> {
         let message = format!(
             "{count} connects not traced to their end: the kernel skipped the probe (it would have run inside another BPF program)"
         );
-        self.shortfall("missed", count, &message)
+        self.shortfall(Record::Missed(Count { count }), &message)
     }
 
     /// Something missing from the output: said on stderr, and in the JSON stream.
-    fn shortfall(&mut self, kind: &str, count: u64, message: &str) -> io::Result<()> {
+    fn shortfall(&mut self, record: Record<'_>, message: &str) -> io::Result<()> {
         eprintln!("tcpconnlat: {message}");
-        if self.json {
-            let record = serde_json::json!({"type": kind, "count": count});
-            writeln!(self.out, "{record}")?;
+        match self.format {
+            Format::Json => write_json(&mut self.out, &record),
+            Format::Text => Ok(()),
         }
-        Ok(())
     }
 
     fn line(&mut self, e: &Event) -> io::Result<()> {
-        if self.json {
-            let record = JsonEvent {
-                r#type: "connect",
-                ts_us: e.ts_ns / 1000,
-                pid: e.pid,
-                comm: &e.comm,
-                af: e.ip_version(),
-                saddr: e.saddr.to_string(),
-                lport: e.lport,
-                daddr: e.daddr.to_string(),
-                dport: e.dport,
-                lat_us: e.lat_ns as f64 / 1e3,
-                lat_ms: e.lat_ms(),
-                outcome: e.outcome,
-                errno: e.errno_name(),
-                syn_retrans: e.syn_retrans,
-                uid: e.uid,
-                mode: self.mode,
-            };
-            serde_json::to_writer(&mut self.out, &record)?;
-            return writeln!(self.out);
+        if self.format == Format::Json {
+            return write_json(&mut self.out, &Record::Connect(Connect::new(e, self.mode)));
         }
         let (saddr, daddr) = (e.saddr.to_string(), e.daddr.to_string());
         let needed = saddr.len().max(daddr.len()) + 1;
@@ -244,6 +218,12 @@ impl<W: Write> Printer<W> {
     }
 }
 
+/// One record, one line.
+fn write_json(out: &mut impl Write, record: &Record<'_>) -> io::Result<()> {
+    serde_json::to_writer(&mut *out, record)?;
+    writeln!(out)
+}
+
 /// Left-align by display width (a CJK character takes two columns).
 fn pad(s: &str, width: usize) -> String {
     let fill = width.saturating_sub(s.width());
@@ -273,7 +253,8 @@ mod tests {
     }
 
     fn render(json: bool, columns: Columns, events: &[Event]) -> String {
-        let mut p = Printer::new(Vec::new(), json, View::Lines, columns, Mode::Tracepoint);
+        let format = if json { Format::Json } else { Format::Text };
+        let mut p = Printer::new(Vec::new(), format, View::Lines, columns, Mode::Tracepoint);
         p.start().unwrap();
         for e in events {
             p.event(e).unwrap();

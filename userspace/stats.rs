@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use hdrhistogram::Histogram;
-use serde_json::{json, Value};
 
 use crate::event::{Event, Outcome};
+use crate::record::{Bucket, DestSummary, FailureCounts, Hist};
 
 /// Latency histogram with power-of-two buckets, in microseconds, as bcc prints them.
 #[derive(Clone, Debug, Default)]
@@ -58,12 +58,10 @@ impl Log2Hist {
         out
     }
 
-    pub fn to_json(&self) -> Value {
-        Value::Array(
-            self.rows()
-                .map(|(low, high, count)| json!({"low": low, "high": high, "count": count}))
-                .collect(),
-        )
+    pub fn buckets(&self) -> Vec<Bucket> {
+        self.rows()
+            .map(|(low, high, count)| Bucket { low, high, count })
+            .collect()
     }
 }
 
@@ -84,7 +82,7 @@ fn dest(e: &Event) -> String {
 
 /// Failed connects by outcome.
 #[derive(Clone, Debug, Default)]
-struct Failures(BTreeMap<&'static str, u64>);
+struct Failures(FailureCounts);
 
 impl Failures {
     fn add(&mut self, outcome: Outcome) {
@@ -154,21 +152,17 @@ impl Hists {
         out
     }
 
-    pub fn to_json(&self) -> Vec<Value> {
-        let key_name = match self.by {
-            By::All => None,
-            By::Dest => Some("dest"),
-            By::Comm => Some("comm"),
-        };
+    /// One record per histogram.
+    pub fn records(&self) -> Vec<Hist> {
         self.hists
             .iter()
-            .map(|(key, hist)| {
-                let mut v = json!({"type": "hist", "unit": "usecs", "count": hist.count(), "buckets": hist.to_json()});
-                if let Some(name) = key_name {
-                    v[name] = json!(key);
-                }
-                v["failed"] = json!(self.failures.0);
-                v
+            .map(|(key, hist)| Hist {
+                unit: "usecs",
+                count: hist.count(),
+                buckets: hist.buckets(),
+                dest: (self.by == By::Dest).then(|| key.clone()),
+                comm: (self.by == By::Comm).then(|| key.clone()),
+                failed: self.failures.0.clone(),
             })
             .collect()
     }
@@ -253,22 +247,22 @@ impl Summary {
         out
     }
 
-    pub fn to_json(&self) -> Vec<Value> {
+    /// One record per destination.
+    pub fn records(&self) -> Vec<DestSummary> {
         self.dests
             .iter()
             .map(|(dest, s)| {
                 let p = Self::percentiles(&s.latency);
-                json!({
-                    "type": "summary",
-                    "dest": dest,
-                    "count": s.count,
-                    "failed": s.failures.total(),
-                    "failures": s.failures.0,
-                    "p50_ms": p.map(|p| p[0]),
-                    "p90_ms": p.map(|p| p[1]),
-                    "p99_ms": p.map(|p| p[2]),
-                    "max_ms": p.map(|p| p[3]),
-                })
+                DestSummary {
+                    dest: dest.clone(),
+                    count: s.count,
+                    failed: s.failures.total(),
+                    failures: s.failures.0.clone(),
+                    p50_ms: p.map(|p| p[0]),
+                    p90_ms: p.map(|p| p[1]),
+                    p99_ms: p.map(|p| p[2]),
+                    max_ms: p.map(|p| p[3]),
+                }
             })
             .collect()
     }
@@ -332,18 +326,14 @@ mod tests {
         assert!(text.contains("dest = 10.0.0.2:80"));
         assert!(text.contains("dest = [::1]:443"));
         assert!(text.contains("failed connects: refused 1"));
-        let json = h.to_json();
-        assert_eq!(json.len(), 2);
-        assert_eq!(json[0]["dest"], "10.0.0.2:80");
-        assert_eq!(json[0]["count"], 2);
+        let records = h.records();
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[0].dest.as_deref(), Some("10.0.0.2:80"));
+        assert_eq!(records[0].count, 2);
+        assert_eq!(records[0].failed["refused"], 1);
         // 100 and 120 us both fall in 64..127.
-        let bucket = json[0]["buckets"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|b| b["low"] == 64)
-            .unwrap();
-        assert_eq!(bucket["count"], 2);
+        let bucket = records[0].buckets.iter().find(|b| b.low == 64).unwrap();
+        assert_eq!(bucket.count, 2);
     }
 
     #[test]
@@ -355,27 +345,23 @@ mod tests {
         }
         s.add(&event("10.0.0.2", 5432, 1_000_000, Outcome::Timeout));
         s.add(&event("10.0.0.3", 5432, 10, Outcome::Refused));
-        let json = s.to_json();
-        let db = &json[0];
+        let records = s.records();
+        let db = &records[0];
         assert_eq!(
-            (
-                db["dest"].as_str(),
-                db["count"].as_u64(),
-                db["failed"].as_u64()
-            ),
-            (Some("10.0.0.2:5432"), Some(1001), Some(1))
+            (db.dest.as_str(), db.count, db.failed),
+            ("10.0.0.2:5432", 1001, 1)
         );
-        for (key, want) in [
-            ("p50_ms", 500.0),
-            ("p90_ms", 900.0),
-            ("p99_ms", 990.0),
-            ("max_ms", 1000.0),
+        for (key, got, want) in [
+            ("p50_ms", db.p50_ms, 500.0),
+            ("p90_ms", db.p90_ms, 900.0),
+            ("p99_ms", db.p99_ms, 990.0),
+            ("max_ms", db.max_ms, 1000.0),
         ] {
-            let got = db[key].as_f64().unwrap();
+            let got = got.unwrap();
             assert!((got - want).abs() <= want * 0.002, "{key}: {got} vs {want}");
         }
-        assert_eq!(json[1]["p50_ms"], Value::Null);
-        assert_eq!(json[1]["failures"]["refused"], 1);
+        assert_eq!(records[1].p50_ms, None);
+        assert_eq!(records[1].failures["refused"], 1);
         let text = s.render();
         assert!(text.starts_with("DEST"));
         assert!(text.contains("10.0.0.3:5432"));
