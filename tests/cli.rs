@@ -146,6 +146,7 @@ fn an_unknown_pid_is_refused() {
 }
 
 #[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
 fn without_privileges_it_says_to_use_root() {
     let out = Command::new("setpriv")
         .args([
@@ -174,6 +175,7 @@ fn features() -> Value {
 }
 
 #[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
 fn features_tell_the_truth() {
     let _serial = serial();
     let f = features();
@@ -255,6 +257,7 @@ fn features_tell_the_truth() {
 /// A forced mode works exactly when --features says it can, and otherwise fails with the
 /// reason --features gave.
 #[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
 fn forced_modes_work_or_fail_as_features_say() {
     let _serial = serial();
     let f = features();
@@ -291,6 +294,7 @@ fn forced_modes_work_or_fail_as_features_say() {
 /// read only for the kprobe modes, are then read only where those may be used), and names
 /// the better modes it could not use, and only those.
 #[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
 fn auto_traces_in_the_mode_features_picks() {
     let _serial = serial();
     let f = features();

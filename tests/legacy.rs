@@ -181,6 +181,7 @@ fn our_events(f: &Value, pid: u32) -> Vec<String> {
 
 /// tracefs kprobes are removed on a clean exit, and after a kill -9 by the next start.
 #[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
 fn tracefs_kprobes_never_outlive_their_tracer() {
     let _serial = serial();
     let f = features();
@@ -232,6 +233,7 @@ fn tracefs_kprobes_never_outlive_their_tracer() {
 
 /// The same connects, seen at once by legacy and fentry, give the same events.
 #[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
 fn legacy_and_fentry_report_the_same_connects() {
     let _serial = serial();
     let f = features();

@@ -50,6 +50,7 @@ fn one_event(tracer: &Tracer, dport: u16) -> Value {
 }
 
 #[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
 fn a_refused_connect_is_reported_as_refused() {
     let _serial = serial();
     let tracer = Tracer::start(&["--json", "-p", &me()]);
@@ -67,6 +68,7 @@ fn a_refused_connect_is_reported_as_refused() {
 }
 
 #[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
 fn an_unanswered_connect_is_a_timeout_with_its_retransmits() {
     let _serial = serial();
     let net = NetPair::new();
@@ -87,6 +89,7 @@ fn an_unanswered_connect_is_a_timeout_with_its_retransmits() {
 }
 
 #[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
 fn a_dropped_first_syn_shows_one_retransmit_and_a_second_of_latency() {
     let _serial = serial();
     let net = NetPair::new();
@@ -105,6 +108,7 @@ fn a_dropped_first_syn_shows_one_retransmit_and_a_second_of_latency() {
 }
 
 #[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
 fn an_icmp_host_unreachable_is_reported_as_unreachable() {
     let _serial = serial();
     let net = NetPair::new();
@@ -131,6 +135,7 @@ fn an_icmp_host_unreachable_is_reported_as_unreachable() {
 }
 
 #[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
 fn failed_and_established_flags_split_the_outcomes() {
     let _serial = serial();
     for (flag, shown) in [("--failed", "refused"), ("--established", "established")] {
@@ -168,6 +173,7 @@ fn failed_and_established_flags_split_the_outcomes() {
 }
 
 #[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
 fn dport_filter_keeps_only_those_ports() {
     let _serial = serial();
     let (a, b, c) = (
@@ -221,6 +227,7 @@ fn only_the_connector(tracer_args: &[&str], mut connector: Connector, server: So
 }
 
 #[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
 fn comm_filter_keeps_only_that_process_name() {
     let _serial = serial();
     let server = listen("127.0.0.1:0");
@@ -240,6 +247,7 @@ fn comm_filter_keeps_only_that_process_name() {
 }
 
 #[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
 fn uid_filter_keeps_only_that_user() {
     let _serial = serial();
     let server = listen("127.0.0.1:0");
@@ -267,6 +275,7 @@ fn uid_filter_keeps_only_that_user() {
 }
 
 #[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
 fn several_pids_can_be_traced_at_once() {
     let _serial = serial();
     let server = listen("127.0.0.1:0");
@@ -346,6 +355,7 @@ impl Drop for TestCgroup {
 }
 
 #[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
 fn cgroup_filter_keeps_only_processes_in_it() {
     let _serial = serial();
     let server = listen("127.0.0.1:0");
@@ -417,6 +427,7 @@ fn cgroup_ids_known(dir: &std::path::Path) -> bool {
 }
 
 #[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
 fn a_path_that_is_not_a_cgroup_is_refused() {
     for path in ["/proc", "/nonexistent/cgroup"] {
         let (status, _, err) = run(&["--cgroup", path]);
@@ -438,6 +449,7 @@ fn report_of(args: &[&str], connects: impl FnOnce()) -> String {
 }
 
 #[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
 fn hist_counts_every_connect_in_log2_buckets() {
     let _serial = serial();
     let server = listen("127.0.0.1:0");
@@ -473,6 +485,7 @@ fn hist_counts_every_connect_in_log2_buckets() {
 }
 
 #[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
 fn summary_gives_per_destination_counts_failures_and_percentiles() {
     let _serial = serial();
     let (a, b) = (listen("127.0.0.1:0"), listen("[::1]:0"));
@@ -523,6 +536,7 @@ fn summary_gives_per_destination_counts_failures_and_percentiles() {
 }
 
 #[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
 fn interval_prints_a_summary_every_period() {
     let _serial = serial();
     let server = listen("127.0.0.1:0");

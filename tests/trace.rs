@@ -77,6 +77,7 @@ fn collect(tracer: &Tracer, wanted: &[(u16, u16)]) -> Vec<Value> {
 }
 
 #[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
 fn loopback_connects_ipv4_and_ipv6_are_each_reported_once() {
     loopback_connects_are_each_reported_once(&[]);
 }
@@ -84,6 +85,7 @@ fn loopback_connects_ipv4_and_ipv6_are_each_reported_once() {
 /// Kernels whose state tracepoint record is not `struct state_record` have it read field
 /// by field at its format file's offsets: that path, forced here, gives the same events.
 #[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
 fn the_record_read_at_its_offsets_gives_the_same_events() {
     loopback_connects_are_each_reported_once(&["--record-offsets"]);
 }
@@ -113,6 +115,7 @@ fn loopback_connects_are_each_reported_once(args: &[&str]) {
 }
 
 #[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
 fn the_perf_buffer_transport_delivers_the_same_events() {
     let _serial = serial();
     let mode = auto_mode();
@@ -132,6 +135,7 @@ fn the_perf_buffer_transport_delivers_the_same_events() {
 }
 
 #[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
 fn an_ipv4_mapped_connect_on_an_ipv6_socket_is_reported_once() {
     let _serial = serial();
     let mode = auto_mode();
@@ -160,6 +164,7 @@ fn an_ipv4_mapped_connect_on_an_ipv6_socket_is_reported_once() {
 }
 
 #[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
 fn connects_across_a_veth_pair_carry_the_namespace_addresses() {
     let _serial = serial();
     let mode = auto_mode();
@@ -189,6 +194,7 @@ fn connects_across_a_veth_pair_carry_the_namespace_addresses() {
 }
 
 #[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
 fn ipv4_and_ipv6_flags_filter_by_family() {
     let _serial = serial();
     let me = std::process::id().to_string();
@@ -208,6 +214,7 @@ fn ipv4_and_ipv6_flags_filter_by_family() {
 }
 
 #[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
 fn count_ends_the_trace_after_n_events() {
     let _serial = serial();
     let me = std::process::id();
@@ -222,6 +229,7 @@ fn count_ends_the_trace_after_n_events() {
 }
 
 #[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
 fn duration_ends_the_trace() {
     let _serial = serial();
     let started = std::time::Instant::now();
@@ -235,6 +243,7 @@ fn duration_ends_the_trace() {
 }
 
 #[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
 fn min_ms_keeps_only_connects_slower_than_it() {
     let _serial = serial();
     let net = NetPair::new();
@@ -260,6 +269,7 @@ fn min_ms_keeps_only_connects_slower_than_it() {
 }
 
 #[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
 fn pid_filter_shows_only_that_process() {
     let _serial = serial();
     let server = listen("127.0.0.1:0");
@@ -298,6 +308,7 @@ fn pid_filter_shows_only_that_process() {
 }
 
 #[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
 fn a_connect_that_never_completes_leaves_no_map_entry() {
     let _serial = serial();
     let net = NetPair::new();
@@ -330,6 +341,7 @@ fn a_connect_that_never_completes_leaves_no_map_entry() {
 }
 
 #[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
 fn exiting_releases_every_bpf_object() {
     let _serial = serial();
     let tracer = Tracer::start(&["--json"]);
@@ -347,6 +359,7 @@ fn exiting_releases_every_bpf_object() {
 }
 
 #[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
 fn a_connect_that_fails_before_its_syn_leaves_nothing() {
     let _serial = serial();
     let net = NetPair::new();

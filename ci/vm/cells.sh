@@ -21,7 +21,7 @@ for cell in $MODES; do
     result=pass
     : >"$t/results"
     for test in $TRACE_TESTS; do
-        if ! TCPCONNLAT_TEST_BIN=$bin TCPCONNLAT_TEST_MODE=$mode TCPCONNLAT_TEST_ARGS=$args timeout 900 "$test" --test-threads=1 >"$t/out" 2>&1; then
+        if ! TCPCONNLAT_TEST_BIN=$bin TCPCONNLAT_TEST_MODE=$mode TCPCONNLAT_TEST_ARGS=$args timeout 900 "$test" --test-threads=1 --include-ignored >"$t/out" 2>&1; then
             result=fail
             tail -60 "$t/out"
         fi
@@ -47,7 +47,7 @@ result=pass
 : >"$t/results"
 for test in $ONCE_TESTS; do
     if ! TCPCONNLAT_EXPECT_AUTO=$AUTO TCPCONNLAT_EXPECT_REFUSED=$(echo $REFUSED | tr ' ' ,) \
-        timeout 600 "$test" --test-threads=1 >"$t/out" 2>&1; then
+        timeout 600 "$test" --test-threads=1 --include-ignored >"$t/out" 2>&1; then
         result=fail
         tail -60 "$t/out"
     fi
