@@ -133,7 +133,7 @@ static __always_inline const struct config *get_config(void)
 
 /* The filters that only the connecting process's context can answer. */
 static __always_inline int wanted_here(const struct config *cfg, __u16 family, __u32 tgid,
-				       __u32 uid, const __u8 *comm)
+				       __u32 uid, const __u8 *comm, __u64 cgroup_id)
 {
 	if (cfg->family && cfg->family != family)
 		return 0;
@@ -141,10 +141,8 @@ static __always_inline int wanted_here(const struct config *cfg, __u16 family, _
 		return 0;
 	if (cfg->filter_uid && cfg->uid != uid)
 		return 0;
-#ifndef TCPCONNLAT_LEGACY
-	if (cfg->cgroup_id && cfg->cgroup_id != bpf_get_current_cgroup_id())
+	if (cfg->cgroup_id && cfg->cgroup_id != cgroup_id)
 		return 0;
-#endif
 	if (cfg->filter_comm) {
 #pragma unroll
 		for (int i = 0; i < TASK_COMM_LEN; i++) {
@@ -166,7 +164,12 @@ static __always_inline void remember_connect(const struct config *cfg, __u64 sk,
 	p.tgid = bpf_get_current_pid_tgid() >> 32;
 	p.uid = (__u32)uid_gid;
 	bpf_get_current_comm(&p.comm, sizeof(p.comm));
-	if (!wanted_here(cfg, family, p.tgid, p.uid, p.comm))
+#ifndef TCPCONNLAT_LEGACY
+	/* The helper is Linux 4.18+: legacy mode does without (no --cgroup, no cgroup label). */
+	if (cfg->cgroup_id || cfg->label_cgroup)
+		p.cgroup_id = bpf_get_current_cgroup_id();
+#endif
+	if (!wanted_here(cfg, family, p.tgid, p.uid, p.comm, p.cgroup_id))
 		return;
 	p.start_ns = bpf_ktime_get_ns();
 	if (bpf_map_update_elem(&pending, &sk, &p, BPF_ANY))
@@ -326,6 +329,7 @@ static __always_inline int finish_connect(const struct config *cfg, __u64 sk, in
 	e->tgid = p->tgid;
 	e->uid = p->uid;
 	e->syn_retrans = p->syn_retrans;
+	e->cgroup_id = p->cgroup_id;
 	__builtin_memcpy(e->comm, p->comm, sizeof(e->comm));
 	bpf_map_delete_elem(&pending, &sk);
 

@@ -109,7 +109,7 @@ struct config {
 	__u8 filter_dports; /* only destination ports in the `dports` map */
 	__u8 filter_comm;   /* only processes whose comm is `comm` */
 	__u8 report;        /* REPORT_* bits */
-	__u8 __pad;
+	__u8 label_cgroup;  /* put the connecting process's cgroup id in each event */
 	/* Offset of skaddr in the tcp:tcp_retransmit_skb and tcp:tcp_receive_reset records. */
 	__u16 retransmit_skaddr;
 	__u16 reset_skaddr;
@@ -129,6 +129,7 @@ struct pending {
 	__u8 reset; /* an RST arrived */
 	__u8 __pad[3];
 	__u8 comm[TASK_COMM_LEN];
+	__u64 cgroup_id; /* where config.label_cgroup asks for it */
 };
 
 /* One finished connect. Addresses are in network order; ports in host order. */
@@ -147,6 +148,7 @@ struct event {
 	__u8 saddr[16];
 	__u8 daddr[16];
 	__u8 comm[TASK_COMM_LEN];
+	__u64 cgroup_id; /* the connecting process's cgroup v2, or 0 (see config.label_cgroup) */
 };
 
 #endif /* TCPCONNLAT_H */

@@ -1,5 +1,9 @@
-//! `--cgroup PATH`: the id the kernel gives that cgroup, which the probes compare with
-//! bpf_get_current_cgroup_id().
+//! Cgroups: the id the kernel gives a cgroup (what bpf_get_current_cgroup_id() returns),
+//! for `--cgroup PATH`, and the path of an id, for the `cgroup` label of `--serve`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 
@@ -74,4 +78,74 @@ fn kernfs_id(path: &std::path::Path) -> nix::Result<u64> {
         return Err(nix::errno::Errno::EOVERFLOW);
     }
     Ok(u64::from_ne_bytes(handle.id))
+}
+
+/// Cgroup v2 paths by id, for the `cgroup` label: relative to the hierarchy's root, e.g.
+/// `system.slice/nginx.service`, as Prometheus users group by them.
+pub struct CgroupPaths {
+    root: PathBuf,
+    known: HashMap<u64, String>,
+    walked: Option<Instant>,
+}
+
+impl CgroupPaths {
+    /// A cgroup made after a walk is found by the next, at most this often.
+    const WALK_EVERY: Duration = Duration::from_secs(1);
+
+    /// Where cgroup v2 is mounted (`/proc/self/mounts`), or an error saying what to do.
+    pub fn new() -> Result<CgroupPaths> {
+        let mounts = std::fs::read_to_string("/proc/self/mounts")
+            .map_err(|e| anyhow!("--label cgroup: cannot read /proc/self/mounts: {e}"))?;
+        let root = mounts
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.get(2) == Some(&"cgroup2"))
+            .map(|f| PathBuf::from(f[1]))
+            .ok_or_else(|| {
+                anyhow!("--label cgroup: no cgroup v2 hierarchy is mounted (mount -t cgroup2 none /sys/fs/cgroup)")
+            })?;
+        Ok(CgroupPaths {
+            root,
+            known: HashMap::new(),
+            walked: None,
+        })
+    }
+
+    /// The path of cgroup `id`, or "unknown" (gone, or made since the last walk).
+    pub fn path(&mut self, id: u64) -> String {
+        if !self.known.contains_key(&id)
+            && self.walked.is_none_or(|t| t.elapsed() >= Self::WALK_EVERY)
+        {
+            self.walk();
+        }
+        self.known
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| "unknown".to_owned())
+    }
+
+    fn walk(&mut self) {
+        self.walked = Some(Instant::now());
+        let mut dirs = vec![self.root.clone()];
+        while let Some(dir) = dirs.pop() {
+            let Ok(meta) = std::fs::metadata(&dir) else {
+                continue;
+            };
+            let id = kernfs_id(&dir).unwrap_or(std::os::unix::fs::MetadataExt::ino(&meta));
+            let relative = dir.strip_prefix(&self.root).unwrap_or(&dir);
+            let name = match relative.to_string_lossy() {
+                name if name.is_empty() => "/".to_owned(),
+                name => name.into_owned(),
+            };
+            self.known.insert(id, name);
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                dirs.extend(
+                    entries
+                        .flatten()
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .map(|e| e.path()),
+                );
+            }
+        }
+    }
 }

@@ -1,5 +1,6 @@
 //! Command line: bcc-compatible flags plus mode selection and machine-readable output.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
@@ -7,6 +8,7 @@ use clap::{Parser, ValueEnum};
 use tcpconnlat_compat::Mode;
 
 use crate::cgroup::cgroup_id;
+use crate::exporter::{ephemeral_ports, DestLabel, LabelRules, Metrics};
 use crate::host::Host;
 use crate::kprobes::KprobeAttach;
 use crate::loader::{Filters, Setup, Sizes, Transport};
@@ -21,7 +23,8 @@ Examples:
   tcpconnlat -tL          with timestamps and local ports
   tcpconnlat -p 181       only process 181
   tcpconnlat -j -c 10     10 connects as JSON lines, then exit
-  tcpconnlat --features   what this kernel supports and which mode auto picks";
+  tcpconnlat --features   what this kernel supports and which mode auto picks
+  tcpconnlat --serve      Prometheus metrics at http://127.0.0.1:10436/metrics";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -172,6 +175,58 @@ pub struct Cli {
     /// Print what this kernel supports and the mode auto would pick, then exit
     #[arg(long)]
     pub features: bool,
+
+    /// Run as a daemon serving Prometheus metrics at http://ADDR/metrics instead of
+    /// printing connects (ADDR defaults to 127.0.0.1:10436; 0.0.0.0:PORT exposes it)
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = DEFAULT_SERVE,
+          value_parser = parse_serve,
+          conflicts_with_all = ["json", "hist", "summary", "count", "timestamp", "lport", "interval"],
+          help_heading = "Fleet (--serve)")]
+    pub serve: Option<SocketAddr>,
+
+    /// What the dest label holds: daddr:dport, daddr, dport or nothing (destination ports
+    /// in the kernel's ephemeral range are shown as "ephemeral")
+    #[arg(long, value_name = "KIND", value_enum, default_value_t = DestLabel::IpPort,
+          requires = "serve", help_heading = "Fleet (--serve)")]
+    pub dest: DestLabel,
+
+    /// Label sets (dest, and cgroup with --label cgroup) at most; connects beyond go under
+    /// dest="other"
+    #[arg(long, value_name = "N", default_value_t = 1000, requires = "serve",
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000),
+          help_heading = "Fleet (--serve)")]
+    pub max_series: u32,
+
+    /// Drop a label set no connect used for this many seconds
+    #[arg(long, value_name = "SECS", default_value = "900", value_parser = parse_duration,
+          requires = "serve", help_heading = "Fleet (--serve)")]
+    pub series_ttl: Duration,
+
+    /// Histogram bucket bounds in seconds, increasing, comma-separated (default: 50 µs
+    /// doubling to 210 s)
+    #[arg(long, value_name = "SECS", value_delimiter = ',', value_parser = parse_bucket,
+          requires = "serve", help_heading = "Fleet (--serve)")]
+    pub buckets: Vec<f64>,
+
+    /// Also label by the connecting process's cgroup v2 path (e.g. system.slice/nginx.service)
+    #[arg(
+        long,
+        value_name = "LABEL",
+        value_enum,
+        requires = "serve",
+        help_heading = "Fleet (--serve)"
+    )]
+    pub label: Vec<ExtraLabel>,
+}
+
+/// `--serve` without an address: loopback, on a port no well-known exporter uses (the
+/// 9100-9999 registry is full; node_exporter is 9100, ebpf_exporter 9435, Rezolus 4242).
+pub const DEFAULT_SERVE: &str = "127.0.0.1:10436";
+
+/// `--label`: extra labels on every series.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ExtraLabel {
+    Cgroup,
 }
 
 /// `--mode`: auto, or one mode only.
@@ -253,6 +308,7 @@ impl Cli {
                 max_pending: self.max_pending,
             },
             version_code: host.version_code.as_ref().ok().copied(),
+            label_cgroup: self.label.contains(&ExtraLabel::Cgroup),
         })
     }
 
@@ -296,6 +352,28 @@ impl Cli {
         Columns {
             timestamp: self.timestamp,
             lport: self.lport,
+        }
+    }
+
+    /// The histogram buckets for `--serve`, checked.
+    pub fn buckets(&self) -> Result<Vec<f64>> {
+        if self.buckets.is_empty() {
+            return Ok(Metrics::default_buckets());
+        }
+        if self.buckets.len() > 100 || !self.buckets.windows(2).all(|w| w[0] < w[1]) {
+            bail!("--buckets: give at most 100 bounds, each larger than the one before");
+        }
+        Ok(self.buckets.clone())
+    }
+
+    /// How `--serve` makes and bounds label sets.
+    pub fn label_rules(&self) -> LabelRules {
+        LabelRules {
+            dest: self.dest,
+            cgroup: self.label.contains(&ExtraLabel::Cgroup),
+            ephemeral: ephemeral_ports(),
+            max_series: self.max_series as usize,
+            ttl: self.series_ttl,
         }
     }
 
@@ -367,6 +445,19 @@ fn parse_comm(s: &str) -> Result<String, String> {
         return Err("NAME must be 1 to 15 bytes, as the kernel keeps process names".to_owned());
     }
     Ok(s.to_owned())
+}
+
+fn parse_serve(s: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|_| {
+        format!("ADDR must be an IP address and port, like {DEFAULT_SERVE} or [::1]:10436")
+    })
+}
+
+fn parse_bucket(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 86_400.0 => Ok(v),
+        _ => Err("bucket bounds must be seconds above 0, like 0.001,0.01,0.1,1".to_owned()),
+    }
 }
 
 fn parse_pages(s: &str) -> Result<u32, String> {

@@ -64,6 +64,8 @@ pub struct Event {
     pub errno: Option<i32>,
     pub syn_retrans: u32,
     pub uid: u32,
+    /// The connecting process's cgroup v2 id, where asked for (`--label cgroup`); else 0.
+    pub cgroup_id: u64,
 }
 
 impl Event {
@@ -115,6 +117,7 @@ impl From<&RawEvent> for Event {
             errno: (raw.error != 0).then_some(i32::from(raw.error)),
             syn_retrans: u32::from(raw.syn_retrans),
             uid: raw.uid,
+            cgroup_id: raw.cgroup_id,
         }
     }
 }

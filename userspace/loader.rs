@@ -257,6 +257,8 @@ pub struct Setup<'a> {
     pub sizes: Sizes,
     /// The kernel's LINUX_VERSION_CODE, where known (see `Host::version_code`).
     pub version_code: Option<u32>,
+    /// Events carry the connecting process's cgroup id (`--label cgroup`).
+    pub label_cgroup: bool,
 }
 
 /// How big the kernel-side tables are (`--buffer-pages`, `--max-pending`).
@@ -299,7 +301,7 @@ impl Sizes {
 /// Load and attach `mode`'s probes: plan, open, load, configure, attach. Whether the
 /// kernel can run the mode at all was decided before (compat's `Mode::check`).
 pub fn start(mode: Mode, setup: &Setup<'_>, filters: &Filters) -> Result<Tracer> {
-    check_filters(mode, filters)?;
+    check_filters(mode, filters, setup)?;
     let spec = spec(mode);
     let transport = if spec.ringbuf {
         setup.transport
@@ -339,10 +341,13 @@ pub fn start(mode: Mode, setup: &Setup<'_>, filters: &Filters) -> Result<Tracer>
     })
 }
 
-/// Filters a mode cannot apply.
-fn check_filters(mode: Mode, filters: &Filters) -> Result<()> {
+/// Filters and labels a mode cannot apply.
+fn check_filters(mode: Mode, filters: &Filters, setup: &Setup<'_>) -> Result<()> {
     if mode == Mode::Legacy && filters.cgroup_id.is_some() {
         bail!("--cgroup needs a helper legacy mode does without (Linux 4.18+): use another mode");
+    }
+    if mode == Mode::Legacy && setup.label_cgroup {
+        bail!("--label cgroup needs a helper legacy mode does without (Linux 4.18+): use another mode");
     }
     Ok(())
 }
@@ -481,7 +486,10 @@ fn configure(object: &Object, filters: &Filters, setup: &Setup<'_>) -> Result<()
     let ring_bytes =
         find_map(object, Transport::RingBuf.map()).map_or(0, |m| u64::from(m.max_entries()));
     let layout = setup.features.state_tracepoint.as_ref().ok();
-    let config = config(filters, setup.features, layout, setup.sock, ring_bytes);
+    let config = Config {
+        label_cgroup: setup.label_cgroup.into(),
+        ..config(filters, setup.features, layout, setup.sock, ring_bytes)
+    };
     write_config(object, &config)?;
     write_set(
         object,

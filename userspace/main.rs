@@ -6,7 +6,9 @@
 mod cgroup;
 mod cli;
 mod event;
+mod exporter;
 mod host;
+mod http;
 mod kprobes;
 mod loader;
 mod output;
@@ -20,7 +22,8 @@ mod stream;
 
 use std::io::{self, Write};
 use std::process::ExitCode;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use clap::error::ErrorKind;
@@ -30,10 +33,12 @@ use tcpconnlat_compat::{Mode, Plan};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::time::{interval_at, sleep, Instant as TokioInstant, MissedTickBehavior};
 
+use crate::cgroup::CgroupPaths;
 use crate::cli::{Cli, Limits};
+use crate::exporter::{Exporter, Identity, Metrics};
 use crate::host::Host;
 use crate::loader::{Filters, Setup, Tracer};
-use crate::output::Printer;
+use crate::output::{Printer, Sink};
 use crate::stream::{EventStream, Record};
 
 fn main() -> ExitCode {
@@ -108,6 +113,11 @@ fn run(cli: &Cli, started: Instant) -> Result<()> {
         .context("starting the event loop")?;
     let _guard = runtime.enter();
     let signals = Signals::new()?;
+    // Bound before loading: a port in use fails at once.
+    let listener = cli
+        .serve
+        .map(|addr| runtime.block_on(http::bind(addr)))
+        .transpose()?;
     let mut plan = Plan::new(&host.features, &host.trials, forced);
     let tracer = start_first(&mut plan, &setup, &filters, forced)?;
     let stream = EventStream::new(&tracer, cli.max_delay(), cli.sweep_times())?;
@@ -116,6 +126,9 @@ fn run(cli: &Cli, started: Instant) -> Result<()> {
     if cli.verbose {
         let ms = started.elapsed().as_secs_f64() * 1e3;
         eprintln!("tcpconnlat: attached {ms:.1} ms after start");
+    }
+    if let Some(listener) = listener {
+        return export(cli, &runtime, listener, stream, &tracer, &host, signals);
     }
     // Stdout alone flushes every line: a write per event would cost more than the probes.
     // Lines are flushed whenever the queue is empty, so none waits longer than --max-delay.
@@ -126,6 +139,42 @@ fn run(cli: &Cli, started: Instant) -> Result<()> {
     printer.report()?;
     printer.flush()?;
     Ok(())
+}
+
+/// `--serve`: connects become metrics, served on `listener` until a signal (or `-d`).
+fn export(
+    cli: &Cli,
+    runtime: &tokio::runtime::Runtime,
+    listener: tokio::net::TcpListener,
+    stream: EventStream<'_>,
+    tracer: &Tracer,
+    host: &Host,
+    signals: Signals,
+) -> Result<()> {
+    let rules = cli.label_rules();
+    let cgroups = rules.cgroup.then(CgroupPaths::new).transpose()?;
+    let identity = Identity {
+        mode: tracer.mode,
+        transport: tracer.transport.name(),
+        kernel: host.features.release.as_deref().unwrap_or("unknown"),
+    };
+    let metrics = Arc::new(Metrics::new(rules, cli.buckets()?, &identity));
+    let address = listener.local_addr()?;
+    let server = runtime.spawn(http::serve(listener, metrics.clone()));
+    eprintln!("tcpconnlat: serving Prometheus metrics at http://{address}/metrics");
+    let mut exporter = Exporter {
+        metrics: &metrics,
+        cgroups,
+    };
+    // Idle label sets are dropped as they pass --series-ttl, checked every few seconds.
+    let limits = Limits {
+        duration: cli.duration,
+        count: None,
+        interval: Some(cli.series_ttl.min(Duration::from_secs(10))),
+    };
+    let result = runtime.block_on(pump(stream, &mut exporter, tracer, limits, signals));
+    server.abort();
+    result
 }
 
 fn set_libbpf_log(verbose: bool) {
@@ -259,9 +308,9 @@ impl Signals {
 
 /// Move records from the stream to the printer until a signal, `limits` or the stream
 /// ends it; then show what is already queued.
-async fn pump<W: Write>(
+async fn pump(
     mut stream: EventStream<'_>,
-    printer: &mut Printer<W>,
+    printer: &mut dyn Sink,
     tracer: &Tracer,
     limits: Limits,
     mut signals: Signals,
@@ -305,13 +354,8 @@ async fn pump<W: Write>(
     Ok(())
 }
 
-/// Print one record; whether it was a connect.
-fn show<W: Write>(
-    printer: &mut Printer<W>,
-    tracer: &Tracer,
-    record: Record,
-    shown: &mut u64,
-) -> Result<bool> {
+/// Hand one record on; whether it was a connect.
+fn show(printer: &mut dyn Sink, tracer: &Tracer, record: Record, shown: &mut u64) -> Result<bool> {
     match record {
         Record::Event(event) => {
             printer.event(&event)?;

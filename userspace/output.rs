@@ -11,6 +11,20 @@ use crate::event::{Event, Outcome};
 use crate::record::{Connect, Count, Record};
 use crate::stats::{Hists, Summary};
 
+/// Where the event loop sends what the probes report: the printer, or the exporter.
+pub trait Sink {
+    fn event(&mut self, e: &Event) -> io::Result<()>;
+    /// Events the kernel could not queue.
+    fn lost(&mut self, count: u64, buffer: &str) -> io::Result<()>;
+    /// Connects the probes could not time.
+    fn untracked(&mut self, count: u64, max_pending: u32) -> io::Result<()>;
+    /// Connects whose end the kernel did not show the probes.
+    fn missed(&mut self, count: u64) -> io::Result<()>;
+    /// What is due every interval (and, for the printer, at the end).
+    fn report(&mut self) -> io::Result<()>;
+    fn flush(&mut self) -> io::Result<()>;
+}
+
 /// How records are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
@@ -63,75 +77,6 @@ impl<W: Write> Printer<W> {
             addr_width: MIN_ADDR_WIDTH,
             header_due,
         }
-    }
-
-    pub fn event(&mut self, e: &Event) -> io::Result<()> {
-        match &mut self.view {
-            View::Lines => self.line(e),
-            View::Hist(h) => {
-                h.add(e);
-                Ok(())
-            }
-            View::Summary(s) => {
-                s.add(e);
-                Ok(())
-            }
-        }
-    }
-
-    /// Print the histograms or summary gathered so far and start over (every interval
-    /// and at the end); nothing for the line view.
-    pub fn report(&mut self) -> io::Result<()> {
-        let (text, records): (String, Vec<Record<'_>>) = match &mut self.view {
-            View::Lines => return Ok(()),
-            View::Hist(h) => {
-                let out = (
-                    h.render(),
-                    h.records().into_iter().map(Record::Hist).collect(),
-                );
-                *h = Hists::new(h.by());
-                out
-            }
-            View::Summary(s) => {
-                let out = (
-                    s.render(),
-                    s.records().into_iter().map(Record::Summary).collect(),
-                );
-                *s = Summary::default();
-                out
-            }
-        };
-        match self.format {
-            Format::Json => {
-                for record in records {
-                    write_json(&mut self.out, &record)?;
-                }
-            }
-            Format::Text => writeln!(self.out, "{text}")?,
-        }
-        self.flush()
-    }
-
-    /// Events the kernel could not queue.
-    pub fn lost(&mut self, count: u64, buffer: &str) -> io::Result<()> {
-        let message = format!("lost {count} events: the {buffer} was full (raise --buffer-pages)");
-        self.shortfall(Record::Lost(Count { count }), &message)
-    }
-
-    /// Connects the probes could not time.
-    pub fn untracked(&mut self, count: u64, max_pending: u32) -> io::Result<()> {
-        let message = format!(
-            "{count} connects not traced: more than {max_pending} were waiting for an answer (raise --max-pending)"
-        );
-        self.shortfall(Record::Untracked(Count { count }), &message)
-    }
-
-    /// Connects whose end the kernel did not show the probes.
-    pub fn missed(&mut self, count: u64) -> io::Result<()> {
-        let message = format!(
-            "{count} connects not traced to their end: the kernel skipped the probe (it would have run inside another BPF program)"
-        );
-        self.shortfall(Record::Missed(Count { count }), &message)
     }
 
     /// Something missing from the output: said on stderr, and in the JSON stream.
@@ -210,10 +155,78 @@ impl<W: Write> Printer<W> {
         if self.header_due {
             self.header()?;
         }
+        self.out.flush()
+    }
+}
+
+impl<W: Write> Sink for Printer<W> {
+    fn event(&mut self, e: &Event) -> io::Result<()> {
+        match &mut self.view {
+            View::Lines => self.line(e),
+            View::Hist(h) => {
+                h.add(e);
+                Ok(())
+            }
+            View::Summary(s) => {
+                s.add(e);
+                Ok(())
+            }
+        }
+    }
+
+    /// Print the histograms or summary gathered so far and start over (every interval
+    /// and at the end); nothing for the line view.
+    fn report(&mut self) -> io::Result<()> {
+        let (text, records): (String, Vec<Record<'_>>) = match &mut self.view {
+            View::Lines => return Ok(()),
+            View::Hist(h) => {
+                let out = (
+                    h.render(),
+                    h.records().into_iter().map(Record::Hist).collect(),
+                );
+                *h = Hists::new(h.by());
+                out
+            }
+            View::Summary(s) => {
+                let out = (
+                    s.render(),
+                    s.records().into_iter().map(Record::Summary).collect(),
+                );
+                *s = Summary::default();
+                out
+            }
+        };
+        match self.format {
+            Format::Json => {
+                for record in records {
+                    write_json(&mut self.out, &record)?;
+                }
+            }
+            Format::Text => writeln!(self.out, "{text}")?,
+        }
         self.flush()
     }
 
-    pub fn flush(&mut self) -> io::Result<()> {
+    fn lost(&mut self, count: u64, buffer: &str) -> io::Result<()> {
+        let message = format!("lost {count} events: the {buffer} was full (raise --buffer-pages)");
+        self.shortfall(Record::Lost(Count { count }), &message)
+    }
+
+    fn untracked(&mut self, count: u64, max_pending: u32) -> io::Result<()> {
+        let message = format!(
+            "{count} connects not traced: more than {max_pending} were waiting for an answer (raise --max-pending)"
+        );
+        self.shortfall(Record::Untracked(Count { count }), &message)
+    }
+
+    fn missed(&mut self, count: u64) -> io::Result<()> {
+        let message = format!(
+            "{count} connects not traced to their end: the kernel skipped the probe (it would have run inside another BPF program)"
+        );
+        self.shortfall(Record::Missed(Count { count }), &message)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
         self.out.flush()
     }
 }
@@ -249,6 +262,7 @@ mod tests {
             errno: None,
             syn_retrans: 0,
             uid: 1000,
+            cgroup_id: 0,
         }
     }
 

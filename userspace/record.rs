@@ -135,6 +135,7 @@ mod tests {
             errno: Some(111),
             syn_retrans: 1,
             uid: 0,
+            cgroup_id: 0,
         }
     }
 

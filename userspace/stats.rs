@@ -287,6 +287,7 @@ mod tests {
             errno: None,
             syn_retrans: 0,
             uid: 0,
+            cgroup_id: 0,
         }
     }
 

@@ -1,0 +1,122 @@
+//! The `/metrics` endpoint (hyper): Prometheus text format 0.0.4, or OpenMetrics when the
+//! scraper's Accept header asks for it. Bounded against misbehaving clients: a few
+//! connections at once (more wait in the kernel's backlog), a small request buffer, and a
+//! deadline for each connection, so a slow, half-closed or hostile client costs a slot for
+//! seconds, never memory.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderValue, ACCEPT, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::exporter::Metrics;
+
+/// Connections served at once.
+const CONNECTIONS: usize = 16;
+/// A request's head must fit in this (a 1 MB request line is refused, not buffered).
+const REQUEST_BUFFER: usize = 16 * 1024;
+/// A client must send its request head within this...
+const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// ...and is done with the connection within this.
+const CONNECTION_DEADLINE: Duration = Duration::from_secs(30);
+
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+const OPENMETRICS_TEXT: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Bind the listening socket (before the probes load: a taken port fails fast).
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("--serve {addr}: cannot listen there"))
+}
+
+/// Serve `metrics` on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    let slots = Arc::new(Semaphore::new(CONNECTIONS));
+    loop {
+        // Wait for a slot first: meanwhile new connections queue in the backlog.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request| {
+                let response = respond(&request, &metrics);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEAD_TIMEOUT)
+                .max_buf_size(REQUEST_BUFFER)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_DEADLINE, connection).await;
+            drop(slot);
+        });
+    }
+}
+
+fn respond(request: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        return plain(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
+    }
+    match request.uri().path() {
+        "/metrics" => scrape(request, metrics),
+        "/" => plain(StatusCode::OK, "tcpconnlat: metrics at /metrics\n"),
+        _ => plain(
+            StatusCode::NOT_FOUND,
+            "not found: metrics are at /metrics\n",
+        ),
+    }
+}
+
+fn scrape(request: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
+    let openmetrics = request
+        .headers()
+        .get_all(ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    let mut body = String::new();
+    let encoded = if openmetrics {
+        prometheus_client::encoding::text::encode(&mut body, &metrics.registry)
+    } else {
+        prometheus_client::encoding::prometheus_text::encode(&mut body, &metrics.registry)
+    };
+    if encoded.is_err() {
+        return plain(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n");
+    }
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    let kind = if openmetrics {
+        OPENMETRICS_TEXT
+    } else {
+        PROMETHEUS_TEXT
+    };
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(kind));
+    response
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
