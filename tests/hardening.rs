@@ -16,10 +16,6 @@ use nix::unistd::Pid;
 use serde_json::Value;
 use support::*;
 
-fn me() -> String {
-    std::process::id().to_string()
-}
-
 fn records<'a>(all: &'a [Value], kind: &str) -> Vec<&'a Value> {
     all.iter().filter(|v| v["type"] == kind).collect()
 }
@@ -29,15 +25,6 @@ fn counted(all: &[Value], kind: &str) -> u64 {
         .iter()
         .map(|v| v["count"].as_u64().unwrap())
         .sum()
-}
-
-fn vm_rss_kb(pid: u32) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap()
 }
 
 /// `n` non-blocking connects from namespace `ns` to `server`, all left waiting for an

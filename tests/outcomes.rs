@@ -9,10 +9,6 @@ use std::time::Duration;
 use serde_json::Value;
 use support::*;
 
-fn me() -> String {
-    std::process::id().to_string()
-}
-
 fn by_dport(events: &[Value], dport: u16) -> Vec<&Value> {
     events.iter().filter(|e| e["dport"] == dport).collect()
 }

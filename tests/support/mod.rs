@@ -578,3 +578,81 @@ impl NetPair {
         );
     }
 }
+
+/// This process's pid, as an argument.
+pub fn me() -> String {
+    std::process::id().to_string()
+}
+
+/// A process's resident memory, kB.
+pub fn vm_rss_kb(pid: u32) -> u64 {
+    proc_status_kb(pid, "VmRSS:")
+}
+
+/// A process's peak resident memory, kB.
+pub fn vm_hwm_kb(pid: u32) -> u64 {
+    proc_status_kb(pid, "VmHWM:")
+}
+
+fn proc_status_kb(pid: u32, field: &str) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// A tracer started with `--serve 127.0.0.1:0`, and the address it serves on.
+pub fn serving(args: &[&str]) -> (Tracer, SocketAddr) {
+    let mut all = vec!["--serve", "127.0.0.1:0"];
+    all.extend_from_slice(args);
+    let tracer = Tracer::start(&all);
+    let said = |s: &str| s.contains("serving Prometheus metrics at http://");
+    let stderr = tracer.stderr_until(Duration::from_secs(10), said);
+    let addr = stderr
+        .lines()
+        .find_map(|l| l.split("http://").nth(1)?.strip_suffix("/metrics"))
+        .unwrap_or_else(|| panic!("no address in: {stderr}"))
+        .parse()
+        .unwrap();
+    (tracer, addr)
+}
+
+/// GET /metrics, as Prometheus would (the text format).
+pub fn scrape(addr: SocketAddr) -> String {
+    ureq::get(&format!("http://{addr}/metrics"))
+        .call()
+        .unwrap_or_else(|e| panic!("scraping {addr}: {e}"))
+        .body_mut()
+        .read_to_string()
+        .unwrap()
+}
+
+/// The value of the sample `series` (name and labels, as printed) in a scrape, if any.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(|v| v.trim().parse().unwrap())
+}
+
+/// Ports below the kernel's ephemeral range (those are never label values) where nothing
+/// listens: a connect there is refused.
+pub fn closed_service_ports(n: usize) -> Vec<u16> {
+    (29000..30000)
+        .filter(|&port| TcpListener::bind(("127.0.0.1", port)).is_ok())
+        .take(n)
+        .collect()
+}
+
+/// A listener on a port below the kernel's ephemeral range.
+pub fn listen_on_a_service_port() -> SocketAddr {
+    (20000..29000)
+        .find_map(|port| TcpListener::bind(("127.0.0.1", port)).ok())
+        .map(|l| {
+            let local = l.local_addr().unwrap();
+            thread::spawn(move || for _ in l.incoming() {});
+            local
+        })
+        .expect("a free port between 20000 and 29000")
+}
