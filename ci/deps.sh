@@ -12,6 +12,7 @@ packages=(
     iptables         # tests: dropping SYNs inside a test namespace (iptables-legacy)
     util-linux       # tests: setpriv, to run unprivileged
     xz-utils         # tests: the compressed BTF fixture
+    prometheus       # tests: a real Prometheus server scrapes --serve, promtool checks it
     "$@"             # extra packages from the caller (the kernel matrix adds its own)
 )
 missing=()

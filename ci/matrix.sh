@@ -204,7 +204,7 @@ test_bin() { # name: the release integration test executable for tests/<name>.rs
         sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1
 }
 # The kernel-facing suites, run once per mode; and the suites run once per kernel.
-TRACE_TESTS="$(test_bin trace) $(test_bin outcomes)"
+TRACE_TESTS="$(test_bin trace) $(test_bin outcomes) $(test_bin serve)"
 ONCE_TESTS="$(test_bin cli) $(test_bin legacy) $(test_bin hardening)"
 # The overhead benchmark, small, in one VM: the fentry and kprobe modes against their
 # empty-program floor (this host has neither). Under emulation only ratios within that
