@@ -33,7 +33,10 @@ impl Prometheus {
         let api = free_port();
         let child = Command::new("prometheus")
             .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
             .arg(format!("--web.listen-address={api}"))
             .arg("--log.level=warn")
             .stdout(Stdio::null())
@@ -68,6 +71,26 @@ impl Prometheus {
             return None;
         }
         result[0]["value"][1].as_str()?.parse().ok()
+    }
+
+    /// Whether Prometheus accepts `promql` and answers it with at least one series.
+    fn answers(&self, promql: &str) -> Result<usize, String> {
+        let response = ureq::get(&format!("http://{}/api/v1/query", self.api))
+            .query("query", promql)
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .call()
+            .map_err(|e| e.to_string())?;
+        let body = response
+            .into_body()
+            .read_to_string()
+            .map_err(|e| e.to_string())?;
+        let v: Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
+        if v["status"] != "success" {
+            return Err(body);
+        }
+        Ok(v["data"]["result"].as_array().map_or(0, Vec::len))
     }
 
     /// Query until `want` holds of the answer (scrapes come every second), then the answer.
@@ -122,18 +145,26 @@ fn a_real_prometheus_scrapes_and_answers_queries() {
     assert!(gave_up);
 
     let count = |outcome: &str, dest: String| {
-        format!("tcpconnlat_connect_duration_seconds_count{{outcome=\"{outcome}\",dest=\"{dest}\"}}")
+        format!(
+            "tcpconnlat_connect_duration_seconds_count{{outcome=\"{outcome}\",dest=\"{dest}\"}}"
+        )
     };
     let refused = count("refused", format!("127.0.0.1:{closed}"));
     assert_eq!(prometheus.query_until(&refused, |v| v >= 3.0), Some(3.0));
     let established = count("established", format!("127.0.0.1:{}", server.port()));
-    assert_eq!(prometheus.query_until(&established, |v| v >= 4.0), Some(4.0));
+    assert_eq!(
+        prometheus.query_until(&established, |v| v >= 4.0),
+        Some(4.0)
+    );
     assert_eq!(
         prometheus.query_until(&count("timeout", silent.to_string()), |v| v >= 1.0),
         Some(1.0)
     );
     let retransmits = format!("tcpconnlat_syn_retransmits_total{{dest=\"{silent}\"}}");
-    assert_eq!(prometheus.query_until(&retransmits, |v| v >= 1.0), Some(1.0));
+    assert_eq!(
+        prometheus.query_until(&retransmits, |v| v >= 1.0),
+        Some(1.0)
+    );
     // The median loopback handshake: above zero, far below the first bucket past a
     // millisecond-scale handshake.
     let median = format!(
@@ -143,9 +174,8 @@ fn a_real_prometheus_scrapes_and_answers_queries() {
     let p50 = prometheus.query_until(&median, |v| v > 0.0).unwrap();
     assert!(p50 > 0.0 && p50 < 0.05, "median handshake {p50} s");
     // And the timeout's latency: about 1.5 s, which its buckets hold.
-    let timeout_sum = format!(
-        "tcpconnlat_connect_duration_seconds_sum{{outcome=\"timeout\",dest=\"{silent}\"}}"
-    );
+    let timeout_sum =
+        format!("tcpconnlat_connect_duration_seconds_sum{{outcome=\"timeout\",dest=\"{silent}\"}}");
     let took = prometheus.query_until(&timeout_sum, |v| v > 0.0).unwrap();
     assert!((1.3..3.0).contains(&took), "timeout took {took} s");
     assert_eq!(prometheus.query("up{job=\"tcpconnlat\"}"), Some(1.0));
@@ -177,13 +207,72 @@ fn promtool_finds_nothing_to_say_about_a_scrape() {
         .spawn()
         .expect("run promtool (Debian package prometheus)");
     use std::io::Write;
-    check.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
     let out = check.wait_with_output().unwrap();
     let said = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success() && said.trim().is_empty(), "promtool: {said}\n{text}");
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "promtool: {said}\n{text}"
+    );
+    assert!(tracer.interrupt().success());
+}
+
+/// Every query of packaging/grafana-dashboard.json is PromQL this Prometheus accepts, and
+/// answers with data once a few connects were scraped.
+#[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
+fn every_dashboard_query_runs_on_a_real_prometheus() {
+    let _serial = serial();
+    let dashboard: Value =
+        serde_json::from_str(include_str!("../packaging/grafana-dashboard.json")).unwrap();
+    let server = listen_on_a_service_port();
+    let closed = closed_service_ports(1)[0];
+    let (tracer, addr) = serving(&["-p", &me()]);
+    let prometheus = Prometheus::start(addr);
+    // Two scrapes apart, so that rates have two points.
+    for round in 0..2 {
+        connect(server);
+        let _ = TcpStream::connect(("127.0.0.1", closed));
+        let scraped = format!(
+            "tcpconnlat_connect_duration_seconds_count{{outcome=\"refused\",dest=\"127.0.0.1:{closed}\"}}"
+        );
+        prometheus.query_until(&scraped, |v| v >= f64::from(round + 1));
+    }
+    let mut checked = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let promql = target["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$instance", ".*")
+                .replace("$__rate_interval", "1m");
+            let series = prometheus.answers(&promql);
+            assert!(series.is_ok(), "{}: {promql}: {series:?}", panel["title"]);
+            checked += 1;
+        }
+    }
+    assert!(checked >= 10, "{checked} queries");
+    // The ones that need no failure to have data have it.
+    for promql in [
+        "tcpconnlat_info",
+        "sum(tcpconnlat_label_sets)",
+        "sum by (outcome) (rate(tcpconnlat_connect_duration_seconds_count{outcome!=\"established\"}[1m]))",
+    ] {
+        let end = Instant::now() + Duration::from_secs(20);
+        while prometheus.answers(promql) == Ok(0) && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        assert_eq!(prometheus.answers(promql), Ok(1), "{promql}");
+    }
+    drop(prometheus);
     assert!(tracer.interrupt().success());
 }

@@ -81,7 +81,9 @@ fn label_sets_beyond_max_series_fold_into_other() {
     for &port in &closed {
         let _ = std::net::TcpStream::connect(("127.0.0.1", port));
     }
-    let text = scrape_until(addr, |t| count(t, "refused", "other") + 2.0 >= closed.len() as f64);
+    let text = scrape_until(addr, |t| {
+        count(t, "refused", "other") + 2.0 >= closed.len() as f64
+    });
     // Two of their own and "other" (where this test's own scrapes land too).
     assert_eq!(sample(&text, "tcpconnlat_label_sets"), Some(3.0), "{text}");
     let folded = sample(&text, "tcpconnlat_series_folded_total").unwrap();
@@ -157,7 +159,11 @@ fn sigterm_stops_the_exporter_cleanly() {
     let ids = tracer.map_ids();
     assert!(ids.len() >= 3, "{ids:?}");
     assert!(scrape(addr).contains("tcpconnlat_info"));
-    kill(nix::unistd::Pid::from_raw(tracer.pid() as i32), Signal::SIGTERM).unwrap();
+    kill(
+        nix::unistd::Pid::from_raw(tracer.pid() as i32),
+        Signal::SIGTERM,
+    )
+    .unwrap();
     assert!(tracer.wait().success());
     thread::sleep(Duration::from_millis(500));
     for id in ids {
