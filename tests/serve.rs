@@ -67,6 +67,22 @@ fn served_metrics_count_known_connects_by_outcome_and_dest() {
         "{text}"
     );
     assert_eq!(sample(&text, "tcpconnlat_lost_events_total"), Some(0.0));
+    // OpenMetrics, for a scraper that asks for it.
+    let mut response = ureq::get(&format!("http://{addr}/metrics"))
+        .header("Accept", "application/openmetrics-text; version=1.0.0")
+        .call()
+        .unwrap();
+    let kind = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(kind.starts_with("application/openmetrics-text"), "{kind}");
+    let open = response.body_mut().read_to_string().unwrap();
+    assert!(open.ends_with("# EOF\n"), "{open}");
+    assert!(
+        open.contains("# UNIT tcpconnlat_connect_duration_seconds seconds"),
+        "{open}"
+    );
     // Nothing but start-up on stderr, nothing at all on stdout.
     assert!(tracer.lines_for(Duration::from_millis(100)).is_empty());
     assert!(tracer.interrupt().success());
