@@ -154,26 +154,30 @@ impl Metrics {
             "SYNs sent again before connects ended",
             metrics.retransmits.clone(),
         );
-        registry.register(
-            "tcpconnlat_lost_events",
-            "Connects not reported: the event buffer was full (raise --buffer-pages)",
-            metrics.lost.clone(),
-        );
-        registry.register(
-            "tcpconnlat_untracked_connects",
-            "Connects not timed: more than --max-pending waited for an answer at once",
-            metrics.untracked.clone(),
-        );
-        registry.register(
-            "tcpconnlat_missed_connects",
-            "Connects whose end the kernel did not show the probes",
-            metrics.missed.clone(),
-        );
-        registry.register(
-            "tcpconnlat_series_folded",
-            "Connects counted under dest=\"other\": --max-series label sets were in use",
-            metrics.folded.clone(),
-        );
+        for (name, help, counter) in [
+            (
+                "tcpconnlat_lost_events",
+                "Connects not reported: the event buffer was full (raise --buffer-pages)",
+                &metrics.lost,
+            ),
+            (
+                "tcpconnlat_untracked_connects",
+                "Connects not timed: more than --max-pending waited for an answer at once",
+                &metrics.untracked,
+            ),
+            (
+                "tcpconnlat_missed_connects",
+                "Connects whose end the kernel did not show the probes",
+                &metrics.missed,
+            ),
+            (
+                "tcpconnlat_series_folded",
+                "Connects counted under dest=\"other\": --max-series label sets were in use",
+                &metrics.folded,
+            ),
+        ] {
+            registry.register(name, help, counter.clone());
+        }
         registry.register(
             "tcpconnlat_label_sets",
             "Label sets in use (at most --max-series, and the folded one)",
