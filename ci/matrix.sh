@@ -32,7 +32,7 @@ VM_TIMEOUT=${TCPCONNLAT_VM_TIMEOUT:-1500}
 # refused with a clear error, and what auto must pick.
 # 4.14 has no kprobe PMU (4.17+): its plain legacy cell already goes through tracefs.
 declare -A MODES=([deb61]="fentry kprobe tracepoint legacy" [deb612]="fentry kprobe tracepoint legacy"
-    [nobtf]="tracepoint legacy legacy+btf legacy+tracefs" [noftrace]="kprobe tracepoint legacy"
+    [nobtf]="tracepoint legacy legacy+tracefs" [noftrace]="kprobe tracepoint legacy"
     [old414]="legacy legacy+btf" [old54]="tracepoint legacy legacy+btf legacy+tracefs")
 declare -A REFUSED=([deb61]="" [deb612]="" [nobtf]="fentry kprobe" [noftrace]="fentry"
     [old414]="fentry kprobe tracepoint" [old54]="fentry kprobe")
