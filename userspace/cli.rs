@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use clap::{Parser, ValueEnum};
 use tcpconnlat_compat::Mode;
 
-use crate::cgroup::cgroup_id;
+use crate::cgroup::{cgroup_id, CgroupPaths};
 use crate::exporter::{ephemeral_ports, DestLabel, LabelRules, Metrics};
 use crate::host::Host;
 use crate::kprobes::KprobeAttach;
@@ -355,26 +355,32 @@ impl Cli {
         }
     }
 
-    /// The histogram buckets for `--serve`, checked.
-    pub fn buckets(&self) -> Result<Vec<f64>> {
-        if self.buckets.is_empty() {
-            return Ok(Metrics::default_buckets());
-        }
-        if self.buckets.len() > 100 || !self.buckets.windows(2).all(|w| w[0] < w[1]) {
+    /// What `--serve` asks for, checked before anything is loaded.
+    pub fn fleet(&self) -> Result<Option<Fleet>> {
+        let Some(addr) = self.serve else {
+            return Ok(None);
+        };
+        let buckets = if self.buckets.is_empty() {
+            Metrics::default_buckets()
+        } else if self.buckets.len() > 100 || !self.buckets.windows(2).all(|w| w[0] < w[1]) {
             bail!("--buckets: give at most 100 bounds, each larger than the one before");
-        }
-        Ok(self.buckets.clone())
-    }
-
-    /// How `--serve` makes and bounds label sets.
-    pub fn label_rules(&self) -> LabelRules {
-        LabelRules {
+        } else {
+            self.buckets.clone()
+        };
+        let rules = LabelRules {
             dest: self.dest,
             cgroup: self.label.contains(&ExtraLabel::Cgroup),
             ephemeral: ephemeral_ports(),
             max_series: self.max_series as usize,
             ttl: self.series_ttl,
-        }
+        };
+        let cgroups = rules.cgroup.then(CgroupPaths::new).transpose()?;
+        Ok(Some(Fleet {
+            addr,
+            rules,
+            buckets,
+            cgroups,
+        }))
     }
 
     /// When tracing ends by itself.
@@ -385,6 +391,15 @@ impl Cli {
             interval: self.interval,
         }
     }
+}
+
+/// `--serve` and how it labels.
+pub struct Fleet {
+    pub addr: SocketAddr,
+    pub rules: LabelRules,
+    pub buckets: Vec<f64>,
+    /// With `--label cgroup`.
+    pub cgroups: Option<CgroupPaths>,
 }
 
 /// When tracing stops by itself, and when aggregates are printed along the way.

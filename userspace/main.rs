@@ -33,8 +33,7 @@ use tcpconnlat_compat::{Mode, Plan};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::time::{interval_at, sleep, Instant as TokioInstant, MissedTickBehavior};
 
-use crate::cgroup::CgroupPaths;
-use crate::cli::{Cli, Limits};
+use crate::cli::{Cli, Fleet, Limits};
 use crate::exporter::{Exporter, Identity, Metrics};
 use crate::host::Host;
 use crate::loader::{Filters, Setup, Tracer};
@@ -88,6 +87,7 @@ fn run(cli: &Cli, started: Instant) -> Result<()> {
     set_libbpf_log(cli.verbose);
     let privileged = privileges::privileged();
     let filters = cli.filters()?;
+    let fleet = cli.fleet()?;
     if let Some(path) = &cli.btf {
         // Checked before anything else: a wrong path should not wait for a failed load.
         tcpconnlat_compat::btf::sock_offsets(path).map_err(|e| anyhow!("--btf: {e}"))?;
@@ -114,9 +114,9 @@ fn run(cli: &Cli, started: Instant) -> Result<()> {
     let _guard = runtime.enter();
     let signals = Signals::new()?;
     // Bound before loading: a port in use fails at once.
-    let listener = cli
-        .serve
-        .map(|addr| runtime.block_on(http::bind(addr)))
+    let listener = fleet
+        .as_ref()
+        .map(|f| runtime.block_on(http::bind(f.addr)))
         .transpose()?;
     let mut plan = Plan::new(&host.features, &host.trials, forced);
     let tracer = start_first(&mut plan, &setup, &filters, forced)?;
@@ -127,8 +127,13 @@ fn run(cli: &Cli, started: Instant) -> Result<()> {
         let ms = started.elapsed().as_secs_f64() * 1e3;
         eprintln!("tcpconnlat: attached {ms:.1} ms after start");
     }
-    if let Some(listener) = listener {
-        return export(cli, &runtime, listener, stream, &tracer, &host, signals);
+    if let (Some(fleet), Some(listener)) = (fleet, listener) {
+        let served = Served {
+            fleet,
+            listener,
+            duration: cli.duration,
+        };
+        return export(served, &runtime, stream, &tracer, &host, signals);
     }
     // Stdout alone flushes every line: a write per event would cost more than the probes.
     // Lines are flushed whenever the queue is empty, so none waits longer than --max-delay.
@@ -141,36 +146,46 @@ fn run(cli: &Cli, started: Instant) -> Result<()> {
     Ok(())
 }
 
-/// `--serve`: connects become metrics, served on `listener` until a signal (or `-d`).
-fn export(
-    cli: &Cli,
-    runtime: &tokio::runtime::Runtime,
+/// What `--serve` runs with: its labels, its socket, and `-d`.
+struct Served {
+    fleet: Fleet,
     listener: tokio::net::TcpListener,
+    duration: Option<Duration>,
+}
+
+/// `--serve`: connects become metrics, served until a signal (or `-d`).
+fn export(
+    served: Served,
+    runtime: &tokio::runtime::Runtime,
     stream: EventStream<'_>,
     tracer: &Tracer,
     host: &Host,
     signals: Signals,
 ) -> Result<()> {
-    let rules = cli.label_rules();
-    let cgroups = rules.cgroup.then(CgroupPaths::new).transpose()?;
+    let Served {
+        fleet,
+        listener,
+        duration,
+    } = served;
+    let ttl = fleet.rules.ttl;
     let identity = Identity {
         mode: tracer.mode,
         transport: tracer.transport.name(),
         kernel: host.features.release.as_deref().unwrap_or("unknown"),
     };
-    let metrics = Arc::new(Metrics::new(rules, cli.buckets()?, &identity));
+    let metrics = Arc::new(Metrics::new(fleet.rules, fleet.buckets, &identity));
     let address = listener.local_addr()?;
     let server = runtime.spawn(http::serve(listener, metrics.clone()));
     eprintln!("tcpconnlat: serving Prometheus metrics at http://{address}/metrics");
     let mut exporter = Exporter {
         metrics: &metrics,
-        cgroups,
+        cgroups: fleet.cgroups,
     };
     // Idle label sets are dropped as they pass --series-ttl, checked every few seconds.
     let limits = Limits {
-        duration: cli.duration,
+        duration,
         count: None,
-        interval: Some(cli.series_ttl.min(Duration::from_secs(10))),
+        interval: Some(ttl.min(Duration::from_secs(10))),
     };
     let result = runtime.block_on(pump(stream, &mut exporter, tracer, limits, signals));
     server.abort();
