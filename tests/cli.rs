@@ -104,6 +104,37 @@ fn malformed_huge_and_injection_looking_values_get_one_line() {
         (&["--btf", truncated], 1, "--btf"),
         (&["--cgroup", "/etc/passwd"], 1, "--cgroup"),
         (&["--cgroup", "$(reboot)"], 1, "--cgroup"),
+        (
+            &["--serve", "nope"],
+            2,
+            "ADDR must be an IP address and port",
+        ),
+        (
+            &["--serve", "localhost:80"],
+            2,
+            "ADDR must be an IP address and port",
+        ),
+        (
+            &["--serve", "127.0.0.1:99999"],
+            2,
+            "ADDR must be an IP address and port",
+        ),
+        (&["--serve", "--json"], 2, "cannot be used with"),
+        (&["--max-series", "10"], 2, "--serve"),
+        (&["--serve", "--max-series", "0"], 2, "--max-series"),
+        (&["--serve", "--dest", "$(id)"], 2, "--dest"),
+        (
+            &["--serve", "--buckets", "0.1,-1"],
+            2,
+            "bucket bounds must be seconds",
+        ),
+        (&["--serve", "--buckets", "1,0.5"], 1, "--buckets"),
+        (
+            &["--serve", "--series-ttl", "0"],
+            2,
+            "SECS must be more than 0",
+        ),
+        (&["--serve", "--label", "pod"], 2, "--label"),
     ] {
         let (status, _, err) = run(args);
         assert_one_line_error(code, status, &err, needle);
