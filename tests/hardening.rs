@@ -5,7 +5,8 @@ mod support;
 
 use std::collections::HashSet;
 use std::fs;
-use std::net::SocketAddr;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
@@ -523,4 +524,88 @@ fn an_entry_whose_end_no_probe_saw_is_swept_and_reported() {
     assert!(said(&tracer.stderr_until(Duration::from_secs(2), said)));
     pending.delete(&fresh).unwrap();
     assert!(tracer.interrupt().success());
+}
+
+/// Clients that do everything wrong, many at once, while connects go on being counted.
+#[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
+fn the_exporter_outlives_a_scrape_storm() {
+    let _serial = serial();
+    let server = listen_on_a_service_port();
+    let dest = format!("127.0.0.1:{}", server.port());
+    let (tracer, addr) = serving(&["-p", &me()]);
+    let rss_before = vm_rss_kb(tracer.pid());
+    let misbehave = move |kind: usize| {
+        let Ok(mut s) = TcpStream::connect(addr) else {
+            return;
+        };
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let _ = match kind % 5 {
+            // Slow: half a request, then nothing.
+            0 => s.write_all(b"GET /metr"),
+            // Half-closed: a request, then no more writing (the answer is still read).
+            1 => s
+                .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                .and_then(|()| s.shutdown(Shutdown::Write)),
+            // Garbage.
+            2 => s.write_all(b"\x16\x03\x01\x02\x00 not http at all\r\n\r\n"),
+            // A request line of a megabyte.
+            3 => s.write_all(format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(1 << 20)).as_bytes()),
+            // A proper scrape.
+            _ => s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+        };
+        let mut sink = Vec::new();
+        let _ = s.take(1 << 22).read_to_end(&mut sink);
+    };
+    // Fewer under emulation (the matrix VMs), where each costs a hundred times more.
+    let (threads, each) = if std::env::var_os("TCPCONNLAT_EMULATED").is_some() {
+        (4, 10)
+    } else {
+        (8, 40)
+    };
+    let storm: Vec<_> = (0..threads)
+        .map(|t| thread::spawn(move || (0..each).for_each(|i| misbehave(t * each + i))))
+        .collect();
+    // Events keep flowing meanwhile.
+    for _ in 0..20 {
+        connect(server);
+        thread::sleep(Duration::from_millis(20));
+    }
+    for thread in storm {
+        thread.join().unwrap();
+    }
+    let text = scrape_until(addr, |t| served_count(t, "established", &dest) >= 20.0);
+    assert_eq!(served_count(&text, "established", &dest), 20.0, "{text}");
+    let rss_after = vm_rss_kb(tracer.pid());
+    eprintln!("exporter RSS {rss_before} kB before the storm, {rss_after} kB after");
+    assert!(
+        rss_after < rss_before + 8 * 1024,
+        "exporter memory grew from {rss_before} to {rss_after} kB"
+    );
+    assert!(tracer.interrupt().success());
+}
+
+/// systemd stops a service with SIGTERM: the exporter exits 0 and leaves no BPF object.
+#[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
+fn sigterm_stops_the_exporter_cleanly() {
+    let _serial = serial();
+    let (mut tracer, addr) = serving(&[]);
+    let ids = tracer.map_ids();
+    assert!(ids.len() >= 3, "{ids:?}");
+    assert!(scrape(addr).contains("tcpconnlat_info"));
+    kill(
+        nix::unistd::Pid::from_raw(tracer.pid() as i32),
+        Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(tracer.wait().success());
+    thread::sleep(Duration::from_millis(500));
+    for id in ids {
+        assert!(
+            libbpf_rs::MapHandle::from_map_id(id).is_err(),
+            "map {id} outlived the exporter"
+        );
+    }
+    assert!(TcpStream::connect(addr).is_err(), "still listening");
 }

@@ -656,3 +656,23 @@ pub fn listen_on_a_service_port() -> SocketAddr {
         })
         .expect("a free port between 20000 and 29000")
 }
+
+/// How many connects with `outcome` to `dest` a scrape counts.
+pub fn served_count(text: &str, outcome: &str, dest: &str) -> f64 {
+    let series = format!(
+        "tcpconnlat_connect_duration_seconds_count{{outcome=\"{outcome}\",dest=\"{dest}\"}}"
+    );
+    sample(text, &series).unwrap_or(0.0)
+}
+
+/// Scrape until `done` says the counts are in (the stream drains every 20 ms).
+pub fn scrape_until(addr: SocketAddr, done: impl Fn(&str) -> bool) -> String {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = scrape(addr);
+        if done(&text) || Instant::now() > end {
+            return text;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
