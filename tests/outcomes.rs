@@ -359,6 +359,14 @@ fn cgroup_filter_keeps_only_processes_in_it() {
     let connector = Connector::spawn(&[], server);
     cgroup.adopt(connector.pid());
     let path = cgroup.dir.to_str().unwrap().to_owned();
+    if !cgroup_ids_known(&cgroup.dir) {
+        // Checked with the other filters, before any mode is chosen.
+        let (status, _, err) = run_as_tested(&["--cgroup", &path, "-d", "1"]);
+        assert_eq!(status.code(), Some(1), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("CONFIG_FHANDLE"), "{err}");
+        return;
+    }
     if test_mode().as_deref() == Some("legacy") {
         // Legacy mode does without the helper (Linux 4.18+): the user is told so.
         let (status, _, err) = run_as_tested(&["--legacy", "--cgroup", &path, "-d", "1"]);
@@ -368,13 +376,6 @@ fn cgroup_filter_keeps_only_processes_in_it() {
             err.contains("--cgroup needs a helper legacy mode does without"),
             "{err}"
         );
-        return;
-    }
-    if !cgroup_ids_known(&cgroup.dir) {
-        let (status, _, err) = run_as_tested(&["--cgroup", &path, "-d", "1"]);
-        assert_eq!(status.code(), Some(1), "{err}");
-        assert_eq!(err.lines().count(), 1, "{err}");
-        assert!(err.contains("CONFIG_FHANDLE"), "{err}");
         return;
     }
     let e = only_the_connector(&["--json", "--cgroup", &path], connector, server);
