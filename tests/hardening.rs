@@ -121,7 +121,7 @@ fn a_syn_flood_is_reported_in_full_as_timeouts_with_flat_memory() {
         args.extend(["--sweep-after", "1", "--stale-after", "30"]);
     }
     let tracer = Tracer::start(&args);
-    let rss_before = vm_rss_kb(tracer.pid());
+    let rss_before = rss_anon_kb(tracer.pid());
 
     let started = Instant::now();
     let sockets = flood(&net.a, server, n, 1);
@@ -188,8 +188,8 @@ fn a_syn_flood_is_reported_in_full_as_timeouts_with_flat_memory() {
         0,
         "entries outlived their sockets"
     );
-    let rss_after = vm_rss_kb(tracer.pid());
-    eprintln!("tracer RSS {rss_before} kB before the flood, {rss_after} kB after");
+    let rss_after = rss_anon_kb(tracer.pid());
+    eprintln!("tracer anonymous RSS {rss_before} kB before the flood, {rss_after} kB after");
     assert!(
         rss_after < rss_before + 8 * 1024,
         "tracer memory grew from {rss_before} to {rss_after} kB"
@@ -536,7 +536,7 @@ fn the_exporter_outlives_a_scrape_storm() {
     let server = listen_on_a_service_port();
     let dest = format!("127.0.0.1:{}", server.port());
     let (tracer, addr) = serving(&["-p", &me()]);
-    let rss_before = vm_rss_kb(tracer.pid());
+    let rss_before = rss_anon_kb(tracer.pid());
     let misbehave = move |kind: usize| {
         let Ok(mut s) = TcpStream::connect(addr) else {
             return;
@@ -578,8 +578,8 @@ fn the_exporter_outlives_a_scrape_storm() {
     }
     let text = scrape_until(addr, |t| served_count(t, "established", &dest) >= 20.0);
     assert_eq!(served_count(&text, "established", &dest), 20.0, "{text}");
-    let rss_after = vm_rss_kb(tracer.pid());
-    eprintln!("exporter RSS {rss_before} kB before the storm, {rss_after} kB after");
+    let rss_after = rss_anon_kb(tracer.pid());
+    eprintln!("exporter anonymous RSS {rss_before} kB before the storm, {rss_after} kB after");
     assert!(
         rss_after < rss_before + 8 * 1024,
         "exporter memory grew from {rss_before} to {rss_after} kB"

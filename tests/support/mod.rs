@@ -584,14 +584,10 @@ pub fn me() -> String {
     std::process::id().to_string()
 }
 
-/// A process's resident memory, kB.
-pub fn vm_rss_kb(pid: u32) -> u64 {
-    proc_status_kb(pid, "VmRSS:")
-}
-
-/// A process's peak resident memory, kB.
-pub fn vm_hwm_kb(pid: u32) -> u64 {
-    proc_status_kb(pid, "VmHWM:")
+/// A process's anonymous resident memory (its heap and stacks: not the pages of its
+/// binary, which fault in as code paths first run, nor shared buffers), kB.
+pub fn rss_anon_kb(pid: u32) -> u64 {
+    proc_status_kb(pid, "RssAnon:")
 }
 
 fn proc_status_kb(pid: u32, field: &str) -> u64 {
