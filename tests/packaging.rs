@@ -90,12 +90,7 @@ fn the_units_capabilities_are_enough_to_trace_and_serve() {
         "tcpconnlat_connect_duration_seconds_count{{outcome=\"established\",dest=\"127.0.0.1:{}\"}}",
         server.port()
     );
-    let end = std::time::Instant::now() + Duration::from_secs(10);
-    let mut text = scrape(addr);
-    while sample(&text, &series).is_none() && std::time::Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(100));
-        text = scrape(addr);
-    }
+    let text = scrape_until(addr, |t| sample(t, &series).is_some());
     assert_eq!(sample(&text, &series), Some(1.0), "{said}{text}");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),

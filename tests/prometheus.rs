@@ -192,12 +192,7 @@ fn promtool_finds_nothing_to_say_about_a_scrape() {
     let (tracer, addr) = serving(&["-p", &me(), "--label", "cgroup"]);
     connect(server);
     let _ = TcpStream::connect(("127.0.0.1", closed));
-    let end = Instant::now() + Duration::from_secs(10);
-    let mut text = scrape(addr);
-    while !text.contains("outcome=\"refused\"") && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(100));
-        text = scrape(addr);
-    }
+    let text = scrape_until(addr, |t| t.contains("outcome=\"refused\""));
     assert!(text.contains(",cgroup=\""), "{text}");
     let mut check = Command::new("promtool")
         .args(["check", "metrics"])
