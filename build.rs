@@ -16,7 +16,6 @@ const PROBES: &[&str] = &[
     "tcpconnlat",
     "tcpconnlat_tp",
     "tcpconnlat_legacy",
-    "trial_fentry",
     "types",
     "empty",
 ];

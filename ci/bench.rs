@@ -40,6 +40,9 @@ fn from_env(name: &str, default: usize) -> usize {
     })
 }
 
+#[path = "bench_vm.rs"]
+mod vm;
+
 fn main() {
     let features = features();
     // Across a veth pair too, unless told not to (the emulated matrix VM, for time).
@@ -51,6 +54,9 @@ fn main() {
         .filter(|s| s["usable"] == true && s["mode"] != "legacy")
         .map(|s| s["mode"].as_str().unwrap().to_owned())
         .collect();
+    if std::env::var("TCPCONNLAT_BENCH_PROFILE").is_ok_and(|p| p == "vm") {
+        return vm::run(&modes, vm::reference());
+    }
     // One client alone leaves the tracer a core of its own: what a traced connect costs the
     // process that makes it.
     let mut servers = vec![Server::loopback(THREADS), Server::loopback(1)];

@@ -8,6 +8,8 @@
 #                                    old414 old54)
 #   ci/matrix.sh --update-fixtures   also copy each kernel's captured compat fixture into
 #                                    compat/tests/fixtures/<id>
+#   ci/matrix.sh --bench deb61       no cells: the overhead benchmark's instruction-counted
+#                                    profile in that VM (one vCPU, -icount; see ci/bench.sh)
 #
 # Kernel images are cached under ~/.cache/tcpconnlat-ci (TCPCONNLAT_CACHE), built ones keyed by the hash
 # of their config, so a warm machine skips the builds. Kernels no registry has (4.14, 5.4)
@@ -47,20 +49,31 @@ declare -A WHAT=([host]="running kernel" [deb61]="Debian 12 cloud 6.1" [deb612]=
 DEB_MODULES="veth x_tables ip_tables iptable_filter xt_recent xt_tcpudp ipt_REJECT"
 
 update_fixtures=0
+bench_only=
 kernels=()
 for arg in "$@"; do
     case $arg in
     --update-fixtures) update_fixtures=1 ;;
-    host | deb61 | deb612 | nobtf | noftrace | old414 | old54) kernels+=("$arg") ;;
+    --bench) bench_only=next ;;
+    host | deb61 | deb612 | nobtf | noftrace | old414 | old54)
+        kernels+=("$arg")
+        [ "$bench_only" != next ] || bench_only=$arg ;;
     *) echo "ci/matrix.sh: unknown kernel or option '$arg' (kernels: ${ALL[*]})" >&2; exit 2 ;;
     esac
 done
 [ ${#kernels[@]} -gt 0 ] || kernels=("${ALL[@]}")
+case $bench_only in
+next | host) echo "ci/matrix.sh: --bench needs a VM kernel (not host)" >&2; exit 2 ;;
+?*) kernels=("$bench_only") ;;
+esac
 
 log() { echo "[matrix $(date +%H:%M:%S)] $*" >&2; }
 
 ./ci/deps.sh qemu-system-x86 busybox-static cpio kmod xz-utils linux-source-6.1 dwarves \
     flex bison bc libssl-dev libelf-dev gcc make patchelf
+# The benchmark's reference: bcc's libbpf-tools tcpconnlat, as Debian ships it.
+REFERENCE=/usr/sbin/tcpconnlat
+[ -z "$bench_only" ] || ./ci/deps.sh libbpf-tools
 
 # --- kernels -----------------------------------------------------------------------------
 # Each sets KIMAGE (bzImage), KVER (uname -r), KMODDIR (its modules, or empty), KHEADERS
@@ -192,10 +205,12 @@ log "building the release binaries and test binaries"
 # who has only a BTF file for their kernel would run it. Then the one under test
 # everywhere else, with the header offsets of every kernel that has headers.
 mkdir -p "$OUT"
-KERNEL_HEADERS= cargo build --release --locked
 BIN=$ROOT/target/x86_64-unknown-linux-gnu/release/tcpconnlat
-cp "$BIN" "$OUT/tcpconnlat-noheaders"
 BIN_NOHEADERS=$OUT/tcpconnlat-noheaders
+if [ -z "$bench_only" ]; then
+    KERNEL_HEADERS= cargo build --release --locked
+    cp "$BIN" "$BIN_NOHEADERS"
+fi
 export KERNEL_HEADERS
 KERNEL_HEADERS=$(IFS=:; echo "${headers[*]}")
 cargo build --release --locked
@@ -205,12 +220,15 @@ test_bin() { # name: the release integration test executable for tests/<name>.rs
         sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1
 }
 # The kernel-facing suites, run once per mode; and the suites run once per kernel.
-TRACE_TESTS="$(test_bin trace) $(test_bin outcomes) $(test_bin serve)"
-ONCE_TESTS="$(test_bin cli) $(test_bin legacy) $(test_bin hardening)"
-# The overhead benchmark, small, in the VM TCPCONNLAT_MATRIX_BENCH names (e.g. deb612: the
-# fentry and kprobe modes this host lacks, against their empty-program floor); off in CI.
-# Under emulation only ratios within that one run mean anything; it judges nothing.
-BENCH_IN=${TCPCONNLAT_MATRIX_BENCH:-}
+TRACE_TESTS= ONCE_TESTS=
+if [ -z "$bench_only" ]; then
+    TRACE_TESTS="$(test_bin trace) $(test_bin outcomes) $(test_bin serve)"
+    ONCE_TESTS="$(test_bin cli) $(test_bin legacy) $(test_bin hardening)"
+fi
+# The overhead benchmark: small, next to the cells, in the VM TCPCONNLAT_MATRIX_BENCH names
+# (off in CI; under TCG only ratios within one run mean anything); or alone and
+# instruction-counted with --bench. It judges nothing.
+BENCH_IN=${bench_only:-${TCPCONNLAT_MATRIX_BENCH:-}}
 BENCH=
 if [ -n "$BENCH_IN" ]; then
     BENCH=$(cargo bench --locked --no-run --bench overhead --message-format=json 2>/dev/null |
@@ -290,7 +308,9 @@ make_initramfs() { # id out
     for applet in $(/bin/busybox --list); do
         [ -e "$root/bin/$applet" ] || ln -s busybox "$root/bin/$applet"
     done
-    for f in "$BIN" "$BIN_NOHEADERS" $TRACE_TESTS $ONCE_TESTS; do
+    local bins=("$BIN" $TRACE_TESTS $ONCE_TESTS)
+    [ -n "$bench_only" ] || bins+=("$BIN_NOHEADERS")
+    for f in "${bins[@]}"; do
         add_static "$root" "$f"
     done
     rm -f "$root/bin/ip" "$root/bin/setpriv" "$root/bin/bash"   # the real ones, not busybox's
@@ -308,6 +328,7 @@ make_initramfs() { # id out
     [ -z "${KBTFS[$id]}" ] || cp "${KBTFS[$id]}" "$root/vmlinux.btf"
     local bench=""
     if [ "$id" = "$BENCH_IN" ]; then bench=$BENCH && add_static "$root" "$BENCH"; fi
+    [ -z "$bench_only" ] || add_tool "$root" "$REFERENCE"
     local modules="" KMODDIR=${KMODDIRS[$id]} KVER=${KVERS[$id]}
     if [ -n "$KMODDIR" ]; then
         local dest=$root/lib/modules/$KVER f rel
@@ -336,6 +357,10 @@ REFUSED='${REFUSED[$id]}'
 AUTO='${AUTO[$id]}'
 MODULES='$modules'
 BENCH='$bench'
+BENCH_ONLY='$bench_only'
+BENCH_CONNECTS='${TCPCONNLAT_BENCH_CONNECTS:-}'
+BENCH_ROUNDS='${TCPCONNLAT_BENCH_ROUNDS:-}'
+REFERENCE='$REFERENCE'
 EOF
     (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) >"$out"
     rm -rf "$root"
@@ -362,7 +387,11 @@ run_kernel() { # id: leaves the console log in $OUT/<id>/console.log
     # died executing the int3 the kernel plants while it patches a static key (a BPF
     # program attaching to inet_sock_set_state while the other vCPU ran through it):
     # cross-vCPU code patching under multi-threaded TCG is not something to test through.
-    timeout "$VM_TIMEOUT" qemu-system-x86_64 -accel tcg,thread=single -cpu max -smp 2 -m 2048 -nographic -no-reboot \
+    # The benchmark alone: one vCPU whose clock counts its instructions (-icount), so that
+    # host load cannot reach its figures.
+    local cpus=(-smp 2)
+    [ -z "$bench_only" ] || cpus=(-smp 1 -icount shift=0,sleep=off)
+    timeout "$VM_TIMEOUT" qemu-system-x86_64 -accel tcg,thread=single -cpu max "${cpus[@]}" -m 2048 -nographic -no-reboot \
         -kernel "${KIMAGES[$id]}" -initrd "$dir/initramfs.gz" -append "console=ttyS0 quiet panic=-1" \
         </dev/null >"$dir/console.log" 2>&1 || true
     log "$id: VM done in $((SECONDS - start))s"
@@ -394,6 +423,12 @@ for id in "${kernels[@]}"; do
     run_kernel "$id" &
 done
 wait
+
+if [ -n "$bench_only" ]; then
+    markers "$bench_only" '@@BENCH ' | sed 's/^@@BENCH //'
+    grep -qa '@@END' "$OUT/$bench_only/console.log" || { tail -40 "$OUT/$bench_only/console.log" >&2; exit 1; }
+    exit 0
+fi
 
 # --- the table ---------------------------------------------------------------------------
 bad=0

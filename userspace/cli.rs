@@ -132,7 +132,7 @@ pub struct Cli {
 
     /// Connects in flight at once that can be timed (SYN sent, no answer yet); more are
     /// counted and reported as not traced
-    #[arg(long, value_name = "N", default_value_t = 16384,
+    #[arg(long, value_name = "N", default_value_t = 4096,
           value_parser = clap::value_parser!(u32).range(1..=4_194_304))]
     pub max_pending: u32,
 

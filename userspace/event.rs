@@ -54,7 +54,7 @@ pub struct Event {
     pub ts_ns: u64,
     pub lat_ns: u64,
     pub pid: u32,
-    pub comm: String,
+    pub comm: Comm,
     pub saddr: IpAddr,
     pub lport: u16,
     pub daddr: IpAddr,
@@ -108,7 +108,7 @@ impl From<&RawEvent> for Event {
             ts_ns: raw.ts_ns,
             lat_ns: raw.delta_ns,
             pid: raw.tgid,
-            comm: comm_to_string(&raw.comm),
+            comm: Comm::new(&raw.comm),
             saddr: addr(&raw.saddr),
             lport: raw.lport,
             daddr: addr(&raw.daddr),
@@ -122,17 +122,70 @@ impl From<&RawEvent> for Event {
     }
 }
 
-/// A task's comm as text. The kernel cuts names at 15 bytes, possibly inside a UTF-8
-/// character: such a dangling partial character is dropped rather than shown as garbage.
-pub fn comm_to_string(comm: &[u8]) -> String {
-    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
-    let bytes = &comm[..end];
-    match std::str::from_utf8(bytes) {
-        Ok(s) => s.to_owned(),
-        Err(e) if e.error_len().is_none() => {
-            String::from_utf8_lossy(&bytes[..e.valid_up_to()]).into_owned()
+/// A task's comm, held inline (decoding an event allocates nothing) and always valid
+/// UTF-8. The kernel cuts names at 15 bytes, possibly inside a UTF-8 character: such a
+/// dangling partial character is dropped rather than shown as garbage; other invalid
+/// bytes (rare) become U+FFFD, which may need more room than the inline bytes.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub enum Comm {
+    Inline { bytes: [u8; TASK_COMM_LEN], len: u8 },
+    Lossy(Box<str>),
+}
+
+const TASK_COMM_LEN: usize = 16;
+
+impl Comm {
+    pub fn new(comm: &[u8]) -> Comm {
+        let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+        let bytes = &comm[..end.min(TASK_COMM_LEN)];
+        let valid = match std::str::from_utf8(bytes) {
+            Ok(s) => s,
+            Err(e) if e.error_len().is_none() => {
+                std::str::from_utf8(&bytes[..e.valid_up_to()]).unwrap_or_default()
+            }
+            Err(_) => return Comm::Lossy(String::from_utf8_lossy(bytes).into()),
+        };
+        let mut inline = [0; TASK_COMM_LEN];
+        inline[..valid.len()].copy_from_slice(valid.as_bytes());
+        Comm::Inline {
+            bytes: inline,
+            len: valid.len() as u8,
         }
-        Err(_) => String::from_utf8_lossy(bytes).into_owned(),
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            // Checked in new(): a slice of valid UTF-8 cut at a character boundary.
+            Comm::Inline { bytes, len } => {
+                std::str::from_utf8(&bytes[..usize::from(*len)]).unwrap_or_default()
+            }
+            Comm::Lossy(s) => s,
+        }
+    }
+}
+
+impl From<&str> for Comm {
+    fn from(s: &str) -> Comm {
+        Comm::new(s.as_bytes())
+    }
+}
+
+impl std::ops::Deref for Comm {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Debug for Comm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.as_str().fmt(f)
+    }
+}
+
+impl std::fmt::Display for Comm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.as_str().fmt(f)
     }
 }
 
@@ -186,11 +239,13 @@ mod tests {
         let name = "Größenwahn-töö".as_bytes();
         let mut comm = [0u8; 16];
         comm[..15].copy_from_slice(&name[..15]);
-        let s = comm_to_string(&comm);
+        let s = Comm::new(&comm);
         assert!(name.starts_with(s.as_bytes()));
-        assert_eq!(s, "Größenwahn-t");
-        assert_eq!(comm_to_string(b"ok\0garbage"), "ok");
-        assert_eq!(comm_to_string(b"a\xffb\0"), "a\u{fffd}b");
+        assert_eq!(s.as_str(), "Größenwahn-t");
+        assert_eq!(Comm::new(b"ok\0garbage").as_str(), "ok");
+        assert_eq!(Comm::new(b"a\xffb\0").as_str(), "a\u{fffd}b");
+        let full = Comm::new(b"sixteen-bytes-ok");
+        assert_eq!(full.as_str(), "sixteen-bytes-ok");
     }
 
     #[test]

@@ -3,11 +3,12 @@
 
 use std::path::Path;
 
-use libbpf_rs::{MapType, ObjectBuilder};
+use libbpf_rs::MapType;
 use tcpconnlat_compat::btf::{self, BtfError, BtfFacts, SockOffsets};
 use tcpconnlat_compat::{tracefs, AttachPoints, Features, Func, KernelVersion, Probe, Trials};
 
 use crate::probes;
+use crate::timing;
 
 pub struct Host {
     pub features: Features,
@@ -36,9 +37,9 @@ impl Host {
         mounted_tracefs: Option<String>,
     ) -> Host {
         let root = Path::new(ROOT);
-        let features = Features::detect(root);
+        let features = timing::step("features", || Features::detect(root));
         // The kernel's BTF, parsed once: most of start-up and of peak memory.
-        let kernel_btf = features.btf.then(btf::read_kernel);
+        let kernel_btf = timing::step("kernel BTF", || features.btf.then(btf::read_kernel));
         let fentry_targets = match &kernel_btf {
             None => Probe::No("no kernel BTF".to_owned()),
             Some(facts) => Probe::from_result(
@@ -48,6 +49,9 @@ impl Host {
                     .map_err(|e| e.to_string()),
             ),
         };
+        let trial_target = kernel_btf
+            .as_ref()
+            .and_then(|facts| facts.as_ref().ok()?.tcp_v4_connect_id);
         let sock_offsets = find_offsets(kernel_btf, features.release.as_deref(), btf_file);
         let mut trials = Trials {
             sock_offsets: Probe::from_result(
@@ -63,8 +67,16 @@ impl Host {
             trials.fentry = Probe::Unknown("needs root to try".to_owned());
             trials.ringbuf = Probe::Unknown("needs root to try".to_owned());
         } else {
-            trials.fentry = Probe::from_result(trial_fentry(&features));
-            trials.ringbuf = match MapType::RingBuf.is_supported() {
+            // Auto only loads the trial: attaching and detaching an fentry program takes
+            // hundreds of milliseconds (ftrace waits for RCU tasks), and where fentry
+            // loads but cannot attach (no ftrace), starting fentry fails and auto moves on.
+            // --features and a forced mode attach it too, to say for sure.
+            let attach = if every_mode { Attach::Yes } else { Attach::No };
+            trials.fentry = timing::step("fentry trial", || {
+                Probe::from_result(trial_fentry(&features, trial_target, attach))
+            });
+            trials.ringbuf = match timing::step("ringbuf trial", || MapType::RingBuf.is_supported())
+            {
                 Ok(true) => Probe::Yes(()),
                 Ok(false) => Probe::No("no BPF ring buffer (Linux 5.8+)".to_owned()),
                 Err(e) => Probe::Unknown(e.to_string()),
@@ -88,7 +100,9 @@ impl Host {
     /// Resolve the kprobe targets, if kprobes can be used at all and it is not done yet.
     pub fn read_symbols(&mut self) {
         if self.features.kprobes() && self.features.attach_points.is_unknown() {
-            self.features.read_symbols(Path::new(ROOT));
+            timing::step("kernel symbols", || {
+                self.features.read_symbols(Path::new(ROOT))
+            });
         }
     }
 }
@@ -219,18 +233,68 @@ pub fn mount_tracefs() -> Option<String> {
     .map(|()| dir)
 }
 
-/// Load and attach (then at once detach) an empty fentry program: the only way to learn
-/// whether the kernel allows fentry. Hardened kernels refuse the load with EPERM even to
-/// root; kernels built without the function tracer load it but cannot attach it.
-fn trial_fentry(features: &Features) -> Result<(), String> {
+/// Whether the fentry trial attaches its program too.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Attach {
+    Yes,
+    No,
+}
+
+/// Load and attach (then at once detach) an empty fentry program on `tcp_v4_connect`
+/// (its BTF id `target`): the only way to learn whether the kernel allows fentry.
+/// Hardened kernels refuse the load with EPERM even to root; kernels built without the
+/// function tracer load it but cannot attach it. Raw syscalls, not an object for libbpf:
+/// libbpf would parse the kernel's BTF once more to find the target.
+fn trial_fentry(features: &Features, target: Option<u32>, attach: Attach) -> Result<(), String> {
+    use libbpf_rs::libbpf_sys as sys;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     if !features.btf {
         return Err("no kernel BTF".to_owned());
     }
-    let object = ObjectBuilder::default()
-        .open_memory(probes::TRIAL_FENTRY_OBJECT)
-        .and_then(|open| open.load())
-        .map_err(|e| e.to_string())?;
-    let mut progs = object.progs_mut();
-    let prog = progs.next().ok_or("empty trial object")?;
-    prog.attach().map(drop).map_err(|e| format!("attach: {e}"))
+    let id = target.ok_or("tcp_v4_connect is not in the kernel's BTF")?;
+    // r0 = 0; exit.
+    let insns = [
+        sys::bpf_insn {
+            code: (sys::BPF_ALU64 | sys::BPF_MOV | sys::BPF_K) as u8,
+            ..Default::default()
+        },
+        sys::bpf_insn {
+            code: (sys::BPF_JMP | sys::BPF_EXIT) as u8,
+            ..Default::default()
+        },
+    ];
+    let mut opts = sys::bpf_prog_load_opts {
+        sz: std::mem::size_of::<sys::bpf_prog_load_opts>() as sys::size_t,
+        expected_attach_type: sys::BPF_TRACE_FENTRY,
+        attach_btf_id: id,
+        ..Default::default()
+    };
+    // SAFETY: every pointer is valid for the call; libbpf returns a new fd or -errno.
+    let prog = unsafe {
+        sys::bpf_prog_load(
+            sys::BPF_PROG_TYPE_TRACING,
+            c"trial_fentry".as_ptr(),
+            c"Dual BSD/GPL".as_ptr(),
+            insns.as_ptr(),
+            insns.len() as sys::size_t,
+            &mut opts,
+        )
+    };
+    if prog < 0 {
+        return Err(std::io::Error::from_raw_os_error(-prog).to_string());
+    }
+    // SAFETY: a descriptor just created, owned by nothing else.
+    let prog = unsafe { OwnedFd::from_raw_fd(prog) };
+    if attach == Attach::No {
+        return Ok(());
+    }
+    // SAFETY: as above; a null name attaches a tracing program to its BTF target.
+    let link = unsafe { sys::bpf_raw_tracepoint_open(std::ptr::null(), prog.as_raw_fd()) };
+    if link < 0 {
+        let e = std::io::Error::from_raw_os_error(-link);
+        return Err(format!("attach: {e}"));
+    }
+    // SAFETY: as above; closing it detaches the program.
+    drop(unsafe { OwnedFd::from_raw_fd(link) });
+    Ok(())
 }

@@ -10,6 +10,7 @@ use tcpconnlat_compat::{AttachPoints, Features, Func, Mode, Probe, StateLayout, 
 use crate::cli::TransportArg;
 use crate::kprobes::{self, Kprobe, KprobeAttach};
 use crate::probes::{self, maps, Config, RawStateLayout, RawStateRecord, Report};
+use crate::timing;
 
 /// How events reach userspace.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -325,11 +326,11 @@ pub fn start(mode: Mode, setup: &Setup<'_>, filters: &Filters) -> Result<Tracer>
             "failed connects are told apart only as refused or timeout: no BTF to find sk_err in",
         );
     }
-    let object = open(&spec, &plan, transport, setup)?
-        .load()
+    let object = timing::step("open", || open(&spec, &plan, transport, setup))?;
+    let object = timing::step("load", || object.load())
         .with_context(|| format!("loading the {mode} probes (run with -v for the verifier log)"))?;
     configure(&object, filters, setup)?;
-    let (links, kprobes) = attach_all(&object, &plan, setup)?;
+    let (links, kprobes) = timing::step("attach", || attach_all(&object, &plan, setup))?;
     Ok(Tracer {
         mode,
         transport,

@@ -19,6 +19,7 @@ mod record;
 mod report;
 mod stats;
 mod stream;
+mod timing;
 
 use std::io::{self, Write};
 use std::process::ExitCode;
@@ -120,12 +121,15 @@ fn run(cli: &Cli, started: Instant) -> Result<()> {
         .transpose()?;
     let mut plan = Plan::new(&host.features, &host.trials, forced);
     let tracer = start_first(&mut plan, &setup, &filters, forced)?;
-    let stream = EventStream::new(&tracer, cli.max_delay(), cli.sweep_times())?;
+    let stream = timing::step("buffers", || {
+        EventStream::new(&tracer, cli.max_delay(), cli.sweep_times())
+    })?;
     privileges::drop_capabilities(|| stream.can_read_counters())?;
     announce(&tracer, &plan, forced);
     if cli.verbose {
         let ms = started.elapsed().as_secs_f64() * 1e3;
         eprintln!("tcpconnlat: attached {ms:.1} ms after start");
+        eprintln!("tcpconnlat: start-up steps: {}", timing::summary());
     }
     if let (Some(fleet), Some(listener)) = (fleet, listener) {
         let served = Served {
@@ -355,9 +359,15 @@ async fn pump(
         if show(printer, tracer, record, &mut shown)? && limits.count.is_some_and(|n| shown >= n) {
             return Ok(());
         }
-        if stream.is_idle() {
-            printer.flush()?;
+        // The rest of what the last read queued, without a round of the select for each.
+        while let Some(record) = stream.next_queued() {
+            if show(printer, tracer, record, &mut shown)?
+                && limits.count.is_some_and(|n| shown >= n)
+            {
+                return Ok(());
+            }
         }
+        printer.flush()?;
     }
     // Ending: show what is already queued, then stop.
     stream.drain()?;

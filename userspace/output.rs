@@ -3,6 +3,7 @@
 //! printed on exit and every interval.
 
 use std::io::{self, Write};
+use std::net::IpAddr;
 
 use tcpconnlat_compat::Mode;
 use unicode_width::UnicodeWidthStr;
@@ -59,6 +60,8 @@ pub struct Printer<W: Write> {
     /// address does not fit, so every line stays under a header it lines up with.
     addr_width: usize,
     header_due: bool,
+    /// The line being built, reused: showing an event allocates nothing.
+    line: Line,
 }
 
 const MIN_ADDR_WIDTH: usize = 16;
@@ -76,6 +79,7 @@ impl<W: Write> Printer<W> {
             first_ts_ns: None,
             addr_width: MIN_ADDR_WIDTH,
             header_due,
+            line: Line(Vec::with_capacity(256)),
         }
     }
 
@@ -92,7 +96,7 @@ impl<W: Write> Printer<W> {
         if self.format == Format::Json {
             return write_json(&mut self.out, &Record::Connect(Connect::new(e, self.mode)));
         }
-        let (saddr, daddr) = (e.saddr.to_string(), e.daddr.to_string());
+        let (saddr, daddr) = (AddrText::new(&e.saddr), AddrText::new(&e.daddr));
         let needed = saddr.len().max(daddr.len()) + 1;
         if needed > self.addr_width {
             self.addr_width = needed;
@@ -102,35 +106,37 @@ impl<W: Write> Printer<W> {
             self.header()?;
         }
         let w = self.addr_width;
+        let line = &mut self.line;
+        line.clear();
         if self.columns.timestamp {
             let first = *self.first_ts_ns.get_or_insert(e.ts_ns);
             let secs = e.ts_ns.saturating_sub(first) as f64 / 1e9;
-            write!(self.out, "{secs:<9.3} ")?;
+            write!(line, "{secs:<9.3} ")?;
         }
-        let comm = pad(&e.comm, COMM_WIDTH);
-        write!(
-            self.out,
-            "{:<7} {comm} {:<2} {saddr:<w$} ",
-            e.pid,
-            e.ip_version()
-        )?;
+        line.number(e.pid, 7);
+        line.text(&e.comm, COMM_WIDTH);
+        line.number(e.ip_version(), 2);
+        line.text(saddr.as_str(), w);
         if self.columns.lport {
-            write!(self.out, "{:<5} ", e.lport)?;
+            line.number(e.lport, 5);
         }
-        write!(self.out, "{daddr:<w$} {:<5} {:.2}", e.dport, e.lat_ms())?;
+        line.text(daddr.as_str(), w);
+        line.number(e.dport, 5);
+        line.hundredths(e.lat_ns / 10_000 + u64::from(e.lat_ns % 10_000 >= 5_000));
         // Successful connects look exactly as in bcc; anything else is marked after LAT.
         if e.outcome.failed() {
-            write!(self.out, " {}", e.outcome.name().to_uppercase())?;
+            write!(line, " {}", e.outcome.name().to_uppercase())?;
             if let (Outcome::Error | Outcome::Unreachable, Some(name)) = (e.outcome, e.errno_name())
             {
-                write!(self.out, " ({name})")?;
+                write!(line, " ({name})")?;
             }
         }
         if e.syn_retrans > 0 {
             let s = if e.syn_retrans == 1 { "" } else { "s" };
-            write!(self.out, " [{} SYN retransmit{s}]", e.syn_retrans)?;
+            write!(line, " [{} SYN retransmit{s}]", e.syn_retrans)?;
         }
-        writeln!(self.out)
+        line.0.push(b'\n');
+        self.out.write_all(&line.0)
     }
 
     fn header(&mut self) -> io::Result<()> {
@@ -238,9 +244,99 @@ fn write_json(out: &mut impl Write, record: &Record<'_>) -> io::Result<()> {
 }
 
 /// Left-align by display width (a CJK character takes two columns).
-fn pad(s: &str, width: usize) -> String {
-    let fill = width.saturating_sub(s.width());
-    format!("{s}{}", " ".repeat(fill))
+/// One line of bcc's table, built column by column: each column is its text, left-aligned
+/// and padded to its width, then a space. Numbers are written without `fmt` machinery:
+/// this runs for every connect.
+struct Line(Vec<u8>);
+
+impl Line {
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+
+    fn text(&mut self, s: &str, width: usize) {
+        self.0.extend_from_slice(s.as_bytes());
+        let shown = if s.is_ascii() { s.len() } else { s.width() };
+        self.pad(shown, width);
+    }
+
+    fn number(&mut self, n: impl itoa::Integer, width: usize) {
+        let mut digits = itoa::Buffer::new();
+        let s = digits.format(n);
+        self.0.extend_from_slice(s.as_bytes());
+        self.pad(s.len(), width);
+    }
+
+    fn pad(&mut self, shown: usize, width: usize) {
+        let fill = width.saturating_sub(shown) + 1;
+        self.0.resize(self.0.len() + fill, b' ');
+    }
+
+    /// `n` hundredths as a decimal with two places: "0.25", "12.30".
+    fn hundredths(&mut self, n: u64) {
+        let mut digits = itoa::Buffer::new();
+        self.0.extend_from_slice(digits.format(n / 100).as_bytes());
+        let frac = (n % 100) as u8;
+        self.0
+            .extend_from_slice(&[b'.', b'0' + frac / 10, b'0' + frac % 10]);
+    }
+}
+
+impl io::Write for Line {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// An address as text, on the stack. IPv4 (the common case) is written by hand.
+struct AddrText {
+    buf: [u8; 48],
+    len: usize,
+}
+
+impl AddrText {
+    fn new(addr: &IpAddr) -> AddrText {
+        let mut text = AddrText {
+            buf: [0; 48],
+            len: 0,
+        };
+        match addr {
+            IpAddr::V4(v4) => {
+                for (i, octet) in v4.octets().iter().enumerate() {
+                    if i > 0 {
+                        text.push(b".");
+                    }
+                    text.push(itoa::Buffer::new().format(*octet).as_bytes());
+                }
+            }
+            IpAddr::V6(v6) => {
+                let mut cursor = io::Cursor::new(&mut text.buf[..]);
+                // 45 bytes hold the longest IPv6 text ("ffff:...:255.255.255.255").
+                let _ = write!(cursor, "{v6}");
+                text.len = cursor.position() as usize;
+            }
+        }
+        text
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len();
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn as_str(&self) -> &str {
+        // Only ASCII was written.
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
+    }
 }
 
 #[cfg(test)]
@@ -253,7 +349,7 @@ mod tests {
             ts_ns: 2_000_000_000,
             lat_ns: 25_290_000,
             pid: 222564,
-            comm: comm.to_owned(),
+            comm: comm.into(),
             saddr: saddr.parse::<IpAddr>().unwrap(),
             lport: 43210,
             daddr: daddr.parse::<IpAddr>().unwrap(),

@@ -45,9 +45,6 @@ pub const TRACEPOINT_OBJECT: &[u8] =
 /// Legacy mode: kprobes, no CO-RE, no global data, perf buffer; loads without BTF.
 pub const LEGACY_OBJECT: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/tcpconnlat_legacy.bpf.o"));
-/// One fentry program, loaded once to learn whether the kernel allows fentry.
-pub const TRIAL_FENTRY_OBJECT: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/trial_fentry.bpf.o"));
 
 use tcpconnlat_compat::btf::SockOffsets;
 

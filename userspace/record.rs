@@ -126,7 +126,7 @@ mod tests {
             ts_ns: 2_000_000_000,
             lat_ns: 25_290_000,
             pid: 7,
-            comm: "curl".to_owned(),
+            comm: "curl".into(),
             saddr: "10.0.0.1".parse::<IpAddr>().unwrap(),
             lport: 43210,
             daddr: "10.0.0.2".parse::<IpAddr>().unwrap(),

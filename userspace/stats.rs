@@ -128,7 +128,7 @@ impl Hists {
         let key = match self.by {
             By::All => String::new(),
             By::Dest => dest(e),
-            By::Comm => e.comm.clone(),
+            By::Comm => e.comm.to_string(),
         };
         self.hists.entry(key).or_default().add(e.lat_ns / 1000);
     }

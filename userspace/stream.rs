@@ -275,9 +275,9 @@ impl<'cb> EventStream<'cb> {
             .is_ok()
     }
 
-    /// Nothing decoded is waiting: a good moment to flush output.
-    pub fn is_idle(&self) -> bool {
-        self.queue.borrow().is_empty()
+    /// A record already read and decoded, if one is waiting.
+    pub fn next_queued(&mut self) -> Option<Record> {
+        self.queue.borrow_mut().pop_front()
     }
 
     /// Read everything the kernel has queued into our queue, counters included (at exit:

@@ -68,7 +68,7 @@ impl AttachPoints {
         }
     }
 
-    fn slot(&mut self, func: Func) -> &mut Option<String> {
+    pub(crate) fn slot(&mut self, func: Func) -> &mut Option<String> {
         match func {
             Func::TcpV4Connect => &mut self.tcp_v4_connect,
             Func::TcpV6Connect => &mut self.tcp_v6_connect,
