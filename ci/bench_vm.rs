@@ -370,13 +370,7 @@ fn tracer_figures(samples: &[Sample]) -> (String, String, String) {
 }
 
 /// The kernel's count of time in BPF programs per connect: the probes' own cost.
-fn print_bpf_time(
-    tools: &[Tool],
-    modes: &[String],
-    server: &Server,
-    probe: &Server,
-    auto: &str,
-) {
+fn print_bpf_time(tools: &[Tool], modes: &[String], server: &Server, probe: &Server, auto: &str) {
     println!("\nBPF run time per connect (the kernel's BPF stats, one storm each):");
     let stats = BpfStats::enable();
     let me = std::process::id();

@@ -116,11 +116,11 @@ impl<W: Write> Printer<W> {
         line.number(e.pid, 7);
         line.text(&e.comm, COMM_WIDTH);
         line.number(e.ip_version(), 2);
-        line.text(saddr.as_str(), w);
+        line.ascii(saddr.as_bytes(), w);
         if self.columns.lport {
             line.number(e.lport, 5);
         }
-        line.text(daddr.as_str(), w);
+        line.ascii(daddr.as_bytes(), w);
         line.number(e.dport, 5);
         line.hundredths(e.lat_ns / 10_000 + u64::from(e.lat_ns % 10_000 >= 5_000));
         // Successful connects look exactly as in bcc; anything else is marked after LAT.
@@ -260,6 +260,11 @@ impl Line {
         self.pad(shown, width);
     }
 
+    fn ascii(&mut self, s: &[u8], width: usize) {
+        self.0.extend_from_slice(s);
+        self.pad(s.len(), width);
+    }
+
     fn number(&mut self, n: impl itoa::Integer, width: usize) {
         let mut digits = itoa::Buffer::new();
         let s = digits.format(n);
@@ -307,11 +312,11 @@ impl AddrText {
         };
         match addr {
             IpAddr::V4(v4) => {
-                for (i, octet) in v4.octets().iter().enumerate() {
+                for (i, octet) in v4.octets().into_iter().enumerate() {
                     if i > 0 {
                         text.push(b".");
                     }
-                    text.push(itoa::Buffer::new().format(*octet).as_bytes());
+                    text.octet(octet);
                 }
             }
             IpAddr::V6(v6) => {
@@ -324,6 +329,12 @@ impl AddrText {
         text
     }
 
+    fn octet(&mut self, n: u8) {
+        let (hundreds, tens, ones) = (n / 100, n / 10 % 10, n % 10);
+        let digits = [b'0' + hundreds, b'0' + tens, b'0' + ones];
+        self.push(&digits[usize::from(n < 100) + usize::from(n < 10)..]);
+    }
+
     fn push(&mut self, bytes: &[u8]) {
         self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
         self.len += bytes.len();
@@ -333,9 +344,9 @@ impl AddrText {
         self.len
     }
 
-    fn as_str(&self) -> &str {
-        // Only ASCII was written.
-        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
+    /// ASCII only.
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
     }
 }
 
@@ -495,5 +506,35 @@ mod tests {
         let header_col = lines[0].find("IP").unwrap();
         let ip_col = lines[1].find(" 4 ").unwrap() + 1;
         assert_eq!(lines[1][..ip_col].width(), header_col);
+    }
+
+    /// The hand-written number and address text is what std would write.
+    #[test]
+    fn hand_written_text_is_stds() {
+        for octets in [
+            [0, 9, 10, 99],
+            [100, 199, 200, 255],
+            [1, 2, 3, 4],
+            [127, 0, 0, 1],
+        ] {
+            let ip = IpAddr::from(octets);
+            assert_eq!(AddrText::new(&ip).as_bytes(), ip.to_string().as_bytes());
+        }
+        let v6: IpAddr = "2001:db8::ffff:1".parse().unwrap();
+        assert_eq!(AddrText::new(&v6).as_bytes(), v6.to_string().as_bytes());
+        for lat_ns in [
+            0u64,
+            4_999,
+            5_001,
+            25_290_000,
+            1_234_567,
+            999_994_999,
+            3_000_000_000,
+        ] {
+            let mut line = Line(Vec::new());
+            line.hundredths(lat_ns / 10_000 + u64::from(lat_ns % 10_000 >= 5_000));
+            let std = format!("{:.2}", lat_ns as f64 / 1e6);
+            assert_eq!(String::from_utf8(line.0).unwrap(), std, "{lat_ns} ns");
+        }
     }
 }

@@ -2,10 +2,15 @@
 //! fentry can attach to: read from BTF (the kernel's own `/sys/kernel/btf/vmlinux`, or a
 //! file the user gives, e.g. from BTFHub).
 //!
-//! Both are read in one pass over the raw types, without building what a full parser
-//! (libbpf's) builds and validates: vmlinux BTF holds over 100,000 types, and parsing it in
-//! full took most of start-up. libbpf parses it once more when it loads the probes.
+//! Both are read by streaming the raw file once (its strings, then its types), without
+//! building what a full parser (libbpf's) builds and validates, and without holding the
+//! file: vmlinux BTF is megabytes with over 100,000 types, and parsing it in full took most
+//! of start-up. libbpf parses it once more when it loads CO-RE probes.
 
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use serde::Serialize;
@@ -127,15 +132,13 @@ pub struct BtfFacts {
 /// --btf_encode_detached` give them).
 pub fn read(path: &Path) -> Result<BtfFacts, BtfError> {
     let shown = path.display().to_string();
-    let data = std::fs::read(path).map_err(|e| BtfError::Read {
-        path: shown.clone(),
-        why: e.to_string(),
-    })?;
-    let btf = RawBtf::parse(&data).map_err(|why| BtfError::Read {
+    let failed = |why: String| BtfError::Read {
         path: shown.clone(),
         why,
-    })?;
-    Ok(btf.facts(&shown))
+    };
+    let file = File::open(path).map_err(|e| failed(e.to_string()))?;
+    let btf = StreamedBtf::scan(file).map_err(failed)?;
+    btf.facts(&shown).map_err(failed)
 }
 
 /// The running kernel's BTF.
@@ -162,16 +165,29 @@ mod kind {
     pub const TYPE_TAG: u32 = 18;
 }
 
-/// Raw BTF: its type and string sections, and where each type starts.
-struct RawBtf<'a> {
-    types: &'a [u8],
-    strings: &'a [u8],
-    /// Byte offset in `types` of type id i + 1 (id 0 is void).
+const MAGIC: u16 = 0xeb9f;
+
+/// Reads of this size at most: the file is streamed, never held (vmlinux BTF is megabytes,
+/// and a copy of it was most of this tool's peak memory).
+const CHUNK: usize = 64 * 1024;
+
+/// What one streamed pass over a BTF file found: where each type starts (4 bytes a type:
+/// the one table kept), the string offsets of the names this reader looks for, and the
+/// ids of the hooked functions and of struct sock. Types are read again by id, from the
+/// file, where struct sock's members are resolved.
+struct StreamedBtf {
+    file: File,
+    /// File offset of the type section.
+    types_at: u64,
+    /// Offset in the type section of type id i + 1 (id 0 is void).
     starts: Vec<u32>,
+    /// String offset → the wanted name there.
+    names: HashMap<u32, &'static str>,
+    functions: Vec<(Func, u32)>,
+    sock: Option<u32>,
 }
 
-/// One type's header (struct btf_type).
-#[derive(Clone, Copy)]
+/// One type's header (struct btf_type), and what follows it when it was read.
 struct Type {
     name_off: u32,
     kind: u32,
@@ -179,117 +195,217 @@ struct Type {
     vlen: usize,
     /// size or type: the type it refers to, for modifiers and typedefs.
     size_type: u32,
-    /// Where what follows the header (members, params...) starts in `types`.
-    extra: usize,
+    /// Members (name_off, type, offset) of a struct or union.
+    members: Vec<[u32; 3]>,
 }
 
-const MAGIC: u16 = 0xeb9f;
-
-fn u32_at(data: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_ne_bytes(data.get(at..at + 4)?.try_into().ok()?))
+impl Type {
+    fn header(bytes: &[u8; 12]) -> Type {
+        let word = |i: usize| u32::from_ne_bytes(bytes[i..i + 4].try_into().unwrap());
+        let info = word(4);
+        Type {
+            name_off: word(0),
+            kind: (info >> 24) & 0x1f,
+            kind_flag: info >> 31 == 1,
+            vlen: (info & 0xffff) as usize,
+            size_type: word(8),
+            members: Vec::new(),
+        }
+    }
 }
 
-impl<'a> RawBtf<'a> {
-    fn parse(data: &'a [u8]) -> Result<RawBtf<'a>, String> {
-        let magic = data.get(..2).map(|m| u16::from_ne_bytes([m[0], m[1]]));
-        if magic != Some(MAGIC) {
-            return Err(if data.starts_with(b"\x7fELF") {
+/// Every name the reader looks for: the hooked functions, struct sock and its field paths.
+fn wanted_names() -> Vec<&'static str> {
+    let mut names: Vec<&'static str> = Func::ALL.iter().map(|f| f.name()).collect();
+    names.push("sock");
+    for field in sock_fields() {
+        names.extend(field.path.iter().copied());
+    }
+    names.sort_unstable();
+    names.dedup();
+    names
+}
+
+fn io_error(e: std::io::Error) -> String {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        "truncated BTF".into()
+    } else {
+        e.to_string()
+    }
+}
+
+impl StreamedBtf {
+    fn scan(mut file: File) -> Result<StreamedBtf, String> {
+        let mut header = [0u8; 24];
+        file.read_exact(&mut header).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => "not a BTF file (too short)".into(),
+            _ => e.to_string(),
+        })?;
+        if u16::from_ne_bytes([header[0], header[1]]) != MAGIC {
+            return Err(if header.starts_with(b"\x7fELF") {
                 "an ELF file, not raw BTF (extract it: pahole --btf_encode_detached)".into()
             } else {
                 "not a BTF file of this machine's byte order".into()
             });
         }
-        let field = |i: usize| u32_at(data, 4 + 4 * i).ok_or("truncated BTF header");
+        let word = |i: usize| u64::from(u32::from_ne_bytes(header[i..i + 4].try_into().unwrap()));
         let (hdr_len, type_off, type_len, str_off, str_len) =
-            (field(0)?, field(1)?, field(2)?, field(3)?, field(4)?);
-        let section = |off: u32, len: u32| {
-            let start = hdr_len as usize + off as usize;
-            data.get(start..start + len as usize)
-                .ok_or("truncated BTF: a section runs past the end")
-        };
-        let mut btf = RawBtf {
-            types: section(type_off, type_len)?,
-            strings: section(str_off, str_len)?,
+            (word(4), word(8), word(12), word(16), word(20));
+        let size = file.metadata().map_err(io_error)?.len();
+        // sysfs files state a size of 0 or more than they hold: only a real file's is checked.
+        if size > 0 && (hdr_len + type_off + type_len > size || hdr_len + str_off + str_len > size)
+        {
+            return Err("truncated BTF: a section runs past the end".into());
+        }
+        let names = Self::find_names(&mut file, hdr_len + str_off, str_len)?;
+        let mut btf = StreamedBtf {
+            file,
+            types_at: hdr_len + type_off,
             starts: Vec::new(),
+            names,
+            functions: Vec::new(),
+            sock: None,
         };
-        btf.index()?;
+        btf.index_types(type_len)?;
         Ok(btf)
     }
 
-    /// Walk the type section once, noting where each type starts.
-    fn index(&mut self) -> Result<(), String> {
-        let mut at = 0;
-        while at < self.types.len() {
-            self.starts.push(at as u32);
-            let t = self.header(at).ok_or("truncated BTF type")?;
-            at = t.extra + extra_len(t.kind, t.vlen).ok_or("unknown BTF kind")?;
+    /// Stream the string section for the wanted names' offsets.
+    fn find_names(
+        file: &mut File,
+        at: u64,
+        len: u64,
+    ) -> Result<HashMap<u32, &'static str>, String> {
+        let wanted = wanted_names();
+        // Most strings are ruled out by their length alone.
+        let lengths = wanted
+            .iter()
+            .fold(0u64, |set, w| set | 1 << w.len().min(63));
+        let mut found = HashMap::new();
+        let mut check = |name: &[u8], offset: u32| {
+            if lengths & 1 << name.len().min(63) != 0 {
+                if let Some(w) = wanted.iter().find(|w| w.as_bytes() == name) {
+                    found.insert(offset, *w);
+                }
+            }
+        };
+        file.seek(SeekFrom::Start(at)).map_err(io_error)?;
+        let mut strings = BufReader::with_capacity(CHUNK, file.take(len));
+        // The string being read starts at `offset`; `partial` holds what of it an earlier
+        // chunk had.
+        let (mut offset, mut partial) = (0u32, Vec::new());
+        loop {
+            let chunk = strings.fill_buf().map_err(io_error)?;
+            if chunk.is_empty() {
+                break;
+            }
+            let mut rest = chunk;
+            while let Some(end) = memchr::memchr(0, rest) {
+                let length = if partial.is_empty() {
+                    check(&rest[..end], offset);
+                    end
+                } else {
+                    partial.extend_from_slice(&rest[..end]);
+                    check(&partial, offset);
+                    std::mem::take(&mut partial).len()
+                };
+                offset += length as u32 + 1;
+                rest = &rest[end + 1..];
+            }
+            partial.extend_from_slice(rest);
+            let n = chunk.len();
+            strings.consume(n);
         }
-        if at != self.types.len() {
+        if !partial.is_empty() || u64::from(offset) != len {
+            return Err("truncated BTF".into());
+        }
+        Ok(found)
+    }
+
+    fn is(&self, name_off: u32, name: &str) -> bool {
+        self.names.get(&name_off) == Some(&name)
+    }
+
+    /// Stream the type section once: where each type starts, the hooked functions,
+    /// struct sock.
+    fn index_types(&mut self, len: u64) -> Result<(), String> {
+        self.file
+            .seek(SeekFrom::Start(self.types_at))
+            .map_err(io_error)?;
+        let mut types = BufReader::with_capacity(CHUNK, (&self.file).take(len));
+        let mut at = 0u64;
+        while at < len {
+            self.starts.push(at as u32);
+            let id = self.starts.len() as u32;
+            let mut bytes = [0u8; 12];
+            types.read_exact(&mut bytes).map_err(io_error)?;
+            let t = Type::header(&bytes);
+            if matches!(t.kind, kind::FUNC | kind::STRUCT) {
+                match (t.kind, self.names.get(&t.name_off)) {
+                    (kind::FUNC, Some(name)) => {
+                        if let Some(func) = Func::ALL.iter().find(|f| f.name() == *name) {
+                            self.functions.push((*func, id));
+                        }
+                    }
+                    (kind::STRUCT, Some(&"sock")) if self.sock.is_none() => self.sock = Some(id),
+                    _ => {}
+                }
+            }
+            let extra = extra_len(t.kind, t.vlen).ok_or("unknown BTF kind")? as u64;
+            types.seek_relative(extra as i64).map_err(io_error)?;
+            at += 12 + extra;
+        }
+        // A type whose data runs past the section is cut short.
+        if at != len {
             return Err("truncated BTF type".into());
         }
         Ok(())
     }
 
-    fn header(&self, at: usize) -> Option<Type> {
-        let info = u32_at(self.types, at + 4)?;
-        Some(Type {
-            name_off: u32_at(self.types, at)?,
-            kind: (info >> 24) & 0x1f,
-            kind_flag: info >> 31 == 1,
-            vlen: (info & 0xffff) as usize,
-            size_type: u32_at(self.types, at + 8)?,
-            extra: at + 12,
+    /// Type `id`, with its members if it is a struct or union.
+    fn by_id(&self, id: u32) -> Option<Type> {
+        let at = *self.starts.get((id as usize).checked_sub(1)?)?;
+        let at = self.types_at + u64::from(at);
+        let mut bytes = [0u8; 12];
+        self.file.read_exact_at(&mut bytes, at).ok()?;
+        let mut t = Type::header(&bytes);
+        if matches!(t.kind, kind::STRUCT | kind::UNION) {
+            let mut raw = vec![0u8; 12 * t.vlen];
+            self.file.read_exact_at(&mut raw, at + 12).ok()?;
+            t.members = raw
+                .chunks_exact(12)
+                .map(|m| {
+                    std::array::from_fn(|i| {
+                        u32::from_ne_bytes(m[4 * i..4 * i + 4].try_into().unwrap())
+                    })
+                })
+                .collect();
+        }
+        Some(t)
+    }
+
+    fn facts(&self, path: &str) -> Result<BtfFacts, String> {
+        let mut functions = AttachPoints::default();
+        for (func, _) in &self.functions {
+            *functions.slot(*func) = Some(func.name().to_owned());
+        }
+        let sock = match self.sock.map(|id| self.by_id(id)) {
+            None => Err(BtfError::NoSock { path: path.into() }),
+            Some(None) => return Err("truncated BTF type".into()),
+            Some(Some(sock)) => self.offsets_in(&sock, path),
+        };
+        Ok(BtfFacts {
+            sock,
+            functions,
+            tcp_v4_connect_id: self
+                .functions
+                .iter()
+                .find(|(f, _)| *f == Func::TcpV4Connect)
+                .map(|(_, id)| *id),
         })
     }
 
-    fn by_id(&self, id: u32) -> Option<Type> {
-        let at = *self.starts.get((id as usize).checked_sub(1)?)?;
-        self.header(at as usize)
-    }
-
-    fn name(&self, off: u32) -> &'a [u8] {
-        let rest = self.strings.get(off as usize..).unwrap_or_default();
-        let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
-        &rest[..end]
-    }
-
-    fn types(&self) -> impl Iterator<Item = Type> + '_ {
-        self.starts
-            .iter()
-            .filter_map(|&at| self.header(at as usize))
-    }
-
-    fn facts(&self, path: &str) -> BtfFacts {
-        let mut sock = None;
-        let mut functions = AttachPoints::default();
-        let mut tcp_v4_connect_id = None;
-        for (id, t) in (1..).zip(self.types()) {
-            match t.kind {
-                kind::FUNC => {
-                    let name = self.name(t.name_off);
-                    if let Some(func) = Func::ALL.iter().find(|f| f.name().as_bytes() == name) {
-                        *functions.slot(*func) = Some(func.name().to_owned());
-                        if *func == Func::TcpV4Connect {
-                            tcp_v4_connect_id = Some(id);
-                        }
-                    }
-                }
-                kind::STRUCT if sock.is_none() && self.name(t.name_off) == b"sock" => {
-                    sock = Some(t)
-                }
-                _ => {}
-            }
-        }
-        BtfFacts {
-            sock: sock
-                .ok_or_else(|| BtfError::NoSock { path: path.into() })
-                .and_then(|sock| self.offsets_in(sock, path)),
-            functions,
-            tcp_v4_connect_id,
-        }
-    }
-
-    fn offsets_in(&self, sock: Type, path: &str) -> Result<SockOffsets, BtfError> {
+    fn offsets_in(&self, sock: &Type, path: &str) -> Result<SockOffsets, BtfError> {
         let mut offsets = [0; SOCK_FIELDS];
         for (offset, field) in offsets.iter_mut().zip(sock_fields()) {
             let missing = || BtfError::NoField {
@@ -302,26 +418,23 @@ impl<'a> RawBtf<'a> {
         Ok(SockOffsets(offsets))
     }
 
-    /// The members of a struct or union: (name, type id, bit offset), bitfields left out.
-    fn members(&self, composite: Type) -> impl Iterator<Item = (&'a [u8], u32, u32)> + '_ {
-        (0..composite.vlen).filter_map(move |i| {
-            let at = composite.extra + 12 * i;
-            let (name_off, ty, offset) = (
-                u32_at(self.types, at)?,
-                u32_at(self.types, at + 4)?,
-                u32_at(self.types, at + 8)?,
-            );
-            // With kind_flag, the top 8 bits are a bitfield's size (0: not a bitfield).
-            if composite.kind_flag && offset >> 24 != 0 {
-                return None;
-            }
-            let offset = if composite.kind_flag {
-                offset & 0xff_ffff
-            } else {
-                offset
-            };
-            Some((self.name(name_off), ty, offset))
-        })
+    /// A struct or union's members: (name offset, type id, bit offset), bitfields left out.
+    fn members<'t>(&self, composite: &'t Type) -> impl Iterator<Item = (u32, u32, u32)> + 't {
+        composite
+            .members
+            .iter()
+            .filter_map(|&[name_off, ty, offset]| {
+                // With kind_flag, the top 8 bits are a bitfield's size (0: not a bitfield).
+                if composite.kind_flag && offset >> 24 != 0 {
+                    return None;
+                }
+                let offset = if composite.kind_flag {
+                    offset & 0xff_ffff
+                } else {
+                    offset
+                };
+                Some((name_off, ty, offset))
+            })
     }
 
     /// The struct or union type `id` names, through typedefs and qualifiers.
@@ -341,19 +454,19 @@ impl<'a> RawBtf<'a> {
 
     /// The bit offset of `path` inside `composite`, looking through anonymous structs and
     /// unions (where the kernel keeps skc_daddr, skc_num and friends).
-    fn offset_bits(&self, composite: Type, path: &[&str]) -> Option<u32> {
+    fn offset_bits(&self, composite: &Type, path: &[&str]) -> Option<u32> {
         let (first, rest) = path.split_first()?;
-        for (name, ty, offset) in self.members(composite) {
-            if name == first.as_bytes() {
+        for (name_off, ty, offset) in self.members(composite) {
+            if self.is(name_off, first) {
                 if rest.is_empty() {
                     return Some(offset);
                 }
                 return self
-                    .offset_bits(self.composite(ty)?, rest)
+                    .offset_bits(&self.composite(ty)?, rest)
                     .map(|o| o + offset);
             }
-            if name.is_empty() {
-                let found = self.composite(ty).and_then(|c| self.offset_bits(c, path));
+            if name_off == 0 {
+                let found = self.composite(ty).and_then(|c| self.offset_bits(&c, path));
                 if let Some(found) = found {
                     return Some(found + offset);
                 }

@@ -83,15 +83,21 @@ fn btf_says_which_hooked_functions_exist() {
 }
 
 /// The reader against libbpf's full parser, on every BTF file at hand: the fixture, the
-/// running kernel's own (when it has one), and where given (the matrix VMs' /vmlinux.btf)
-/// more.
+/// running kernel's own (when it has one), and the 4.14 and 5.4 kernels' where
+/// TCPCONNLAT_KERNELS_DIR points to them (as CI's does).
 #[test]
 fn the_reader_agrees_with_libbpf() {
     let dir = tempfile::tempdir().unwrap();
     let mut files = vec![unpacked(dir.path())];
-    for path in [tcpconnlat_compat::btf::VMLINUX, "/vmlinux.btf"] {
-        if Path::new(path).exists() {
-            files.push(path.into());
+    if Path::new(tcpconnlat_compat::btf::VMLINUX).exists() {
+        files.push(tcpconnlat_compat::btf::VMLINUX.into());
+    }
+    if let Some(kernels) = std::env::var_os("TCPCONNLAT_KERNELS_DIR") {
+        for version in ["4.14", "5.4"] {
+            let xz = Path::new(&kernels).join(version).join("vmlinux.btf.xz");
+            let path = dir.path().join(format!("{version}.btf"));
+            std::fs::write(&path, support::unxz(&xz)).unwrap();
+            files.push(path);
         }
     }
     for path in &files {
