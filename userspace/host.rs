@@ -1,6 +1,8 @@
 //! What this host can do: the compat layer's file-based detection plus what only trying
 //! can tell (trial loads, the vDSO's version note, raising the memlock limit).
 
+use std::cell::Cell;
+use std::os::fd::OwnedFd;
 use std::path::Path;
 
 use libbpf_rs::MapType;
@@ -23,6 +25,8 @@ pub struct Host {
     /// Why RLIMIT_MEMLOCK could not be raised on a kernel that charges BPF memory to it
     /// (before 5.11); `None` where it was raised or plays no part.
     pub memlock: Option<String>,
+    /// The fentry trial's program, still attached: see [`Host::end_fentry_trial`].
+    fentry_trial: Cell<Option<OwnedFd>>,
 }
 
 impl Host {
@@ -53,6 +57,7 @@ impl Host {
             .as_ref()
             .and_then(|facts| facts.as_ref().ok()?.tcp_v4_connect_id);
         let sock_offsets = find_offsets(kernel_btf, features.release.as_deref(), btf_file);
+        let mut fentry_trial = None;
         let mut trials = Trials {
             sock_offsets: Probe::from_result(
                 sock_offsets
@@ -67,14 +72,9 @@ impl Host {
             trials.fentry = Probe::Unknown("needs root to try".to_owned());
             trials.ringbuf = Probe::Unknown("needs root to try".to_owned());
         } else {
-            // Auto only loads the trial: attaching and detaching an fentry program takes
-            // hundreds of milliseconds (ftrace waits for RCU tasks), and where fentry
-            // loads but cannot attach (no ftrace), starting fentry fails and auto moves on.
-            // --features and a forced mode attach it too, to say for sure.
-            let attach = if every_mode { Attach::Yes } else { Attach::No };
-            trials.fentry = timing::step("fentry trial", || {
-                Probe::from_result(trial_fentry(&features, trial_target, attach))
-            });
+            let trial = timing::step("fentry trial", || trial_fentry(&features, trial_target));
+            trials.fentry = Probe::from_result(trial.as_ref().map(drop).map_err(Clone::clone));
+            fentry_trial = trial.ok();
             trials.ringbuf = match timing::step("ringbuf trial", || MapType::RingBuf.is_supported())
             {
                 Ok(true) => Probe::Yes(()),
@@ -90,11 +90,19 @@ impl Host {
             mounted_tracefs,
             version_code: vdso_version_code(),
             memlock,
+            fentry_trial: Cell::new(fentry_trial),
         };
         if every_mode || !host.trials.fentry.is_yes() {
             host.read_symbols();
         }
         host
+    }
+
+    /// Detach the fentry trial's program. Done once the tracer is attached: detaching the
+    /// last program from a function makes ftrace wait for RCU tasks (over 100 ms), which
+    /// does not happen while the tracer's own fentry program keeps the function hooked.
+    pub fn end_fentry_trial(&self) {
+        drop(self.fentry_trial.take());
     }
 
     /// Resolve the kprobe targets, if kprobes can be used at all and it is not done yet.
@@ -233,21 +241,9 @@ pub fn mount_tracefs() -> Option<String> {
     .map(|()| dir)
 }
 
-/// Whether the fentry trial attaches its program too.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Attach {
-    Yes,
-    No,
-}
-
-/// Load and attach (then at once detach) an empty fentry program on `tcp_v4_connect`
-/// (its BTF id `target`): the only way to learn whether the kernel allows fentry.
-/// Hardened kernels refuse the load with EPERM even to root; kernels built without the
-/// function tracer load it but cannot attach it. Raw syscalls, not an object for libbpf:
-/// libbpf would parse the kernel's BTF once more to find the target.
-fn trial_fentry(features: &Features, target: Option<u32>, attach: Attach) -> Result<(), String> {
+fn trial_fentry(features: &Features, target: Option<u32>) -> Result<OwnedFd, String> {
     use libbpf_rs::libbpf_sys as sys;
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::fd::{AsRawFd, FromRawFd};
     if !features.btf {
         return Err("no kernel BTF".to_owned());
     }
@@ -285,9 +281,6 @@ fn trial_fentry(features: &Features, target: Option<u32>, attach: Attach) -> Res
     }
     // SAFETY: a descriptor just created, owned by nothing else.
     let prog = unsafe { OwnedFd::from_raw_fd(prog) };
-    if attach == Attach::No {
-        return Ok(());
-    }
     // SAFETY: as above; a null name attaches a tracing program to its BTF target.
     let link = unsafe { sys::bpf_raw_tracepoint_open(std::ptr::null(), prog.as_raw_fd()) };
     if link < 0 {
@@ -295,6 +288,5 @@ fn trial_fentry(features: &Features, target: Option<u32>, attach: Attach) -> Res
         return Err(format!("attach: {e}"));
     }
     // SAFETY: as above; closing it detaches the program.
-    drop(unsafe { OwnedFd::from_raw_fd(link) });
-    Ok(())
+    Ok(unsafe { OwnedFd::from_raw_fd(link) })
 }

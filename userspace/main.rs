@@ -121,6 +121,7 @@ fn run(cli: &Cli, started: Instant) -> Result<()> {
         .transpose()?;
     let mut plan = Plan::new(&host.features, &host.trials, forced);
     let tracer = start_first(&mut plan, &setup, &filters, forced)?;
+    host.end_fentry_trial();
     let stream = timing::step("buffers", || {
         EventStream::new(&tracer, cli.max_delay(), cli.sweep_times())
     })?;
