@@ -116,11 +116,11 @@ impl<W: Write> Printer<W> {
         line.number(e.pid, 7);
         line.text(&e.comm, COMM_WIDTH);
         line.number(e.ip_version(), 2);
-        line.ascii(saddr.as_bytes(), w);
+        line.address(&saddr, w);
         if self.columns.lport {
             line.number(e.lport, 5);
         }
-        line.ascii(daddr.as_bytes(), w);
+        line.address(&daddr, w);
         line.number(e.dport, 5);
         line.hundredths(e.lat_ns / 10_000 + u64::from(e.lat_ns % 10_000 >= 5_000));
         // Successful connects look exactly as in bcc; anything else is marked after LAT.
@@ -260,9 +260,9 @@ impl Line {
         self.pad(shown, width);
     }
 
-    fn ascii(&mut self, s: &[u8], width: usize) {
-        self.0.extend_from_slice(s);
-        self.pad(s.len(), width);
+    fn address(&mut self, addr: &AddrText, width: usize) {
+        self.0.extend_from_slice(addr.as_bytes());
+        self.pad(addr.len(), width);
     }
 
     fn number(&mut self, n: impl itoa::Integer, width: usize) {
@@ -298,55 +298,50 @@ impl io::Write for Line {
     }
 }
 
-/// An address as text, on the stack. IPv4 (the common case) is written by hand.
-struct AddrText {
-    buf: [u8; 48],
-    len: usize,
+/// An address as text. IPv4 (the common case) is written by hand into a few bytes on the
+/// stack; IPv6 through std.
+enum AddrText {
+    V4 { text: [u8; 15], len: usize },
+    V6(String),
 }
 
 impl AddrText {
     fn new(addr: &IpAddr) -> AddrText {
-        let mut text = AddrText {
-            buf: [0; 48],
-            len: 0,
-        };
         match addr {
             IpAddr::V4(v4) => {
-                for (i, octet) in v4.octets().into_iter().enumerate() {
+                let (mut text, mut len) = ([0u8; 15], 0);
+                for (i, n) in v4.octets().into_iter().enumerate() {
                     if i > 0 {
-                        text.push(b".");
+                        text[len] = b'.';
+                        len += 1;
                     }
-                    text.octet(octet);
+                    if n >= 100 {
+                        text[len] = b'0' + n / 100;
+                        len += 1;
+                    }
+                    if n >= 10 {
+                        text[len] = b'0' + n / 10 % 10;
+                        len += 1;
+                    }
+                    text[len] = b'0' + n % 10;
+                    len += 1;
                 }
+                AddrText::V4 { text, len }
             }
-            IpAddr::V6(v6) => {
-                let mut cursor = io::Cursor::new(&mut text.buf[..]);
-                // 45 bytes hold the longest IPv6 text ("ffff:...:255.255.255.255").
-                let _ = write!(cursor, "{v6}");
-                text.len = cursor.position() as usize;
-            }
+            IpAddr::V6(v6) => AddrText::V6(v6.to_string()),
         }
-        text
-    }
-
-    fn octet(&mut self, n: u8) {
-        let (hundreds, tens, ones) = (n / 100, n / 10 % 10, n % 10);
-        let digits = [b'0' + hundreds, b'0' + tens, b'0' + ones];
-        self.push(&digits[usize::from(n < 100) + usize::from(n < 10)..]);
-    }
-
-    fn push(&mut self, bytes: &[u8]) {
-        self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
-        self.len += bytes.len();
-    }
-
-    fn len(&self) -> usize {
-        self.len
     }
 
     /// ASCII only.
     fn as_bytes(&self) -> &[u8] {
-        &self.buf[..self.len]
+        match self {
+            AddrText::V4 { text, len } => &text[..*len],
+            AddrText::V6(text) => text.as_bytes(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.as_bytes().len()
     }
 }
 
@@ -518,10 +513,17 @@ mod tests {
             [127, 0, 0, 1],
         ] {
             let ip = IpAddr::from(octets);
-            assert_eq!(AddrText::new(&ip).as_bytes(), ip.to_string().as_bytes());
+            let (text, mut shown) = (AddrText::new(&ip), Vec::new());
+            text.write_to(&mut shown);
+            assert_eq!(
+                (shown, text.len()),
+                (ip.to_string().into_bytes(), ip.to_string().len())
+            );
         }
         let v6: IpAddr = "2001:db8::ffff:1".parse().unwrap();
-        assert_eq!(AddrText::new(&v6).as_bytes(), v6.to_string().as_bytes());
+        let mut shown = Vec::new();
+        AddrText::new(&v6).write_to(&mut shown);
+        assert_eq!(shown, v6.to_string().into_bytes());
         for lat_ns in [
             0u64,
             4_999,
