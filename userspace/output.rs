@@ -513,17 +513,12 @@ mod tests {
             [127, 0, 0, 1],
         ] {
             let ip = IpAddr::from(octets);
-            let (text, mut shown) = (AddrText::new(&ip), Vec::new());
-            text.write_to(&mut shown);
-            assert_eq!(
-                (shown, text.len()),
-                (ip.to_string().into_bytes(), ip.to_string().len())
-            );
+            let text = AddrText::new(&ip);
+            assert_eq!(text.as_bytes(), ip.to_string().as_bytes());
+            assert_eq!(text.len(), ip.to_string().len());
         }
         let v6: IpAddr = "2001:db8::ffff:1".parse().unwrap();
-        let mut shown = Vec::new();
-        AddrText::new(&v6).write_to(&mut shown);
-        assert_eq!(shown, v6.to_string().into_bytes());
+        assert_eq!(AddrText::new(&v6).as_bytes(), v6.to_string().as_bytes());
         for lat_ns in [
             0u64,
             4_999,
