@@ -47,16 +47,17 @@ fn main() {
     let features = features();
     // Across a veth pair too, unless told not to (the emulated matrix VM, for time).
     let veth = std::env::var("TCPCONNLAT_BENCH_VETH").map_or(true, |v| v != "0");
-    let modes: Vec<String> = features["plan"]
+    let usable: Vec<String> = features["plan"]
         .as_array()
         .unwrap()
         .iter()
-        .filter(|s| s["usable"] == true && s["mode"] != "legacy")
+        .filter(|s| s["usable"] == true)
         .map(|s| s["mode"].as_str().unwrap().to_owned())
         .collect();
     if std::env::var("TCPCONNLAT_BENCH_PROFILE").is_ok_and(|p| p == "vm") {
-        return vm::run(&modes, vm::reference());
+        return vm::run(&usable, vm::reference());
     }
+    let modes: Vec<String> = usable.into_iter().filter(|m| m != "legacy").collect();
     // One client alone leaves the tracer a core of its own: what a traced connect costs the
     // process that makes it.
     let mut servers = vec![Server::loopback(THREADS), Server::loopback(1)];
@@ -601,19 +602,20 @@ struct BpfStats {
 
 impl BpfStats {
     fn enable() -> BpfStats {
+        BpfStats::try_enable()
+            .unwrap_or_else(|| panic!("BPF_ENABLE_STATS: {}", std::io::Error::last_os_error()))
+    }
+
+    /// None where the kernel cannot (before 5.8).
+    fn try_enable() -> Option<BpfStats> {
         use libbpf_rs::libbpf_sys;
         use std::os::fd::FromRawFd;
         // SAFETY: a plain syscall wrapper; a non-negative result is a new descriptor.
         let fd = unsafe { libbpf_sys::bpf_enable_stats(libbpf_sys::BPF_STATS_RUN_TIME) };
-        assert!(
-            fd >= 0,
-            "BPF_ENABLE_STATS: {}",
-            std::io::Error::last_os_error()
-        );
         // SAFETY: the descriptor was just created and nothing else owns it.
-        BpfStats {
+        (fd >= 0).then(|| BpfStats {
             _on: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) },
-        }
+        })
     }
 
     /// Nanoseconds the BPF programs held by `pid` ran per connect of one storm.

@@ -104,8 +104,8 @@ impl Drop for Running {
 }
 
 impl Running {
-    /// Started and seen tracing: it has counted a connect of ours in the kernel (to
-    /// `probe`, a server of its own, so that these connects are not counted as the storm's).
+    /// Started and seen tracing, and how long that took (`probe`: a server of its own for
+    /// the connects that tell, so that they are not counted as the storm's).
     fn start(tool: &Tool, output: Output, probe: &Server) -> (Running, Duration) {
         let file = (output == Output::File)
             .then(|| tempfile::NamedTempFile::new().expect("a temporary file"));
@@ -114,24 +114,33 @@ impl Running {
             None => Stdio::from(File::create("/dev/null").expect("open /dev/null")),
         };
         let started = Instant::now();
-        let child = tool
+        let mut child = tool
             .command(std::process::id())
             .stdout(stdout)
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn the tracer");
-
+        let said_tracing = said_tracing(child.stderr.take().unwrap());
         let running = Running {
             child,
             output: file,
         };
-        let took = running.wait_until_tracing(probe, started);
+        let took = match tool {
+            // When it says so: right after it attached.
+            Tool::Ours(_) => {
+                said_tracing
+                    .recv()
+                    .expect("the tracer did not start tracing");
+                started.elapsed()
+            }
+            Tool::Reference(_) => running.wait_until_tracing(probe, started),
+        };
         (running, took)
     }
 
-    /// From `started` until one of our connects runs its BPF programs: the same measure
-    /// for both tools, whatever they print. Two programs at least: both tools first try
-    /// one fentry program alone, to learn whether the kernel allows fentry.
+    /// From `started` until one of our connects runs its BPF programs (the reference says
+    /// nothing when it starts). Two programs at least: it first tries one fentry program
+    /// alone, to learn whether the kernel allows fentry.
     fn wait_until_tracing(&self, server: &Server, started: Instant) -> Duration {
         let pid = self.child.id();
         // Run counts are kept only while BPF stats are on: on only now, not in the storms.
@@ -192,6 +201,20 @@ impl Running {
                 .count(),
         )
     }
+}
+
+/// Read a tracer's stderr to its end (so that it never blocks on it); the receiver gets a
+/// message when it says "Tracing".
+fn said_tracing(stderr: std::process::ChildStderr) -> std::sync::mpsc::Receiver<()> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.starts_with("Tracing") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx
 }
 
 fn peak_rss_kb(pid: u32) -> f64 {
@@ -264,11 +287,20 @@ fn measure(setup: &Setup, server: &Server, probe: &Server) -> Sample {
     }
 }
 
-/// The instruction-counted run: `modes` are those this kernel allows (auto's pick first).
-pub fn run(modes: &[String], reference: Option<PathBuf>) {
-    let auto = modes[0].clone();
-    let server = Server::loopback(2);
+/// The instruction-counted run: `usable` are the modes this kernel allows (auto's pick
+/// first). With TCPCONNLAT_BENCH_STARTUP_ONLY=1, only start-up and peak memory, in every
+/// mode (legacy too): quick enough for every matrix kernel.
+pub fn run(usable: &[String], reference: Option<PathBuf>) {
+    let auto = usable[0].clone();
     let probe = Server::loopback(1);
+    if std::env::var("TCPCONNLAT_BENCH_STARTUP_ONLY").is_ok_and(|v| v == "1") {
+        let mut tools = vec![Tool::Ours(None)];
+        tools.extend(usable.iter().skip(1).map(|m| Tool::Ours(Some(m.clone()))));
+        return print_startup(&tools, &probe, &auto);
+    }
+    let modes: Vec<String> = usable.iter().filter(|m| *m != "legacy").cloned().collect();
+    let modes = &modes[..];
+    let server = Server::loopback(2);
     let mut tools: Vec<Tool> = vec![Tool::Ours(None)];
     tools.extend(modes.iter().skip(1).map(|m| Tool::Ours(Some(m.clone()))));
     tools.extend(reference.clone().map(Tool::Reference));

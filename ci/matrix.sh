@@ -360,6 +360,7 @@ BENCH='$bench'
 BENCH_ONLY='$bench_only'
 BENCH_CONNECTS='${TCPCONNLAT_BENCH_CONNECTS:-}'
 BENCH_ROUNDS='${TCPCONNLAT_BENCH_ROUNDS:-}'
+BENCH_STARTUP_ONLY='${TCPCONNLAT_BENCH_STARTUP_ONLY:-}'
 REFERENCE='$REFERENCE'
 EOF
     (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) >"$out"
