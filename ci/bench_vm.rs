@@ -296,6 +296,7 @@ pub fn run(usable: &[String], reference: Option<PathBuf>) {
     if std::env::var("TCPCONNLAT_BENCH_STARTUP_ONLY").is_ok_and(|v| v == "1") {
         let mut tools = vec![Tool::Ours(None)];
         tools.extend(usable.iter().skip(1).map(|m| Tool::Ours(Some(m.clone()))));
+        tools.extend(reference.map(Tool::Reference));
         return print_startup(&tools, &probe, &auto);
     }
     let modes: Vec<String> = usable.iter().filter(|m| *m != "legacy").cloned().collect();
