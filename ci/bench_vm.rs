@@ -467,8 +467,10 @@ fn own_steps() -> Option<Vec<String>> {
     )
 }
 
-/// The reference tool's path, if given and present.
+/// The reference tool's path, if given and present, where it can run (it needs the
+/// kernel's BTF).
 pub fn reference() -> Option<PathBuf> {
     let path = PathBuf::from(std::env::var_os("TCPCONNLAT_BENCH_REFERENCE")?);
-    Path::new(&path).exists().then_some(path)
+    let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
+    (btf && path.exists()).then_some(path)
 }
