@@ -173,8 +173,9 @@ impl Features {
     /// Resolve the kprobe targets from `/proc/kallsyms` under `root`.
     pub fn read_symbols(&mut self, root: &Path) {
         self.attach_points = Probe::from_result(
-            fs::read_to_string(root.join("proc/kallsyms"))
-                .map(|text| AttachPoints::from_kallsyms(&text))
+            fs::File::open(root.join("proc/kallsyms"))
+                .map(|file| std::io::BufReader::with_capacity(64 * 1024, file))
+                .and_then(AttachPoints::read_kallsyms)
                 .map_err(|e| format!("cannot read /proc/kallsyms: {e}")),
         );
     }

@@ -91,32 +91,45 @@ impl AttachPoints {
     /// Resolve every [`Func`] from the text of `/proc/kallsyms`.
     pub fn from_kallsyms(kallsyms: &str) -> AttachPoints {
         let mut found = AttachPoints::default();
-        for line in kallsyms.lines() {
-            // "ffffffff820311a0 T tcp_v4_connect" or "... t tcp_v6_connect\t[ipv6]"
-            let mut fields = line.split_whitespace();
-            let (Some(_addr), Some(kind), Some(symbol)) =
-                (fields.next(), fields.next(), fields.next())
-            else {
+        kallsyms.lines().for_each(|line| found.add_symbol(line));
+        found
+    }
+
+    /// The same, line by line from a reader: the file is megabytes, and holding it was
+    /// this tool's peak memory in the kprobe modes.
+    pub fn read_kallsyms(mut kallsyms: impl std::io::BufRead) -> std::io::Result<AttachPoints> {
+        let (mut found, mut line) = (AttachPoints::default(), String::new());
+        while kallsyms.read_line(&mut line)? > 0 {
+            found.add_symbol(&line);
+            line.clear();
+        }
+        Ok(found)
+    }
+
+    /// One line of `/proc/kallsyms`.
+    fn add_symbol(&mut self, line: &str) {
+        // "ffffffff820311a0 T tcp_v4_connect" or "... t tcp_v6_connect\t[ipv6]"
+        let mut fields = line.split_whitespace();
+        let (Some(_addr), Some(kind), Some(symbol)) = (fields.next(), fields.next(), fields.next())
+        else {
+            return;
+        };
+        if !matches!(kind, "t" | "T") {
+            return;
+        }
+        for func in Func::ALL {
+            let Some(quality) = rank(func.name(), symbol) else {
                 continue;
             };
-            if !matches!(kind, "t" | "T") {
-                continue;
-            }
-            for func in Func::ALL {
-                let Some(quality) = rank(func.name(), symbol) else {
-                    continue;
-                };
-                let slot = found.slot(func);
-                let better = match slot.as_deref() {
-                    None => true,
-                    Some(current) => quality < rank(func.name(), current).unwrap_or(u8::MAX),
-                };
-                if better {
-                    *slot = Some(symbol.to_owned());
-                }
+            let slot = self.slot(func);
+            let better = match slot.as_deref() {
+                None => true,
+                Some(current) => quality < rank(func.name(), current).unwrap_or(u8::MAX),
+            };
+            if better {
+                *slot = Some(symbol.to_owned());
             }
         }
-        found
     }
 }
 
