@@ -189,6 +189,61 @@ impl std::fmt::Display for Comm {
     }
 }
 
+/// An address as text, for every event shown: IPv4 (the common case) is written by hand
+/// into a few bytes on the stack (std's `Display` takes over a thousand instructions);
+/// IPv6 through std.
+#[derive(Debug)]
+pub enum AddrText {
+    V4 { text: [u8; 15], len: usize },
+    V6(String),
+}
+
+impl AddrText {
+    pub fn new(addr: &IpAddr) -> AddrText {
+        match addr {
+            IpAddr::V4(v4) => {
+                let (mut text, mut len) = ([0u8; 15], 0);
+                for (i, n) in v4.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        text[len] = b'.';
+                        len += 1;
+                    }
+                    if n >= 100 {
+                        text[len] = b'0' + n / 100;
+                        len += 1;
+                    }
+                    if n >= 10 {
+                        text[len] = b'0' + n / 10 % 10;
+                        len += 1;
+                    }
+                    text[len] = b'0' + n % 10;
+                    len += 1;
+                }
+                AddrText::V4 { text, len }
+            }
+            IpAddr::V6(v6) => AddrText::V6(v6.to_string()),
+        }
+    }
+
+    /// ASCII only.
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            AddrText::V4 { text, len } => &text[..*len],
+            AddrText::V6(text) => text.as_bytes(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.as_bytes().len()
+    }
+}
+
+impl serde::Serialize for AddrText {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(std::str::from_utf8(self.as_bytes()).unwrap_or_default())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,12 +3,11 @@
 //! printed on exit and every interval.
 
 use std::io::{self, Write};
-use std::net::IpAddr;
 
 use tcpconnlat_compat::Mode;
 use unicode_width::UnicodeWidthStr;
 
-use crate::event::{Event, Outcome};
+use crate::event::{AddrText, Event, Outcome};
 use crate::record::{Connect, Count, Record};
 use crate::stats::{Hists, Summary};
 
@@ -295,53 +294,6 @@ impl io::Write for Line {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
-    }
-}
-
-/// An address as text. IPv4 (the common case) is written by hand into a few bytes on the
-/// stack; IPv6 through std.
-enum AddrText {
-    V4 { text: [u8; 15], len: usize },
-    V6(String),
-}
-
-impl AddrText {
-    fn new(addr: &IpAddr) -> AddrText {
-        match addr {
-            IpAddr::V4(v4) => {
-                let (mut text, mut len) = ([0u8; 15], 0);
-                for (i, n) in v4.octets().into_iter().enumerate() {
-                    if i > 0 {
-                        text[len] = b'.';
-                        len += 1;
-                    }
-                    if n >= 100 {
-                        text[len] = b'0' + n / 100;
-                        len += 1;
-                    }
-                    if n >= 10 {
-                        text[len] = b'0' + n / 10 % 10;
-                        len += 1;
-                    }
-                    text[len] = b'0' + n % 10;
-                    len += 1;
-                }
-                AddrText::V4 { text, len }
-            }
-            IpAddr::V6(v6) => AddrText::V6(v6.to_string()),
-        }
-    }
-
-    /// ASCII only.
-    fn as_bytes(&self) -> &[u8] {
-        match self {
-            AddrText::V4 { text, len } => &text[..*len],
-            AddrText::V6(text) => text.as_bytes(),
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.as_bytes().len()
     }
 }
 

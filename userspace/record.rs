@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use tcpconnlat_compat::Mode;
 
-use crate::event::{Event, Outcome};
+use crate::event::{AddrText, Event, Outcome};
 
 #[derive(Debug, Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
@@ -34,9 +34,9 @@ pub struct Connect<'a> {
     pub comm: &'a str,
     /// 4 or 6.
     pub af: u8,
-    pub saddr: String,
+    pub saddr: AddrText,
     pub lport: u16,
-    pub daddr: String,
+    pub daddr: AddrText,
     pub dport: u16,
     pub lat_us: f64,
     pub lat_ms: f64,
@@ -55,9 +55,9 @@ impl<'a> Connect<'a> {
             pid: e.pid,
             comm: &e.comm,
             af: e.ip_version(),
-            saddr: e.saddr.to_string(),
+            saddr: AddrText::new(&e.saddr),
             lport: e.lport,
-            daddr: e.daddr.to_string(),
+            daddr: AddrText::new(&e.daddr),
             dport: e.dport,
             lat_us: e.lat_ns as f64 / 1e3,
             lat_ms: e.lat_ms(),
