@@ -42,7 +42,7 @@ impl Host {
     ) -> Host {
         let root = Path::new(ROOT);
         let features = timing::step("features", || Features::detect(root));
-        // The kernel's BTF, parsed once: most of start-up and of peak memory.
+        // The kernel's BTF, streamed once (compat::btf): what fentry can hook, struct offsets.
         let kernel_btf = timing::step("kernel BTF", || features.btf.then(btf::read_kernel));
         let fentry_targets = match &kernel_btf {
             None => Probe::No("no kernel BTF".to_owned()),
