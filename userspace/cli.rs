@@ -99,7 +99,7 @@ pub struct Cli {
     #[arg(short = '6', long = "ipv6")]
     pub ipv6: bool,
 
-    /// Print libbpf's log and the mode decision
+    /// Print libbpf's log, the mode decision and how long each start-up step took
     #[arg(short, long)]
     pub verbose: bool,
 
