@@ -357,14 +357,10 @@ async fn pump(
                 None => return Ok(()),
             },
         };
-        if show(printer, tracer, record, &mut shown)? && limits.count.is_some_and(|n| shown >= n) {
-            return Ok(());
-        }
-        // The rest of what the last read queued, without a round of the select for each.
-        while let Some(record) = stream.next_queued() {
-            if show(printer, tracer, record, &mut shown)?
-                && limits.count.is_some_and(|n| shown >= n)
-            {
+        // With the rest of what the last read queued, without a round of the select each.
+        let queued = std::iter::from_fn(|| stream.next_queued());
+        for record in std::iter::once(record).chain(queued) {
+            if show(printer, tracer, record, &mut shown, limits.count)? {
                 return Ok(());
             }
         }
@@ -373,20 +369,26 @@ async fn pump(
     // Ending: show what is already queued, then stop.
     stream.drain()?;
     while let Some(Some(record)) = stream.next().now_or_never() {
-        if show(printer, tracer, record?, &mut shown)? && limits.count.is_some_and(|n| shown >= n) {
+        if show(printer, tracer, record?, &mut shown, limits.count)? {
             break;
         }
     }
     Ok(())
 }
 
-/// Hand one record on; whether it was a connect.
-fn show(printer: &mut dyn Sink, tracer: &Tracer, record: Record, shown: &mut u64) -> Result<bool> {
+/// Hand one record on, counting connects; whether `limit` (`--count`) is now reached.
+fn show(
+    printer: &mut dyn Sink,
+    tracer: &Tracer,
+    record: Record,
+    shown: &mut u64,
+    limit: Option<u64>,
+) -> Result<bool> {
     match record {
         Record::Event(event) => {
             printer.event(&event)?;
             *shown += 1;
-            return Ok(true);
+            return Ok(limit.is_some_and(|n| *shown >= n));
         }
         Record::Lost(n) => printer.lost(n, tracer.transport.name())?,
         Record::Untracked(n) => printer.untracked(n, tracer.sizes.max_pending)?,
