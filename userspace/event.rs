@@ -189,52 +189,57 @@ impl std::fmt::Display for Comm {
     }
 }
 
-/// An address as text, for every event shown: IPv4 (the common case) is written by hand
-/// into a few bytes on the stack (std's `Display` takes over a thousand instructions);
-/// IPv6 through std.
+/// An address as text, on the stack, for every event shown: IPv4 (the common case) is
+/// written by hand (std's `Display` takes over a thousand instructions), IPv6 by std.
 #[derive(Debug)]
-pub enum AddrText {
-    V4 { text: [u8; 15], len: usize },
-    V6(String),
+pub struct AddrText {
+    /// The longest IPv6 text, "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255", is 45 bytes.
+    text: [u8; 45],
+    len: usize,
 }
 
 impl AddrText {
     pub fn new(addr: &IpAddr) -> AddrText {
+        let mut out = AddrText {
+            text: [0; 45],
+            len: 0,
+        };
         match addr {
             IpAddr::V4(v4) => {
-                let (mut text, mut len) = ([0u8; 15], 0);
                 for (i, n) in v4.octets().into_iter().enumerate() {
                     if i > 0 {
-                        text[len] = b'.';
-                        len += 1;
+                        out.push(b'.');
                     }
                     if n >= 100 {
-                        text[len] = b'0' + n / 100;
-                        len += 1;
+                        out.push(b'0' + n / 100);
                     }
                     if n >= 10 {
-                        text[len] = b'0' + n / 10 % 10;
-                        len += 1;
+                        out.push(b'0' + n / 10 % 10);
                     }
-                    text[len] = b'0' + n % 10;
-                    len += 1;
+                    out.push(b'0' + n % 10);
                 }
-                AddrText::V4 { text, len }
             }
-            IpAddr::V6(v6) => AddrText::V6(v6.to_string()),
+            IpAddr::V6(v6) => {
+                let mut cursor = std::io::Cursor::new(&mut out.text[..]);
+                let _ = std::io::Write::write_fmt(&mut cursor, format_args!("{v6}"));
+                out.len = cursor.position() as usize;
+            }
         }
+        out
+    }
+
+    fn push(&mut self, byte: u8) {
+        self.text[self.len] = byte;
+        self.len += 1;
     }
 
     /// ASCII only.
     pub fn as_bytes(&self) -> &[u8] {
-        match self {
-            AddrText::V4 { text, len } => &text[..*len],
-            AddrText::V6(text) => text.as_bytes(),
-        }
+        &self.text[..self.len]
     }
 
     pub fn len(&self) -> usize {
-        self.as_bytes().len()
+        self.len
     }
 }
 

@@ -121,7 +121,7 @@ impl<W: Write> Printer<W> {
         }
         line.address(&daddr, w);
         line.number(e.dport, 5);
-        line.hundredths(e.lat_ns / 10_000 + u64::from(e.lat_ns % 10_000 >= 5_000));
+        line.milliseconds(e.lat_ns);
         // Successful connects look exactly as in bcc; anything else is marked after LAT.
         if e.outcome.failed() {
             write!(line, " {}", e.outcome.name().to_uppercase())?;
@@ -276,8 +276,9 @@ impl Line {
         self.0.resize(self.0.len() + fill, b' ');
     }
 
-    /// `n` hundredths as a decimal with two places: "0.25", "12.30".
-    fn hundredths(&mut self, n: u64) {
+    /// Nanoseconds as milliseconds with two places, rounded half up: "0.25", "12.30".
+    fn milliseconds(&mut self, ns: u64) {
+        let n = ns / 10_000 + u64::from(ns % 10_000 >= 5_000);
         let mut digits = itoa::Buffer::new();
         self.0.extend_from_slice(digits.format(n / 100).as_bytes());
         let frac = (n % 100) as u8;
@@ -469,8 +470,14 @@ mod tests {
             assert_eq!(text.as_bytes(), ip.to_string().as_bytes());
             assert_eq!(text.len(), ip.to_string().len());
         }
-        let v6: IpAddr = "2001:db8::ffff:1".parse().unwrap();
-        assert_eq!(AddrText::new(&v6).as_bytes(), v6.to_string().as_bytes());
+        for v6 in [
+            "2001:db8::ffff:1",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            "::ffff:1.2.3.4",
+        ] {
+            let v6: IpAddr = v6.parse().unwrap();
+            assert_eq!(AddrText::new(&v6).as_bytes(), v6.to_string().as_bytes());
+        }
         for lat_ns in [
             0u64,
             4_999,
@@ -481,7 +488,7 @@ mod tests {
             3_000_000_000,
         ] {
             let mut line = Line(Vec::new());
-            line.hundredths(lat_ns / 10_000 + u64::from(lat_ns % 10_000 >= 5_000));
+            line.milliseconds(lat_ns);
             let std = format!("{:.2}", lat_ns as f64 / 1e6);
             assert_eq!(String::from_utf8(line.0).unwrap(), std, "{lat_ns} ns");
         }
