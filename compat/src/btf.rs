@@ -199,16 +199,20 @@ struct Type {
     members: Vec<[u32; 3]>,
 }
 
+/// The native-endian u32 at `at` (BTF is in the byte order of the machine it describes).
+fn word(bytes: &[u8], at: usize) -> u32 {
+    u32::from_ne_bytes(bytes[at..at + 4].try_into().unwrap())
+}
+
 impl Type {
     fn header(bytes: &[u8; 12]) -> Type {
-        let word = |i: usize| u32::from_ne_bytes(bytes[i..i + 4].try_into().unwrap());
-        let info = word(4);
+        let info = word(bytes, 4);
         Type {
-            name_off: word(0),
+            name_off: word(bytes, 0),
             kind: (info >> 24) & 0x1f,
             kind_flag: info >> 31 == 1,
             vlen: (info & 0xffff) as usize,
-            size_type: word(8),
+            size_type: word(bytes, 8),
             members: Vec::new(),
         }
     }
@@ -248,11 +252,11 @@ impl StreamedBtf {
                 "not a BTF file of this machine's byte order".into()
             });
         }
-        let word = |i: usize| u64::from(u32::from_ne_bytes(header[i..i + 4].try_into().unwrap()));
+        let field = |at: usize| u64::from(word(&header, at));
         let (hdr_len, type_off, type_len, str_off, str_len) =
-            (word(4), word(8), word(12), word(16), word(20));
+            (field(4), field(8), field(12), field(16), field(20));
         let size = file.metadata().map_err(io_error)?.len();
-        // sysfs files state a size of 0 or more than they hold: only a real file's is checked.
+        // Some pseudo-files state a size of 0: only a stated size is checked.
         if size > 0 && (hdr_len + type_off + type_len > size || hdr_len + str_off + str_len > size)
         {
             return Err("truncated BTF: a section runs past the end".into());
@@ -374,11 +378,7 @@ impl StreamedBtf {
             self.file.read_exact_at(&mut raw, at + 12).ok()?;
             t.members = raw
                 .chunks_exact(12)
-                .map(|m| {
-                    std::array::from_fn(|i| {
-                        u32::from_ne_bytes(m[4 * i..4 * i + 4].try_into().unwrap())
-                    })
-                })
+                .map(|m| std::array::from_fn(|i| word(m, 4 * i)))
                 .collect();
         }
         Some(t)
