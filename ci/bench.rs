@@ -626,17 +626,35 @@ impl BpfStats {
     }
 }
 
-/// Run time so far of every BPF program `pid` holds a descriptor of (its fdinfo).
+/// Run time so far of every BPF program `pid` holds a descriptor of.
 fn bpf_run_ns(pid: u32) -> u64 {
-    std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+    prog_fdinfo(pid, "run_time_ns:")
         .expect("read the fdinfo directory")
+        .into_iter()
+        .sum()
+}
+
+/// One counter (e.g. "run_cnt:") of every BPF program `pid` holds a descriptor of, from
+/// its fdinfo.
+fn prog_fdinfo(pid: u32, field: &str) -> std::io::Result<Vec<u64>> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fdinfo"))?
         .filter_map(|entry| std::fs::read_to_string(entry.ok()?.path()).ok())
         .filter_map(|info| {
             info.lines()
-                .find_map(|l| l.strip_prefix("run_time_ns:"))
+                .find_map(|l| l.strip_prefix(field))
                 .and_then(|v| v.trim().parse::<u64>().ok())
         })
-        .sum()
+        .collect())
+}
+
+/// Peak RSS (VmHWM) of `pid` so far, in kB.
+fn peak_rss_kb(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
 }
 
 fn cpu_seconds(pid: u32) -> f64 {
@@ -673,12 +691,7 @@ fn startup(mode: &str) -> (f64, f64) {
                 .next()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(f64::NAN);
-            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-            rss = status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-                .unwrap_or(0.0);
+            rss = peak_rss_kb(pid);
         }
     }
     let _ = child.wait();

@@ -15,7 +15,9 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::{connects, median, rounds, storm, BpfStats, Floor, Server, BIN};
+use super::{
+    connects, median, peak_rss_kb, prog_fdinfo, rounds, storm, BpfStats, Floor, Server, BIN,
+};
 
 /// What one measurement traces with.
 #[derive(Clone)]
@@ -217,29 +219,13 @@ fn said_tracing(stderr: std::process::ChildStderr) -> std::sync::mpsc::Receiver<
     rx
 }
 
-fn peak_rss_kb(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(f64::NAN)
-}
-
 /// How many of the BPF programs `pid` holds have run (needs BPF stats on).
 fn programs_run(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
-        .map(|dir| {
-            dir.filter_map(|entry| std::fs::read_to_string(entry.ok()?.path()).ok())
-                .filter_map(|info| {
-                    info.lines()
-                        .find_map(|l| l.strip_prefix("run_cnt:"))
-                        .and_then(|v| v.trim().parse::<u64>().ok())
-                })
-                .filter(|&runs| runs > 0)
-                .count()
-        })
-        .unwrap_or(0)
+    prog_fdinfo(pid, "run_cnt:")
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|&runs| runs > 0)
+        .count()
 }
 
 /// What one measurement gave.
