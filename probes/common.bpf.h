@@ -17,8 +17,6 @@
 
 #include "tcpconnlat.h"
 
-#define AF_INET 2
-#define AF_INET6 10
 #define IPPROTO_TCP 6
 #define ECONNREFUSED 111
 #define ETIMEDOUT 110
@@ -27,9 +25,10 @@
 #define EHOSTDOWN 112
 #define ENETDOWN 100
 
-/* Userspace may resize these before load; these are the defaults. */
-#define MAX_PENDING 16384
-#define RINGBUF_BYTES (256 * 1024)
+/* Userspace sizes `pending` (--max-pending) and `events_rb` before load: these are
+ * placeholders. */
+#define MAX_PENDING 1
+#define RINGBUF_BYTES 4096
 #define MAX_FILTER_KEYS 64
 
 struct {
@@ -273,7 +272,7 @@ static __always_inline void read_endpoints(void *ctx, const struct state_layout 
 
 		e->lport = r->sport;
 		e->dport = r->dport;
-		if (e->af == AF_INET) {
+		if (e->af == FAMILY_INET) {
 			__builtin_memcpy(e->saddr, r->saddr, 4);
 			__builtin_memcpy(e->daddr, r->daddr, 4);
 		} else {
@@ -284,7 +283,7 @@ static __always_inline void read_endpoints(void *ctx, const struct state_layout 
 	}
 	READ_AT(e->lport, ctx, l->sport);
 	READ_AT(e->dport, ctx, l->dport);
-	if (e->af == AF_INET) {
+	if (e->af == FAMILY_INET) {
 		bpf_probe_read(e->saddr, 4, (char *)ctx + l->saddr);
 		bpf_probe_read(e->daddr, 4, (char *)ctx + l->daddr);
 	} else {

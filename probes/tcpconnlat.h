@@ -14,6 +14,17 @@
  * Rust side uses the generated values: no number is written twice.
  */
 
+/* The address families of event.af and config.family (AF_INET, AF_INET6). */
+enum address_family {
+	FAMILY_INET = 2,
+	FAMILY_INET6 = 10,
+};
+
+/* Sizes userspace allocates by. */
+enum limits {
+	COMM_LEN = TASK_COMM_LEN,
+};
+
 /* Which buffer an emitting program writes to; each emitter is built once per transport. */
 enum transport {
 	TRANSPORT_RINGBUF,

@@ -110,7 +110,7 @@ int legacy_set_state(struct pt_regs *ctx)
 	READ_AT(e.lport, sk, cfg->sk.num);
 	READ_AT(dport, sk, cfg->sk.dport);
 	e.dport = __builtin_bswap16(dport);
-	if (e.af == AF_INET) {
+	if (e.af == FAMILY_INET) {
 		bpf_probe_read(e.saddr, 4, (char *)sk + cfg->sk.rcv_saddr);
 		bpf_probe_read(e.daddr, 4, (char *)sk + cfg->sk.daddr);
 	} else {

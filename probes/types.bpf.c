@@ -16,3 +16,5 @@ enum transport shared_transport;
 enum counter shared_counter;
 enum outcome shared_outcome;
 enum report shared_report;
+enum address_family shared_address_family;
+enum limits shared_limits;

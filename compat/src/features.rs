@@ -37,41 +37,41 @@ impl fmt::Display for KernelVersion {
 /// or it could not be told (and why: not tried, not allowed to try, not read yet). As in
 /// cilium/ebpf, "not supported" is kept apart from "could not tell".
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Probe<T> {
+pub enum Finding<T> {
     Yes(T),
     No(String),
     Unknown(String),
 }
 
-impl<T> Probe<T> {
+impl<T> Finding<T> {
     /// Yes or no, from the outcome of a check that could be made.
-    pub fn from_result(result: Result<T, String>) -> Probe<T> {
+    pub fn from_result(result: Result<T, String>) -> Finding<T> {
         match result {
-            Ok(found) => Probe::Yes(found),
-            Err(why) => Probe::No(why),
+            Ok(found) => Finding::Yes(found),
+            Err(why) => Finding::No(why),
         }
     }
 
     /// What was found, where the answer is yes.
     pub fn yes(&self) -> Option<&T> {
         match self {
-            Probe::Yes(found) => Some(found),
+            Finding::Yes(found) => Some(found),
             _ => None,
         }
     }
 
     pub fn is_yes(&self) -> bool {
-        matches!(self, Probe::Yes(_))
+        matches!(self, Finding::Yes(_))
     }
 
     pub fn is_unknown(&self) -> bool {
-        matches!(self, Probe::Unknown(_))
+        matches!(self, Finding::Unknown(_))
     }
 }
 
-impl<T> Default for Probe<T> {
-    fn default() -> Probe<T> {
-        Probe::Unknown("not tried".to_owned())
+impl<T> Default for Finding<T> {
+    fn default() -> Finding<T> {
+        Finding::Unknown("not tried".to_owned())
     }
 }
 
@@ -96,23 +96,24 @@ pub struct Features {
     /// Kernel symbols for the kprobe targets, or why they cannot be read; unknown until
     /// [`Features::read_symbols`]: the kernel takes tens of milliseconds to format
     /// /proc/kallsyms, and only the kprobe modes need it.
-    pub attach_points: Probe<AttachPoints>,
+    pub attach_points: Finding<AttachPoints>,
 }
 
-/// Capabilities only known by trying, found by the caller and fed to the plan; unknown
-/// where not tried (for example without the privilege to try).
+/// What the caller found beyond the files `Features` reads, fed to the plan: capabilities
+/// only known by trying (unknown where not tried, e.g. without the privilege to try) and
+/// what reading BTF, headers or the kernel itself told.
 #[derive(Clone, Debug, Default)]
-pub struct Trials {
+pub struct Findings {
     /// Loading a minimal fentry program.
-    pub fentry: Probe<()>,
+    pub fentry: Finding<()>,
     /// Creating a BPF ring buffer map (Linux 5.8+).
-    pub ringbuf: Probe<()>,
+    pub ringbuf: Finding<()>,
     /// Where legacy mode's struct sock offsets come from (a BTF file, or kernel headers
     /// at build time), or why there are none.
-    pub sock_offsets: Probe<String>,
+    pub sock_offsets: Finding<String>,
     /// The hooked functions the kernel's BTF describes (what fentry can attach to), or
     /// why it cannot be read.
-    pub fentry_targets: Probe<AttachPoints>,
+    pub fentry_targets: Finding<AttachPoints>,
 }
 
 impl Features {
@@ -161,7 +162,7 @@ impl Features {
             state_tracepoint,
             retransmit_tracepoint,
             reset_tracepoint,
-            attach_points: Probe::Unknown("/proc/kallsyms not read".to_owned()),
+            attach_points: Finding::Unknown("/proc/kallsyms not read".to_owned()),
         }
     }
 
@@ -172,7 +173,7 @@ impl Features {
 
     /// Resolve the kprobe targets from `/proc/kallsyms` under `root`.
     pub fn read_symbols(&mut self, root: &Path) {
-        self.attach_points = Probe::from_result(
+        self.attach_points = Finding::from_result(
             fs::File::open(root.join("proc/kallsyms"))
                 .map(|file| std::io::BufReader::with_capacity(64 * 1024, file))
                 .and_then(AttachPoints::read_kallsyms)

@@ -2,7 +2,7 @@
 //!
 //! Everything here is pure logic over a root directory (normally `/`), so tests feed it
 //! fixture trees captured from real kernels. The few capabilities that can only be known by
-//! trying (loading an fentry program) are tried by the caller and handed in as [`Trials`].
+//! trying (loading an fentry program) are tried by the caller and handed in as [`Findings`].
 
 pub mod btf;
 pub mod features;
@@ -11,7 +11,7 @@ pub mod kversion;
 pub mod plan;
 pub mod tracefs;
 
-pub use features::{Features, KernelVersion, Probe, Trials};
+pub use features::{Features, Finding, Findings, KernelVersion};
 pub use kallsyms::{AttachPoints, Func};
 pub use plan::{Mode, Plan, Step, Unsupported};
 pub use tracefs::StateLayout;

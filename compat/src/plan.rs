@@ -7,7 +7,7 @@ use std::str::FromStr;
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::features::{Features, Probe, Trials};
+use crate::features::{Features, Finding, Findings};
 use crate::kallsyms::Func;
 
 /// How tcpconnlat hooks the kernel. One value drives loading, attaching and reporting.
@@ -38,21 +38,23 @@ impl Mode {
     }
 
     /// Whether this kernel can run the mode, as far as can be known before loading it.
-    pub fn check(self, features: &Features, trials: &Trials) -> Result<(), Unsupported> {
+    pub fn check(self, features: &Features, findings: &Findings) -> Result<(), Unsupported> {
         match self {
             Mode::Fentry => {
                 need_btf(features)?;
-                match &trials.fentry {
-                    Probe::Unknown(_) => return Err(Unsupported::NotTried("an fentry trial load")),
-                    Probe::No(why) => return Err(Unsupported::FentryRefused(why.clone())),
-                    Probe::Yes(()) => {}
+                match &findings.fentry {
+                    Finding::Unknown(_) => {
+                        return Err(Unsupported::NotTried("an fentry trial load"))
+                    }
+                    Finding::No(why) => return Err(Unsupported::FentryRefused(why.clone())),
+                    Finding::Yes(()) => {}
                 }
-                let targets = match &trials.fentry_targets {
-                    Probe::Unknown(_) => {
+                let targets = match &findings.fentry_targets {
+                    Finding::Unknown(_) => {
                         return Err(Unsupported::NotTried("reading the kernel's BTF"))
                     }
-                    Probe::No(why) => return Err(Unsupported::NoBtfFunctions(why.clone())),
-                    Probe::Yes(targets) => targets,
+                    Finding::No(why) => return Err(Unsupported::NoBtfFunctions(why.clone())),
+                    Finding::Yes(targets) => targets,
                 };
                 for &func in CORE_FUNCS {
                     if targets.get(func).is_none() {
@@ -78,12 +80,12 @@ impl Mode {
                         Func::TcpSetState,
                     ],
                 )?;
-                match &trials.sock_offsets {
-                    Probe::Unknown(_) => {
+                match &findings.sock_offsets {
+                    Finding::Unknown(_) => {
                         Err(Unsupported::NotTried("looking for struct sock offsets"))
                     }
-                    Probe::No(why) => Err(Unsupported::NoOffsets(why.clone())),
-                    Probe::Yes(_) => Ok(()),
+                    Finding::No(why) => Err(Unsupported::NoOffsets(why.clone())),
+                    Finding::Yes(_) => Ok(()),
                 }
             }
         }
@@ -111,9 +113,9 @@ fn need_kprobes(features: &Features) -> Result<(), Unsupported> {
 
 fn need_symbols(features: &Features, funcs: &[Func]) -> Result<(), Unsupported> {
     let points = match &features.attach_points {
-        Probe::Unknown(_) => return Err(Unsupported::SymbolsNotRead),
-        Probe::No(why) => return Err(Unsupported::NoKallsyms(why.clone())),
-        Probe::Yes(points) => points,
+        Finding::Unknown(_) => return Err(Unsupported::SymbolsNotRead),
+        Finding::No(why) => return Err(Unsupported::NoKallsyms(why.clone())),
+        Finding::Yes(points) => points,
     };
     for &func in funcs {
         if points.get(func).is_none() {
@@ -194,7 +196,7 @@ pub struct Plan {
 
 impl Plan {
     /// Every mode for `auto`, or only the `forced` one.
-    pub fn new(features: &Features, trials: &Trials, forced: Option<Mode>) -> Plan {
+    pub fn new(features: &Features, findings: &Findings, forced: Option<Mode>) -> Plan {
         let modes = match forced {
             Some(mode) => vec![mode],
             None => Mode::ALL.to_vec(),
@@ -204,7 +206,7 @@ impl Plan {
                 .into_iter()
                 .map(|mode| Step {
                     mode,
-                    verdict: mode.check(features, trials),
+                    verdict: mode.check(features, findings),
                 })
                 .collect(),
         }

@@ -4,7 +4,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use tcpconnlat_compat::{AttachPoints, Features, Func, Mode, Plan, Probe, Trials, Unsupported};
+use tcpconnlat_compat::{AttachPoints, Features, Finding, Findings, Func, Mode, Plan, Unsupported};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -45,20 +45,20 @@ fn btf_functions(missing: &[Func]) -> AttachPoints {
 
 const FORMAT: &str = "sys/kernel/tracing/events/sock/inet_sock_set_state/format";
 
-fn trials(fentry: Result<(), &str>) -> Trials {
-    Trials {
-        fentry: Probe::from_result(fentry.map_err(str::to_owned)),
-        ringbuf: Probe::Yes(()),
-        sock_offsets: Probe::Yes("BTF /sys/kernel/btf/vmlinux".to_owned()),
-        fentry_targets: Probe::Yes(btf_functions(&[])),
+fn findings(fentry: Result<(), &str>) -> Findings {
+    Findings {
+        fentry: Finding::from_result(fentry.map_err(str::to_owned)),
+        ringbuf: Finding::Yes(()),
+        sock_offsets: Finding::Yes("BTF /sys/kernel/btf/vmlinux".to_owned()),
+        fentry_targets: Finding::Yes(btf_functions(&[])),
     }
 }
 
 /// fentry allowed, and the kernel's BTF without `missing`.
-fn btf_without(missing: &[Func]) -> Trials {
-    Trials {
-        fentry_targets: Probe::Yes(btf_functions(missing)),
-        ..trials(Ok(()))
+fn btf_without(missing: &[Func]) -> Findings {
+    Findings {
+        fentry_targets: Finding::Yes(btf_functions(missing)),
+        ..findings(Ok(()))
     }
 }
 
@@ -91,7 +91,7 @@ fn host_6_18_without_kprobes_or_fentry_plans_tracepoint() {
 
     let plan = Plan::new(
         &f,
-        &trials(Err("Operation not permitted (os error 1)")),
+        &findings(Err("Operation not permitted (os error 1)")),
         None,
     );
     assert_eq!(
@@ -112,11 +112,11 @@ fn host_6_18_without_kprobes_or_fentry_plans_tracepoint() {
 
     // Were fentry allowed, it would come first.
     assert_eq!(
-        Plan::new(&f, &trials(Ok(())), None).first(),
+        Plan::new(&f, &findings(Ok(())), None).first(),
         Some(Mode::Fentry)
     );
     // Without privileges the fentry trial is unknown, and said so.
-    let unknown = Plan::new(&f, &Trials::default(), Some(Mode::Fentry));
+    let unknown = Plan::new(&f, &Findings::default(), Some(Mode::Fentry));
     assert!(matches!(
         unknown.steps[0].verdict,
         Err(Unsupported::NotTried(_))
@@ -134,7 +134,7 @@ fn kprobe_pmu_or_kprobe_events_enable_kprobe_mode() {
         fs::create_dir_all(file.parent().unwrap()).unwrap();
         fs::write(&file, "6\n").unwrap();
         let f = detect(dir.path());
-        let plan = Plan::new(&f, &trials(Err("EPERM")), None);
+        let plan = Plan::new(&f, &findings(Err("EPERM")), None);
         assert_eq!(plan.first(), Some(Mode::Kprobe), "{path}");
     }
 }
@@ -151,7 +151,7 @@ fn without_btf_no_co_re_mode_is_planned() {
     .unwrap();
     let f = detect(dir.path());
     assert!(!f.btf);
-    let plan = Plan::new(&f, &trials(Ok(())), None);
+    let plan = Plan::new(&f, &findings(Ok(())), None);
     assert_eq!(plan.steps[0].verdict, Err(Unsupported::NoBtf));
     assert_eq!(plan.steps[1].verdict, Err(Unsupported::NoBtf));
     assert_eq!(plan.first(), Some(Mode::Tracepoint));
@@ -178,7 +178,7 @@ fn renamed_symbols_are_found_and_missing_ipv6_is_tolerated() {
         Some("tcp_v4_connect.constprop.0")
     );
     assert_eq!(points.get(Func::TcpV6Connect), None);
-    let plan = Plan::new(&f, &trials(Ok(())), None);
+    let plan = Plan::new(&f, &findings(Ok(())), None);
     assert_eq!(plan.first(), Some(Mode::Fentry));
 }
 
@@ -192,7 +192,7 @@ fn a_missing_connect_function_rejects_the_hooking_modes() {
     )
     .unwrap();
     let f = detect(dir.path());
-    let plan = Plan::new(&f, &trials(Err("EPERM")), None);
+    let plan = Plan::new(&f, &findings(Err("EPERM")), None);
     assert_eq!(
         plan.steps[1].verdict,
         Err(Unsupported::MissingSymbol("tcp_v4_connect"))
@@ -227,7 +227,7 @@ fn kernel_symbols_are_read_only_for_the_kprobe_modes() {
     // then say why they were not considered, and fentry and the tracepoint do not care.
     let f = Features::detect(&fixture("deb61"));
     assert!(f.attach_points.is_unknown());
-    let plan = Plan::new(&f, &trials(Ok(())), None);
+    let plan = Plan::new(&f, &findings(Ok(())), None);
     assert_eq!(
         verdicts(&plan),
         [
@@ -245,7 +245,7 @@ fn no_tracefs_means_no_tracepoint_and_says_how_to_fix_it() {
     fs::remove_dir_all(dir.path().join("sys/kernel/tracing")).unwrap();
     let f = detect(dir.path());
     assert!(f.tracefs.is_none());
-    let plan = Plan::new(&f, &trials(Ok(())), None);
+    let plan = Plan::new(&f, &findings(Ok(())), None);
     assert!(plan.first().is_none());
     let why = plan.steps[2].verdict.clone().unwrap_err().to_string();
     assert!(why.contains("tracefs is not mounted"), "{why}");
@@ -299,7 +299,7 @@ fn debian_6_1_cloud_has_everything_and_plans_fentry() {
     assert!(Func::ALL
         .iter()
         .all(|&func| f.attach_points.yes().unwrap().get(func).is_some()));
-    let plan = Plan::new(&f, &trials(Ok(())), None);
+    let plan = Plan::new(&f, &findings(Ok(())), None);
     assert_eq!(
         verdicts(&plan),
         [
@@ -311,7 +311,7 @@ fn debian_6_1_cloud_has_everything_and_plans_fentry() {
     );
     // The same kernel with fentry refused falls back to kprobe, not to the tracepoint.
     assert_eq!(
-        Plan::new(&f, &trials(Err("EPERM")), None).first(),
+        Plan::new(&f, &findings(Err("EPERM")), None).first(),
         Some(Mode::Kprobe)
     );
 }
@@ -320,9 +320,9 @@ fn debian_6_1_cloud_has_everything_and_plans_fentry() {
 fn without_btf_legacy_needs_offsets_and_comes_last() {
     let f = detect(&fixture("nobtf"));
     assert!(!f.btf && f.kprobe_pmu);
-    let with = Trials {
-        sock_offsets: Probe::Yes("kernel headers for 6.1.192, built in".into()),
-        ..trials(Err("no kernel BTF"))
+    let with = Findings {
+        sock_offsets: Finding::Yes("kernel headers for 6.1.192, built in".into()),
+        ..findings(Err("no kernel BTF"))
     };
     let plan = Plan::new(&f, &with, None);
     assert_eq!(plan.steps[0].verdict, Err(Unsupported::NoBtf));
@@ -335,8 +335,8 @@ fn without_btf_legacy_needs_offsets_and_comes_last() {
         Some(Mode::Legacy)
     );
 
-    let without = Trials {
-        sock_offsets: Probe::No("no BTF and no struct offsets built in".into()),
+    let without = Findings {
+        sock_offsets: Finding::No("no BTF and no struct offsets built in".into()),
         ..with
     };
     let plan = Plan::new(&f, &without, None);
@@ -356,9 +356,9 @@ fn linux_4_14_has_only_legacy_through_kprobe_events() {
     assert!(!f.btf && !f.kprobe_pmu && f.kprobe_events);
     assert!(f.state_tracepoint.is_err());
     assert_eq!(f.global_data(), Some(false));
-    let with = Trials {
-        sock_offsets: Probe::Yes("kernel headers for 4.14.325, built in".into()),
-        ..trials(Err("no kernel BTF"))
+    let with = Findings {
+        sock_offsets: Finding::Yes("kernel headers for 4.14.325, built in".into()),
+        ..findings(Err("no kernel BTF"))
     };
     let plan = Plan::new(&f, &with, None);
     assert_eq!(plan.steps[0].verdict, Err(Unsupported::NoBtf));
@@ -379,9 +379,9 @@ fn linux_5_4_reads_its_one_byte_protocol_and_plans_tracepoint() {
     // A __u8 protocol at 30 moves the addresses one byte down from today's record.
     assert_eq!((layout.protocol, layout.protocol_size), (Some(30), 1));
     assert_eq!((layout.saddr, layout.daddr_v6), (31, 55));
-    let with = Trials {
-        sock_offsets: Probe::Yes("kernel headers for 5.4.286, built in".into()),
-        ..trials(Err("no kernel BTF"))
+    let with = Findings {
+        sock_offsets: Finding::Yes("kernel headers for 5.4.286, built in".into()),
+        ..findings(Err("no kernel BTF"))
     };
     let plan = Plan::new(&f, &with, None);
     assert_eq!(plan.first(), Some(Mode::Tracepoint));

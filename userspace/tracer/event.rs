@@ -2,9 +2,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::probes::{RawEvent, RawOutcome};
-
-const AF_INET: u16 = 2;
+use super::objects::{AddressFamily, RawEvent, RawOutcome, COMM_LEN};
 
 /// How a connect ended (enum outcome in probes/tcpconnlat.h).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
@@ -83,6 +81,11 @@ impl Event {
         }
     }
 
+    /// "daddr:dport", as the summaries and the `dest` label write it.
+    pub fn dest(&self) -> String {
+        format!("{}:{}", host_part(&self.daddr), self.dport)
+    }
+
     pub fn lat_ms(&self) -> f64 {
         self.lat_ns as f64 / 1e6
     }
@@ -98,7 +101,7 @@ impl Event {
 impl From<&RawEvent> for Event {
     fn from(raw: &RawEvent) -> Event {
         let addr = |bytes: &[u8; 16]| -> IpAddr {
-            if raw.af == AF_INET {
+            if u32::from(raw.af) == AddressFamily::FAMILY_INET.0 {
                 IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
             } else {
                 IpAddr::V6(Ipv6Addr::from(*bytes))
@@ -122,22 +125,28 @@ impl From<&RawEvent> for Event {
     }
 }
 
+/// An address as it goes before a port: IPv6 in brackets, as in "[::1]:443".
+pub fn host_part(addr: &IpAddr) -> String {
+    match addr {
+        IpAddr::V4(a) => a.to_string(),
+        IpAddr::V6(a) => format!("[{a}]"),
+    }
+}
+
 /// A task's comm, held inline (decoding an event allocates nothing) and always valid
 /// UTF-8. The kernel cuts names at 15 bytes, possibly inside a UTF-8 character: such a
 /// dangling partial character is dropped rather than shown as garbage; other invalid
 /// bytes (rare) become U+FFFD, which may need more room than the inline bytes.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub enum Comm {
-    Inline { bytes: [u8; TASK_COMM_LEN], len: u8 },
+    Inline { bytes: [u8; COMM_LEN], len: u8 },
     Lossy(Box<str>),
 }
-
-const TASK_COMM_LEN: usize = 16;
 
 impl Comm {
     pub fn new(comm: &[u8]) -> Comm {
         let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
-        let bytes = &comm[..end.min(TASK_COMM_LEN)];
+        let bytes = &comm[..end.min(COMM_LEN)];
         let valid = match std::str::from_utf8(bytes) {
             Ok(s) => s,
             Err(e) if e.error_len().is_none() => {
@@ -145,7 +154,7 @@ impl Comm {
             }
             Err(_) => return Comm::Lossy(String::from_utf8_lossy(bytes).into()),
         };
-        let mut inline = [0; TASK_COMM_LEN];
+        let mut inline = [0; COMM_LEN];
         inline[..valid.len()].copy_from_slice(valid.as_bytes());
         Comm::Inline {
             bytes: inline,
@@ -297,7 +306,7 @@ mod tests {
     fn comm_never_ends_mid_character() {
         // 18 bytes: the kernel keeps 15, which ends inside the first "ö" of "töö".
         let name = "Größenwahn-töö".as_bytes();
-        let mut comm = [0u8; 16];
+        let mut comm = [0u8; COMM_LEN];
         comm[..15].copy_from_slice(&name[..15]);
         let s = Comm::new(&comm);
         assert!(name.starts_with(s.as_bytes()));

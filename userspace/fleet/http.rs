@@ -20,7 +20,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::exporter::Metrics;
+use super::metrics::Metrics;
 
 /// Connections served at once.
 const CONNECTIONS: usize = 16;

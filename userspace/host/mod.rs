@@ -1,24 +1,31 @@
 //! What this host can do: the compat layer's file-based detection plus what only trying
 //! can tell (trial loads, the vDSO's version note, raising the memlock limit).
 
+pub mod cgroup;
+mod offsets;
+pub mod privileges;
+pub mod report;
+mod trials;
+pub mod users;
+
 use std::cell::Cell;
 use std::os::fd::OwnedFd;
 use std::path::Path;
 
-use libbpf_rs::MapType;
-use tcpconnlat_compat::btf::{self, BtfError, BtfFacts, SockOffsets};
-use tcpconnlat_compat::{tracefs, AttachPoints, Features, Func, KernelVersion, Probe, Trials};
+use tcpconnlat_compat::btf;
+use tcpconnlat_compat::{tracefs, AttachPoints, Features, Finding, Findings, Func, KernelVersion};
 
-use crate::probes;
 use crate::timing;
+use crate::tracer::kprobes;
+pub use offsets::KnownOffsets;
 
 pub struct Host {
     pub features: Features,
-    pub trials: Trials,
+    pub findings: Findings,
     /// struct sock offsets for probes that cannot use CO-RE, and where they came from.
     pub sock_offsets: Result<KnownOffsets, String>,
-    /// Where we mounted tracefs because nothing had (see [`mount_tracefs`]).
-    pub mounted_tracefs: Option<String>,
+    /// Whether tcpconnlat had to mount tracefs (see [`mount_tracefs`]).
+    pub tracefs_mount: TracefsMount,
     /// The kernel's LINUX_VERSION_CODE from its vDSO, which kprobe programs must carry
     /// before Linux 5.0, or why it is unknown (libbpf then guesses from `uname -r`).
     pub version_code: Result<u32, String>,
@@ -29,24 +36,45 @@ pub struct Host {
     fentry_trial: Cell<Option<OwnedFd>>,
 }
 
+/// What to detect.
+pub struct Detect<'a> {
+    /// Trials (and mounting tracefs) need privileges; without them the trials stay
+    /// unknown and the plan says so.
+    pub privileged: bool,
+    /// `--btf`: struct offsets from this file.
+    pub btf_file: Option<&'a Path>,
+    /// Every mode will be looked at (the `--features` report, a forced mode): read what
+    /// each needs, kernel symbols included, even where a better mode is usable.
+    pub every_mode: bool,
+}
+
+/// Whether tracefs had to be mounted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TracefsMount {
+    /// It was mounted already (or could not be, unprivileged, and nothing was tried).
+    Untouched,
+    /// tcpconnlat mounted it here.
+    Mounted(String),
+    /// It was not mounted, and mounting it failed: why.
+    Failed(String),
+}
+
 impl Host {
-    /// Detect what choosing a mode needs. Trials need privileges; without them the trials
-    /// stay unknown and the plan says so. Kernel symbols are read only where a kprobe
-    /// mode may be used: when no earlier mode is, or for `every_mode` (the `--features`
-    /// report, a forced mode).
-    pub fn detect(
-        privileged: bool,
-        btf_file: Option<&Path>,
-        every_mode: bool,
-        mounted_tracefs: Option<String>,
-    ) -> Host {
+    /// Detect what choosing a mode needs. Kernel symbols are read only where a kprobe
+    /// mode may be used: when no earlier mode is, or for `every_mode`.
+    pub fn detect(what: &Detect<'_>) -> Host {
+        let tracefs_mount = if what.privileged {
+            mount_tracefs()
+        } else {
+            TracefsMount::Untouched
+        };
         let root = Path::new(ROOT);
         let features = timing::step("features", || Features::detect(root));
         // The kernel's BTF, streamed once (compat::btf): what fentry can hook, struct offsets.
         let kernel_btf = timing::step("kernel BTF", || features.btf.then(btf::read_kernel));
         let fentry_targets = match &kernel_btf {
-            None => Probe::No("no kernel BTF".to_owned()),
-            Some(facts) => Probe::from_result(
+            None => Finding::No("no kernel BTF".to_owned()),
+            Some(facts) => Finding::from_result(
                 facts
                     .as_ref()
                     .map(|f| with_module_functions(f.functions.clone()))
@@ -56,43 +84,29 @@ impl Host {
         let trial_target = kernel_btf
             .as_ref()
             .and_then(|facts| facts.as_ref().ok()?.tcp_v4_connect_id);
-        let sock_offsets = find_offsets(kernel_btf, features.release.as_deref(), btf_file);
-        let mut fentry_trial = None;
-        let mut trials = Trials {
-            sock_offsets: Probe::from_result(
+        let sock_offsets = offsets::find(kernel_btf, features.release.as_deref(), what.btf_file);
+        let mut findings = Findings {
+            sock_offsets: Finding::from_result(
                 sock_offsets
                     .as_ref()
                     .map(|o| o.source.clone())
                     .map_err(Clone::clone),
             ),
             fentry_targets,
-            ..Trials::default()
+            ..Findings::default()
         };
-        if !privileged {
-            trials.fentry = Probe::Unknown("needs root to try".to_owned());
-            trials.ringbuf = Probe::Unknown("needs root to try".to_owned());
-        } else {
-            let trial = timing::step("fentry trial", || trial_fentry(&features, trial_target));
-            trials.fentry = Probe::from_result(trial.as_ref().map(drop).map_err(Clone::clone));
-            fentry_trial = trial.ok();
-            trials.ringbuf = match timing::step("ringbuf trial", || MapType::RingBuf.is_supported())
-            {
-                Ok(true) => Probe::Yes(()),
-                Ok(false) => Probe::No("no BPF ring buffer (Linux 5.8+)".to_owned()),
-                Err(e) => Probe::Unknown(e.to_string()),
-            };
-        }
+        let fentry_trial = try_loading(what.privileged, &features, trial_target, &mut findings);
         let memlock = raise_memlock(&features);
         let mut host = Host {
             features,
-            trials,
+            findings,
             sock_offsets,
-            mounted_tracefs,
+            tracefs_mount,
             version_code: vdso_version_code(),
             memlock,
             fentry_trial: Cell::new(fentry_trial),
         };
-        if every_mode || !host.trials.fentry.is_yes() {
+        if what.every_mode || !host.findings.fentry.is_yes() {
             host.read_symbols();
         }
         host
@@ -113,6 +127,52 @@ impl Host {
             });
         }
     }
+
+    /// Before tracing: remove what a killed tcpconnlat left behind. What the user should
+    /// know of what was done to the host, or could not be.
+    pub fn prepare_for_tracing(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        if let Some(why) = &self.memlock {
+            notes.push(why.clone());
+        }
+        match &self.tracefs_mount {
+            TracefsMount::Mounted(dir) => {
+                notes.push(format!("tracefs was not mounted; mounted it at {dir}"))
+            }
+            TracefsMount::Failed(why) => notes.push(format!(
+                "tracefs is not mounted and mounting it failed ({why}): the tracepoint and tracefs kprobes cannot be used"
+            )),
+            TracefsMount::Untouched => {}
+        }
+        if let Some(tracefs) = &self.features.tracefs {
+            let stale = kprobes::remove_stale(tracefs);
+            if stale > 0 {
+                notes.push(format!(
+                    "removed {stale} kprobe events left by a tcpconnlat that was killed"
+                ));
+            }
+        }
+        notes
+    }
+}
+
+/// The trials, where privileged: the fentry trial's program (kept attached, see
+/// [`Host::end_fentry_trial`]) and the ring buffer.
+fn try_loading(
+    privileged: bool,
+    features: &Features,
+    fentry_target: Option<u32>,
+    findings: &mut Findings,
+) -> Option<OwnedFd> {
+    if !privileged {
+        findings.fentry = Finding::Unknown("needs root to try".to_owned());
+        findings.ringbuf = Finding::Unknown("needs root to try".to_owned());
+        return None;
+    }
+    let trial = timing::step("fentry trial", || trials::fentry(features, fentry_target));
+    findings.fentry = Finding::from_result(trial.as_ref().map(drop).map_err(Clone::clone));
+    findings.ringbuf = timing::step("ringbuf trial", trials::ringbuf);
+    trial.ok()
 }
 
 const ROOT: &str = "/";
@@ -179,114 +239,22 @@ fn with_module_functions(mut functions: AttachPoints) -> AttachPoints {
 
 const IPV6_MODULE_BTF: &str = "/sys/kernel/btf/ipv6";
 
-/// struct sock offsets, and where they came from.
-#[derive(Clone, Debug)]
-pub struct KnownOffsets {
-    pub offsets: SockOffsets,
-    pub source: String,
-}
-
-/// In order: the BTF file the user gave, the kernel's own BTF (already parsed), offsets
-/// built in from kernel headers for this release; else an error naming both remedies.
-fn find_offsets(
-    kernel_btf: Option<Result<BtfFacts, BtfError>>,
-    release: Option<&str>,
-    btf_file: Option<&Path>,
-) -> Result<KnownOffsets, String> {
-    let from_btf = |path: &Path, offsets: Result<SockOffsets, BtfError>| {
-        offsets
-            .map(|offsets| KnownOffsets {
-                offsets,
-                source: format!("BTF {}", path.display()),
-            })
-            .map_err(|e| e.to_string())
-    };
-    if let Some(path) = btf_file {
-        return from_btf(path, btf::sock_offsets(path));
-    }
-    if let Some(facts) = kernel_btf {
-        return from_btf(Path::new(btf::VMLINUX), facts.and_then(|f| f.sock));
-    }
-    let release = release.unwrap_or("unknown");
-    probes::header_offsets(release)
-        .map(|offsets| KnownOffsets {
-            offsets,
-            source: format!("kernel headers for {release}, built in"),
-        })
-        .ok_or_else(|| {
-            format!(
-                "no BTF and no struct offsets built in for kernel {release}: give --btf FILE \
-                 (e.g. from BTFHub) or rebuild with KERNEL_HEADERS=/path/to/its/build/tree"
-            )
-        })
-}
-
 /// tracefs is not always mounted (this is the case on minimal and container hosts); the
 /// tracepoint and tracefs kprobes need it, so mount it where the kernel expects it.
-/// Where it was mounted, if it was not and now is.
-pub fn mount_tracefs() -> Option<String> {
+fn mount_tracefs() -> TracefsMount {
     use nix::mount::{mount, MsFlags};
     if tracefs::find_tracefs(Path::new(ROOT)).is_some() {
-        return None;
+        return TracefsMount::Untouched;
     }
     let dir = format!("/{}", tracefs::TRACEFS_DIRS[0]);
-    mount(
+    match mount(
         Some("tracefs"),
         dir.as_str(),
         Some("tracefs"),
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
         None::<&str>,
-    )
-    .ok()
-    .map(|()| dir)
-}
-
-fn trial_fentry(features: &Features, target: Option<u32>) -> Result<OwnedFd, String> {
-    use libbpf_rs::libbpf_sys as sys;
-    use std::os::fd::{AsRawFd, FromRawFd};
-    if !features.btf {
-        return Err("no kernel BTF".to_owned());
+    ) {
+        Ok(()) => TracefsMount::Mounted(dir),
+        Err(e) => TracefsMount::Failed(format!("mount -t tracefs at {dir}: {}", e.desc())),
     }
-    let id = target.ok_or("tcp_v4_connect is not in the kernel's BTF")?;
-    // r0 = 0; exit.
-    let insns = [
-        sys::bpf_insn {
-            code: (sys::BPF_ALU64 | sys::BPF_MOV | sys::BPF_K) as u8,
-            ..Default::default()
-        },
-        sys::bpf_insn {
-            code: (sys::BPF_JMP | sys::BPF_EXIT) as u8,
-            ..Default::default()
-        },
-    ];
-    let mut opts = sys::bpf_prog_load_opts {
-        sz: std::mem::size_of::<sys::bpf_prog_load_opts>() as sys::size_t,
-        expected_attach_type: sys::BPF_TRACE_FENTRY,
-        attach_btf_id: id,
-        ..Default::default()
-    };
-    // SAFETY: every pointer is valid for the call; libbpf returns a new fd or -errno.
-    let prog = unsafe {
-        sys::bpf_prog_load(
-            sys::BPF_PROG_TYPE_TRACING,
-            c"trial_fentry".as_ptr(),
-            c"Dual BSD/GPL".as_ptr(),
-            insns.as_ptr(),
-            insns.len() as sys::size_t,
-            &mut opts,
-        )
-    };
-    if prog < 0 {
-        return Err(std::io::Error::from_raw_os_error(-prog).to_string());
-    }
-    // SAFETY: a descriptor just created, owned by nothing else.
-    let prog = unsafe { OwnedFd::from_raw_fd(prog) };
-    // SAFETY: as above; a null name attaches a tracing program to its BTF target.
-    let link = unsafe { sys::bpf_raw_tracepoint_open(std::ptr::null(), prog.as_raw_fd()) };
-    if link < 0 {
-        let e = std::io::Error::from_raw_os_error(-link);
-        return Err(format!("attach: {e}"));
-    }
-    // SAFETY: as above; closing it detaches the program.
-    Ok(unsafe { OwnedFd::from_raw_fd(link) })
 }

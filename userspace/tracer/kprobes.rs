@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use libbpf_rs::{Link, ProgramMut};
+use tcpconnlat_compat::Features;
 
 /// How kprobes are attached (`--kprobe-attach`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -44,49 +45,92 @@ impl Drop for TracefsKprobe {
     }
 }
 
-/// Attach `prog` to the entry (or return) of kernel function `symbol`.
-pub fn attach(
-    prog: &ProgramMut<'_>,
-    retprobe: bool,
-    symbol: &str,
+/// Which end of a kernel function a kprobe fires at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FunctionEnd {
+    Entry,
+    /// A kretprobe.
+    Return,
+}
+
+/// One kprobe to attach: the kernel symbol, which end, and its index among the tracer's
+/// hooks (tracefs event names must be unique).
+pub struct KprobeSite<'a> {
+    pub symbol: &'a str,
+    pub end: FunctionEnd,
+    pub index: usize,
+}
+
+/// How this tracer attaches its kprobes: as asked, with what the kernel has.
+pub struct KprobeAttacher<'a> {
     how: KprobeAttach,
     pmu: bool,
-    tracefs: Option<&Path>,
-    index: usize,
-) -> Result<Kprobe> {
-    let use_pmu = match how {
-        KprobeAttach::Pmu if !pmu => {
-            bail!("the kernel has no kprobe PMU: use --kprobe-attach tracefs")
-        }
-        KprobeAttach::Pmu => true,
-        KprobeAttach::Tracefs => false,
-        KprobeAttach::Auto => pmu,
-    };
-    if use_pmu {
-        match prog.attach_kprobe(retprobe, symbol) {
-            Ok(link) => return Ok(Kprobe::Pmu(link)),
-            // Older PMUs refuse some names that kprobe_events takes (GCC's clones, such as
-            // tcp_v4_connect.isra.0): try there, as cilium/ebpf does.
-            Err(_)
-                if how == KprobeAttach::Auto
-                    && tracefs.is_some_and(|t| t.join("kprobe_events").exists()) => {}
-            Err(e) => return Err(e.into()),
+    tracefs: Option<&'a Path>,
+}
+
+impl<'a> KprobeAttacher<'a> {
+    pub fn new(how: KprobeAttach, features: &'a Features) -> KprobeAttacher<'a> {
+        KprobeAttacher {
+            how,
+            pmu: features.kprobe_pmu,
+            tracefs: features.tracefs.as_deref(),
         }
     }
-    let tracefs =
-        tracefs.ok_or_else(|| anyhow!("tracefs is not mounted: kprobe_events needs it"))?;
+
+    /// Attach `prog` at `site`.
+    pub fn attach(&self, prog: &ProgramMut<'_>, site: &KprobeSite<'_>) -> Result<Kprobe> {
+        let retprobe = site.end == FunctionEnd::Return;
+        let use_pmu = match self.how {
+            KprobeAttach::Pmu if !self.pmu => {
+                bail!("the kernel has no kprobe PMU: use --kprobe-attach tracefs")
+            }
+            KprobeAttach::Pmu => true,
+            KprobeAttach::Tracefs => false,
+            KprobeAttach::Auto => self.pmu,
+        };
+        if use_pmu {
+            match prog.attach_kprobe(retprobe, site.symbol) {
+                Ok(link) => return Ok(Kprobe::Pmu(link)),
+                // Older PMUs refuse some names that kprobe_events takes (GCC's clones, such
+                // as tcp_v4_connect.isra.0): try there, as cilium/ebpf does.
+                Err(_)
+                    if self.how == KprobeAttach::Auto
+                        && self
+                            .tracefs
+                            .is_some_and(|t| t.join("kprobe_events").exists()) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let tracefs = self
+            .tracefs
+            .ok_or_else(|| anyhow!("tracefs is not mounted: kprobe_events needs it"))?;
+        attach_tracefs(prog, site, tracefs).map(Kprobe::Tracefs)
+    }
+}
+
+/// Attach through a tracefs kprobe event of our own, removed again when dropped.
+fn attach_tracefs(
+    prog: &ProgramMut<'_>,
+    site: &KprobeSite<'_>,
+    tracefs: &Path,
+) -> Result<TracefsKprobe> {
     let kprobe_events = tracefs.join("kprobe_events");
-    let kind = if retprobe { 'r' } else { 'p' };
+    let kind = match site.end {
+        FunctionEnd::Entry => 'p',
+        FunctionEnd::Return => 'r',
+    };
     // Event names allow [A-Za-z0-9_]: symbols like tcp_v4_connect.isra.0 need cleaning.
-    let clean: String = symbol
+    let clean: String = site
+        .symbol
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect();
     let name = format!(
-        "{GROUP_PREFIX}{}/{kind}_{clean}_{index}",
-        std::process::id()
+        "{GROUP_PREFIX}{}/{kind}_{clean}_{}",
+        std::process::id(),
+        site.index
     );
-    add_event(&kprobe_events, &format!("{kind}:{name} {symbol}"))
+    add_event(&kprobe_events, &format!("{kind}:{name} {}", site.symbol))
         .with_context(|| format!("adding kprobe event {name} in {}", kprobe_events.display()))?;
     // From here on the event exists: the guard removes it whatever happens next.
     let mut probe = TracefsKprobe {
@@ -103,7 +147,7 @@ pub fn attach(
     let fd = perf_event_open_tracepoint(id).context("perf_event_open for the kprobe event")?;
     // libbpf owns the fd from here and closes it with the link.
     probe.link = Some(prog.attach_perf_event(fd.into_raw_fd())?);
-    Ok(Kprobe::Tracefs(probe))
+    Ok(probe)
 }
 
 fn add_event(kprobe_events: &Path, line: &str) -> std::io::Result<()> {

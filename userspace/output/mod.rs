@@ -2,28 +2,20 @@
 //! one JSON object per line, or instead of either, histograms or per-destination summaries
 //! printed on exit and every interval.
 
+mod line;
+pub mod record;
+pub mod stats;
+
 use std::io::{self, Write};
 
 use tcpconnlat_compat::Mode;
-use unicode_width::UnicodeWidthStr;
 
-use crate::event::{AddrText, Event, Outcome};
-use crate::record::{Connect, Count, Record};
-use crate::stats::{Hists, Summary};
-
-/// Where the event loop sends what the probes report: the printer, or the exporter.
-pub trait Sink {
-    fn event(&mut self, e: &Event) -> io::Result<()>;
-    /// Events the kernel could not queue.
-    fn lost(&mut self, count: u64, buffer: &str) -> io::Result<()>;
-    /// Connects the probes could not time.
-    fn untracked(&mut self, count: u64, max_pending: u32) -> io::Result<()>;
-    /// Connects whose end the kernel did not show the probes.
-    fn missed(&mut self, count: u64) -> io::Result<()>;
-    /// What is due every interval (and, for the printer, at the end).
-    fn report(&mut self) -> io::Result<()>;
-    fn flush(&mut self) -> io::Result<()>;
-}
+use crate::pump::Sink;
+use crate::tracer::event::{AddrText, Event, Outcome};
+use crate::tracer::stream::Shortfall;
+use line::Line;
+use record::{Connect, Count, Record};
+use stats::{Hists, Summary};
 
 /// How records are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,15 +71,6 @@ impl<W: Write> Printer<W> {
             addr_width: MIN_ADDR_WIDTH,
             header_due,
             line: Line(Vec::with_capacity(256)),
-        }
-    }
-
-    /// Something missing from the output: said on stderr, and in the JSON stream.
-    fn shortfall(&mut self, record: Record<'_>, message: &str) -> io::Result<()> {
-        eprintln!("tcpconnlat: {message}");
-        match self.format {
-            Format::Json => write_json(&mut self.out, &record),
-            Format::Text => Ok(()),
         }
     }
 
@@ -155,6 +138,12 @@ impl<W: Write> Printer<W> {
         writeln!(self.out, "{:<w$} {:<5} LAT(ms)", "DADDR", "DPORT")
     }
 
+    /// The end: the aggregates gathered since the last interval, everything written.
+    pub fn finish(&mut self) -> io::Result<()> {
+        self.interval()?;
+        self.flush()
+    }
+
     /// Show the header now even before any event, as bcc does.
     pub fn start(&mut self) -> io::Result<()> {
         if self.header_due {
@@ -181,7 +170,7 @@ impl<W: Write> Sink for Printer<W> {
 
     /// Print the histograms or summary gathered so far and start over (every interval
     /// and at the end); nothing for the line view.
-    fn report(&mut self) -> io::Result<()> {
+    fn interval(&mut self) -> io::Result<()> {
         let (text, records): (String, Vec<Record<'_>>) = match &mut self.view {
             View::Lines => return Ok(()),
             View::Hist(h) => {
@@ -212,23 +201,21 @@ impl<W: Write> Sink for Printer<W> {
         self.flush()
     }
 
-    fn lost(&mut self, count: u64, buffer: &str) -> io::Result<()> {
-        let message = format!("lost {count} events: the {buffer} was full (raise --buffer-pages)");
-        self.shortfall(Record::Lost(Count { count }), &message)
-    }
-
-    fn untracked(&mut self, count: u64, max_pending: u32) -> io::Result<()> {
-        let message = format!(
-            "{count} connects not traced: more than {max_pending} were waiting for an answer (raise --max-pending)"
-        );
-        self.shortfall(Record::Untracked(Count { count }), &message)
-    }
-
-    fn missed(&mut self, count: u64) -> io::Result<()> {
-        let message = format!(
-            "{count} connects not traced to their end: the kernel skipped the probe (it would have run inside another BPF program)"
-        );
-        self.shortfall(Record::Missed(Count { count }), &message)
+    /// Said on stderr, and in the JSON stream.
+    fn shortfall(&mut self, shortfall: Shortfall) -> io::Result<()> {
+        eprintln!("tcpconnlat: {shortfall}");
+        let count = Count {
+            count: shortfall.count(),
+        };
+        let record = match shortfall {
+            Shortfall::Lost { .. } => Record::Lost(count),
+            Shortfall::Untracked { .. } => Record::Untracked(count),
+            Shortfall::Missed { .. } => Record::Missed(count),
+        };
+        match self.format {
+            Format::Json => write_json(&mut self.out, &record),
+            Format::Text => Ok(()),
+        }
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -242,66 +229,11 @@ fn write_json(out: &mut impl Write, record: &Record<'_>) -> io::Result<()> {
     writeln!(out)
 }
 
-/// Left-align by display width (a CJK character takes two columns).
-/// One line of bcc's table, built column by column: each column is its text, left-aligned
-/// and padded to its width, then a space. Numbers are written without `fmt` machinery:
-/// this runs for every connect.
-struct Line(Vec<u8>);
-
-impl Line {
-    fn clear(&mut self) {
-        self.0.clear();
-    }
-
-    fn text(&mut self, s: &str, width: usize) {
-        self.0.extend_from_slice(s.as_bytes());
-        let shown = if s.is_ascii() { s.len() } else { s.width() };
-        self.pad(shown, width);
-    }
-
-    fn address(&mut self, addr: &AddrText, width: usize) {
-        self.0.extend_from_slice(addr.as_bytes());
-        self.pad(addr.len(), width);
-    }
-
-    fn number(&mut self, n: impl itoa::Integer, width: usize) {
-        let mut digits = itoa::Buffer::new();
-        let s = digits.format(n);
-        self.0.extend_from_slice(s.as_bytes());
-        self.pad(s.len(), width);
-    }
-
-    fn pad(&mut self, shown: usize, width: usize) {
-        let fill = width.saturating_sub(shown) + 1;
-        self.0.resize(self.0.len() + fill, b' ');
-    }
-
-    /// Nanoseconds as milliseconds with two places, rounded half up: "0.25", "12.30".
-    fn milliseconds(&mut self, ns: u64) {
-        let n = ns / 10_000 + u64::from(ns % 10_000 >= 5_000);
-        let mut digits = itoa::Buffer::new();
-        self.0.extend_from_slice(digits.format(n / 100).as_bytes());
-        let frac = (n % 100) as u8;
-        self.0
-            .extend_from_slice(&[b'.', b'0' + frac / 10, b'0' + frac % 10]);
-    }
-}
-
-impl io::Write for Line {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::net::IpAddr;
+    use unicode_width::UnicodeWidthStr;
 
     fn event(saddr: &str, daddr: &str, comm: &str) -> Event {
         Event {

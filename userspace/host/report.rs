@@ -2,9 +2,9 @@
 
 use serde_json::{json, Value};
 use tcpconnlat_compat::kversion;
-use tcpconnlat_compat::{AttachPoints, Func, Plan, Probe};
+use tcpconnlat_compat::{AttachPoints, Finding, Func, Plan};
 
-use crate::host::Host;
+use super::{Host, TracefsMount};
 
 /// The report as aligned `name  value` lines, then the plan.
 pub fn report_text(host: &Host, plan: &Plan) -> String {
@@ -59,9 +59,12 @@ fn kernel_rows(host: &Host) -> Vec<Row> {
         row("BTF", yes_no(f.btf)),
         row(
             "tracefs",
-            match (&f.tracefs, &host.mounted_tracefs) {
-                (Some(dir), Some(_)) => format!("{} (mounted by tcpconnlat)", dir.display()),
-                (Some(dir), None) => dir.display().to_string(),
+            match (&f.tracefs, &host.tracefs_mount) {
+                (Some(dir), TracefsMount::Mounted(_)) => {
+                    format!("{} (mounted by tcpconnlat)", dir.display())
+                }
+                (Some(dir), _) => dir.display().to_string(),
+                (None, TracefsMount::Failed(why)) => format!("not mounted ({why})"),
                 (None, _) => "not mounted".to_owned(),
             },
         ),
@@ -69,7 +72,7 @@ fn kernel_rows(host: &Host) -> Vec<Row> {
         row("kprobe_events", yes_no(f.kprobe_events)),
         row(
             "fentry",
-            probe_text(&host.trials.fentry, |()| "yes".to_owned()),
+            finding_text(&host.findings.fentry, |()| "yes".to_owned()),
         ),
         row(
             "struct sock offsets",
@@ -80,7 +83,7 @@ fn kernel_rows(host: &Host) -> Vec<Row> {
         ),
         row(
             "ring buffer",
-            probe_text(&host.trials.ringbuf, |()| "yes".to_owned()),
+            finding_text(&host.findings.ringbuf, |()| "yes".to_owned()),
         ),
         row("global data", f.global_data().map_or("unknown", yes_no)),
     ]);
@@ -106,7 +109,7 @@ fn hook_rows(host: &Host) -> Vec<Row> {
         row("RST tracepoint", found(&f.reset_tracepoint)),
         row(
             "fentry targets",
-            probe_text(&host.trials.fentry_targets, |targets| {
+            finding_text(&host.findings.fentry_targets, |targets| {
                 Func::ALL
                     .iter()
                     .filter_map(|&func| targets.get(func))
@@ -116,12 +119,15 @@ fn hook_rows(host: &Host) -> Vec<Row> {
         ),
     ];
     match &f.attach_points {
-        Probe::Yes(points) => {
+        Finding::Yes(points) => {
             rows.push(row("kprobe symbols", "(from /proc/kallsyms)"));
             rows.extend(symbol_rows(points));
         }
         _ if !f.kprobes() => rows.push(row("kprobe symbols", "not needed (no kprobes)")),
-        other => rows.push(row("kprobe symbols", probe_text(other, |_| String::new()))),
+        other => rows.push(row(
+            "kprobe symbols",
+            finding_text(other, |_| String::new()),
+        )),
     }
     rows
 }
@@ -144,34 +150,34 @@ fn yes_no(b: bool) -> &'static str {
     }
 }
 
-fn probe_text<T>(probe: &Probe<T>, yes: impl FnOnce(&T) -> String) -> String {
+fn finding_text<T>(probe: &Finding<T>, yes: impl FnOnce(&T) -> String) -> String {
     match probe {
-        Probe::Yes(found) => yes(found),
-        Probe::No(why) => format!("no ({why})"),
-        Probe::Unknown(why) => format!("unknown ({why})"),
+        Finding::Yes(found) => yes(found),
+        Finding::No(why) => format!("no ({why})"),
+        Finding::Unknown(why) => format!("unknown ({why})"),
     }
 }
 
 /// true, false, or null for unknown.
-fn probe_json<T>(probe: &Probe<T>) -> Value {
+fn finding_json<T>(probe: &Finding<T>) -> Value {
     match probe {
-        Probe::Yes(_) => json!(true),
-        Probe::No(_) => json!(false),
-        Probe::Unknown(_) => Value::Null,
+        Finding::Yes(_) => json!(true),
+        Finding::No(_) => json!(false),
+        Finding::Unknown(_) => Value::Null,
     }
 }
 
 /// Why not, where the answer is no or unknown.
-fn probe_why<T>(probe: &Probe<T>) -> Option<&str> {
+fn finding_why<T>(probe: &Finding<T>) -> Option<&str> {
     match probe {
-        Probe::Yes(_) => None,
-        Probe::No(why) | Probe::Unknown(why) => Some(why),
+        Finding::Yes(_) => None,
+        Finding::No(why) | Finding::Unknown(why) => Some(why),
     }
 }
 
 pub fn report_json(host: &Host, plan: &Plan) -> Value {
     let f = &host.features;
-    let t = &host.trials;
+    let t = &host.findings;
     json!({
         "kernel": {
             "release": f.release,
@@ -182,11 +188,11 @@ pub fn report_json(host: &Host, plan: &Plan) -> Value {
         "memlock_error": host.memlock,
         "btf": f.btf,
         "tracefs": f.tracefs,
-        "tracefs_mounted_by_us": host.mounted_tracefs.is_some(),
+        "tracefs_mounted_by_us": matches!(host.tracefs_mount, TracefsMount::Mounted(_)),
         "kprobe_pmu": f.kprobe_pmu,
         "kprobe_events": f.kprobe_events,
-        "fentry": probe_json(&t.fentry),
-        "fentry_error": probe_why(&t.fentry),
+        "fentry": finding_json(&t.fentry),
+        "fentry_error": finding_why(&t.fentry),
         "tracepoint": f.state_tracepoint.is_ok(),
         "tracepoint_layout": f.state_tracepoint.as_ref().ok(),
         "tracepoint_error": f.state_tracepoint.as_ref().err(),
@@ -195,10 +201,10 @@ pub fn report_json(host: &Host, plan: &Plan) -> Value {
         "sock_offsets": host.sock_offsets.as_ref().ok().map(|o| o.offsets),
         "sock_offsets_error": host.sock_offsets.as_ref().err(),
         "sock_offsets_source": host.sock_offsets.as_ref().ok().map(|o| o.source.clone()),
-        "ringbuf": probe_json(&t.ringbuf),
+        "ringbuf": finding_json(&t.ringbuf),
         "global_data": f.global_data(),
         "symbols": f.attach_points.yes(),
-        "symbols_error": probe_why(&f.attach_points),
+        "symbols_error": finding_why(&f.attach_points),
         "fentry_targets": t.fentry_targets.yes(),
         "plan": plan.steps.iter().map(|s| json!({
             "mode": s.mode,

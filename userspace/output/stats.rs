@@ -7,8 +7,8 @@ use std::fmt::Write as _;
 
 use hdrhistogram::Histogram;
 
-use crate::event::{Event, Outcome};
-use crate::record::{Bucket, DestSummary, FailureCounts, Hist};
+use super::record::{Bucket, DestSummary, FailureCounts, Hist};
+use crate::tracer::event::{Event, Outcome};
 
 /// Latency histogram with power-of-two buckets, in microseconds, as bcc prints them.
 #[derive(Clone, Debug, Default)]
@@ -65,19 +65,15 @@ impl Log2Hist {
     }
 }
 
-/// What a histogram is keyed by.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What a histogram is keyed by (`--by`: one per destination or process name).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum By {
+    /// One histogram for every connect (no `--by`).
+    #[value(skip)]
     All,
+    /// daddr:dport
     Dest,
     Comm,
-}
-
-fn dest(e: &Event) -> String {
-    match e.daddr {
-        std::net::IpAddr::V4(a) => format!("{a}:{}", e.dport),
-        std::net::IpAddr::V6(a) => format!("[{a}]:{}", e.dport),
-    }
 }
 
 /// Failed connects by outcome.
@@ -127,7 +123,7 @@ impl Hists {
         }
         let key = match self.by {
             By::All => String::new(),
-            By::Dest => dest(e),
+            By::Dest => e.dest(),
             By::Comm => e.comm.to_string(),
         };
         self.hists.entry(key).or_default().add(e.lat_ns / 1000);
@@ -184,7 +180,7 @@ pub struct Summary {
 
 impl Summary {
     pub fn add(&mut self, e: &Event) {
-        let stats = self.dests.entry(dest(e)).or_insert_with(|| DestStats {
+        let stats = self.dests.entry(e.dest()).or_insert_with(|| DestStats {
             count: 0,
             failures: Failures::default(),
             // 1 us to 1 h: beyond any connect; values outside saturate rather than fail.

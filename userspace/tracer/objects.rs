@@ -1,5 +1,6 @@
-//! The compiled probe objects (built from `probes/` by build.rs) and the structs shared
-//! with them, generated from `probes/tcpconnlat.h` through BTF.
+//! The compiled probe objects (built from `probes/` by build.rs), the structs and
+//! constants shared with them (generated from `probes/tcpconnlat.h` through BTF), the names
+//! of their maps, and the struct sock offsets built in from kernel headers.
 
 // Generated code: not ours to lint.
 #[allow(clippy::all)]
@@ -8,10 +9,13 @@ mod skel {
 }
 
 pub use skel::types::{
-    config as Config, counter as Counter, event as RawEvent, outcome as RawOutcome,
-    report as Report, sock_layout as RawSockLayout, state_layout as RawStateLayout,
-    state_record as RawStateRecord,
+    address_family as AddressFamily, config as Config, counter as Counter, event as RawEvent,
+    outcome as RawOutcome, report as Report, sock_layout as RawSockLayout,
+    state_layout as RawStateLayout, state_record as RawStateRecord,
 };
+
+/// The kernel's TASK_COMM_LEN: a process name with its NUL.
+pub const COMM_LEN: usize = skel::types::limits::COMM_LEN.0 as usize;
 
 // SAFETY: both are #[repr(C)] plain integers and byte arrays, with explicit padding
 // fields, generated from the C header: every bit pattern is a valid value.
@@ -47,6 +51,7 @@ pub const LEGACY_OBJECT: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/tcpconnlat_legacy.bpf.o"));
 
 use tcpconnlat_compat::btf::SockOffsets;
+use tcpconnlat_compat::StateLayout;
 
 mod built_in {
     include!(concat!(env!("OUT_DIR"), "/header_offsets.rs"));
@@ -70,6 +75,25 @@ pub fn sock_layout(offsets: &SockOffsets) -> RawSockLayout {
         chunk.copy_from_slice(&offset.to_ne_bytes());
     }
     layout
+}
+
+/// The probes' `struct state_layout`: where the kernel's sock:inet_sock_set_state record
+/// keeps each field.
+pub fn state_layout(layout: &StateLayout) -> RawStateLayout {
+    RawStateLayout {
+        skaddr: layout.skaddr,
+        oldstate: layout.oldstate,
+        newstate: layout.newstate,
+        sport: layout.sport,
+        dport: layout.dport,
+        family: layout.family,
+        protocol: layout.protocol.unwrap_or(0),
+        protocol_size: layout.protocol_size,
+        saddr: layout.saddr,
+        daddr: layout.daddr,
+        saddr_v6: layout.saddr_v6,
+        daddr_v6: layout.daddr_v6,
+    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
-//! Fleet mode (`--serve`): connects become Prometheus metrics, with a bounded number of
-//! label sets. What a scrape returns is encoded by the `prometheus-client` crate; the HTTP
-//! side is in http.rs.
+//! The metrics of fleet mode: connects become Prometheus histograms and counters, with a
+//! bounded number of label sets. What a scrape returns is encoded by the
+//! `prometheus-client` crate.
 //!
 //! Cardinality is a promise: a label set is a destination (as coarse as `--dest` says)
 //! and, with `--label cgroup`, a cgroup. At most `--max-series` of them exist at once; a
@@ -9,8 +9,6 @@
 //! is dropped, with every series it had.
 
 use std::collections::HashMap;
-use std::io;
-use std::net::IpAddr;
 use std::ops::RangeInclusive;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,9 +21,8 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 use tcpconnlat_compat::Mode;
 
-use crate::cgroup::CgroupPaths;
-use crate::event::{Event, Outcome};
-use crate::output::Sink;
+use crate::tracer::event::{host_part, Event, Outcome};
+use crate::tracer::stream::Shortfall;
 
 /// What the `dest` label holds (`--dest`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -220,10 +217,7 @@ impl Metrics {
         } else {
             e.dport.to_string()
         };
-        let ip = match e.daddr {
-            IpAddr::V4(a) => a.to_string(),
-            IpAddr::V6(a) => format!("[{a}]"),
-        };
+        let ip = host_part(&e.daddr);
         let dest = match self.rules.dest {
             DestLabel::IpPort => format!("{ip}:{port}"),
             DestLabel::Ip => ip,
@@ -259,6 +253,16 @@ impl Metrics {
         key
     }
 
+    /// Count connects tracing could not show.
+    pub fn shortfall(&self, shortfall: Shortfall) {
+        let counter = match shortfall {
+            Shortfall::Lost { .. } => &self.lost,
+            Shortfall::Untracked { .. } => &self.untracked,
+            Shortfall::Missed { .. } => &self.missed,
+        };
+        counter.inc_by(shortfall.count());
+    }
+
     /// Drop the label sets no connect used for `--series-ttl`; how many.
     pub fn expire(&self) -> usize {
         let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
@@ -284,63 +288,6 @@ impl Metrics {
     #[cfg(test)]
     fn series(&self) -> usize {
         self.label_sets.get() as usize
-    }
-}
-
-/// Feeds tracer records into [`Metrics`]; prints nothing but warnings.
-pub struct Exporter<'m> {
-    pub metrics: &'m Metrics,
-    /// Where `--label cgroup` asks for connects' cgroup paths.
-    pub cgroups: Option<CgroupPaths>,
-}
-
-impl Sink for Exporter<'_> {
-    fn event(&mut self, e: &Event) -> io::Result<()> {
-        let cgroup = self.cgroups.as_mut().map(|c| c.path(e.cgroup_id));
-        self.metrics.observe(e, cgroup);
-        Ok(())
-    }
-
-    fn lost(&mut self, count: u64, buffer: &str) -> io::Result<()> {
-        self.metrics.lost.inc_by(count);
-        eprintln!("tcpconnlat: lost {count} events: the {buffer} was full (raise --buffer-pages)");
-        Ok(())
-    }
-
-    fn untracked(&mut self, count: u64, max_pending: u32) -> io::Result<()> {
-        self.metrics.untracked.inc_by(count);
-        eprintln!(
-            "tcpconnlat: {count} connects not traced: more than {max_pending} were waiting for an answer (raise --max-pending)"
-        );
-        Ok(())
-    }
-
-    fn missed(&mut self, count: u64) -> io::Result<()> {
-        self.metrics.missed.inc_by(count);
-        Ok(())
-    }
-
-    /// Every interval: drop idle label sets.
-    fn report(&mut self) -> io::Result<()> {
-        self.metrics.expire();
-        Ok(())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-/// The kernel's ephemeral port range (`net.ipv4.ip_local_port_range`), or Linux's default.
-pub fn ephemeral_ports() -> RangeInclusive<u16> {
-    let text =
-        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
-    let mut numbers = text
-        .split_whitespace()
-        .filter_map(|n| n.parse::<u16>().ok());
-    match (numbers.next(), numbers.next()) {
-        (Some(low), Some(high)) if low <= high => low..=high,
-        _ => 32768..=60999,
     }
 }
 

@@ -1,20 +1,19 @@
-//! Command line: bcc-compatible flags plus mode selection and machine-readable output.
+//! The command line as clap defines it: every flag, its help and the parser of its value.
+//! Value parsers are pure: values are resolved against the host later, by the concern
+//! that owns them (cli/mod.rs says which).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
 use clap::{Parser, ValueEnum};
-use tcpconnlat_compat::Mode;
 
-use crate::cgroup::{cgroup_id, CgroupPaths};
-use crate::exporter::{ephemeral_ports, DestLabel, LabelRules, Metrics};
-use crate::host::Host;
-use crate::kprobes::KprobeAttach;
-use crate::loader::{Filters, Setup, Sizes, Transport};
-use crate::output::{Columns, Format, View};
-use crate::stats::{By, Hists, Summary};
-use crate::stream::{SweepTimes, STALE};
+use crate::fleet::DestLabel;
+use crate::host::users::User;
+use crate::output::stats::By;
+use crate::tracer::kprobes::KprobeAttach;
+use crate::tracer::objects::COMM_LEN;
+use crate::tracer::TransportArg;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -51,8 +50,8 @@ pub struct Cli {
     pub pid: Vec<u32>,
 
     /// Only this user: a name or a numeric uid (filtered in the kernel)
-    #[arg(short, long, value_name = "USER", value_parser = parse_uid)]
-    pub uid: Option<u32>,
+    #[arg(short, long, value_name = "USER")]
+    pub uid: Option<User>,
 
     /// Only these destination ports: repeat or comma-separate (filtered in the kernel)
     #[arg(long, value_name = "PORT", value_delimiter = ',', value_parser = clap::value_parser!(u16).range(1..))]
@@ -60,7 +59,7 @@ pub struct Cli {
 
     /// Only processes in this cgroup v2 directory, e.g. /sys/fs/cgroup/system.slice/nginx.service
     #[arg(long, value_name = "PATH")]
-    pub cgroup: Option<std::path::PathBuf>,
+    pub cgroup: Option<PathBuf>,
 
     /// Only processes with this name (as in COMM; at most 15 bytes)
     #[arg(long, value_name = "NAME", value_parser = parse_comm)]
@@ -89,7 +88,7 @@ pub struct Cli {
 
     /// With --hist: one histogram per destination (daddr:dport) or per process name
     #[arg(long, value_name = "KEY", value_enum, requires = "hist")]
-    pub by: Option<HistBy>,
+    pub by: Option<By>,
 
     /// Only IPv4 connects
     #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
@@ -145,7 +144,7 @@ pub struct Cli {
     /// Legacy mode: read struct offsets from this BTF file (e.g. from BTFHub) instead of
     /// the kernel's own BTF or the offsets built in from kernel headers
     #[arg(long, value_name = "FILE")]
-    pub btf: Option<std::path::PathBuf>,
+    pub btf: Option<PathBuf>,
 
     /// How to attach kprobes: auto uses the kprobe PMU where the kernel has it
     #[arg(long, value_name = "HOW", value_enum, default_value_t = KprobeAttach::Auto)]
@@ -239,180 +238,6 @@ pub enum ModeArg {
     Legacy,
 }
 
-/// `--transport`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum TransportArg {
-    /// The ring buffer where the kernel has one.
-    Auto,
-    Ringbuf,
-    Perfbuf,
-}
-
-/// `--by`: what each histogram of `--hist` is for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum HistBy {
-    Dest,
-    Comm,
-}
-
-impl Cli {
-    /// The mode the user forced, if any (`None` is auto).
-    pub fn forced_mode(&self) -> Option<Mode> {
-        if self.legacy {
-            return Some(Mode::Legacy);
-        }
-        match self.mode {
-            ModeArg::Auto => None,
-            ModeArg::Fentry => Some(Mode::Fentry),
-            ModeArg::Kprobe => Some(Mode::Kprobe),
-            ModeArg::Tracepoint => Some(Mode::Tracepoint),
-            ModeArg::Legacy => Some(Mode::Legacy),
-        }
-    }
-
-    /// What the probes are to filter, each value checked against the system first.
-    pub fn filters(&self) -> Result<Filters> {
-        for pid in &self.pid {
-            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-                bail!("no process with PID {pid} (check it with: ps -p {pid})");
-            }
-        }
-        Ok(Filters {
-            min_lat_ns: self.min_ms.map_or(0, |ms| (ms * 1e6) as u64),
-            pids: self.pid.clone(),
-            uid: self.uid,
-            cgroup_id: self.cgroup.as_deref().map(cgroup_id).transpose()?,
-            comm: self.comm.clone(),
-            dports: self.dport.clone(),
-            established: !self.failed,
-            failed: !self.established,
-            ip_version: match (self.ipv4, self.ipv6) {
-                (true, _) => Some(4),
-                (_, true) => Some(6),
-                _ => None,
-            },
-        })
-    }
-
-    /// How to load on `host`, as asked.
-    pub fn setup<'h>(&self, host: &'h Host) -> Result<Setup<'h>> {
-        Ok(Setup {
-            features: &host.features,
-            fentry_targets: host.trials.fentry_targets.yes(),
-            sock: host.sock_offsets.as_ref().ok().map(|o| &o.offsets),
-            transport: Transport::choose(self.transport, &host.trials)?,
-            kprobe_attach: self.kprobe_attach,
-            record_offsets: self.record_offsets,
-            sizes: Sizes {
-                buffer_pages: self.buffer_pages,
-                max_pending: self.max_pending,
-            },
-            version_code: host.version_code.as_ref().ok().copied(),
-            label_cgroup: self.label.contains(&ExtraLabel::Cgroup),
-        })
-    }
-
-    /// `--max-delay`.
-    pub fn max_delay(&self) -> Duration {
-        Duration::from_millis(self.max_delay)
-    }
-
-    /// When the sweeper looks at and gives up on pending entries.
-    pub fn sweep_times(&self) -> SweepTimes {
-        SweepTimes {
-            look_after: self.sweep_after.map_or(STALE, Duration::from_secs),
-            stale: self.stale_after.map_or(STALE, Duration::from_secs),
-        }
-    }
-
-    /// What is shown, and how.
-    pub fn view(&self) -> View {
-        if self.hist {
-            View::Hist(Hists::new(match self.by {
-                Some(HistBy::Dest) => By::Dest,
-                Some(HistBy::Comm) => By::Comm,
-                None => By::All,
-            }))
-        } else if self.summary {
-            View::Summary(Summary::default())
-        } else {
-            View::Lines
-        }
-    }
-
-    pub fn format(&self) -> Format {
-        if self.json {
-            Format::Json
-        } else {
-            Format::Text
-        }
-    }
-
-    pub fn columns(&self) -> Columns {
-        Columns {
-            timestamp: self.timestamp,
-            lport: self.lport,
-        }
-    }
-
-    /// What `--serve` asks for, checked before anything is loaded.
-    pub fn fleet(&self) -> Result<Option<Fleet>> {
-        let Some(addr) = self.serve else {
-            return Ok(None);
-        };
-        let buckets = if self.buckets.is_empty() {
-            Metrics::default_buckets()
-        } else if self.buckets.len() > 100 || !self.buckets.windows(2).all(|w| w[0] < w[1]) {
-            bail!("--buckets: give at most 100 bounds, each larger than the one before");
-        } else {
-            self.buckets.clone()
-        };
-        let rules = LabelRules {
-            dest: self.dest,
-            cgroup: self.label.contains(&ExtraLabel::Cgroup),
-            ephemeral: ephemeral_ports(),
-            max_series: self.max_series as usize,
-            ttl: self.series_ttl,
-        };
-        let cgroups = rules.cgroup.then(CgroupPaths::new).transpose()?;
-        Ok(Some(Fleet {
-            addr,
-            rules,
-            buckets,
-            cgroups,
-        }))
-    }
-
-    /// When tracing ends by itself.
-    pub fn limits(&self) -> Limits {
-        Limits {
-            duration: self.duration,
-            count: self.count,
-            interval: self.interval,
-        }
-    }
-}
-
-/// `--serve` and how it labels.
-pub struct Fleet {
-    pub addr: SocketAddr,
-    pub rules: LabelRules,
-    pub buckets: Vec<f64>,
-    /// With `--label cgroup`.
-    pub cgroups: Option<CgroupPaths>,
-}
-
-/// When tracing stops by itself, and when aggregates are printed along the way.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Limits {
-    /// `-d`: stop after this long.
-    pub duration: Option<Duration>,
-    /// `-c`: stop after this many connects shown.
-    pub count: Option<u64>,
-    /// `--interval`: print (and restart) `--hist`/`--summary` this often.
-    pub interval: Option<Duration>,
-}
-
 fn parse_min_ms(s: &str) -> Result<f64, String> {
     let ms: f64 = s
         .parse()
@@ -431,33 +256,13 @@ fn parse_pid(s: &str) -> Result<u32, String> {
     }
 }
 
-fn parse_uid(s: &str) -> Result<u32, String> {
-    if let Ok(uid) = s.parse::<u32>() {
-        return Ok(uid);
-    }
-    let passwd = std::fs::read_to_string(PASSWD).unwrap_or_default();
-    uid_in_passwd(&passwd, s).ok_or_else(|| {
-        format!("no user named {s:?} in {PASSWD}: give a user name or a numeric uid")
-    })
-}
-
-/// Users are looked up in the file itself: the static binary cannot load the host's NSS
-/// modules (a glibc linked in cannot use another glibc's), so directory users (LDAP, sssd)
-/// are given by uid.
-const PASSWD: &str = "/etc/passwd";
-
-/// The uid of `name` in passwd(5) text.
-fn uid_in_passwd(passwd: &str, name: &str) -> Option<u32> {
-    passwd.lines().find_map(|line| {
-        let mut fields = line.split(':');
-        (fields.next()? == name).then_some(())?;
-        fields.nth(1)?.parse().ok()
-    })
-}
-
 fn parse_comm(s: &str) -> Result<String, String> {
-    if s.is_empty() || s.len() > 15 || s.contains('\0') {
-        return Err("NAME must be 1 to 15 bytes, as the kernel keeps process names".to_owned());
+    // The kernel keeps a name with its NUL in COMM_LEN bytes.
+    let most = COMM_LEN - 1;
+    if s.is_empty() || s.len() > most || s.contains('\0') {
+        return Err(format!(
+            "NAME must be 1 to {most} bytes, as the kernel keeps process names"
+        ));
     }
     Ok(s.to_owned())
 }
@@ -495,6 +300,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tcpconnlat_compat::Mode;
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("tcpconnlat").chain(args.iter().copied()))
@@ -525,20 +331,6 @@ mod tests {
     }
 
     #[test]
-    fn users_come_from_passwd_lines() {
-        let passwd = "root:x:0:0:root:/root:/bin/sh\n\
-                      # not a user\n\
-                      web:x:33:33::/var/www:/usr/sbin/nologin\n\
-                      broken:x:notanumber:1::/:/bin/false\n";
-        assert_eq!(uid_in_passwd(passwd, "root"), Some(0));
-        assert_eq!(uid_in_passwd(passwd, "web"), Some(33));
-        assert_eq!(uid_in_passwd(passwd, "broken"), None);
-        assert_eq!(uid_in_passwd(passwd, "ro"), None);
-        assert_eq!(uid_in_passwd(passwd, "x"), None);
-        assert_eq!(uid_in_passwd("", "root"), None);
-    }
-
-    #[test]
     fn lists_and_names_parse() {
         let cli = parse(&[
             "-p", "1,2", "-p", "3", "--dport", "80,443", "-u", "root", "--comm", "curl",
@@ -546,9 +338,9 @@ mod tests {
         .unwrap();
         assert_eq!(cli.pid, [1, 2, 3]);
         assert_eq!(cli.dport, [80, 443]);
-        assert_eq!(cli.uid, Some(0));
+        assert_eq!(cli.uid, Some(User::Name("root".into())));
         assert_eq!(cli.comm.as_deref(), Some("curl"));
-        assert_eq!(parse(&["-u", "1234"]).unwrap().uid, Some(1234));
+        assert_eq!(parse(&["-u", "1234"]).unwrap().uid, Some(User::Id(1234)));
     }
 
     #[test]
@@ -582,7 +374,6 @@ mod tests {
             &["--dport", "0"],
             &["--dport", "65536"],
             &["--dport", "80,x"],
-            &["-u", "no-such-user-here"],
             &["--comm", "a-name-longer-than-15"],
             &["--comm", ""],
             &["--failed", "--established"],

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use tcpconnlat_compat::Mode;
 
-use crate::event::{AddrText, Event, Outcome};
+use crate::tracer::event::{AddrText, Event, Outcome};
 
 #[derive(Debug, Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
@@ -238,7 +238,7 @@ mod tests {
     /// README's "JSON records" table names exactly the fields each record has.
     #[test]
     fn the_readme_lists_every_field_of_every_record() {
-        let readme = include_str!("../README.md");
+        let readme = include_str!("../../README.md");
         let table: Vec<&str> = readme
             .lines()
             .skip_while(|l| !l.starts_with("| `type` | fields"))

@@ -1,0 +1,256 @@
+//! Tracing: the probes of one [`Mode`] loaded, configured and attached, and their events
+//! read back as a stream. Modes differ only in data: each one's object and hook table
+//! (hooks.rs); everything else is one code path.
+//!
+//! - `hooks`: which program goes on which kernel hook, per mode (pure);
+//! - `objects`: the embedded probe objects and the types generated from their header;
+//! - `config`: the filters and layouts written into the probes' maps;
+//! - `transport`: ring buffer or perf buffer, and table sizes;
+//! - `kprobes`: attaching through the kprobe PMU or tracefs `kprobe_events`;
+//! - `stream`, `perfbuf`, `sweeper`: the event stream and what keeps its tables honest;
+//! - `event`: one decoded connect.
+
+mod config;
+pub mod event;
+mod hooks;
+pub mod kprobes;
+pub mod objects;
+mod perfbuf;
+pub mod stream;
+mod sweeper;
+mod transport;
+
+use anyhow::{anyhow, bail, Context, Result};
+use libbpf_rs::libbpf_sys::bpf_object__set_kversion;
+use libbpf_rs::{AsRawLibbpf, Link, MapCore, Object, ObjectBuilder, OpenObject};
+use tcpconnlat_compat::btf::SockOffsets;
+use tcpconnlat_compat::{AttachPoints, Features, Mode, Plan};
+
+use crate::timing;
+pub use config::{Filters, IpVersion, Outcomes};
+pub use hooks::RecordRead;
+use hooks::{plan_hooks, Attach, HookPlan, ModeSpec};
+use kprobes::{FunctionEnd, Kprobe, KprobeAttach, KprobeAttacher, KprobeSite};
+use objects::maps;
+pub use sweeper::{SweepTimes, STALE};
+pub use transport::{Sizes, Transport, TransportArg};
+
+/// Probes loaded and attached; dropping it detaches everything.
+pub struct Tracer {
+    pub mode: Mode,
+    pub transport: Transport,
+    pub object: Object,
+    /// Things the user should know about what is and is not traced.
+    pub notes: Vec<String>,
+    pub sizes: Sizes,
+    _links: Vec<Link>,
+    _kprobes: Vec<Kprobe>,
+}
+
+/// How to load: what the host offers and the user asked for, beyond the filters.
+pub struct LoadOptions<'a> {
+    pub features: &'a Features,
+    /// What fentry can attach to, from the kernel's BTF.
+    pub fentry_targets: Option<&'a AttachPoints>,
+    /// struct sock offsets, for the probes that cannot use CO-RE.
+    pub sock: Option<&'a SockOffsets>,
+    pub transport: Transport,
+    pub kprobe_attach: KprobeAttach,
+    /// How the state tracepoint's record is read where either way works.
+    pub record: RecordRead,
+    pub sizes: Sizes,
+    /// The kernel's LINUX_VERSION_CODE, where known (see `Host::version_code`).
+    pub version_code: Option<u32>,
+    /// Events carry the connecting process's cgroup id (`--label cgroup`).
+    pub label_cgroup: bool,
+}
+
+/// Start the first mode of the plan that loads and attaches, recording in the plan why
+/// the others did not. A `forced` mode's failure is the error.
+pub fn start_first(
+    plan: &mut Plan,
+    options: &LoadOptions<'_>,
+    filters: &Filters,
+    forced: Option<Mode>,
+) -> Result<Tracer> {
+    let candidates: Vec<Mode> = plan.candidates().collect();
+    for mode in candidates {
+        match start(mode, options, filters) {
+            Ok(tracer) => return Ok(tracer),
+            Err(e) if forced.is_some() => {
+                return Err(e.context(format!("cannot trace in {mode} mode")));
+            }
+            Err(e) => plan.fail(mode, format!("{e:#}")),
+        }
+    }
+    let reasons = plan
+        .steps
+        .iter()
+        .filter_map(|s| s.verdict.as_ref().err().map(|e| format!("{}: {e}", s.mode)))
+        .collect::<Vec<_>>()
+        .join("; ");
+    Err(match forced {
+        Some(mode) => anyhow!(
+            "cannot trace in {mode} mode on this kernel: {reasons}; try --mode auto, and --features to see what this kernel supports"
+        ),
+        None => anyhow!("no tracing mode works on this kernel: {reasons}"),
+    })
+}
+
+/// Start (and stop again) every mode the plan calls usable, so that one called usable
+/// really loads and attaches here; record why any did not.
+pub fn prove_usable(plan: &mut Plan, options: &LoadOptions<'_>) {
+    let candidates: Vec<Mode> = plan.candidates().collect();
+    for mode in candidates {
+        if let Err(e) = start(mode, options, &Filters::default()) {
+            plan.fail(mode, format!("{e:#}"));
+        }
+    }
+}
+
+/// Load and attach `mode`'s probes: plan, open, load, configure, attach. Whether the
+/// kernel can run the mode at all was decided before (compat's `Mode::check`).
+pub fn start(mode: Mode, options: &LoadOptions<'_>, filters: &Filters) -> Result<Tracer> {
+    check_filters(mode, filters, options)?;
+    let spec = hooks::spec(mode);
+    let transport = if spec.ringbuf {
+        options.transport
+    } else {
+        Transport::PerfBuf
+    };
+    let layout = options.features.state_tracepoint.as_ref().ok();
+    let read = RecordRead::choose(layout, options.record);
+    let mut plan = plan_hooks(
+        mode,
+        options.features,
+        options.fentry_targets,
+        transport,
+        read,
+    )
+    .map_err(|why| anyhow!(why))?;
+    // The CO-RE probes read sk_err themselves; the tracepoint object needs its offset.
+    if options.sock.is_none() && spec.object == objects::TRACEPOINT_OBJECT {
+        plan.note(
+            "failed connects are told apart only as refused or timeout: no BTF to find sk_err in",
+        );
+    }
+    let object = timing::step("open", || open(&spec, &plan, transport, options, filters))?;
+    let object = timing::step("load", || object.load())
+        .with_context(|| format!("loading the {mode} probes (run with -v for the verifier log)"))?;
+    config::configure(&object, filters, options)?;
+    let (links, kprobes) = timing::step("attach", || attach_all(&object, &plan, options))?;
+    Ok(Tracer {
+        mode,
+        transport,
+        object,
+        notes: plan.notes,
+        sizes: options.sizes,
+        _links: links,
+        _kprobes: kprobes,
+    })
+}
+
+/// Filters and labels a mode cannot apply.
+fn check_filters(mode: Mode, filters: &Filters, options: &LoadOptions<'_>) -> Result<()> {
+    if mode == Mode::Legacy && filters.cgroup_id.is_some() {
+        bail!("--cgroup needs a helper legacy mode does without (Linux 4.18+): use another mode");
+    }
+    if mode == Mode::Legacy && options.label_cgroup {
+        bail!("--label cgroup needs a helper legacy mode does without (Linux 4.18+): use another mode");
+    }
+    Ok(())
+}
+
+/// Open the mode's object with only the planned programs, only the maps they use, sized
+/// as asked, stamped with the kernel's version code.
+fn open(
+    spec: &ModeSpec,
+    plan: &HookPlan,
+    transport: Transport,
+    options: &LoadOptions<'_>,
+    filters: &Filters,
+) -> Result<OpenObject> {
+    let mut open = ObjectBuilder::default()
+        .open_memory(spec.object)
+        .context("opening the probe object")?;
+    if let Some(code) = options.version_code {
+        // Kernels before 5.0 load a kprobe program only if it names their exact
+        // LINUX_VERSION_CODE, which libbpf would guess from `uname -r`.
+        // SAFETY: the object is open and not loaded yet.
+        unsafe { bpf_object__set_kversion(open.as_libbpf_object().as_ptr(), code) };
+    }
+    for mut prog in open.progs_mut() {
+        let wanted = plan.hooks.iter().any(|p| prog.name() == p.prog.as_str());
+        prog.set_autoload(wanted);
+    }
+    // Maps no loaded program uses are never created: the other transport's buffer, and
+    // the kretprobes' `connecting` table where there are no kretprobes.
+    let kretprobes = plan
+        .hooks
+        .iter()
+        .any(|p| matches!(p.attach, Attach::Kretprobe(_)));
+    for mut map in open.maps_mut() {
+        let name = map.name().to_string_lossy().into_owned();
+        let buffers = [Transport::RingBuf.map(), Transport::PerfBuf.map()];
+        let unused = (buffers.contains(&name.as_str()) && name != transport.map())
+            || (name == maps::CONNECTING && !kretprobes);
+        if unused {
+            map.set_autocreate(false)
+                .with_context(|| format!("leaving out map {name}"))?;
+        }
+        // Filter sets hold what was asked for (a map needs room for one at least).
+        let size = match name.as_str() {
+            maps::PENDING => Some(options.sizes.max_pending),
+            maps::EVENTS_RB => Some(options.sizes.ring_bytes()),
+            maps::PIDS => Some(filters.pids.len().max(1) as u32),
+            maps::DPORTS => Some(filters.dports.len().max(1) as u32),
+            _ => None,
+        };
+        if let Some(size) = size {
+            map.set_max_entries(size)
+                .with_context(|| format!("sizing map {name}"))?;
+        }
+    }
+    Ok(open)
+}
+
+/// Attach every planned program; what is returned detaches when dropped.
+fn attach_all(
+    object: &Object,
+    plan: &HookPlan,
+    options: &LoadOptions<'_>,
+) -> Result<(Vec<Link>, Vec<Kprobe>)> {
+    let attacher = KprobeAttacher::new(options.kprobe_attach, options.features);
+    let (mut links, mut kprobes) = (Vec::new(), Vec::new());
+    for (index, hook) in plan.hooks.iter().enumerate() {
+        let prog = object
+            .progs_mut()
+            .find(|prog| prog.name() == hook.prog.as_str())
+            .ok_or_else(|| anyhow!("program {} missing from the probe object", hook.prog))?;
+        let target = match &hook.symbol {
+            Some(symbol) => symbol.clone(),
+            None => prog.section().to_string_lossy().into_owned(),
+        };
+        let context = || format!("attaching {} to {target}", hook.prog);
+        let end = match hook.attach {
+            Attach::Kprobe(_) => Some(FunctionEnd::Entry),
+            Attach::Kretprobe(_) => Some(FunctionEnd::Return),
+            _ => None,
+        };
+        match (end, &hook.symbol) {
+            (Some(end), Some(symbol)) => {
+                let site = KprobeSite { symbol, end, index };
+                kprobes.push(attacher.attach(&prog, &site).with_context(context)?);
+            }
+            _ => links.push(prog.attach().with_context(context)?),
+        }
+    }
+    Ok((links, kprobes))
+}
+
+pub fn find_map<'a>(object: &'a Object, name: &str) -> Result<libbpf_rs::Map<'a>> {
+    object
+        .maps()
+        .find(|m| m.name() == name)
+        .ok_or_else(|| anyhow!("map {name} missing from the probe object"))
+}

@@ -1,0 +1,241 @@
+//! The probes' output as one `futures::Stream` of typed records, whichever the transport.
+//!
+//! Wakeups are what tracing costs, so the reader is woken by a timer, not by every event:
+//! it drains the buffer every `max_delay` (`--max-delay`, the bound on display delay), and
+//! the ring buffer wakes it early only when it fills past a quarter (see
+//! probes/common.bpf.h).
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::os::fd::RawFd;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use futures::Stream;
+use libbpf_rs::{MapHandle, RingBuffer, RingBufferBuilder};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::time::{interval, Interval, MissedTickBehavior};
+
+use super::event::Event;
+use super::objects::maps;
+use super::perfbuf::{BatchedPerfBuffer, Sample};
+use super::sweeper::{Counters, SweepTimes, Sweeper};
+use super::transport::page_size;
+use super::{find_map, Tracer, Transport};
+
+/// What the stream yields: a connect, or word of connects it cannot show.
+#[derive(Debug)]
+pub enum Traced {
+    Connect(Event),
+    Shortfall(Shortfall),
+}
+
+/// Connects that tracing could not show, said on stderr and counted by every output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shortfall {
+    /// Events the kernel could not queue because the buffer (of this transport) was full.
+    Lost { count: u64, transport: Transport },
+    /// Connects not timed because the pending table (this big) was full.
+    Untracked { count: u64, max_pending: u32 },
+    /// Connects whose end no probe saw (the kernel skipped it), found stale and removed.
+    Missed { count: u64 },
+}
+
+impl Shortfall {
+    pub fn count(self) -> u64 {
+        match self {
+            Shortfall::Lost { count, .. }
+            | Shortfall::Untracked { count, .. }
+            | Shortfall::Missed { count } => count,
+        }
+    }
+}
+
+impl std::fmt::Display for Shortfall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Shortfall::Lost { count, transport } => write!(
+                f,
+                "lost {count} events: the {} was full (raise --buffer-pages)",
+                transport.name()
+            ),
+            Shortfall::Untracked { count, max_pending } => write!(
+                f,
+                "{count} connects not traced: more than {max_pending} were waiting for an answer (raise --max-pending)"
+            ),
+            Shortfall::Missed { count } => write!(
+                f,
+                "{count} connects not traced to their end: the kernel skipped the probe (it would have run inside another BPF program)"
+            ),
+        }
+    }
+}
+
+enum Buffer<'cb> {
+    Ring(RingBuffer<'cb>),
+    Perf(BatchedPerfBuffer<'cb>),
+}
+
+pub struct EventStream<'cb> {
+    /// The buffer's epoll fd: readable when it fills past a quarter (the ring buffer's
+    /// probes force a wakeup; each perf buffer wakes after a quarter of its samples).
+    /// Declared before `buffer` so it is deregistered before the buffer closes the fd.
+    wakeup: AsyncFd<RawFd>,
+    buffer: Buffer<'cb>,
+    tick: Interval,
+    queue: Rc<RefCell<VecDeque<Traced>>>,
+    counters: Counters,
+    sweeper: Sweeper,
+    transport: Transport,
+    max_pending: u32,
+}
+
+impl<'cb> EventStream<'cb> {
+    /// Must be created inside a tokio runtime. Pending entries are swept as `sweep` says
+    /// (see Sweeper).
+    pub fn new(
+        tracer: &Tracer,
+        max_delay: Duration,
+        sweep: SweepTimes,
+    ) -> Result<EventStream<'cb>> {
+        let queue = Rc::new(RefCell::new(VecDeque::new()));
+        let map = find_map(&tracer.object, tracer.transport.map())?;
+        let perf_lost = Rc::new(Cell::new(0));
+        let buffer = match tracer.transport {
+            Transport::RingBuf => {
+                let q = queue.clone();
+                let mut builder = RingBufferBuilder::new();
+                builder.add(&map, move |data: &[u8]| {
+                    if let Some(event) = Event::from_bytes(data) {
+                        q.borrow_mut().push_back(Traced::Connect(event));
+                    }
+                    0
+                })?;
+                Buffer::Ring(builder.build().context("setting up the ring buffer")?)
+            }
+            Transport::PerfBuf => {
+                let (q, lost) = (queue.clone(), perf_lost.clone());
+                let pages = tracer.sizes.perf_pages();
+                let batch = pages * page_size() / 4 / Transport::PerfBuf.record_bytes();
+                Buffer::Perf(BatchedPerfBuffer::new(
+                    &map,
+                    pages as usize,
+                    batch,
+                    move |sample| match sample {
+                        Sample::Data(data) => {
+                            if let Some(event) = Event::from_bytes(data) {
+                                q.borrow_mut().push_back(Traced::Connect(event));
+                            }
+                        }
+                        Sample::Lost(count) => lost.set(lost.get() + count),
+                    },
+                )?)
+            }
+        };
+        let epoll_fd = match &buffer {
+            Buffer::Ring(ring) => ring.epoll_fd(),
+            Buffer::Perf(perf) => perf.epoll_fd(),
+        };
+        // SAFETY: the fd belongs to `buffer`, which lives in the same EventStream and is
+        // dropped after this AsyncFd (field order).
+        let wakeup = unsafe { AsyncFd::register_with_interest(epoll_fd, Interest::READABLE) }
+            .map_err(|e| anyhow::anyhow!("watching the event buffer: {e}"))?;
+        let counters = Counters::new(
+            MapHandle::try_from(&find_map(&tracer.object, maps::COUNTERS)?)?,
+            perf_lost,
+        );
+        let pending = MapHandle::try_from(&find_map(&tracer.object, maps::PENDING)?)?;
+        let sweeper = Sweeper::new(pending, sweep)?;
+        let mut tick = interval(max_delay);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        Ok(EventStream {
+            buffer,
+            wakeup,
+            tick,
+            queue,
+            counters,
+            sweeper,
+            transport: tracer.transport,
+            max_pending: tracer.sizes.max_pending,
+        })
+    }
+
+    /// Whether the kernel still lets us read the probes' counters (the one bpf() call the
+    /// stream makes; buffers are read through shared memory).
+    pub fn can_read_counters(&self) -> bool {
+        self.counters.readable()
+    }
+
+    /// A record already read and decoded, if one is waiting.
+    pub fn next_queued(&mut self) -> Option<Traced> {
+        self.queue.borrow_mut().pop_front()
+    }
+
+    /// Read everything the kernel has queued into our queue, counters included (at exit:
+    /// nothing left unsaid).
+    pub fn drain(&mut self) -> Result<()> {
+        self.read(true)
+    }
+
+    fn read(&mut self, counters_now: bool) -> Result<()> {
+        match &self.buffer {
+            Buffer::Ring(ring) => ring.consume().context("reading the ring buffer")?,
+            Buffer::Perf(perf) => perf.consume()?,
+        }
+        let (dropped, untracked) = self.counters.read(counters_now)?;
+        let missed = self.sweeper.sweep()?;
+        let mut queue = self.queue.borrow_mut();
+        if missed > 0 {
+            queue.push_back(Traced::Shortfall(Shortfall::Missed { count: missed }));
+        }
+        if dropped > 0 {
+            queue.push_back(Traced::Shortfall(Shortfall::Lost {
+                count: dropped,
+                transport: self.transport,
+            }));
+        }
+        if untracked > 0 {
+            queue.push_back(Traced::Shortfall(Shortfall::Untracked {
+                count: untracked,
+                max_pending: self.max_pending,
+            }));
+        }
+        Ok(())
+    }
+}
+
+impl Stream for EventStream<'_> {
+    type Item = Result<Traced>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            if let Some(record) = self.queue.borrow_mut().pop_front() {
+                return Poll::Ready(Some(Ok(record)));
+            }
+            let mut due = false;
+            match self.wakeup.poll_read_ready(cx) {
+                Poll::Ready(Ok(mut guard)) => {
+                    guard.clear_ready();
+                    due = true;
+                }
+                Poll::Ready(Err(e)) => {
+                    return Poll::Ready(Some(Err(e).context("waiting for the event buffer")))
+                }
+                Poll::Pending => {}
+            }
+            if self.tick.poll_tick(cx).is_ready() {
+                due = true;
+            }
+            if !due {
+                return Poll::Pending;
+            }
+            if let Err(e) = self.read(false) {
+                return Poll::Ready(Some(Err(e)));
+            }
+        }
+    }
+}
