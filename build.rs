@@ -16,9 +16,15 @@ const PROBES: &[&str] = &[
     "tcpconnlat",
     "tcpconnlat_tp",
     "tcpconnlat_legacy",
+    "discover",
     "types",
     "empty",
 ];
+
+/// The objects that must load on Linux 4.4 (legacy mode, offset discovery): the BPF v1
+/// instruction set only (clang 20 defaults to v3, whose 32-bit jumps need 5.1; v2's jumps
+/// need 4.14), and x86-64's struct pt_regs (legacy.bpf.h).
+const OLD_KERNEL_PROBES: &[&str] = &["tcpconnlat_legacy", "discover"];
 
 /// The fields of struct sock_layout, in order: the names of probes/sock_fields.h.
 fn sock_fields() -> Vec<String> {
@@ -35,22 +41,25 @@ fn main() {
     println!("cargo:rerun-if-changed=probes");
     println!("cargo:rerun-if-env-changed=KERNEL_HEADERS");
 
-    // The legacy probe uses the UAPI headers (linux/bpf.h) instead of vmlinux.h; on Debian
-    // their asm/ part lives in the multiarch directory.
+    // The vendored vmlinux.h, the legacy probes' pt_regs and the kernel header paths below
+    // are x86-64's: say so at once rather than build probes that would misread registers.
     let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_else(|_| "x86_64".into());
+    assert!(
+        arch == "x86_64",
+        "tcpconnlat's probes are written for x86-64 (vmlinux.h, pt_regs); target {arch} is not supported"
+    );
+    // The legacy probes use the UAPI headers (linux/bpf.h) instead of vmlinux.h; on Debian
+    // their asm/ part lives in the multiarch directory.
     let multiarch = format!("/usr/include/{arch}-linux-gnu");
     for name in PROBES {
         let src = probes.join(format!("{name}.bpf.c"));
         let obj = out.join(format!("{name}.bpf.o"));
+        let mut args = vec!["-I", "probes", "-idirafter", &multiarch, "-Wall", "-Werror"];
+        if OLD_KERNEL_PROBES.contains(name) {
+            args.extend(["-mcpu=v1", "-D__TARGET_ARCH_x86"]);
+        }
         let mut builder = SkeletonBuilder::new();
-        builder.source(&src).obj(&obj).clang_args([
-            "-I",
-            "probes",
-            "-idirafter",
-            &multiarch,
-            "-Wall",
-            "-Werror",
-        ]);
+        builder.source(&src).obj(&obj).clang_args(args);
         // `types` exists only for its BTF: its skeleton is where the Rust side gets
         // `types::event` and `types::config` from.
         let result = if *name == "types" {

@@ -5,14 +5,18 @@
 #
 #   ci/matrix.sh                     every kernel
 #   ci/matrix.sh deb61 nobtf         only these (ids: host deb61 deb612 nobtf noftrace
-#                                    old414 old54)
+#                                    old414 old54 old49)
 #   ci/matrix.sh --update-fixtures   also copy each kernel's captured compat fixture into
 #                                    compat/tests/fixtures/<id>
 #   ci/matrix.sh --bench deb61       no cells: the overhead benchmark's instruction-counted
 #                                    profile in that VM (one vCPU, -icount; see ci/bench.sh)
+#   ci/matrix.sh --run old49 'CMD'   no cells: boot that VM, run CMD (sh; the release binary
+#                                    is tcpconnlat on PATH) and print what it prints
+#                                    (for developing against a kernel; add --icount for the
+#                                    instruction-counted clock)
 #
 # Kernel images are cached under ~/.cache/tcpconnlat-ci (TCPCONNLAT_CACHE), built ones keyed by the hash
-# of their config, so a warm machine skips the builds. Kernels no registry has (4.14, 5.4)
+# of their config, so a warm machine skips the builds. Kernels no registry has (4.9, 4.14, 5.4)
 # come prebuilt from TCPCONNLAT_KERNELS_DIR (default ../shared/kernels/old): a folder per
 # version with bzImage, headers.tar.xz and vmlinux.btf.xz. Prints a table (rows kernels,
 # columns modes) and exits non-zero on any unexpected cell.
@@ -23,41 +27,59 @@ ROOT=$PWD
 CACHE=${TCPCONNLAT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tcpconnlat-ci}
 OUT=$ROOT/ci/out
 # VMs run in this order, the longest first (two at a time).
-ALL=(host deb61 deb612 old54 nobtf noftrace old414)
+ALL=(host deb61 deb612 old54 nobtf noftrace old414 old49)
 KERNELS_DIR=${TCPCONNLAT_KERNELS_DIR:-$ROOT/../shared/kernels/old}
 ALL_MODES=(fentry kprobe tracepoint legacy)
 # Legacy mode proven further: offsets from a BTF file made with pahole instead of kernel
-# headers, and kprobes through tracefs kprobe_events instead of the PMU.
-VARIANTS=(legacy+btf legacy+tracefs)
+# headers, kprobes through tracefs kprobe_events instead of the PMU, and offsets found at
+# start-up by a binary that has no other source (no headers built in, no --btf, and
+# --offsets discover where the kernel has BTF).
+VARIANTS=(legacy+btf legacy+tracefs legacy+discover)
 VM_TIMEOUT=${TCPCONNLAT_VM_TIMEOUT:-1500}
 
 # What each kernel must do: modes whose whole trace suite must pass, modes that must be
 # refused with a clear error, and what auto must pick.
-# 4.14 has no kprobe PMU (4.17+): its plain legacy cell already goes through tracefs.
-declare -A MODES=([deb61]="fentry kprobe tracepoint legacy" [deb612]="fentry kprobe tracepoint legacy"
-    [nobtf]="tracepoint legacy legacy+tracefs" [noftrace]="kprobe tracepoint legacy"
-    [old414]="legacy legacy+btf" [old54]="tracepoint legacy legacy+btf legacy+tracefs")
+# 4.9 and 4.14 have no kprobe PMU (4.17+): their plain legacy cells already go through
+# tracefs; their legacy cells prove the three sources of offsets (headers built in, --btf,
+# discovery).
+declare -A MODES=([deb61]="fentry kprobe tracepoint legacy legacy+discover"
+    [deb612]="fentry kprobe tracepoint legacy legacy+discover"
+    [nobtf]="tracepoint legacy legacy+tracefs legacy+discover"
+    [noftrace]="kprobe tracepoint legacy legacy+discover"
+    [old414]="legacy legacy+btf legacy+discover"
+    [old54]="tracepoint legacy legacy+btf legacy+tracefs legacy+discover"
+    [old49]="legacy legacy+btf legacy+discover")
 declare -A REFUSED=([deb61]="" [deb612]="" [nobtf]="fentry kprobe" [noftrace]="fentry"
-    [old414]="fentry kprobe tracepoint" [old54]="fentry kprobe")
+    [old414]="fentry kprobe tracepoint" [old54]="fentry kprobe" [old49]="fentry kprobe tracepoint")
 declare -A AUTO=([deb61]=fentry [deb612]=fentry [nobtf]=tracepoint [noftrace]=kprobe
-    [old414]=legacy [old54]=tracepoint)
+    [old414]=legacy [old54]=tracepoint [old49]=legacy)
 declare -A WHAT=([host]="running kernel" [deb61]="Debian 12 cloud 6.1" [deb612]="Debian 12 6.12"
     [nobtf]="6.1, no BTF" [noftrace]="6.1, BTF, no ftrace" [old414]="4.14.325, no BTF"
-    [old54]="5.4.286, no BTF")
+    [old54]="5.4.286, no BTF" [old49]="4.9.337, no BTF")
 # Modules the tests need where the kernel has them as modules (the built kernels have
 # them built in).
 DEB_MODULES="veth x_tables ip_tables iptable_filter xt_recent xt_tcpudp ipt_REJECT"
 
 update_fixtures=0
 bench_only=
+run_only=
+RUN_CMD=
+icount=0
 kernels=()
 for arg in "$@"; do
+    if [ "$run_only" = cmd ] && [ "${arg#--}" = "$arg" ]; then
+        RUN_CMD=$arg run_only=${kernels[-1]}
+        continue
+    fi
     case $arg in
     --update-fixtures) update_fixtures=1 ;;
-    --bench) bench_only=next ;;
-    host | deb61 | deb612 | nobtf | noftrace | old414 | old54)
+    --bench) bench_only=next icount=1 ;;
+    --run) run_only=next ;;
+    --icount) icount=1 ;;
+    host | deb61 | deb612 | nobtf | noftrace | old414 | old54 | old49)
         kernels+=("$arg")
-        [ "$bench_only" != next ] || bench_only=$arg ;;
+        [ "$bench_only" != next ] || bench_only=$arg
+        [ "$run_only" != next ] || run_only=cmd ;;
     *) echo "ci/matrix.sh: unknown kernel or option '$arg' (kernels: ${ALL[*]})" >&2; exit 2 ;;
     esac
 done
@@ -66,6 +88,12 @@ case $bench_only in
 next | host) echo "ci/matrix.sh: --bench needs a VM kernel (not host)" >&2; exit 2 ;;
 ?*) kernels=("$bench_only") ;;
 esac
+case $run_only in
+next | cmd | host) echo "ci/matrix.sh: --run needs a VM kernel (not host) and a command" >&2; exit 2 ;;
+?*) kernels=("$run_only") ;;
+esac
+# One VM for something else than the cells: no test binaries, no table.
+single=$bench_only$run_only
 
 log() { echo "[matrix $(date +%H:%M:%S)] $*" >&2; }
 
@@ -178,6 +206,7 @@ prebuilt_kernel() { # id version: a kernel from KERNELS_DIR/<version>, unpacked 
 
 kernel() { # id
     case $1 in
+    old49) prebuilt_kernel old49 4.9 ;;
     old414) prebuilt_kernel old414 4.14 ;;
     old54) prebuilt_kernel old54 5.4 ;;
     deb61) deb_kernel deb61 "$(apt-cache depends linux-image-cloud-amd64 | grep -oE 'linux-image-6[^ ]*' | head -1)-unsigned" ;;
@@ -207,7 +236,7 @@ log "building the release binaries and test binaries"
 mkdir -p "$OUT"
 BIN=$ROOT/target/x86_64-unknown-linux-gnu/release/tcpconnlat
 BIN_NOHEADERS=$OUT/tcpconnlat-noheaders
-if [ -z "$bench_only" ]; then
+if [ -z "$single" ]; then
     KERNEL_HEADERS= cargo build --release --locked
     cp "$BIN" "$BIN_NOHEADERS"
 fi
@@ -221,7 +250,7 @@ test_bin() { # name: the release integration test executable for tests/<name>.rs
 }
 # The kernel-facing suites, run once per mode; and the suites run once per kernel.
 TRACE_TESTS= ONCE_TESTS=
-if [ -z "$bench_only" ]; then
+if [ -z "$single" ]; then
     TRACE_TESTS="$(test_bin trace) $(test_bin outcomes) $(test_bin serve)"
     ONCE_TESTS="$(test_bin cli) $(test_bin legacy) $(test_bin hardening)"
 fi
@@ -309,7 +338,7 @@ make_initramfs() { # id out
         [ -e "$root/bin/$applet" ] || ln -s busybox "$root/bin/$applet"
     done
     local bins=("$BIN" $TRACE_TESTS $ONCE_TESTS)
-    [ -n "$bench_only" ] || bins+=("$BIN_NOHEADERS")
+    [ -n "$single" ] || bins+=("$BIN_NOHEADERS")
     for f in "${bins[@]}"; do
         add_static "$root" "$f"
     done
@@ -343,6 +372,7 @@ make_initramfs() { # id out
         depmod -b "$root" "$KVER" 2>/dev/null
         modules=$DEB_MODULES
     fi
+    [ -z "$RUN_CMD" ] || printf '%s\n' "$RUN_CMD" >"$root/run.sh"
     cp ci/vm/init "$root/init"
     cp ci/vm/cells.sh "$root/ci/vm/cells.sh"
     cp ci/capture-fixture.sh "$root/ci/capture-fixture.sh"
@@ -391,7 +421,7 @@ run_kernel() { # id: leaves the console log in $OUT/<id>/console.log
     # The benchmark alone: one vCPU whose clock counts its instructions (-icount), so that
     # host load cannot reach its figures.
     local cpus=(-smp 2)
-    [ -z "$bench_only" ] || cpus=(-smp 1 -icount shift=0,sleep=off)
+    [ "$icount" = 0 ] || cpus=(-smp 1 -icount shift=0,sleep=off)
     timeout "$VM_TIMEOUT" qemu-system-x86_64 -accel tcg,thread=single -cpu max "${cpus[@]}" -m 2048 -nographic -no-reboot \
         -kernel "${KIMAGES[$id]}" -initrd "$dir/initramfs.gz" -append "console=ttyS0 quiet panic=-1" \
         </dev/null >"$dir/console.log" 2>&1 || true
@@ -425,6 +455,11 @@ for id in "${kernels[@]}"; do
 done
 wait
 
+if [ -n "$run_only" ]; then
+    markers "$run_only" '@@RUN ' | sed 's/^@@RUN //'
+    grep -qa '@@END' "$OUT/$run_only/console.log" || { tail -40 "$OUT/$run_only/console.log" >&2; exit 1; }
+    exit 0
+fi
 if [ -n "$bench_only" ]; then
     markers "$bench_only" '@@BENCH ' | sed 's/^@@BENCH //'
     grep -qa '@@END' "$OUT/$bench_only/console.log" || { tail -40 "$OUT/$bench_only/console.log" >&2; exit 1; }

@@ -9,8 +9,8 @@
  *     static __always_inline __u16 sock_error(const struct config *cfg, __u64 sk);
  * which returns the socket's sk_err (0 when it cannot know).
  *
- * The legacy object defines TCPCONNLAT_LEGACY first: it gets no ring buffer, no cgroup
- * helper and no tracepoint programs, so it loads on kernels older than those.
+ * The legacy object defines TCPCONNLAT_LEGACY first: it gets no ring buffer, no LRU map, no
+ * cgroup helper and no tracepoint programs, so it loads on kernels older than those.
  */
 #ifndef TCPCONNLAT_COMMON_BPF_H
 #define TCPCONNLAT_COMMON_BPF_H
@@ -95,8 +95,9 @@ struct {
 	__uint(value_size, sizeof(__u32));
 } events_pb SEC(".maps");
 
-/* kprobe-based modes: the socket of each thread's connect in progress, for its kretprobe
- * (which cannot see the arguments). */
+#ifndef TCPCONNLAT_LEGACY
+/* kprobe mode: the socket of each thread's connect in progress, for its kretprobe (which
+ * cannot see the arguments). LRU (4.10+): a kretprobe the kernel missed leaves nothing. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 4096);
@@ -122,6 +123,7 @@ static __always_inline __u64 connect_returning(void)
 		bpf_map_delete_elem(&connecting, &tid);
 	return found;
 }
+#endif
 
 static __always_inline const struct config *get_config(void)
 {
@@ -194,9 +196,15 @@ static __always_inline void submit(void *ctx, const struct config *cfg, struct e
 		return;
 	}
 #endif
+#ifdef TCPCONNLAT_LEGACY
+	/* Before 4.7 the index is a CPU number only: BPF_F_CURRENT_CPU would be E2BIG. */
+	__u64 cpu = bpf_get_smp_processor_id();
+#else
+	__u64 cpu = BPF_F_CURRENT_CPU;
+#endif
 	/* Perf also reports its losses, but only once the next sample fits: count them here
 	 * too, where the kernel says so (5.4+; before, the helper always returns 0). */
-	if (bpf_perf_event_output(ctx, &events_pb, BPF_F_CURRENT_CPU, e, sizeof(*e)))
+	if (bpf_perf_event_output(ctx, &events_pb, cpu, e, sizeof(*e)))
 		count(COUNTER_DROPPED);
 }
 

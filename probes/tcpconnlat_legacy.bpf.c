@@ -1,32 +1,33 @@
 // SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
 /*
- * Legacy mode, for kernels without BTF: kprobes only, no CO-RE relocation, no global data,
- * no ring buffer, only helpers old kernels have (bpf_probe_read, perf event output), and
- * struct sock read at offsets userspace passes in the config map (from a BTF file or from
- * kernel headers at build time), so one object serves every kernel.
+ * Legacy mode, for kernels without BTF, from Linux 4.4 on: kprobes only, no CO-RE
+ * relocation, no global data, no ring buffer, and struct sock read at offsets userspace
+ * passes in the config map (from BTF, kernel headers, or found at start-up), so one object
+ * serves every kernel.
  *
- * tcp_v4_connect / tcp_v6_connect start the clock (their return drops a connect that failed
- * before its SYN), tcp_rcv_state_process stamps the answer, tcp_set_state finishes the
- * connect as the state tracepoint does in the other modes, tcp_retransmit_skb counts SYN
- * retransmits and tcp_reset marks refusals.
+ * tcp_set_state does most of the work, as the state tracepoint does in tracepoint mode:
+ * CLOSE -> SYN_SENT (inside connect(), in the connecting process) starts the clock, and
+ * leaving SYN_SENT finishes the connect. tcp_rcv_state_process stamps the answer,
+ * tcp_retransmit_skb counts SYN retransmits and tcp_reset marks refusals. No kretprobe, so
+ * no per-thread table to leak.
  *
- * No vmlinux.h: its structs would make every field access a CO-RE relocation. The only
- * kernel type needed is x86-64's struct pt_regs, for the kprobe arguments.
+ * What Linux 4.4 lacks, and how this object does without (a test inspects the ELF):
+ * - no BTF: no vmlinux.h, whose structs would make every field access a CO-RE relocation;
+ * - no global data (5.2): configuration through an array map;
+ * - no LRU maps (4.10) and no ring buffer (5.8): plain hash maps, the perf buffer;
+ * - no BPF_F_CURRENT_CPU (4.7): events go to the perf buffer of this CPU by number;
+ * - bpf_probe_read writes only to initialised stack (4.7 relaxed it): every destination
+ *   is a zeroed stack variable;
+ * - no loops (5.3) and no BPF-to-BPF calls (4.16): everything inlined, bounded, unrolled;
+ * - the BPF v1 instruction set only (build.rs pins -mcpu=v1: v2 jumps are 4.14+, v3 5.1+);
+ * - kprobe programs must carry LINUX_VERSION_CODE (before 5.0): userspace stamps it.
  */
 #include <linux/types.h>
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 
 #define TCPCONNLAT_LEGACY
-#define TCP_ESTABLISHED 1
-#define TCP_SYN_SENT 2
-#define TCP_CLOSE 7
-
-/* arch/x86/include/asm/ptrace.h, the kernel's own layout. */
-struct pt_regs {
-	unsigned long r15, r14, r13, r12, bp, bx, r11, r10, r9, r8;
-	unsigned long ax, cx, dx, si, di, orig_ax, ip, cs, flags, sp, ss;
-};
+#include "legacy.bpf.h"
 
 struct config;
 static __always_inline __u16 sock_error(const struct config *cfg, __u64 sk);
@@ -38,7 +39,8 @@ static __always_inline __u16 sock_error(const struct config *cfg, __u64 sk)
 	int err = 0;
 
 	READ_AT(err, sk, cfg->sk.err);
-	if (!err)
+	/* sk_err_soft's offset is 0 where it could not be had (see sock_fields.h). */
+	if (!err && cfg->sk.err_soft)
 		READ_AT(err, sk, cfg->sk.err_soft);
 	return err;
 }
@@ -53,32 +55,60 @@ static __always_inline __u8 sock_state(const struct config *cfg, __u64 sk)
 	return state;
 }
 
-SEC("kprobe/tcp_v4_connect")
-int legacy_connect(struct pt_regs *ctx)
+/*
+ * The socket's addresses into e (whose af is set). Both reads are 16 bytes whatever the
+ * family: before 4.14 the verifier wants each probe read's size a constant, and the
+ * compiler merges two reads of different sizes into one whose size is a register. An IPv4
+ * address is the first 4 bytes; what was read after it is cleared.
+ */
+static __always_inline void read_addresses(const struct config *cfg, __u64 sk, struct event *e)
+{
+	__u16 saddr = cfg->sk.v6_rcv_saddr;
+	__u16 daddr = cfg->sk.v6_daddr;
+
+	if (e->af == FAMILY_INET) {
+		saddr = cfg->sk.rcv_saddr;
+		daddr = cfg->sk.daddr;
+	}
+	bpf_probe_read(e->saddr, sizeof(e->saddr), (char *)sk + saddr);
+	bpf_probe_read(e->daddr, sizeof(e->daddr), (char *)sk + daddr);
+	if (e->af == FAMILY_INET) {
+		__builtin_memset(e->saddr + 4, 0, sizeof(e->saddr) - 4);
+		__builtin_memset(e->daddr + 4, 0, sizeof(e->daddr) - 4);
+	}
+}
+
+/* tcp_set_state(sk, state), before the state changes. */
+SEC("kprobe/tcp_set_state")
+int legacy_set_state(struct pt_regs *ctx)
 {
 	const struct config *cfg = get_config();
-	__u64 sk = ctx->di;
+	__u64 sk = PT_REGS_ARG1(ctx);
+	int newstate = (int)PT_REGS_ARG2(ctx);
+	struct event e = {};
 	__u16 family = 0;
+	__u16 dport = 0;
+	__u8 state;
 
 	if (!cfg)
 		return 0;
-	READ_AT(family, sk, cfg->sk.family);
-	connect_entered(sk);
-	remember_connect(cfg, sk, family);
-	return 0;
-}
-
-SEC("kretprobe/tcp_v4_connect")
-int legacy_connect_return(struct pt_regs *ctx)
-{
-	const struct config *cfg = get_config();
-	__u64 sk = connect_returning();
-	/* An int: the upper half of rax is not part of it (mov to eax zero-extends). */
-	int ret = (int)ctx->ax;
-
-	/* Failed before the SYN went out (no route, bad address): nothing will follow. */
-	if (cfg && sk && ret < 0 && sock_state(cfg, sk) != TCP_SYN_SENT)
-		bpf_map_delete_elem(&pending, &sk);
+	state = sock_state(cfg, sk);
+	if (newstate == TCP_SYN_SENT) {
+		/* connect() on a closed socket: in the connecting process. */
+		if (state == TCP_CLOSE) {
+			READ_AT(family, sk, cfg->sk.family);
+			remember_connect(cfg, sk, family);
+		}
+		return 0;
+	}
+	if (state != TCP_SYN_SENT || !finish_connect(cfg, sk, newstate, &e))
+		return 0;
+	READ_AT(e.af, sk, cfg->sk.family);
+	READ_AT(e.lport, sk, cfg->sk.num);
+	READ_AT(dport, sk, cfg->sk.dport);
+	e.dport = __builtin_bswap16(dport);
+	read_addresses(cfg, sk, &e);
+	report(ctx, cfg, &e, TRANSPORT_PERFBUF);
 	return 0;
 }
 
@@ -86,51 +116,23 @@ SEC("kprobe/tcp_rcv_state_process")
 int legacy_rcv_state(struct pt_regs *ctx)
 {
 	const struct config *cfg = get_config();
-	__u64 sk = ctx->di;
+	__u64 sk = PT_REGS_ARG1(ctx);
 
 	if (cfg && sock_state(cfg, sk) == TCP_SYN_SENT)
 		mark_answer(sk);
 	return 0;
 }
 
-SEC("kprobe/tcp_set_state")
-int legacy_set_state(struct pt_regs *ctx)
-{
-	const struct config *cfg = get_config();
-	__u64 sk = ctx->di;
-	int newstate = (int)ctx->si;
-	struct event e = {};
-	__u16 dport = 0;
-
-	if (!cfg || newstate == TCP_SYN_SENT || sock_state(cfg, sk) != TCP_SYN_SENT)
-		return 0;
-	if (!finish_connect(cfg, sk, newstate, &e))
-		return 0;
-	READ_AT(e.af, sk, cfg->sk.family);
-	READ_AT(e.lport, sk, cfg->sk.num);
-	READ_AT(dport, sk, cfg->sk.dport);
-	e.dport = __builtin_bswap16(dport);
-	if (e.af == FAMILY_INET) {
-		bpf_probe_read(e.saddr, 4, (char *)sk + cfg->sk.rcv_saddr);
-		bpf_probe_read(e.daddr, 4, (char *)sk + cfg->sk.daddr);
-	} else {
-		bpf_probe_read(e.saddr, 16, (char *)sk + cfg->sk.v6_rcv_saddr);
-		bpf_probe_read(e.daddr, 16, (char *)sk + cfg->sk.v6_daddr);
-	}
-	report(ctx, cfg, &e, TRANSPORT_PERFBUF);
-	return 0;
-}
-
 SEC("kprobe/tcp_retransmit_skb")
 int legacy_retransmit(struct pt_regs *ctx)
 {
-	count_retransmit(ctx->di);
+	count_retransmit(PT_REGS_ARG1(ctx));
 	return 0;
 }
 
 SEC("kprobe/tcp_reset")
 int legacy_reset(struct pt_regs *ctx)
 {
-	mark_reset(ctx->di);
+	mark_reset(PT_REGS_ARG1(ctx));
 	return 0;
 }

@@ -15,14 +15,46 @@ use serde_json::Value;
 use support::*;
 
 const LEGACY_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/tcpconnlat_legacy.bpf.o"));
+const DISCOVER_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/discover.bpf.o"));
 
 /// Helpers every kernel since 4.4 has: map lookup/update/delete, probe_read, ktime_get_ns,
-/// get_current_pid_tgid, get_current_uid_gid, get_current_comm, perf_event_output.
-const OLD_HELPERS: [i32; 9] = [1, 2, 3, 4, 5, 14, 15, 16, 25];
+/// get_current_pid_tgid, get_current_uid_gid, get_current_comm, get_smp_processor_id,
+/// perf_event_output.
+const OLD_HELPERS: [i32; 10] = [1, 2, 3, 4, 5, 8, 14, 15, 16, 25];
+const PERF_EVENT_OUTPUT: i32 = 25;
+const GET_SMP_PROCESSOR_ID: i32 = 8;
 
 #[test]
 fn the_legacy_object_needs_nothing_old_kernels_lack() {
-    let elf = object::File::parse(LEGACY_OBJECT).unwrap();
+    let (programs, maps) = check_for_linux_4_4(LEGACY_OBJECT);
+    assert_eq!(
+        programs,
+        [
+            "legacy_rcv_state",
+            "legacy_reset",
+            "legacy_retransmit",
+            "legacy_set_state"
+        ],
+        "set_state (start and end), rcv_state, retransmit, reset"
+    );
+    assert!(
+        maps.contains("events_pb") && !maps.contains("events_rb"),
+        "{maps:?}"
+    );
+}
+
+#[test]
+fn the_discovery_object_needs_nothing_old_kernels_lack() {
+    let (programs, _) = check_for_linux_4_4(DISCOVER_OBJECT);
+    assert_eq!(programs, ["discover_set_state"]);
+}
+
+/// Check an object against what Linux 4.4 offers: no global data, no CO-RE relocation,
+/// only old map types and helpers, the v1 instruction set, no loop, few instructions, and
+/// perf events written to this CPU's buffer by number (BPF_F_CURRENT_CPU is 4.7+). Its
+/// programs and maps, by name.
+fn check_for_linux_4_4(object: &[u8]) -> (Vec<String>, HashSet<String>) {
+    let elf = object::File::parse(object).unwrap();
     for section in elf.sections() {
         let name = section.name().unwrap();
         assert!(
@@ -47,30 +79,26 @@ fn the_legacy_object_needs_nothing_old_kernels_lack() {
         }
     }
 
-    let open = ObjectBuilder::default().open_memory(LEGACY_OBJECT).unwrap();
+    let open = ObjectBuilder::default().open_memory(object).unwrap();
     let mut maps = HashSet::new();
     for map in open.maps() {
         let kind = map.map_type();
         assert!(
             matches!(
                 kind,
-                MapType::Array | MapType::Hash | MapType::LruHash | MapType::PerfEventArray
+                MapType::Array | MapType::Hash | MapType::PerfEventArray
             ),
-            "map {:?} is a {kind:?}: not on old kernels",
+            "map {:?} is a {kind:?}: not on Linux 4.4 (LRU maps are 4.10+)",
             map.name()
         );
         maps.insert(map.name().to_string_lossy().into_owned());
     }
-    assert!(
-        maps.contains("events_pb") && !maps.contains("events_rb"),
-        "{maps:?}"
-    );
-    let mut programs = 0;
+    let mut programs = Vec::new();
     for prog in open.progs() {
-        programs += 1;
         let name = prog.name().to_string_lossy().into_owned();
         let insns = prog.insns();
         assert!(insns.len() < 4096, "{name}: {} instructions", insns.len());
+        let mut helpers = HashSet::new();
         for insn in insns {
             let (class, op) = (insn.code & 0x07, insn.code & 0xf0);
             if class == 0x05 && op == 0x80 && insn.src_reg() == 0 {
@@ -79,15 +107,49 @@ fn the_legacy_object_needs_nothing_old_kernels_lack() {
                     "{name} calls helper {}",
                     insn.imm
                 );
+                helpers.insert(insn.imm);
             }
+            if let Some(newer) = newer_than_v1(insn) {
+                panic!("{name}: {newer}");
+            }
+        }
+        if helpers.contains(&PERF_EVENT_OUTPUT) {
+            assert!(
+                helpers.contains(&GET_SMP_PROCESSOR_ID),
+                "{name}: perf_event_output without this CPU's number"
+            );
         }
         // Before 5.3 the verifier rejects any loop (a back-edge in the control flow).
         assert!(!has_loop(insns), "{name} has a loop");
+        programs.push(name);
     }
-    assert_eq!(
-        programs, 6,
-        "connect, its return, rcv_state, set_state, retransmit, reset"
-    );
+    programs.sort();
+    (programs, maps)
+}
+
+/// What makes an instruction newer than the BPF v1 set, if anything: BPF_JMP32 is v3
+/// (Linux 5.1+); JLT, JLE, JSLT and JSLE are v2 (4.14+).
+fn newer_than_v1(insn: &libbpf_rs::libbpf_sys::bpf_insn) -> Option<&'static str> {
+    let (class, op) = (insn.code & 0x07, insn.code & 0xf0);
+    match (class, op) {
+        (0x06, _) => Some("a 32-bit jump (BPF v3, Linux 5.1+)"),
+        (0x05, 0xa0 | 0xb0 | 0xc0 | 0xd0) => Some("a BPF v2 jump (Linux 4.14+)"),
+        _ => None,
+    }
+}
+
+#[test]
+fn the_instruction_set_check_finds_newer_jumps() {
+    use libbpf_rs::libbpf_sys::bpf_insn;
+    let insn = |code: u8| bpf_insn {
+        code,
+        ..Default::default()
+    };
+    assert!(newer_than_v1(&insn(0x16)).is_some()); // jeq32
+    assert!(newer_than_v1(&insn(0xa5)).is_some()); // jlt
+    assert!(newer_than_v1(&insn(0x15)).is_none()); // jeq
+    assert!(newer_than_v1(&insn(0x25)).is_none()); // jgt
+    assert!(newer_than_v1(&insn(0x95)).is_none()); // exit
 }
 
 /// Whether the control flow of a program has a cycle (depth-first search for a back-edge).

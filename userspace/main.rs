@@ -92,6 +92,8 @@ fn run(cli: &Cli, started: Instant) -> Result<()> {
     let host = Host::detect(&Detect {
         privileged,
         btf_file: cli.btf.as_deref(),
+        offsets: cli.offsets,
+        kprobe_attach: cli.kprobe_attach,
         every_mode: cli.features || forced.is_some(),
     });
     let options = cli.load_options(&host)?;

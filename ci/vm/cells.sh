@@ -15,6 +15,8 @@ for cell in $MODES; do
     case $cell in
     # A BTF file, with a binary built without any kernel headers.
     *+btf) args="--btf /vmlinux.btf" bin=${BIN_NOHEADERS:-$BIN} ;;
+    # Offsets found at start-up, by a binary with no other source.
+    *+discover) args="--offsets discover" bin=${BIN_NOHEADERS:-$BIN} ;;
     *+tracefs) args="--kprobe-attach tracefs" ;;
     *) args= ;;
     esac

@@ -5,6 +5,7 @@
 //! trying (loading an fentry program) are tried by the caller and handed in as [`Findings`].
 
 pub mod btf;
+pub mod discover;
 pub mod features;
 pub mod kallsyms;
 pub mod kversion;

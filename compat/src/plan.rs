@@ -72,14 +72,7 @@ impl Mode {
             Mode::Tracepoint => need_state_tracepoint(features),
             Mode::Legacy => {
                 need_kprobes(features)?;
-                need_symbols(
-                    features,
-                    &[
-                        Func::TcpV4Connect,
-                        Func::TcpRcvStateProcess,
-                        Func::TcpSetState,
-                    ],
-                )?;
+                need_symbols(features, &[Func::TcpSetState, Func::TcpRcvStateProcess])?;
                 match &findings.sock_offsets {
                     Finding::Unknown(_) => {
                         Err(Unsupported::NotTried("looking for struct sock offsets"))

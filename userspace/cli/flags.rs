@@ -10,6 +10,7 @@ use clap::{Parser, ValueEnum};
 
 use crate::fleet::DestLabel;
 use crate::host::users::User;
+use crate::host::OffsetsArg;
 use crate::output::stats::By;
 use crate::tracer::kprobes::KprobeAttach;
 use crate::tracer::objects::COMM_LEN;
@@ -142,9 +143,15 @@ pub struct Cli {
     pub max_delay: u64,
 
     /// Legacy mode: read struct offsets from this BTF file (e.g. from BTFHub) instead of
-    /// the kernel's own BTF or the offsets built in from kernel headers
+    /// the kernel's own BTF, the offsets built in from kernel headers or discovery
     #[arg(long, value_name = "FILE")]
     pub btf: Option<PathBuf>,
+
+    /// Where legacy mode's struct sock offsets come from: auto takes BTF, then offsets built
+    /// in from kernel headers, then finds them at start-up; discover always finds them
+    #[arg(long, value_name = "HOW", value_enum, default_value_t = OffsetsArg::Auto,
+          conflicts_with = "btf")]
+    pub offsets: OffsetsArg,
 
     /// How to attach kprobes: auto uses the kprobe PMU where the kernel has it
     #[arg(long, value_name = "HOW", value_enum, default_value_t = KprobeAttach::Auto)]

@@ -72,7 +72,7 @@ impl Cli {
         Ok(LoadOptions {
             features: &host.features,
             fentry_targets: host.findings.fentry_targets.yes(),
-            sock: host.sock_offsets.as_ref().ok().map(|o| &o.offsets),
+            sock: host,
             transport: Transport::choose(self.transport, &host.findings)?,
             kprobe_attach: self.kprobe_attach,
             record: if self.record_offsets {

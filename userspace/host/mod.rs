@@ -16,14 +16,15 @@ use tcpconnlat_compat::btf;
 use tcpconnlat_compat::{tracefs, AttachPoints, Features, Finding, Findings, Func, KernelVersion};
 
 use crate::timing;
-use crate::tracer::kprobes;
-pub use offsets::KnownOffsets;
+use crate::tracer::kprobes::{self, KprobeAttach};
+pub use offsets::OffsetsArg;
+use offsets::{Discovery, Offsets};
 
 pub struct Host {
     pub features: Features,
     pub findings: Findings,
-    /// struct sock offsets for probes that cannot use CO-RE, and where they came from.
-    pub sock_offsets: Result<KnownOffsets, String>,
+    /// struct sock offsets for probes that cannot use CO-RE: known, or found when needed.
+    pub offsets: Offsets,
     /// Whether tcpconnlat had to mount tracefs (see [`mount_tracefs`]).
     pub tracefs_mount: TracefsMount,
     /// The kernel's LINUX_VERSION_CODE from its vDSO, which kprobe programs must carry
@@ -43,6 +44,10 @@ pub struct Detect<'a> {
     pub privileged: bool,
     /// `--btf`: struct offsets from this file.
     pub btf_file: Option<&'a Path>,
+    /// `--offsets`.
+    pub offsets: OffsetsArg,
+    /// `--kprobe-attach`, for offset discovery.
+    pub kprobe_attach: KprobeAttach,
     /// Every mode will be looked at (the `--features` report, a forced mode): read what
     /// each needs, kernel symbols included, even where a better mode is usable.
     pub every_mode: bool,
@@ -84,14 +89,20 @@ impl Host {
         let trial_target = kernel_btf
             .as_ref()
             .and_then(|facts| facts.as_ref().ok()?.tcp_v4_connect_id);
-        let sock_offsets = offsets::find(kernel_btf, features.release.as_deref(), what.btf_file);
+        let version_code = vdso_version_code();
+        let offsets = Offsets::new(
+            kernel_btf,
+            features.release.as_deref(),
+            what.btf_file,
+            what.offsets,
+            Discovery {
+                kprobe_attach: what.kprobe_attach,
+                version_code: version_code.as_ref().ok().copied(),
+                privileged: what.privileged,
+            },
+        );
         let mut findings = Findings {
-            sock_offsets: Finding::from_result(
-                sock_offsets
-                    .as_ref()
-                    .map(|o| o.source.clone())
-                    .map_err(Clone::clone),
-            ),
+            sock_offsets: offsets.finding(&features),
             fentry_targets,
             ..Findings::default()
         };
@@ -100,9 +111,9 @@ impl Host {
         let mut host = Host {
             features,
             findings,
-            sock_offsets,
+            offsets,
             tracefs_mount,
-            version_code: vdso_version_code(),
+            version_code,
             memlock,
             fentry_trial: Cell::new(fentry_trial),
         };

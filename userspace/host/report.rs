@@ -4,6 +4,7 @@ use serde_json::{json, Value};
 use tcpconnlat_compat::kversion;
 use tcpconnlat_compat::{AttachPoints, Finding, Func, Plan};
 
+use super::offsets::OffsetSource;
 use super::{Host, TracefsMount};
 
 /// The report as aligned `name  value` lines, then the plan.
@@ -76,9 +77,10 @@ fn kernel_rows(host: &Host) -> Vec<Row> {
         ),
         row(
             "struct sock offsets",
-            match &host.sock_offsets {
-                Ok(o) => format!("from {}", o.source),
-                Err(why) => format!("unknown ({why})"),
+            match host.offsets.known() {
+                Ok(known) if known.notes.is_empty() => format!("from {}", known.source),
+                Ok(known) => format!("from {} ({})", known.source, known.notes.join("; ")),
+                Err(_) => finding_text(&host.findings.sock_offsets, Clone::clone),
             },
         ),
         row(
@@ -198,9 +200,11 @@ pub fn report_json(host: &Host, plan: &Plan) -> Value {
         "tracepoint_error": f.state_tracepoint.as_ref().err(),
         "retransmit_tracepoint": f.retransmit_tracepoint.is_ok(),
         "reset_tracepoint": f.reset_tracepoint.is_ok(),
-        "sock_offsets": host.sock_offsets.as_ref().ok().map(|o| o.offsets),
-        "sock_offsets_error": host.sock_offsets.as_ref().err(),
-        "sock_offsets_source": host.sock_offsets.as_ref().ok().map(|o| o.source.clone()),
+        "sock_offsets": host.offsets.known().ok().map(|o| o.offsets),
+        "sock_offsets_error": host.offsets.known().err(),
+        "sock_offsets_source": host.offsets.known().ok().map(|o| o.source.to_string()),
+        "sock_offsets_discovered": host.offsets.known().ok().map(|o| matches!(o.source, OffsetSource::Discovered { .. })),
+        "sock_offsets_notes": host.offsets.known().ok().map(|o| &o.notes),
         "ringbuf": finding_json(&t.ringbuf),
         "global_data": f.global_data(),
         "symbols": f.attach_points.yes(),

@@ -3,6 +3,7 @@
 
 use anyhow::{Context, Result};
 use libbpf_rs::{MapCore, MapFlags, Object};
+use tcpconnlat_compat::btf::SockOffsets;
 
 use super::objects::{self, maps, AddressFamily, Config, RawStateLayout, Report};
 use super::transport::Transport;
@@ -61,10 +62,11 @@ pub(super) fn configure(
     object: &Object,
     filters: &Filters,
     options: &LoadOptions<'_>,
+    sock: Option<&SockOffsets>,
 ) -> Result<()> {
     let ring_bytes =
         find_map(object, Transport::RingBuf.map()).map_or(0, |m| u64::from(m.max_entries()));
-    write_config(object, &probe_config(filters, options, ring_bytes))?;
+    write_config(object, &probe_config(filters, options, sock, ring_bytes))?;
     write_set(
         object,
         maps::PIDS,
@@ -78,7 +80,12 @@ pub(super) fn configure(
 }
 
 /// The probes' `struct config` for these filters on this host.
-fn probe_config(filters: &Filters, options: &LoadOptions<'_>, ring_bytes: u64) -> Config {
+fn probe_config(
+    filters: &Filters,
+    options: &LoadOptions<'_>,
+    sock: Option<&SockOffsets>,
+    ring_bytes: u64,
+) -> Config {
     let features = options.features;
     let mut comm = [0u8; objects::COMM_LEN];
     if let Some(name) = &filters.comm {
@@ -117,7 +124,7 @@ fn probe_config(filters: &Filters, options: &LoadOptions<'_>, ring_bytes: u64) -
             .as_ref()
             .map(objects::state_layout)
             .unwrap_or_else(|_| RawStateLayout::default()),
-        sk: options.sock.map(objects::sock_layout).unwrap_or_default(),
+        sk: sock.map(objects::sock_layout).unwrap_or_default(),
         ..Default::default()
     }
 }

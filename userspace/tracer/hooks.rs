@@ -97,14 +97,10 @@ mod tables {
         hook("kprobe_rcv_state", Kprobe(TcpRcvStateProcess)),
     ];
     pub const TRACEPOINT: &[Hook] = with_tracepoints![];
-    /// No tracepoints: everything by kprobe, one program serving both address families.
+    /// No tracepoints: everything by kprobe; tcp_set_state starts and ends every connect.
     pub const LEGACY: &[Hook] = &[
-        hook("legacy_connect", Kprobe(TcpV4Connect)),
-        optional("legacy_connect", Kprobe(TcpV6Connect), NO_IPV6),
-        hook("legacy_connect_return", Kretprobe(TcpV4Connect)),
-        optional("legacy_connect_return", Kretprobe(TcpV6Connect), NO_IPV6),
-        hook("legacy_rcv_state", Kprobe(TcpRcvStateProcess)),
         hook("legacy_set_state", Kprobe(TcpSetState)),
+        hook("legacy_rcv_state", Kprobe(TcpRcvStateProcess)),
         optional(
             "legacy_retransmit",
             Kprobe(TcpRetransmitSkb),
@@ -392,7 +388,8 @@ mod tests {
             ]
         );
         assert!(tracepoint.notes.is_empty(), "{:?}", tracepoint.notes);
-        // 4.14: kprobes only, at the symbols kallsyms gives, one program for both families.
+        // 4.14: kprobes only, at the symbols kallsyms gives; tcp_set_state serves both
+        // families, start and end.
         let legacy = plan_hooks(
             Mode::Legacy,
             &kernel("old414"),
@@ -400,15 +397,14 @@ mod tests {
             Transport::PerfBuf,
             RecordRead::AtOffsets,
         );
-        let legacy = legacy.unwrap();
-        assert_eq!(legacy.hooks.len(), 8);
         assert_eq!(
-            legacy.hooks[1],
-            PlannedHook {
-                prog: "legacy_connect".into(),
-                attach: Attach::Kprobe(Func::TcpV6Connect),
-                symbol: Some("tcp_v6_connect".into()),
-            }
+            progs(&legacy.unwrap()),
+            [
+                ("legacy_set_state", Some("tcp_set_state")),
+                ("legacy_rcv_state", Some("tcp_rcv_state_process")),
+                ("legacy_retransmit", Some("tcp_retransmit_skb")),
+                ("legacy_reset", Some("tcp_reset")),
+            ]
         );
     }
 
@@ -430,13 +426,25 @@ mod tests {
             RecordRead::AtOffsets,
         )
         .unwrap();
-        assert_eq!(plan.hooks.len(), 5);
+        assert_eq!(plan.hooks.len(), 3);
         assert_eq!(
             plan.notes,
-            [
-                "IPv6 connects are not traced: kernel function tcp_v6_connect is not in /proc/kallsyms",
-                "RSTs are only seen through sk_err: kernel function tcp_reset is not in /proc/kallsyms",
-            ]
+            ["RSTs are only seen through sk_err: kernel function tcp_reset is not in /proc/kallsyms"]
+        );
+        // The CO-RE kprobe mode does without tcp_v6_connect, and says what that costs.
+        let mut noftrace = kernel("noftrace");
+        noftrace.attach_points = Finding::Yes(without(&[Func::TcpV6Connect]));
+        let plan = plan_hooks(
+            Mode::Kprobe,
+            &noftrace,
+            None,
+            Transport::RingBuf,
+            RecordRead::Direct,
+        )
+        .unwrap();
+        assert_eq!(
+            plan.notes,
+            ["IPv6 connects are not traced: kernel function tcp_v6_connect is not in /proc/kallsyms"]
         );
         old414.attach_points = Finding::Yes(without(&[Func::TcpSetState]));
         assert_eq!(

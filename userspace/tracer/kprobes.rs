@@ -53,12 +53,12 @@ pub enum FunctionEnd {
     Return,
 }
 
-/// One kprobe to attach: the kernel symbol, which end, and its index among the tracer's
-/// hooks (tracefs event names must be unique).
+/// One kprobe to attach: the kernel symbol, which end, and a tag that makes its tracefs
+/// event name unique among ours (the program's name).
 pub struct KprobeSite<'a> {
     pub symbol: &'a str,
     pub end: FunctionEnd,
-    pub index: usize,
+    pub tag: &'a str,
 }
 
 /// How this tracer attaches its kprobes: as asked, with what the kernel has.
@@ -128,7 +128,7 @@ fn attach_tracefs(
     let name = format!(
         "{GROUP_PREFIX}{}/{kind}_{clean}_{}",
         std::process::id(),
-        site.index
+        site.tag
     );
     add_event(&kprobe_events, &format!("{kind}:{name} {}", site.symbol))
         .with_context(|| format!("adding kprobe event {name} in {}", kprobe_events.display()))?;

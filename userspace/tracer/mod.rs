@@ -11,6 +11,7 @@
 //! - `event`: one decoded connect.
 
 mod config;
+pub mod discovery;
 pub mod event;
 mod hooks;
 pub mod kprobes;
@@ -53,7 +54,7 @@ pub struct LoadOptions<'a> {
     /// What fentry can attach to, from the kernel's BTF.
     pub fentry_targets: Option<&'a AttachPoints>,
     /// struct sock offsets, for the probes that cannot use CO-RE.
-    pub sock: Option<&'a SockOffsets>,
+    pub sock: &'a dyn SockOffsetsSource,
     pub transport: Transport,
     pub kprobe_attach: KprobeAttach,
     /// How the state tracepoint's record is read where either way works.
@@ -63,6 +64,22 @@ pub struct LoadOptions<'a> {
     pub version_code: Option<u32>,
     /// Events carry the connecting process's cgroup id (`--label cgroup`).
     pub label_cgroup: bool,
+}
+
+/// How much a mode needs struct sock's offsets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OffsetNeed {
+    /// It reads the socket at them (legacy): find them if they are not known.
+    Required,
+    /// It reads sk_err at them where known (tracepoint), and does without otherwise.
+    IfKnown,
+}
+
+/// Where struct sock's offsets come from (the host: BTF, headers or discovery), asked only
+/// when a mode that needs them loads.
+pub trait SockOffsetsSource {
+    /// The offsets, and what the user should know of fields that could not be had.
+    fn sock_offsets(&self, need: OffsetNeed) -> Result<(&SockOffsets, &[String]), String>;
 }
 
 /// Start the first mode of the plan that loads and attaches, recording in the plan why
@@ -128,16 +145,11 @@ pub fn start(mode: Mode, options: &LoadOptions<'_>, filters: &Filters) -> Result
         read,
     )
     .map_err(|why| anyhow!(why))?;
-    // The CO-RE probes read sk_err themselves; the tracepoint object needs its offset.
-    if options.sock.is_none() && spec.object == objects::TRACEPOINT_OBJECT {
-        plan.note(
-            "failed connects are told apart only as refused or timeout: no BTF to find sk_err in",
-        );
-    }
+    let sock = sock_offsets(mode, options, &mut plan)?;
     let object = timing::step("open", || open(&spec, &plan, transport, options, filters))?;
     let object = timing::step("load", || object.load())
         .with_context(|| format!("loading the {mode} probes (run with -v for the verifier log)"))?;
-    config::configure(&object, filters, options)?;
+    config::configure(&object, filters, options, sock)?;
     let (links, kprobes) = timing::step("attach", || attach_all(&object, &plan, options))?;
     Ok(Tracer {
         mode,
@@ -148,6 +160,36 @@ pub fn start(mode: Mode, options: &LoadOptions<'_>, filters: &Filters) -> Result
         _links: links,
         _kprobes: kprobes,
     })
+}
+
+/// struct sock's offsets for the modes whose probes read the socket without CO-RE: legacy
+/// cannot do without them (they may be discovered now); tracepoint reads sk_err at them
+/// where they are known. The CO-RE probes read the socket themselves.
+fn sock_offsets<'a>(
+    mode: Mode,
+    options: &LoadOptions<'a>,
+    plan: &mut HookPlan,
+) -> Result<Option<&'a SockOffsets>> {
+    let need = match mode {
+        Mode::Legacy => OffsetNeed::Required,
+        Mode::Tracepoint => OffsetNeed::IfKnown,
+        Mode::Fentry | Mode::Kprobe => return Ok(None),
+    };
+    match options.sock.sock_offsets(need) {
+        Ok((offsets, notes)) => {
+            for note in notes {
+                plan.note(note);
+            }
+            Ok(Some(offsets))
+        }
+        Err(why) if need == OffsetNeed::Required => Err(anyhow!(why)),
+        Err(_) => {
+            plan.note(
+                "failed connects are told apart only as refused or timeout: no BTF to find sk_err in",
+            );
+            Ok(None)
+        }
+    }
 }
 
 /// Filters and labels a mode cannot apply.
@@ -222,7 +264,7 @@ fn attach_all(
 ) -> Result<(Vec<Link>, Vec<Kprobe>)> {
     let attacher = KprobeAttacher::new(options.kprobe_attach, options.features);
     let (mut links, mut kprobes) = (Vec::new(), Vec::new());
-    for (index, hook) in plan.hooks.iter().enumerate() {
+    for hook in &plan.hooks {
         let prog = object
             .progs_mut()
             .find(|prog| prog.name() == hook.prog.as_str())
@@ -239,7 +281,11 @@ fn attach_all(
         };
         match (end, &hook.symbol) {
             (Some(end), Some(symbol)) => {
-                let site = KprobeSite { symbol, end, index };
+                let site = KprobeSite {
+                    symbol,
+                    end,
+                    tag: &hook.prog,
+                };
                 kprobes.push(attacher.attach(&prog, &site).with_context(context)?);
             }
             _ => links.push(prog.attach().with_context(context)?),

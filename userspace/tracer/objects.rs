@@ -9,9 +9,11 @@ mod skel {
 }
 
 pub use skel::types::{
-    address_family as AddressFamily, config as Config, counter as Counter, event as RawEvent,
-    outcome as RawOutcome, report as Report, sock_layout as RawSockLayout,
-    state_layout as RawStateLayout, state_record as RawStateRecord,
+    address_family as AddressFamily, config as Config, counter as Counter,
+    discover_config as DiscoverConfig, discover_mark as DiscoverMark, event as RawEvent,
+    outcome as RawOutcome, report as Report, snapshot_phase as SnapshotPhase,
+    snapshot_size as SnapshotSize, sock_layout as RawSockLayout, state_layout as RawStateLayout,
+    state_record as RawStateRecord,
 };
 
 /// The kernel's TASK_COMM_LEN: a process name with its NUL.
@@ -22,6 +24,8 @@ pub const COMM_LEN: usize = skel::types::limits::COMM_LEN.0 as usize;
 unsafe impl plain::Plain for RawEvent {}
 unsafe impl plain::Plain for Config {}
 unsafe impl plain::Plain for RawSockLayout {}
+unsafe impl plain::Plain for DiscoverConfig {}
+unsafe impl plain::Plain for DiscoverMark {}
 
 /// The names of the probes' maps (probes/common.bpf.h) that userspace opens by name.
 pub mod maps {
@@ -39,6 +43,10 @@ pub mod maps {
     /// The two transports' event buffers.
     pub const EVENTS_RB: &str = "events_rb";
     pub const EVENTS_PB: &str = "events_pb";
+    /// Offset discovery's (probes/discover.bpf.c).
+    pub const DISCOVER_CONFIG: &str = "discover_config";
+    pub const DISCOVER_SNAPSHOTS: &str = "discover_snapshots";
+    pub const DISCOVER_MARKS: &str = "discover_marks";
 }
 
 /// fentry and kprobe programs (CO-RE) plus the tracepoint that forgets failed connects.
@@ -49,6 +57,8 @@ pub const TRACEPOINT_OBJECT: &[u8] =
 /// Legacy mode: kprobes, no CO-RE, no global data, perf buffer; loads without BTF.
 pub const LEGACY_OBJECT: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/tcpconnlat_legacy.bpf.o"));
+/// Offset discovery: one kprobe that copies struct sock for our own connects.
+pub const DISCOVER_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/discover.bpf.o"));
 
 use tcpconnlat_compat::btf::SockOffsets;
 use tcpconnlat_compat::StateLayout;
