@@ -359,3 +359,57 @@ fn legacy_and_fentry_report_the_same_connects() {
     assert!(legacy.interrupt().success());
     assert!(fentry.interrupt().success());
 }
+
+/// Offsets found at start-up are the ones BTF or the built-in headers give, field by field;
+/// where the kernel has no kprobes, asking for discovery is one clear error.
+#[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
+fn discovered_offsets_are_the_btf_and_header_offsets() {
+    let _serial = serial();
+    let known = features();
+    if known["kprobe_pmu"] != true && known["kprobe_events"] != true {
+        let (status, _, err) = run(&["--legacy", "--offsets", "discover", "-d", "1"]);
+        assert_eq!(status.code(), Some(1), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.starts_with("tcpconnlat: cannot trace in legacy mode"),
+            "{err}"
+        );
+        let (_, out, _) = run(&["--features", "--json", "--offsets", "discover"]);
+        let f: Value = serde_json::from_str(&out).unwrap();
+        let why = f["sock_offsets_error"].as_str().unwrap_or_default();
+        assert!(why.contains("discovery needs kprobes"), "{f}");
+        return;
+    }
+    let (status, out, err) = run(&["--features", "--json", "--offsets", "discover"]);
+    assert!(status.success(), "{err}");
+    let found: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(found["sock_offsets_discovered"], true, "{found}");
+    assert_eq!(known["sock_offsets_discovered"], false, "{known}");
+    let source = known["sock_offsets_source"].as_str().unwrap();
+    let (want, got) = (&known["sock_offsets"], &found["sock_offsets"]);
+    let fields = want
+        .as_object()
+        .expect("BTF or built-in headers give the offsets here");
+    assert_eq!(fields.len(), got.as_object().unwrap().len());
+    let release = known["kernel"]["version"].as_str().unwrap();
+    let version: Vec<u32> = release.split('.').map(|n| n.parse().unwrap()).collect();
+    for (field, offset) in fields {
+        if field == "err_soft" && got[field] == 0 {
+            // Not derived: from 6.9 sk_err_soft is not next to sk_err, as BTF shows.
+            assert!(version[..2] >= [6, 9][..], "{release}: {found}");
+            assert_ne!(
+                offset.as_u64(),
+                want["err"].as_u64().map(|e| e + 4),
+                "{want}"
+            );
+            let notes = found["sock_offsets_notes"].to_string();
+            assert!(notes.contains("sk_err_soft"), "{notes}");
+            continue;
+        }
+        assert_eq!(&got[field], offset, "{field}: discovered vs {source}");
+    }
+    // Every socket, event and kprobe of discovery is gone.
+    let events = fs::read_to_string(kprobe_events(&known)).unwrap_or_default();
+    assert!(!events.contains("discover"), "{events}");
+}

@@ -128,6 +128,11 @@ fn run(cli: &Cli, started: Instant) -> Result<()> {
     host::privileges::drop_capabilities(|| stream.can_read_counters())?;
     announce(&tracer, &plan, forced);
     if cli.verbose {
+        if matches!(tracer.mode, Mode::Legacy | Mode::Tracepoint) {
+            if let Ok(known) = host.offsets.known() {
+                eprintln!("tcpconnlat: struct sock offsets from {}", known.source);
+            }
+        }
         let ms = started.elapsed().as_secs_f64() * 1e3;
         eprintln!("tcpconnlat: attached {ms:.1} ms after start");
         eprintln!("tcpconnlat: start-up steps: {}", timing::summary());

@@ -125,6 +125,20 @@ impl Offsets {
         }
     }
 
+    /// Why the offsets are not known now, if they are not: discovery failed, cannot run
+    /// here, or has not run.
+    pub fn why_unknown(&self, features: &Features) -> Option<String> {
+        let why = match (&self.given, self.discovered.get()) {
+            (Ok(_), _) | (_, Some(Ok(_))) => return None,
+            (_, Some(Err(failed))) => return Some(failed.clone()),
+            (Err(why), None) => why,
+        };
+        Some(match self.discoverable(features) {
+            Err(cannot) => format!("{why}, and {cannot}"),
+            Ok(()) => format!("{why}: to be found at start-up by discovery"),
+        })
+    }
+
     /// The offsets, discovering them first where that is needed and possible.
     fn get(&self, features: &Features) -> Result<&KnownOffsets, String> {
         if let Ok(known) = &self.given {

@@ -80,7 +80,10 @@ fn kernel_rows(host: &Host) -> Vec<Row> {
             match host.offsets.known() {
                 Ok(known) if known.notes.is_empty() => format!("from {}", known.source),
                 Ok(known) => format!("from {} ({})", known.source, known.notes.join("; ")),
-                Err(_) => finding_text(&host.findings.sock_offsets, Clone::clone),
+                Err(_) => format!(
+                    "unknown ({})",
+                    host.offsets.why_unknown(f).unwrap_or_default()
+                ),
             },
         ),
         row(
@@ -201,7 +204,7 @@ pub fn report_json(host: &Host, plan: &Plan) -> Value {
         "retransmit_tracepoint": f.retransmit_tracepoint.is_ok(),
         "reset_tracepoint": f.reset_tracepoint.is_ok(),
         "sock_offsets": host.offsets.known().ok().map(|o| o.offsets),
-        "sock_offsets_error": host.offsets.known().err(),
+        "sock_offsets_error": host.offsets.why_unknown(f),
         "sock_offsets_source": host.offsets.known().ok().map(|o| o.source.to_string()),
         "sock_offsets_discovered": host.offsets.known().ok().map(|o| matches!(o.source, OffsetSource::Discovered { .. })),
         "sock_offsets_notes": host.offsets.known().ok().map(|o| &o.notes),
