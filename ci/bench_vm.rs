@@ -31,6 +31,8 @@ enum Setup {
 #[derive(Clone, PartialEq)]
 enum Tool {
     Ours(Option<String>),
+    /// Legacy mode with its struct offsets found at start-up: what discovery costs.
+    Discovering,
     Reference(PathBuf),
 }
 
@@ -45,6 +47,7 @@ impl Tool {
         match self {
             Tool::Ours(None) => format!("tcpconnlat (auto: {auto})"),
             Tool::Ours(Some(mode)) => format!("tcpconnlat --mode {mode}"),
+            Tool::Discovering => "tcpconnlat --mode legacy --offsets discover".into(),
             Tool::Reference(_) => "reference (libbpf-tools tcpconnlat)".into(),
         }
     }
@@ -53,12 +56,14 @@ impl Tool {
     /// kernel).
     fn command(&self, pid: u32) -> Command {
         match self {
-            Tool::Ours(mode) => {
+            Tool::Ours(_) | Tool::Discovering => {
                 let mut c = Command::new(BIN);
                 c.args(["-v", "-p", &pid.to_string()]);
-                if let Some(mode) = mode {
-                    c.args(["--mode", mode]);
-                }
+                match self {
+                    Tool::Ours(Some(mode)) => c.args(["--mode", mode]),
+                    Tool::Discovering => c.args(["--mode", "legacy", "--offsets", "discover"]),
+                    _ => &mut c,
+                };
                 c
             }
             Tool::Reference(path) => {
@@ -85,6 +90,7 @@ impl Setup {
         match self {
             Setup::Tool(Tool::Ours(Some(mode)), _) => Some(mode.clone()),
             Setup::Tool(Tool::Ours(None), _) => Some(auto.into()),
+            Setup::Tool(Tool::Discovering, _) => Some("legacy".into()),
             // The reference uses fentry where the kernel has it, as auto does here.
             Setup::Tool(Tool::Reference(_), _) => Some("fentry".into()),
             _ => None,
@@ -129,7 +135,7 @@ impl Running {
         };
         let took = match tool {
             // When it says so: right after it attached.
-            Tool::Ours(_) => {
+            Tool::Ours(_) | Tool::Discovering => {
                 said_tracing
                     .recv()
                     .expect("the tracer did not start tracing");
@@ -275,13 +281,17 @@ fn measure(setup: &Setup, server: &Server, probe: &Server) -> Sample {
 
 /// The instruction-counted run: `usable` are the modes this kernel allows (auto's pick
 /// first). With TCPCONNLAT_BENCH_STARTUP_ONLY=1, only start-up and peak memory, in every
-/// mode (legacy too): quick enough for every matrix kernel.
+/// mode (legacy too, and legacy with its offsets discovered): quick enough for every
+/// matrix kernel.
 pub fn run(usable: &[String], reference: Option<PathBuf>) {
     let auto = usable[0].clone();
     let probe = Server::loopback(1);
     if std::env::var("TCPCONNLAT_BENCH_STARTUP_ONLY").is_ok_and(|v| v == "1") {
         let mut tools = vec![Tool::Ours(None)];
         tools.extend(usable.iter().skip(1).map(|m| Tool::Ours(Some(m.clone()))));
+        if usable.iter().any(|m| m == "legacy") {
+            tools.push(Tool::Discovering);
+        }
         tools.extend(reference.map(Tool::Reference));
         return print_startup(&tools, &probe, &auto);
     }

@@ -22,6 +22,7 @@ const DISCOVER_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/discove
 /// perf_event_output.
 const OLD_HELPERS: [i32; 10] = [1, 2, 3, 4, 5, 8, 14, 15, 16, 25];
 const PERF_EVENT_OUTPUT: i32 = 25;
+const PROBE_READ: i32 = 4;
 const GET_SMP_PROCESSOR_ID: i32 = 8;
 
 #[test]
@@ -113,6 +114,15 @@ fn check_for_linux_4_4(object: &[u8]) -> (Vec<String>, HashSet<String>) {
                 panic!("{name}: {newer}");
             }
         }
+        for (i, insn) in insns.iter().enumerate() {
+            let is_call = insn.code == 0x85 && insn.src_reg() == 0;
+            if is_call && insn.imm == PROBE_READ {
+                assert!(
+                    first_arg_on_stack(&insns[..i]),
+                    "{name}: bpf_probe_read at {i} writes elsewhere than the stack (4.4-4.6 allow no other)"
+                );
+            }
+        }
         if helpers.contains(&PERF_EVENT_OUTPUT) {
             assert!(
                 helpers.contains(&GET_SMP_PROCESSOR_ID),
@@ -125,6 +135,66 @@ fn check_for_linux_4_4(object: &[u8]) -> (Vec<String>, HashSet<String>) {
     }
     programs.sort();
     (programs, maps)
+}
+
+/// Whether r1, at the end of `before`, points into the stack, followed back through the
+/// straight-line code before it: copied (`r1 = r7`) from a register that was set to
+/// `r10` and then only moved by constants (`r7 += -256`), as clang emits stack addresses.
+/// Calls clobber r1-r5 only; a jump stops the walk (the value could come from elsewhere).
+fn first_arg_on_stack(before: &[libbpf_rs::libbpf_sys::bpf_insn]) -> bool {
+    let mut reg = 1;
+    for insn in before.iter().rev() {
+        let class = insn.code & 0x07;
+        if insn.code == 0x85 {
+            if (1..=5).contains(&reg) {
+                return false; // clobbered by the call
+            }
+            continue;
+        }
+        if matches!(class, 0x05 | 0x06) {
+            return false;
+        }
+        if insn.dst_reg() != reg || matches!(class, 0x02 | 0x03) {
+            continue; // another register, or a store (which writes memory)
+        }
+        match insn.code {
+            0xbf if insn.src_reg() == 10 => return true, // reg = r10
+            0xbf => reg = insn.src_reg(),                // reg = another register
+            0x07 => continue,                            // reg += imm
+            _ => return false,
+        }
+    }
+    false
+}
+
+#[test]
+fn the_stack_check_tells_stack_pointers_from_others() {
+    use libbpf_rs::libbpf_sys::bpf_insn;
+    let insn = |code: u8, dst: u8, src: u8| {
+        let mut i = bpf_insn {
+            code,
+            ..Default::default()
+        };
+        i.set_dst_reg(dst);
+        i.set_src_reg(src);
+        i
+    };
+    let mov_fp = insn(0xbf, 1, 10);
+    let add = insn(0x07, 1, 0);
+    let store = insn(0x7b, 1, 2); // *(u64 *)(r1 + 0) = r2: writes memory, not r1
+    let mov_r6 = insn(0xbf, 1, 6);
+    let load = insn(0x79, 1, 6); // r1 = *(u64 *)(r6 + 0)
+    assert!(first_arg_on_stack(&[mov_fp, add]));
+    assert!(first_arg_on_stack(&[mov_fp, add, store, insn(0xb7, 2, 0)]));
+    assert!(!first_arg_on_stack(&[mov_r6, add]));
+    assert!(!first_arg_on_stack(&[mov_fp, load]));
+    assert!(!first_arg_on_stack(&[mov_fp, insn(0x05, 0, 0), add]));
+    assert!(!first_arg_on_stack(&[add]));
+    // Through a callee-saved register, across a call; not through a clobbered one.
+    let (r7_fp, r1_r7, r2_fp) = (insn(0xbf, 7, 10), insn(0xbf, 1, 7), insn(0xbf, 2, 10));
+    let call = insn(0x85, 0, 0);
+    assert!(first_arg_on_stack(&[r7_fp, insn(0x07, 7, 0), call, r1_r7]));
+    assert!(!first_arg_on_stack(&[r2_fp, call, insn(0xbf, 1, 2)]));
 }
 
 /// What makes an instruction newer than the BPF v1 set, if anything: BPF_JMP32 is v3
