@@ -26,15 +26,6 @@ const PROBES: &[&str] = &[
 /// need 4.14), and x86-64's struct pt_regs (legacy.bpf.h).
 const OLD_KERNEL_PROBES: &[&str] = &["tcpconnlat_legacy", "discover"];
 
-/// The fields of struct sock_layout, in order: the names of probes/sock_fields.h.
-fn sock_fields() -> Vec<String> {
-    let text = fs::read_to_string("probes/sock_fields.h").expect("read probes/sock_fields.h");
-    text.lines()
-        .filter_map(|l| l.strip_prefix("SOCK_FIELD(")?.split(',').next())
-        .map(|name| name.trim().to_owned())
-        .collect()
-}
-
 fn main() {
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let probes = Path::new("probes");
@@ -146,7 +137,8 @@ fn header_offsets(obj: &Path, out: &Path) -> Result<(String, Vec<u16>), String> 
     }
     let text = fs::read_to_string(&asm).map_err(|e| e.to_string())?;
     let mut offsets = Vec::new();
-    for field in sock_fields() {
+    for field in tcpconnlat_compat::btf::sock_fields() {
+        let field = field.name;
         // "tcpconnlat_offset_family:\n\t.quad\t16"
         let label = format!("tcpconnlat_offset_{field}:");
         let value = text

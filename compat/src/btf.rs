@@ -18,51 +18,22 @@ use thiserror::Error;
 
 use crate::kallsyms::{AttachPoints, Func};
 
-/// `probes/sock_fields.h`: the one list of the struct sock fields the probes without CO-RE
-/// read, as `SOCK_FIELD(name, member.path)` lines.
-const SOCK_FIELDS_H: &str = include_str!("../../probes/sock_fields.h");
-
-/// How many fields `probes/sock_fields.h` lists.
-pub const SOCK_FIELDS: usize = count_fields(SOCK_FIELDS_H.as_bytes());
-
-const fn count_fields(text: &[u8]) -> usize {
-    const NEEDLE: &[u8] = b"\nSOCK_FIELD(";
-    let (mut i, mut n) = (0, 0);
-    while i + NEEDLE.len() <= text.len() {
-        let mut j = 0;
-        while j < NEEDLE.len() && text[i + j] == NEEDLE[j] {
-            j += 1;
-        }
-        n += (j == NEEDLE.len()) as usize;
-        i += 1;
-    }
-    n
-}
-
 /// One field of `probes/sock_fields.h`: its name in `struct sock_layout` and its member
 /// path in the kernel's `struct sock`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SockField {
     pub name: &'static str,
-    pub path: Vec<&'static str>,
+    pub path: &'static [&'static str],
 }
+
+include!(concat!(env!("OUT_DIR"), "/sock_fields.rs"));
+
+/// How many fields `probes/sock_fields.h` lists.
+pub const SOCK_FIELDS: usize = SOCK_FIELD_LIST.len();
 
 /// The fields of `probes/sock_fields.h`, in order.
 pub fn sock_fields() -> &'static [SockField] {
-    static FIELDS: std::sync::LazyLock<Vec<SockField>> = std::sync::LazyLock::new(|| {
-        SOCK_FIELDS_H
-            .lines()
-            .filter_map(|line| line.strip_prefix("SOCK_FIELD(")?.split_once(')'))
-            .map(|(args, _)| {
-                let (name, member) = args.split_once(',').expect("SOCK_FIELD(name, member)");
-                SockField {
-                    name: name.trim(),
-                    path: member.trim().split('.').collect(),
-                }
-            })
-            .collect()
-    });
-    &FIELDS
+    SOCK_FIELD_LIST
 }
 
 /// Byte offsets in `struct sock` of what the non-CO-RE probes read, in the order of
@@ -153,16 +124,28 @@ pub fn sock_offsets(path: &Path) -> Result<SockOffsets, BtfError> {
     read(path)?.sock
 }
 
-/// BTF kinds this reader looks at (include/uapi/linux/btf.h).
+/// BTF kinds (include/uapi/linux/btf.h).
 mod kind {
+    pub const UNKN: u32 = 0;
+    pub const INT: u32 = 1;
+    pub const PTR: u32 = 2;
+    pub const ARRAY: u32 = 3;
     pub const STRUCT: u32 = 4;
     pub const UNION: u32 = 5;
+    pub const ENUM: u32 = 6;
+    pub const FWD: u32 = 7;
     pub const TYPEDEF: u32 = 8;
     pub const VOLATILE: u32 = 9;
     pub const CONST: u32 = 10;
     pub const RESTRICT: u32 = 11;
     pub const FUNC: u32 = 12;
+    pub const FUNC_PROTO: u32 = 13;
+    pub const VAR: u32 = 14;
+    pub const DATASEC: u32 = 15;
+    pub const FLOAT: u32 = 16;
+    pub const DECL_TAG: u32 = 17;
     pub const TYPE_TAG: u32 = 18;
+    pub const ENUM64: u32 = 19;
 }
 
 const MAGIC: u16 = 0xeb9f;
@@ -412,7 +395,7 @@ impl StreamedBtf {
                 path: path.into(),
                 field: field.path.join("."),
             };
-            let bits = self.offset_bits(sock, &field.path).ok_or_else(missing)?;
+            let bits = self.offset_bits(sock, field.path).ok_or_else(missing)?;
             *offset = u16::try_from(bits / 8).map_err(|_| missing())?;
         }
         Ok(SockOffsets(offsets))
@@ -479,17 +462,13 @@ impl StreamedBtf {
 /// Bytes that follow a type's header, by kind (include/uapi/linux/btf.h); `None` for a
 /// kind this reader does not know (a newer format: better to say so than misread).
 fn extra_len(kind: u32, vlen: usize) -> Option<usize> {
+    use kind::*;
     Some(match kind {
-        // UNKN, PTR, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT, FUNC, FLOAT, TYPE_TAG
-        0 | 2 | 7..=12 | 16 | 18 => 0,
-        // INT, VAR, DECL_TAG
-        1 | 14 | 17 => 4,
-        // ARRAY
-        3 => 12,
-        // STRUCT, UNION, DATASEC, ENUM64
-        4 | 5 | 15 | 19 => 12 * vlen,
-        // ENUM, FUNC_PROTO
-        6 | 13 => 8 * vlen,
+        UNKN | PTR | FWD | TYPEDEF | VOLATILE | CONST | RESTRICT | FUNC | FLOAT | TYPE_TAG => 0,
+        INT | VAR | DECL_TAG => 4,
+        ARRAY => 12,
+        STRUCT | UNION | DATASEC | ENUM64 => 12 * vlen,
+        ENUM | FUNC_PROTO => 8 * vlen,
         _ => return None,
     })
 }
