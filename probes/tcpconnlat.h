@@ -32,11 +32,10 @@ enum transport {
 };
 
 /*
- * The sock:inet_sock_set_state record as kernels from 5.6 lay it out (6.1 to 6.18 in our
- * matrix). Where the tracepoint's format file says the kernel's record is this one, the
- * `_direct` programs read it directly (free); elsewhere the others read it through
- * bpf_probe_read at the offsets below (some 25 ns a field, about twenty fields per
- * connect). They are separate programs because a tracepoint program may not even contain
+ * The sock:inet_sock_set_state record as kernels from 5.6 lay it out. Where the
+ * tracepoint's format file says the kernel's record is this one, the `_direct` programs
+ * read it directly (free); elsewhere the others read it field by field through
+ * bpf_probe_read at the offsets below (a helper call each). They are separate programs because a tracepoint program may not even contain
  * a read past the end of the kernel's record (attaching fails with EACCES): 5.4's record,
  * with a one-byte protocol, ends at byte 71 of this struct's 72.
  */

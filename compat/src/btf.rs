@@ -4,8 +4,8 @@
 //!
 //! Both are read by streaming the raw file once (its strings, then its types), without
 //! building what a full parser (libbpf's) builds and validates, and without holding the
-//! file: vmlinux BTF is megabytes with over 100,000 types, and parsing it in full took most
-//! of start-up. libbpf parses it once more when it loads CO-RE probes.
+//! file: vmlinux BTF is megabytes, with over 100,000 types. (docs/benchmarks.md has what
+//! this saves at start-up.)
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -150,8 +150,7 @@ mod kind {
 
 const MAGIC: u16 = 0xeb9f;
 
-/// Reads of this size at most: the file is streamed, never held (vmlinux BTF is megabytes,
-/// and a copy of it was most of this tool's peak memory).
+/// Reads of this size at most: the file is streamed, never held.
 const CHUNK: usize = 64 * 1024;
 
 /// What one streamed pass over a BTF file found: where each type starts (4 bytes a type:

@@ -95,8 +95,7 @@ impl AttachPoints {
         found
     }
 
-    /// The same, line by line from a reader: the file is megabytes, and holding it was
-    /// this tool's peak memory in the kprobe modes.
+    /// The same, line by line from a reader: the file is megabytes, never held.
     pub fn read_kallsyms(mut kallsyms: impl std::io::BufRead) -> std::io::Result<AttachPoints> {
         let (mut found, mut line) = (AttachPoints::default(), String::new());
         while kallsyms.read_line(&mut line)? > 0 {

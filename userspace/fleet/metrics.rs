@@ -297,19 +297,12 @@ mod tests {
 
     fn event(daddr: &str, dport: u16, outcome: Outcome, lat_ms: u64) -> Event {
         Event {
-            ts_ns: 0,
             lat_ns: lat_ms * 1_000_000,
-            pid: 1,
-            comm: "curl".into(),
-            saddr: "10.0.0.1".parse().unwrap(),
-            lport: 40000,
             daddr: daddr.parse().unwrap(),
             dport,
             outcome,
-            errno: None,
             syn_retrans: 1,
-            uid: 0,
-            cgroup_id: 0,
+            ..Event::sample()
         }
     }
 

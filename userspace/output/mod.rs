@@ -237,19 +237,12 @@ mod tests {
 
     fn event(saddr: &str, daddr: &str, comm: &str) -> Event {
         Event {
-            ts_ns: 2_000_000_000,
-            lat_ns: 25_290_000,
             pid: 222564,
             comm: comm.into(),
             saddr: saddr.parse::<IpAddr>().unwrap(),
-            lport: 43210,
             daddr: daddr.parse::<IpAddr>().unwrap(),
-            dport: 80,
-            outcome: Outcome::Established,
-            errno: None,
-            syn_retrans: 0,
             uid: 1000,
-            cgroup_id: 0,
+            ..Event::sample()
         }
     }
 

@@ -119,23 +119,13 @@ pub struct Count {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::IpAddr;
 
     fn event() -> Event {
         Event {
-            ts_ns: 2_000_000_000,
-            lat_ns: 25_290_000,
-            pid: 7,
-            comm: "curl".into(),
-            saddr: "10.0.0.1".parse::<IpAddr>().unwrap(),
-            lport: 43210,
-            daddr: "10.0.0.2".parse::<IpAddr>().unwrap(),
-            dport: 80,
             outcome: Outcome::Refused,
             errno: Some(111),
             syn_retrans: 1,
-            uid: 0,
-            cgroup_id: 0,
+            ..Event::sample()
         }
     }
 

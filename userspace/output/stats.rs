@@ -271,19 +271,11 @@ mod tests {
 
     fn event(daddr: &str, dport: u16, lat_us: u64, outcome: Outcome) -> Event {
         Event {
-            ts_ns: 0,
             lat_ns: lat_us * 1000,
-            pid: 1,
-            comm: "curl".into(),
-            saddr: "10.0.0.1".parse::<IpAddr>().unwrap(),
-            lport: 1,
             daddr: daddr.parse::<IpAddr>().unwrap(),
             dport,
             outcome,
-            errno: None,
-            syn_retrans: 0,
-            uid: 0,
-            cgroup_id: 0,
+            ..Event::sample()
         }
     }
 
