@@ -5,13 +5,13 @@
 #   ci/bench.sh            on this machine (real hardware): loopback connect storms with no
 #                          tracer, with empty programs on the same hooks (the floor) and with
 #                          tcpconnlat in every mode this kernel allows, side by side; events
-#                          against connects, tracer CPU, start-up, peak RSS (ci/bench.rs);
+#                          against connects, tracer CPU, start-up, peak RSS (benches/overhead.rs);
 #                          then fleet mode's memory against many destinations
-#                          (ci/cardinality.rs).
+#                          (benches/cardinality.rs).
 #   ci/bench.sh --vm ID    instruction-counted, in a matrix VM (e.g. deb61): QEMU with one
 #                          vCPU and -icount, so the figures are guest instructions that host
 #                          load cannot change; against the reference tool, bcc's
-#                          libbpf-tools tcpconnlat (ci/bench_vm.rs).
+#                          libbpf-tools tcpconnlat (benches/overhead/vm.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case ${1:-} in

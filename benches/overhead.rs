@@ -40,7 +40,8 @@ fn from_env(name: &str, default: usize) -> usize {
     })
 }
 
-#[path = "bench_vm.rs"]
+// The instruction-counted profile (ci/bench.sh --vm), in a folder of its own.
+#[path = "overhead/vm.rs"]
 mod vm;
 
 fn main() {
@@ -75,18 +76,25 @@ fn main() {
         connects(),
         rounds()
     );
-
     // Warm up the TCP stack, the page cache and the veth pair's neighbours.
     for server in &servers {
         storm(server, connects() / 4);
     }
+    let setups = host_setups(&servers, &modes);
+    let measured = measure_rounds(&setups, &servers);
+    print_storm_table(&setups, &servers, &measured);
+    print_host_bpf_time(&modes, &servers[1]);
+    print_loss(&modes[0], &servers[0]);
+    print_host_startup(&modes);
+}
 
-    // (network, setup): everything on the loopback storm; with one client and across veth
-    // the tracer as it runs by default.
+/// (network, setup): everything on the loopback storm; with one client and across veth
+/// the tracer as it runs by default.
+fn host_setups(servers: &[Server], modes: &[String]) -> Vec<(usize, Setup)> {
     let mut setups = Vec::new();
     for (net, _) in servers.iter().enumerate() {
         setups.push((net, Setup::Nothing));
-        for mode in &modes {
+        for mode in modes {
             setups.push((net, Setup::Floor(mode.clone())));
             setups.push((net, Setup::Tracer(mode.clone(), "ringbuf", true)));
             if net > 0 {
@@ -99,6 +107,18 @@ fn main() {
             setups.push((net, Setup::Tracer(mode.clone(), "ringbuf", false)));
         }
     }
+    setups
+}
+
+/// Every setup's storm times, and the tracer's (made, seen, CPU share) where one ran.
+struct Measured {
+    times: Vec<Vec<f64>>,
+    tracer_stats: Vec<Vec<(usize, usize, f64)>>,
+}
+
+/// The setups measured in interleaved rounds, so that drift on the machine spreads over
+/// all of them.
+fn measure_rounds(setups: &[(usize, Setup)], servers: &[Server]) -> Measured {
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); setups.len()];
     let mut tracer_stats: Vec<Vec<(usize, usize, f64)>> = vec![Vec::new(); setups.len()];
     for _ in 0..rounds() {
@@ -108,6 +128,19 @@ fn main() {
             tracer_stats[i].extend(stats);
         }
     }
+    Measured {
+        times,
+        tracer_stats,
+    }
+}
+
+/// The storm's table: each setup's time per connect against no tracer and its floor,
+/// then what each tracer added and how many events it showed.
+fn print_storm_table(setups: &[(usize, Setup)], servers: &[Server], measured: &Measured) {
+    let Measured {
+        times,
+        tracer_stats,
+    } = measured;
     let names: Vec<String> = setups
         .iter()
         .map(|(net, setup)| format!("{}: {}", servers[*net].name, setup.name()))
@@ -171,24 +204,26 @@ fn main() {
             "", made.saturating_sub(seen), cpu * 100.0
         );
     }
+}
 
-    // The kernel's own count of time spent in BPF programs: no wall-clock noise, and the
-    // probes' cost apart from the tracer's (and the storm's) userspace.
+/// The kernel's own count of time spent in BPF programs: no wall-clock noise, and the
+/// probes' cost apart from the tracer's (and the storm's) userspace.
+fn print_host_bpf_time(modes: &[String], server: &Server) {
     println!(
         "\nBPF time per connect ({}; the kernel's run-time stats, {} connects):",
-        servers[1].name,
+        server.name,
         connects()
     );
     let stats = BpfStats::enable();
-    for mode in &modes {
+    for mode in modes {
         let floor = {
             let _floor = Floor::attach(mode);
-            stats.per_connect(std::process::id(), &servers[1])
+            stats.per_connect(std::process::id(), server)
         };
         let mut ours = Vec::new();
         for extra in [&[][..], &["--record-offsets"][..]] {
-            let tracer = Tracer::start(mode, "ringbuf", &servers[1].ports(), extra);
-            ours.push(stats.per_connect(tracer.child.id(), &servers[1]));
+            let tracer = Tracer::start(mode, "ringbuf", &server.ports(), extra);
+            ours.push(stats.per_connect(tracer.child.id(), server));
             tracer.finish(connects());
         }
         println!(
@@ -200,12 +235,14 @@ fn main() {
         );
     }
     drop(stats);
+}
 
-    // Where loss starts: the first mode (auto's pick) on the busiest storm, with ever
-    // smaller buffers.
+/// Where loss starts: the first mode (auto's pick) on the busiest storm, with ever smaller
+/// buffers.
+fn print_loss(mode: &str, server: &Server) {
     println!(
         "\nevents lost at full rate ({}, {} mode) against buffer size:",
-        servers[0].name, modes[0]
+        server.name, mode
     );
     for transport in ["ringbuf", "perfbuf"] {
         let unit = match transport {
@@ -216,12 +253,12 @@ fn main() {
             .iter()
             .map(|pages| {
                 let tracer = Tracer::start(
-                    &modes[0],
+                    mode,
                     transport,
-                    &servers[0].ports(),
+                    &server.ports(),
                     &["--buffer-pages", &pages.to_string()],
                 );
-                storm(&servers[0], connects());
+                storm(server, connects());
                 let (made, seen, _) = tracer.finish(connects());
                 format!("{pages}: {}", made.saturating_sub(seen))
             })
@@ -232,9 +269,12 @@ fn main() {
             lost.join(", ")
         );
     }
+}
 
+/// Start-up (exec to attached, from -v) and peak memory, five starts of each mode.
+fn print_host_startup(modes: &[String]) {
     println!("\nstart-up (exec to attached, from -v) and peak memory (VmHWM), 5 starts each:");
-    for mode in &modes {
+    for mode in modes {
         let mut ms = Vec::new();
         let mut rss = Vec::new();
         for _ in 0..5 {
