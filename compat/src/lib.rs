@@ -7,6 +7,8 @@
 pub mod btf;
 pub mod discover;
 pub mod features;
+#[cfg(feature = "fixtures")]
+pub mod fixtures;
 pub mod kallsyms;
 pub mod kversion;
 pub mod plan;

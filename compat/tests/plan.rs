@@ -2,15 +2,11 @@
 //! (ci/capture-fixture.sh), and variants of them with one thing changed.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use tcpconnlat_compat::{AttachPoints, Features, Finding, Findings, Func, Mode, Plan, Unsupported};
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
+use tcpconnlat_compat::fixtures::{detect, root as fixture};
 
 /// A writable copy of a fixture, for variants.
 fn copy_of(name: &str) -> tempfile::TempDir {
@@ -29,13 +25,6 @@ fn copy_of(name: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     copy(&fixture(name), dir.path());
     dir
-}
-
-/// What the tracer learns when a kprobe mode may be used: files and kernel symbols.
-fn detect(root: &Path) -> Features {
-    let mut f = Features::detect(root);
-    f.read_symbols(root);
-    f
 }
 
 /// The kernel's BTF describing every hooked function but `missing`.

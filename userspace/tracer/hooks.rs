@@ -276,17 +276,8 @@ mod tests {
     use super::*;
     use crate::tracer::objects::maps;
     use libbpf_rs::ObjectBuilder;
-    use std::path::Path;
 
-    /// What a fixture kernel (compat/tests/fixtures, captured from real kernels) offers.
-    fn kernel(name: &str) -> Features {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("compat/tests/fixtures")
-            .join(name);
-        let mut features = Features::detect(&root);
-        features.read_symbols(&root);
-        features
-    }
+    use tcpconnlat_compat::fixtures::features as kernel;
 
     fn progs(plan: &HookPlan) -> Vec<(&str, Option<&str>)> {
         plan.hooks
@@ -476,7 +467,7 @@ mod tests {
     #[test]
     fn known_records_are_read_directly_and_others_at_their_offsets() {
         use tcpconnlat_compat::KernelVersion;
-        let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/compat/tests/fixtures");
+        let fixtures = tcpconnlat_compat::fixtures::root("");
         let mut seen = 0;
         for kernel in std::fs::read_dir(fixtures).unwrap() {
             let root = kernel.unwrap().path();
