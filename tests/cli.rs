@@ -176,10 +176,9 @@ fn an_unknown_pid_is_refused() {
     assert_one_line_error(1, status, &err, "no process with PID 2147483646");
 }
 
-#[test]
-#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
-fn without_privileges_it_says_to_use_root() {
-    let out = Command::new("setpriv")
+/// tcpconnlat run as nobody, with no capability.
+fn unprivileged(args: &[&str]) -> std::process::Output {
+    Command::new("setpriv")
         .args([
             "--reuid=65534",
             "--regid=65534",
@@ -188,8 +187,15 @@ fn without_privileges_it_says_to_use_root() {
             "--",
         ])
         .arg(bin())
+        .args(args)
         .output()
-        .expect("setpriv (util-linux)");
+        .expect("setpriv (util-linux)")
+}
+
+#[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
+fn without_privileges_it_says_to_use_root() {
+    let out = unprivileged(&[]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_one_line_error(
         1,
@@ -197,6 +203,11 @@ fn without_privileges_it_says_to_use_root() {
         &err,
         "needs root (or CAP_BPF and CAP_PERFMON)",
     );
+    // What could not be tried is not said to be missing.
+    let out = unprivileged(&["--transport", "ringbuf"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_one_line_error(1, out.status, &err, "without root");
+    assert!(!err.contains("has no BPF ring buffer"), "{err}");
 }
 
 fn features() -> Value {

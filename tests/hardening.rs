@@ -611,3 +611,75 @@ fn sigterm_stops_the_exporter_cleanly() {
     }
     assert!(TcpStream::connect(addr).is_err(), "still listening");
 }
+
+/// The lowest descriptor number process `pid` has free: with RLIMIT_NOFILE set to it, the
+/// process can open nothing more.
+fn lowest_free_fd(pid: u32) -> u64 {
+    let open: HashSet<u64> = fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    (0..).find(|fd| !open.contains(fd)).unwrap()
+}
+
+/// prlimit(2) on another process: its soft RLIMIT_NOFILE; the one it had.
+fn set_soft_nofile(pid: u32, soft: u64) -> u64 {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a null new limit only reads; the pointers are valid for the call.
+    let rc = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    let new = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: old.rlim_max,
+    };
+    // SAFETY: as above.
+    let rc = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    old.rlim_cur
+}
+
+/// CPU time (user and system) process `pid` used so far, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // After the ")" that ends the command name: state is field 3; utime, stime 14 and 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// Out of descriptors, the exporter cannot accept scrapes: it neither spins on the failing
+/// accept nor stops, counts the failures, and serves again once it can.
+#[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
+fn out_of_descriptors_the_exporter_backs_off_and_recovers() {
+    let _serial = serial();
+    let (tracer, addr) = serving(&[]);
+    assert!(scrape(addr).contains("tcpconnlat_accept_errors_total 0"));
+    let pid = tracer.pid();
+    let soft = set_soft_nofile(pid, lowest_free_fd(pid));
+    // Connected in the kernel's backlog; accepting any needs a descriptor.
+    let waiting: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    let (before, started) = (cpu_ticks(pid), Instant::now());
+    thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks(pid) - before;
+    let ticks = started.elapsed().as_secs_f64() * 100.0; // USER_HZ
+    eprintln!("exporter CPU out of descriptors: {used} ticks of {ticks:.0}");
+    assert!(
+        (used as f64) < ticks * 0.25,
+        "the exporter spun on accept: {used} ticks of CPU in {ticks:.0}"
+    );
+    set_soft_nofile(pid, soft);
+    drop(waiting);
+    let failed = |text: &str| sample(text, "tcpconnlat_accept_errors_total").unwrap_or(0.0);
+    let text = scrape_until(addr, |t| failed(t) > 0.0);
+    assert!(failed(&text) >= 1.0, "{text}");
+    assert!(tracer.interrupt().success());
+}

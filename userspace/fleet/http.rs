@@ -22,6 +22,8 @@ use tokio::sync::Semaphore;
 
 use super::metrics::Metrics;
 
+/// How long to wait after accepting a connection failed.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Connections served at once.
 const CONNECTIONS: usize = 16;
 /// A request's head must fit in this (a 1 MB request line is refused, not buffered).
@@ -49,8 +51,16 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            // Out of descriptors (EMFILE) or memory: retrying at once would spin. Wait a
+            // little (the client waits in the backlog meanwhile), and count it.
+            Err(_) => {
+                metrics.accept_failed();
+                drop(slot);
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
         };
         let metrics = metrics.clone();
         tokio::spawn(async move {

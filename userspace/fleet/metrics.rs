@@ -107,6 +107,7 @@ pub struct Metrics {
     untracked: Counter,
     missed: Counter,
     folded: Counter,
+    accept_errors: Counter,
     label_sets: Gauge,
     live: Mutex<HashMap<SeriesKey, Live>>,
     rules: LabelRules,
@@ -136,6 +137,7 @@ impl Metrics {
             untracked: Counter::default(),
             missed: Counter::default(),
             folded: Counter::default(),
+            accept_errors: Counter::default(),
             label_sets: Gauge::default(),
             live: Mutex::new(HashMap::new()),
             rules,
@@ -171,6 +173,11 @@ impl Metrics {
                 "tcpconnlat_series_folded",
                 "Connects counted under dest=\"other\": --max-series label sets were in use",
                 &metrics.folded,
+            ),
+            (
+                "tcpconnlat_accept_errors",
+                "Scrape connections the exporter failed to accept (out of descriptors or memory)",
+                &metrics.accept_errors,
             ),
         ] {
             registry.register(name, help, counter.clone());
@@ -251,6 +258,11 @@ impl Metrics {
         }
         self.label_sets.set(live.len() as i64);
         key
+    }
+
+    /// A scrape connection could not be accepted.
+    pub fn accept_failed(&self) {
+        self.accept_errors.inc();
     }
 
     /// Count connects tracing could not show.

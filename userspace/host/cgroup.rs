@@ -124,8 +124,11 @@ impl CgroupPaths {
             .unwrap_or_else(|| "unknown".to_owned())
     }
 
+    /// Map the hierarchy as it is now. The map is made afresh: cgroups that are gone are
+    /// forgotten (with pods coming and going, the old ones would pile up forever).
     fn walk(&mut self) {
         self.walked = Some(Instant::now());
+        let mut known = HashMap::with_capacity(self.known.len());
         let mut dirs = vec![self.root.clone()];
         while let Some(dir) = dirs.pop() {
             let Ok(meta) = std::fs::metadata(&dir) else {
@@ -137,7 +140,7 @@ impl CgroupPaths {
                 name if name.is_empty() => "/".to_owned(),
                 name => name.into_owned(),
             };
-            self.known.insert(id, name);
+            known.insert(id, name);
             if let Ok(entries) = std::fs::read_dir(&dir) {
                 dirs.extend(
                     entries
@@ -147,5 +150,44 @@ impl CgroupPaths {
                 );
             }
         }
+        self.known = known;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(path: &std::path::Path) -> u64 {
+        let meta = std::fs::metadata(path).unwrap();
+        kernfs_id(path).unwrap_or(std::os::unix::fs::MetadataExt::ino(&meta))
+    }
+
+    /// A cgroup that is gone is forgotten at the next walk: the map holds what exists.
+    #[test]
+    fn paths_of_cgroups_that_are_gone_are_forgotten() {
+        let root = tempfile::tempdir().unwrap();
+        let mut paths = CgroupPaths {
+            root: root.path().to_owned(),
+            known: HashMap::new(),
+            walked: None,
+        };
+        let mut ids = Vec::new();
+        for pod in 0..50 {
+            let dir = root.path().join(format!("kubepods/pod{pod}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            ids.push(id(&dir));
+        }
+        assert_eq!(paths.path(ids[7]), "kubepods/pod7");
+        assert_eq!(paths.known.len(), 52); // the root, kubepods and 50 pods
+        for pod in 0..49 {
+            std::fs::remove_dir(root.path().join(format!("kubepods/pod{pod}"))).unwrap();
+        }
+        let new = root.path().join("kubepods/pod50");
+        std::fs::create_dir(&new).unwrap();
+        paths.walked = None; // as if WALK_EVERY had passed: a new id makes it walk again
+        assert_eq!(paths.path(id(&new)), "kubepods/pod50");
+        assert_eq!(paths.path(ids[49]), "kubepods/pod49");
+        assert_eq!(paths.known.len(), 4);
     }
 }

@@ -5,7 +5,7 @@
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
-use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -88,23 +88,33 @@ impl<'a> KprobeAttacher<'a> {
             KprobeAttach::Tracefs => false,
             KprobeAttach::Auto => self.pmu,
         };
+        let mut pmu_error = None;
         if use_pmu {
             match prog.attach_kprobe(retprobe, site.symbol) {
                 Ok(link) => return Ok(Kprobe::Pmu(link)),
                 // Older PMUs refuse some names that kprobe_events takes (GCC's clones, such
                 // as tcp_v4_connect.isra.0): try there, as cilium/ebpf does.
-                Err(_)
-                    if self.how == KprobeAttach::Auto
-                        && self
-                            .tracefs
-                            .is_some_and(|t| t.join("kprobe_events").exists()) => {}
+                Err(e) if self.how == KprobeAttach::Auto && self.has_kprobe_events() => {
+                    pmu_error = Some(e);
+                }
                 Err(e) => return Err(e.into()),
             }
         }
         let tracefs = self
             .tracefs
             .ok_or_else(|| anyhow!("tracefs is not mounted: kprobe_events needs it"))?;
-        attach_tracefs(prog, site, tracefs).map(Kprobe::Tracefs)
+        attach_tracefs(prog, site, tracefs)
+            .map(Kprobe::Tracefs)
+            .map_err(|e| match pmu_error {
+                // Both ways failed: say both.
+                Some(pmu) => e.context(format!("the kprobe PMU refused it too ({pmu})")),
+                None => e,
+            })
+    }
+
+    fn has_kprobe_events(&self) -> bool {
+        self.tracefs
+            .is_some_and(|t| t.join("kprobe_events").exists())
     }
 }
 
@@ -145,8 +155,11 @@ fn attach_tracefs(
         .parse()
         .with_context(|| format!("parsing {}", id_path.display()))?;
     let fd = perf_event_open_tracepoint(id).context("perf_event_open for the kprobe event")?;
-    // libbpf owns the fd from here and closes it with the link.
-    probe.link = Some(prog.attach_perf_event(fd.into_raw_fd())?);
+    // Attached, libbpf owns the fd and closes it with the link; refused, it is ours to
+    // close (dropping it), or the event would stay busy and could not be removed.
+    let link = prog.attach_perf_event(fd.as_raw_fd())?;
+    let _owned_by_libbpf = fd.into_raw_fd();
+    probe.link = Some(link);
     Ok(probe)
 }
 

@@ -75,6 +75,36 @@ impl std::fmt::Display for Shortfall {
     }
 }
 
+/// What the buffers' callbacks decoded, waiting to be yielded; and the size of a sample
+/// too short to be an event, if one came (never, unless the probe objects and this
+/// binary disagree).
+#[derive(Default)]
+struct Inbox {
+    queue: RefCell<VecDeque<Traced>>,
+    undecodable: Cell<Option<usize>>,
+}
+
+impl Inbox {
+    fn take(&self, data: &[u8]) {
+        match Event::from_bytes(data) {
+            Some(event) => self.queue.borrow_mut().push_back(Traced::Connect(event)),
+            None => self.undecodable.set(Some(data.len())),
+        }
+    }
+
+    /// An error if a sample could not be decoded: better to stop than show wrong events.
+    fn check(&self) -> Result<()> {
+        match self.undecodable.get() {
+            None => Ok(()),
+            Some(len) => anyhow::bail!(
+                "the probes sent a {len}-byte event, shorter than this binary's {} bytes: \
+                 the probe objects and the binary disagree (rebuild them together)",
+                std::mem::size_of::<super::objects::RawEvent>()
+            ),
+        }
+    }
+}
+
 enum Buffer<'cb> {
     Ring(RingBuffer<'cb>),
     Perf(BatchedPerfBuffer<'cb>),
@@ -87,7 +117,7 @@ pub struct EventStream<'cb> {
     wakeup: AsyncFd<RawFd>,
     buffer: Buffer<'cb>,
     tick: Interval,
-    queue: Rc<RefCell<VecDeque<Traced>>>,
+    inbox: Rc<Inbox>,
     counters: Counters,
     sweeper: Sweeper,
     transport: Transport,
@@ -102,23 +132,21 @@ impl<'cb> EventStream<'cb> {
         max_delay: Duration,
         sweep: SweepTimes,
     ) -> Result<EventStream<'cb>> {
-        let queue = Rc::new(RefCell::new(VecDeque::new()));
+        let inbox = Rc::new(Inbox::default());
         let map = find_map(&tracer.object, tracer.transport.map())?;
         let perf_lost = Rc::new(Cell::new(0));
         let buffer = match tracer.transport {
             Transport::RingBuf => {
-                let q = queue.clone();
+                let inbox = inbox.clone();
                 let mut builder = RingBufferBuilder::new();
                 builder.add(&map, move |data: &[u8]| {
-                    if let Some(event) = Event::from_bytes(data) {
-                        q.borrow_mut().push_back(Traced::Connect(event));
-                    }
+                    inbox.take(data);
                     0
                 })?;
                 Buffer::Ring(builder.build().context("setting up the ring buffer")?)
             }
             Transport::PerfBuf => {
-                let (q, lost) = (queue.clone(), perf_lost.clone());
+                let (inbox, lost) = (inbox.clone(), perf_lost.clone());
                 let pages = tracer.sizes.perf_pages();
                 let batch = pages * page_size() / 4 / Transport::PerfBuf.record_bytes();
                 Buffer::Perf(BatchedPerfBuffer::new(
@@ -126,11 +154,7 @@ impl<'cb> EventStream<'cb> {
                     pages as usize,
                     batch,
                     move |sample| match sample {
-                        Sample::Data(data) => {
-                            if let Some(event) = Event::from_bytes(data) {
-                                q.borrow_mut().push_back(Traced::Connect(event));
-                            }
-                        }
+                        Sample::Data(data) => inbox.take(data),
                         Sample::Lost(count) => lost.set(lost.get() + count),
                     },
                 )?)
@@ -156,7 +180,7 @@ impl<'cb> EventStream<'cb> {
             buffer,
             wakeup,
             tick,
-            queue,
+            inbox,
             counters,
             sweeper,
             transport: tracer.transport,
@@ -172,7 +196,7 @@ impl<'cb> EventStream<'cb> {
 
     /// A record already read and decoded, if one is waiting.
     pub fn next_queued(&mut self) -> Option<Traced> {
-        self.queue.borrow_mut().pop_front()
+        self.inbox.queue.borrow_mut().pop_front()
     }
 
     /// Read everything the kernel has queued into our queue, counters included (at exit:
@@ -186,9 +210,10 @@ impl<'cb> EventStream<'cb> {
             Buffer::Ring(ring) => ring.consume().context("reading the ring buffer")?,
             Buffer::Perf(perf) => perf.consume()?,
         }
+        self.inbox.check()?;
         let (dropped, untracked) = self.counters.read(counters_now)?;
         let missed = self.sweeper.sweep()?;
-        let mut queue = self.queue.borrow_mut();
+        let mut queue = self.inbox.queue.borrow_mut();
         if missed > 0 {
             queue.push_back(Traced::Shortfall(Shortfall::Missed { count: missed }));
         }
@@ -213,7 +238,7 @@ impl Stream for EventStream<'_> {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
         loop {
-            if let Some(record) = self.queue.borrow_mut().pop_front() {
+            if let Some(record) = self.inbox.queue.borrow_mut().pop_front() {
                 return Poll::Ready(Some(Ok(record)));
             }
             let mut due = false;

@@ -87,8 +87,10 @@ impl Sweeper {
             };
             let mut first = self.seen.get(&id).copied().unwrap_or(now);
             if now.duration_since(first) >= self.times.look_after {
-                let Ok(Some(value)) = self.map.lookup(&key, MapFlags::ANY) else {
-                    continue; // finished meanwhile
+                let value = match self.map.lookup(&key, MapFlags::ANY) {
+                    Ok(Some(value)) => value,
+                    Ok(None) => continue, // finished meanwhile
+                    Err(e) => return Err(e).context("reading the pending table"),
                 };
                 let start_ns = leading_u64(&value).unwrap_or(0);
                 let age = Duration::from_nanos(now_ns.saturating_sub(start_ns));
