@@ -302,11 +302,24 @@ fn kprobe_events(f: &Value) -> PathBuf {
     PathBuf::from(f["tracefs"].as_str().unwrap()).join("kprobe_events")
 }
 
+/// The tracefs kprobe events of instance `pid` ("p:tcpconnlat_<pid namespace>_<pid>/...").
 fn our_events(f: &Value, pid: u32) -> Vec<String> {
+    all_events(f)
+        .into_iter()
+        .filter(|l| {
+            l.split_once("tcpconnlat_")
+                .and_then(|(_, group)| group.split('/').next())
+                .is_some_and(|group| group.rsplit('_').next() == Some(&pid.to_string()))
+        })
+        .collect()
+}
+
+/// Every tracefs kprobe event of any tcpconnlat.
+fn all_events(f: &Value) -> Vec<String> {
     fs::read_to_string(kprobe_events(f))
         .unwrap_or_default()
         .lines()
-        .filter(|l| l.contains(&format!("tcpconnlat_{pid}/")))
+        .filter(|l| l.contains(":tcpconnlat_"))
         .map(str::to_owned)
         .collect()
 }
@@ -482,4 +495,87 @@ fn discovered_offsets_are_the_btf_and_header_offsets() {
     // Every socket, event and kprobe of discovery is gone.
     let events = fs::read_to_string(kprobe_events(&known)).unwrap_or_default();
     assert!(!events.contains("discover"), "{events}");
+}
+
+/// The pids of the children of process `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter_map(|t| fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+/// As in a container without hostPID: a second instance in a private PID and mount
+/// namespace, where its pid (1) means nothing to the first. Both trace through tracefs
+/// kprobes; killing the second with -9 and starting it again never costs the first an
+/// event, and nothing is left once both end.
+#[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
+fn instances_in_other_pid_namespaces_keep_their_events() {
+    let _serial = serial();
+    let f = features();
+    if !usable(&f, "legacy") || f["kprobe_events"] != true {
+        let (status, _, err) = run(&["--legacy", "--kprobe-attach", "tracefs", "-d", "1"]);
+        assert_eq!(status.code(), Some(1), "{err}");
+        assert!(
+            err.starts_with("tcpconnlat: cannot trace in legacy mode"),
+            "{err}"
+        );
+        return;
+    }
+    let server = listen("127.0.0.1:0");
+    let port = server.port().to_string();
+    let args = [
+        "--json",
+        "--legacy",
+        "--kprobe-attach",
+        "tracefs",
+        "--dport",
+        &port,
+    ];
+    let contained = ["unshare", "-p", "-f", "--mount-proc"];
+    let host = Tracer::start(&args);
+    let mine = our_events(&f, host.pid());
+    assert!(!mine.is_empty());
+    let mut inside = Tracer::start_in(&contained, &args);
+    // Its tracer is pid 1 of the namespace: the child of unshare here.
+    let tracer = children(inside.pid());
+    assert_eq!(tracer.len(), 1, "{tracer:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(tracer[0] as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    inside.wait();
+    let left = all_events(&f).len() - mine.len();
+    assert!(
+        left > 0,
+        "kill -9 should leave its events (nothing can run)"
+    );
+    let again = Tracer::start_in(&contained, &args);
+    assert!(
+        again.stderr.lock().unwrap().contains("removed"),
+        "the killed instance's events were not cleaned up"
+    );
+    assert_eq!(
+        our_events(&f, host.pid()),
+        mine,
+        "the first instance's events changed"
+    );
+    for _ in 0..5 {
+        connect(server);
+    }
+    for tracer in [&host, &again] {
+        let events = tracer.events_until(Duration::from_secs(10), |e| e.len() >= 5);
+        assert_eq!(events.len(), 5, "{events:?}");
+    }
+    assert!(host.interrupt().success());
+    assert!(again.interrupt().success());
+    assert_eq!(all_events(&f), Vec::<String>::new(), "left behind");
 }

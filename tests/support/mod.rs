@@ -40,12 +40,25 @@ impl Tracer {
     /// Start tcpconnlat and wait until it says it is attached. With TCPCONNLAT_TEST_MODE
     /// set (the kernel matrix runs the suite once per mode), that mode is forced.
     pub fn start(args: &[&str]) -> Tracer {
+        Tracer::start_in(&[], args)
+    }
+
+    /// [`Tracer::start`], run through `wrapper` (e.g. `unshare --pid --fork`).
+    pub fn start_in(wrapper: &[&str], args: &[&str]) -> Tracer {
         let mut forced: Vec<String> = match test_mode() {
             Some(mode) if !args.contains(&"--mode") => vec!["--mode".into(), mode],
             _ => Vec::new(),
         };
         forced.extend(test_args());
-        let mut child = Command::new(bin())
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(bin());
+                c
+            }
+            None => Command::new(bin()),
+        };
+        let mut child = command
             .args(&forced)
             .args(args)
             .stdout(Stdio::piped())

@@ -1,7 +1,8 @@
 //! Attaching kprobes: through the kprobe perf PMU (libbpf) where the kernel has it, or
-//! through tracefs `kprobe_events`. The tracefs events are ours alone: named
-//! `tcpconnlat_<pid>/...`, removed when their link goes (every exit path that runs
-//! destructors), and, after a kill -9, removed by the next start.
+//! through tracefs `kprobe_events`. The tracefs events are ours alone: in a group named
+//! `tcpconnlat_<pid namespace>_<pid>` (pids repeat across containers, which share tracefs),
+//! removed when their link goes (every exit path that runs destructors), and, after a
+//! kill -9, removed by the next start of any instance (only events no one uses).
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
@@ -135,25 +136,27 @@ fn attach_tracefs(
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect();
-    let name = format!(
-        "{GROUP_PREFIX}{}/{kind}_{clean}_{}",
-        std::process::id(),
-        site.tag
-    );
-    add_event(&kprobe_events, &format!("{kind}:{name} {}", site.symbol))
-        .with_context(|| format!("adding kprobe event {name} in {}", kprobe_events.display()))?;
+    let name = format!("{}/{kind}_{clean}_{}", Group::ours().name(), site.tag);
+    let line = format!("{kind}:{name} {}", site.symbol);
+    let adding = || format!("adding kprobe event {name} in {}", kprobe_events.display());
+    add_event(&kprobe_events, &line).with_context(adding)?;
     // From here on the event exists: the guard removes it whatever happens next.
     let mut probe = TracefsKprobe {
         link: None,
-        kprobe_events,
-        name,
+        kprobe_events: kprobe_events.clone(),
+        name: name.clone(),
     };
-    let id_path = tracefs.join("events").join(&probe.name).join("id");
-    let id: u64 = fs::read_to_string(&id_path)
-        .with_context(|| format!("reading {}", id_path.display()))?
-        .trim()
-        .parse()
-        .with_context(|| format!("parsing {}", id_path.display()))?;
+    let id_path = tracefs.join("events").join(&name).join("id");
+    let id = match read_id(&id_path) {
+        // Another instance in another PID namespace, cleaning up as it started, cannot
+        // tell an event not attached yet from a stale one: add it again, once.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            add_event(&kprobe_events, &line).with_context(adding)?;
+            read_id(&id_path)
+        }
+        other => other,
+    }
+    .with_context(|| format!("reading {}", id_path.display()))?;
     let fd = perf_event_open_tracepoint(id).context("perf_event_open for the kprobe event")?;
     // Attached, libbpf owns the fd and closes it with the link; refused, it is ours to
     // close (dropping it), or the event would stay busy and could not be removed.
@@ -161,6 +164,62 @@ fn attach_tracefs(
     let _owned_by_libbpf = fd.into_raw_fd();
     probe.link = Some(link);
     Ok(probe)
+}
+
+fn read_id(path: &Path) -> std::io::Result<u64> {
+    fs::read_to_string(path)?
+        .trim()
+        .parse()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// A tracefs group of ours: the pid namespace (the inode of /proc/self/ns/pid) and the pid
+/// in it of the instance that made it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Group {
+    /// 0 where unknown (and in names older tcpconnlat versions made).
+    namespace: u64,
+    pid: u32,
+}
+
+impl Group {
+    fn ours() -> Group {
+        let namespace = fs::read_link("/proc/self/ns/pid")
+            .ok()
+            .and_then(|link| {
+                // "pid:[4026531836]"
+                let text = link.to_string_lossy().into_owned();
+                text.strip_prefix("pid:[")?.strip_suffix(']')?.parse().ok()
+            })
+            .unwrap_or(0);
+        Group {
+            namespace,
+            pid: std::process::id(),
+        }
+    }
+
+    fn name(&self) -> String {
+        format!("{GROUP_PREFIX}{}_{}", self.namespace, self.pid)
+    }
+
+    /// The group of an event name ("tcpconnlat_4026531836_1234/p_tcp_set_state_x", or
+    /// an older version's "tcpconnlat_1234/..."), if it is one of ours.
+    fn of_event(name: &str) -> Option<Group> {
+        let group = name.split('/').next()?.strip_prefix(GROUP_PREFIX)?;
+        let (namespace, pid) = group.split_once('_').unwrap_or(("0", group));
+        Some(Group {
+            namespace: namespace.parse().ok()?,
+            pid: pid.parse().ok()?,
+        })
+    }
+
+    /// Whether the instance that made this group is known to be alive: only from our own
+    /// PID namespace can its pid be looked up.
+    fn known_alive(&self, ours: &Group) -> bool {
+        *self == *ours
+            || (self.namespace == ours.namespace
+                && Path::new(&format!("/proc/{}", self.pid)).exists())
+    }
 }
 
 fn add_event(kprobe_events: &Path, line: &str) -> std::io::Result<()> {
@@ -174,15 +233,18 @@ fn remove_event(kprobe_events: &Path, name: &str) -> std::io::Result<()> {
 }
 
 /// Remove kprobe events that a tcpconnlat which is gone left behind (killed with -9).
-/// Returns how many.
+/// Returns how many. An event in use is never removed: the kernel refuses (EBUSY) while a
+/// perf event is open on it, which is how an instance alive in another PID namespace,
+/// whose pid means nothing here, keeps its events.
 pub fn remove_stale(tracefs: &Path) -> usize {
     let kprobe_events = tracefs.join("kprobe_events");
     let Ok(text) = fs::read_to_string(&kprobe_events) else {
         return 0;
     };
+    let ours = Group::ours();
     let mut removed = 0;
     for line in text.lines() {
-        // "p:tcpconnlat_1234/p_tcp_v4_connect_0 tcp_v4_connect"
+        // "p:tcpconnlat_4026531836_1234/p_tcp_set_state_legacy_set_state tcp_set_state"
         let Some(name) = line
             .split_whitespace()
             .next()
@@ -191,18 +253,10 @@ pub fn remove_stale(tracefs: &Path) -> usize {
         else {
             continue;
         };
-        let Some(pid) = name
-            .split('/')
-            .next()
-            .and_then(|group| group.strip_prefix(GROUP_PREFIX))
-            .and_then(|pid| pid.parse::<u32>().ok())
-        else {
+        let Some(group) = Group::of_event(name) else {
             continue;
         };
-        if pid != std::process::id()
-            && !Path::new(&format!("/proc/{pid}")).exists()
-            && remove_event(&kprobe_events, name).is_ok()
-        {
+        if !group.known_alive(&ours) && remove_event(&kprobe_events, name).is_ok() {
             removed += 1;
         }
     }
@@ -232,4 +286,49 @@ fn perf_event_open_tracepoint(id: u64) -> Result<OwnedFd> {
     }
     // SAFETY: the kernel just gave us this fd.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_name_their_pid_namespace_and_older_names_still_parse() {
+        let g = Group {
+            namespace: 4026531836,
+            pid: 1,
+        };
+        assert_eq!(g.name(), "tcpconnlat_4026531836_1");
+        assert_eq!(
+            Group::of_event("tcpconnlat_4026531836_1/p_tcp_set_state_x"),
+            Some(g)
+        );
+        assert_eq!(
+            Group::of_event("tcpconnlat_1234/p_tcp_v4_connect_0"),
+            Some(Group {
+                namespace: 0,
+                pid: 1234
+            })
+        );
+        assert_eq!(Group::of_event("other_1/p_x"), None);
+        assert_eq!(Group::of_event("tcpconnlat_x_1/p_x"), None);
+    }
+
+    /// The same pid in another namespace is another instance, whose liveness cannot be
+    /// told from here (the kernel's EBUSY keeps its events if it is alive).
+    #[test]
+    fn only_our_own_namespace_tells_who_is_alive() {
+        let ours = Group::ours();
+        assert!(ours.known_alive(&ours));
+        let elsewhere = Group {
+            namespace: ours.namespace + 1,
+            ..ours
+        };
+        assert!(!elsewhere.known_alive(&ours));
+        let gone = Group {
+            pid: i32::MAX as u32,
+            ..ours
+        };
+        assert!(!gone.known_alive(&ours));
+    }
 }
