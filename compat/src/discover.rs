@@ -290,7 +290,8 @@ fn find_one(
         })
         .collect();
     let free = |o: usize| taken.iter().all(|&(a, b)| o + look.size <= a || o >= b);
-    let matches: Vec<usize> = (0..=len.saturating_sub(look.size))
+    // Offsets where the field fits in every snapshot (none in snapshots shorter than it).
+    let matches: Vec<usize> = (0..(len + 1).saturating_sub(look.size))
         .step_by(look.align)
         .filter(|&o| free(o))
         .filter(|&o| {

@@ -1,6 +1,7 @@
-//! The parsers against hostile input: whatever /proc/kallsyms, a tracefs format file or a
-//! BTF file holds, they answer or refuse, never panic. Seeded from the real fixtures and
-//! mutated; case counts are kept small so CI stays fast.
+//! The parsers against hostile input: whatever /proc/kallsyms, a tracefs format file, a
+//! BTF file, a vDSO or discovery's snapshots hold, they answer or refuse, never panic (and
+//! discovery never answers wrong). Seeded from the real fixtures and mutated. Case counts
+//! are small so CI stays fast; `ci/fuzz.sh N` runs N times as many (TCPCONNLAT_FUZZ_SCALE).
 
 mod support;
 
@@ -10,6 +11,23 @@ use proptest::prelude::*;
 use tcpconnlat_compat::kallsyms::AttachPoints;
 use tcpconnlat_compat::tracefs::{parse_format, skaddr_offset, StateLayout};
 use tcpconnlat_compat::Func;
+
+/// Cases for a property: `base`, times TCPCONNLAT_FUZZ_SCALE (ci/fuzz.sh's long run).
+fn cases(base: u32) -> u32 {
+    let scale: u32 = std::env::var("TCPCONNLAT_FUZZ_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    base.saturating_mul(scale)
+}
+
+fn config(base: u32) -> ProptestConfig {
+    ProptestConfig {
+        cases: cases(base),
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
+}
 
 fn fixture(rel: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -46,7 +64,7 @@ fn mutated(text: String) -> impl Strategy<Value = String> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(config(256))]
 
     #[test]
     fn kallsyms_never_panics(text in "(([0-9a-f]{0,16} [tTwWdD] [a-z_.0-9]{0,30}( \\[[a-z]+\\])?)?\n){0,20}") {
@@ -115,7 +133,7 @@ mod btf {
 
     proptest! {
         // Each case parses a whole kernel's BTF: few cases.
-        #![proptest_config(ProptestConfig { cases: 24, failure_persistence: None, ..ProptestConfig::default() })]
+        #![proptest_config(config(24))]
 
         #[test]
         fn corrupted_or_cut_btf_is_refused_or_read_never_a_panic(
@@ -139,6 +157,172 @@ mod btf {
                 // Whatever it accepts is a plausible struct sock: inside its first 4 KiB.
                 prop_assert!(offsets.0.iter().all(|&o| o < 4096));
             }
+        }
+    }
+}
+
+mod vdso {
+    use super::*;
+    use tcpconnlat_compat::kversion::from_vdso;
+
+    fn images() -> Vec<Vec<u8>> {
+        ["host-6.18", "old414", "old54"]
+            .iter()
+            .map(|k| {
+                let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("tests/fixtures")
+                    .join(k)
+                    .join("vdso");
+                std::fs::read(path).unwrap()
+            })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(config(512))]
+
+        /// A vDSO with bytes changed or cut short: a version or an error, never a panic.
+        #[test]
+        fn corrupted_vdso_images_never_panic(
+            which in 0..3usize,
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..16),
+            header_flips in proptest::collection::vec((0..64usize, any::<u8>()), 0..4),
+            keep in 0.0..=1.0f64,
+        ) {
+            let mut image = images().swap_remove(which);
+            for (at, value) in flips {
+                let i = at.index(image.len());
+                image[i] = value;
+            }
+            for (i, value) in header_flips {
+                image[i] = value;
+            }
+            image.truncate((image.len() as f64 * keep) as usize);
+            let _ = from_vdso(&image);
+        }
+
+        #[test]
+        fn arbitrary_bytes_are_no_vdso(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            prop_assert!(from_vdso(&bytes).is_err() || bytes.starts_with(b"\x7fELF"));
+        }
+    }
+}
+
+mod discover {
+    use super::*;
+    use std::net::{Ipv4Addr, SocketAddrV4};
+    use tcpconnlat_compat::discover::{find, Phase, Sample, SampleFamily};
+    use tcpconnlat_compat::KernelVersion;
+
+    /// Where a made-up kernel keeps each field: (v6 pair, addrpair, portpair, err,
+    /// family, state), aligned, apart, inside 2 KiB.
+    fn layout() -> impl Strategy<Value = [usize; 6]> {
+        (
+            0..60usize,
+            0..250usize,
+            0..500usize,
+            0..500usize,
+            0..1000usize,
+            0..2000usize,
+        )
+            .prop_map(|(v6, pair, ports, err, family, state)| {
+                [v6 * 32, pair * 8, ports * 4, err * 4, family * 2, state]
+            })
+            .prop_filter("fields apart", |at| {
+                let sizes = [32, 8, 4, 8, 2, 1]; // err with room for sk_err_soft after it
+                (0..6).all(|i| {
+                    (0..6).all(|j| i == j || at[i] + sizes[i] <= at[j] || at[j] + sizes[j] <= at[i])
+                }) && at.iter().zip(sizes).all(|(a, s)| a + s <= 2048)
+            })
+    }
+
+    fn snapshot(at: &[usize; 6], s: &Sample, phase: Phase, noise: &[u8]) -> Vec<u8> {
+        let mut b = noise.to_vec();
+        b.resize(2048, 0);
+        let mut put = |o: usize, v: &[u8]| b[o..o + v.len()].copy_from_slice(v);
+        let (local, remote) = (*s.local.ip(), *s.remote.ip());
+        if s.family == SampleFamily::V4 {
+            put(at[1], &remote.octets());
+            put(at[1] + 4, &local.octets());
+            put(at[0], &[0; 32]);
+        } else {
+            put(at[0], &remote.to_ipv6_mapped().octets());
+            put(at[0] + 16, &local.to_ipv6_mapped().octets());
+        }
+        put(at[2], &s.remote.port().to_be_bytes());
+        put(at[2] + 2, &s.local.port().to_ne_bytes());
+        let err: i32 = if phase == Phase::Leaving && s.refused {
+            111
+        } else {
+            0
+        };
+        put(at[3], &err.to_ne_bytes());
+        put(at[3] + 4, &[0; 4]);
+        let family: u16 = if s.family == SampleFamily::V4 { 2 } else { 10 };
+        put(at[4], &family.to_ne_bytes());
+        put(at[5], &[if phase == Phase::Connecting { 7 } else { 2 }]);
+        b
+    }
+
+    proptest! {
+        #![proptest_config(config(256))]
+
+        /// On any layout, under any noise, discovery finds the fields where they are or
+        /// says it cannot: never another offset.
+        #[test]
+        fn discovery_is_right_or_refuses(
+            at in layout(),
+            noise in proptest::collection::vec(any::<u8>(), 0..2048),
+            values in proptest::collection::vec((1..255u8, 1..255u8, 10_000..60_000u16), 6),
+        ) {
+            let plan = [
+                (SampleFamily::V4, false), (SampleFamily::V4, true),
+                (SampleFamily::V4, false), (SampleFamily::V4, true),
+                (SampleFamily::V6Mapped, false), (SampleFamily::V6Mapped, true),
+            ];
+            let samples: Vec<Sample> = plan.iter().zip(&values).enumerate().map(|(i, (&(family, refused), &(a, b, port)))| {
+                let mut s = Sample {
+                    family,
+                    local: SocketAddrV4::new(Ipv4Addr::new(127, a, b, i as u8 + 1), port.wrapping_add(i as u16)),
+                    remote: SocketAddrV4::new(Ipv4Addr::new(127, b, a, 9), port ^ 0x5a5a),
+                    refused,
+                    connecting: Vec::new(),
+                    leaving: Vec::new(),
+                };
+                s.connecting = snapshot(&at, &s, Phase::Connecting, &noise);
+                s.leaving = snapshot(&at, &s, Phase::Leaving, &noise);
+                s
+            }).collect();
+            if let Ok(found) = find(&samples, Some(KernelVersion(5, 4, 0))) {
+                let get = |name| usize::from(found.offsets.get(name).unwrap());
+                prop_assert_eq!(get("v6_daddr"), at[0]);
+                prop_assert_eq!(get("v6_rcv_saddr"), at[0] + 16);
+                prop_assert_eq!(get("daddr"), at[1]);
+                prop_assert_eq!(get("rcv_saddr"), at[1] + 4);
+                prop_assert_eq!(get("dport"), at[2]);
+                prop_assert_eq!(get("num"), at[2] + 2);
+                prop_assert_eq!(get("err"), at[3]);
+                prop_assert_eq!(get("err_soft"), at[3] + 4);
+                prop_assert_eq!(get("family"), at[4]);
+                prop_assert_eq!(get("state"), at[5]);
+            }
+        }
+
+        /// Snapshots of any length and content: an answer or an error, never a panic.
+        #[test]
+        fn arbitrary_snapshots_never_panic(
+            lens in proptest::collection::vec((0..3000usize, 0..3000usize), 6),
+            fill in any::<u8>(),
+        ) {
+            let samples: Vec<Sample> = lens.iter().enumerate().map(|(i, &(a, b))| Sample {
+                family: if i < 4 { SampleFamily::V4 } else { SampleFamily::V6Mapped },
+                local: SocketAddrV4::new(Ipv4Addr::new(127, 1, 1, i as u8), 20_000 + i as u16),
+                remote: SocketAddrV4::new(Ipv4Addr::new(127, 2, 2, 2), 30_000),
+                refused: i % 2 == 1,
+                connecting: vec![fill; a],
+                leaving: vec![fill; b],
+            }).collect();
+            let _ = find(&samples, None);
         }
     }
 }

@@ -307,7 +307,58 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use tcpconnlat_compat::Mode;
+
+    /// Every flag that takes a value, as the user writes it.
+    const VALUED: &[&str] = &[
+        "-p",
+        "-u",
+        "--dport",
+        "--cgroup",
+        "--comm",
+        "--interval",
+        "--by",
+        "-d",
+        "-c",
+        "--mode",
+        "--transport",
+        "--buffer-pages",
+        "--max-pending",
+        "--max-delay",
+        "--btf",
+        "--offsets",
+        "--kprobe-attach",
+        "--sweep-after",
+        "--stale-after",
+        "--serve",
+        "--dest",
+        "--max-series",
+        "--series-ttl",
+        "--buckets",
+        "--label",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig { failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// Any value for any flag, and any positional: parsed or refused with clap's
+        /// error (which main turns into one line), never a panic.
+        #[test]
+        fn any_value_of_any_flag_parses_or_is_refused(
+            flag in proptest::sample::select(VALUED),
+            value in prop_oneof![".{0,24}", "-?[0-9]{0,25}(\\.[0-9]{0,5})?(e[0-9]{1,3})?", "[0-9,]{0,20}"],
+            positional in proptest::option::of(".{0,12}"),
+        ) {
+            let mut args = vec![flag, value.as_str()];
+            if let Some(p) = positional.as_deref() {
+                args.push(p);
+            }
+            let _ = parse(&args);
+            let joined = format!("{flag}={value}");
+            let _ = parse(&[joined.as_str()]);
+        }
+    }
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("tcpconnlat").chain(args.iter().copied()))

@@ -80,6 +80,40 @@ fn kernfs_id(path: &std::path::Path) -> nix::Result<u64> {
     Ok(u64::from_ne_bytes(handle.id))
 }
 
+/// Where the cgroup v2 hierarchy is mounted, from mounts(5) text (`/proc/self/mounts`).
+fn cgroup2_root(mounts: &str) -> Option<PathBuf> {
+    mounts
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.get(2) == Some(&"cgroup2"))
+        .map(|f| PathBuf::from(unescape_mount_path(f[1])))
+}
+
+/// A mount point as mounts(5) writes it: space, tab, newline and backslash as octal
+/// escapes (`\040`).
+fn unescape_mount_path(field: &str) -> String {
+    let mut out = Vec::with_capacity(field.len());
+    let bytes = field.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|b| (b'0'..=b'7').contains(b)));
+        match (bytes[i], octal) {
+            (b'\\', Some(d)) => {
+                let value = d.iter().fold(0u32, |v, b| v * 8 + u32::from(b - b'0'));
+                out.push(value as u8); // at most 0o777: the low byte, as the kernel wrote it
+                i += 4;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Cgroup v2 paths by id, for the `cgroup` label: relative to the hierarchy's root, e.g.
 /// `system.slice/nginx.service`, as Prometheus users group by them.
 pub struct CgroupPaths {
@@ -96,12 +130,7 @@ impl CgroupPaths {
     pub fn new() -> Result<CgroupPaths> {
         let mounts = std::fs::read_to_string("/proc/self/mounts")
             .map_err(|e| anyhow!("--label cgroup: cannot read /proc/self/mounts: {e}"))?;
-        let root = mounts
-            .lines()
-            .map(|l| l.split_whitespace().collect::<Vec<_>>())
-            .find(|f| f.get(2) == Some(&"cgroup2"))
-            .map(|f| PathBuf::from(f[1]))
-            .ok_or_else(|| {
+        let root = cgroup2_root(&mounts).ok_or_else(|| {
                 anyhow!("--label cgroup: no cgroup v2 hierarchy is mounted (mount -t cgroup2 none /sys/fs/cgroup)")
             })?;
         Ok(CgroupPaths {
@@ -157,6 +186,33 @@ impl CgroupPaths {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn the_cgroup2_mount_is_found_and_unescaped() {
+        let mounts = "proc /proc proc rw 0 0\n\
+                      cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid 0 0\n";
+        assert_eq!(cgroup2_root(mounts), Some(PathBuf::from("/sys/fs/cgroup")));
+        let spaced = "none /mnt/my\\040cgroups\\134x cgroup2 rw 0 0\n";
+        assert_eq!(
+            cgroup2_root(spaced),
+            Some(PathBuf::from("/mnt/my cgroups\\x"))
+        );
+        assert_eq!(
+            cgroup2_root("cgroup /sys/fs/cgroup/cpu cgroup rw 0 0"),
+            None
+        );
+        assert_eq!(unescape_mount_path("a\\04"), "a\\04");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn mounts_text_never_panics(text in "(([a-z0-9/\\\\ ]{0,12} ){0,6}\n){0,8}") {
+            let _ = cgroup2_root(&text);
+        }
+    }
 
     fn id(path: &std::path::Path) -> u64 {
         let meta = std::fs::metadata(path).unwrap();

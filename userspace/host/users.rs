@@ -87,6 +87,28 @@ fn uid_in_passwd(passwd: &str, name: &str) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// Any passwd text and name: a uid or none, never a panic; and a well-formed line
+        /// for the name, first, is always found.
+        #[test]
+        fn passwd_text_never_panics_and_finds_what_is_there(
+            before in "(([a-z:0-9#]{0,12}:){0,7}\n){0,6}",
+            name in "[a-z_][a-z0-9_-]{0,12}",
+            uid in any::<u32>(),
+            after in ".{0,80}",
+        ) {
+            let _ = uid_in_passwd(&after, &name);
+            let text = format!("{name}:x:{uid}:0::/:/bin/sh\n{after}");
+            prop_assert_eq!(uid_in_passwd(&text, &name), Some(uid));
+            let mixed = format!("{before}{text}");
+            let found = uid_in_passwd(&mixed, &name);
+            prop_assert!(found.is_some());
+        }
+    }
 
     #[test]
     fn users_come_from_passwd_lines() {
