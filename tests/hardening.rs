@@ -490,16 +490,11 @@ fn once_attached_it_keeps_no_capability_it_does_not_need() {
 #[test]
 #[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
 fn an_entry_whose_end_no_probe_saw_is_swept_and_reported() {
-    use libbpf_rs::{MapCore, MapFlags, MapHandle};
+    use libbpf_rs::{MapCore, MapFlags};
     let _serial = serial();
     // Looked at once present for a second (not 15 minutes), swept every 5 s.
     let tracer = Tracer::start(&["--json", "--sweep-after", "1"]);
-    let pending = tracer
-        .map_ids()
-        .into_iter()
-        .map(|id| MapHandle::from_map_id(id).unwrap())
-        .find(|m| map_is(m, "pending"))
-        .unwrap();
+    let pending = tracer.map("pending");
     // What the kernel leaves when it skips the probe that would end a connect: an entry
     // nobody removes. One from before this tracer started, one just made (a connect still
     // waiting).
@@ -593,8 +588,8 @@ fn the_exporter_outlives_a_scrape_storm() {
 fn sigterm_stops_the_exporter_cleanly() {
     let _serial = serial();
     let (mut tracer, addr) = serving(&[]);
-    let ids = tracer.map_ids();
-    assert!(ids.len() >= 3, "{ids:?}");
+    let held = tracer.held_maps();
+    assert!(!held.is_empty(), "{held:?}");
     assert!(scrape(addr).contains("tcpconnlat_info"));
     kill(
         nix::unistd::Pid::from_raw(tracer.pid() as i32),
@@ -602,13 +597,7 @@ fn sigterm_stops_the_exporter_cleanly() {
     )
     .unwrap();
     assert!(tracer.wait().success());
-    thread::sleep(Duration::from_millis(500));
-    for id in ids {
-        assert!(
-            libbpf_rs::MapHandle::from_map_id(id).is_err(),
-            "map {id} outlived the exporter"
-        );
-    }
+    assert_eq!(held.left(), Vec::<String>::new(), "outlived the exporter");
     assert!(TcpStream::connect(addr).is_err(), "still listening");
 }
 

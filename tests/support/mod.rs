@@ -6,6 +6,7 @@ use std::fs;
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
@@ -34,6 +35,8 @@ pub struct Tracer {
     pub child: Child,
     lines: Receiver<String>,
     pub stderr: std::sync::Arc<Mutex<String>>,
+    /// Where its maps are pinned, on kernels that give no map ids (see [`map_ids_work`]).
+    pins: Option<PathBuf>,
 }
 
 impl Tracer {
@@ -50,6 +53,10 @@ impl Tracer {
             _ => Vec::new(),
         };
         forced.extend(test_args());
+        let pins = (!map_ids_work()).then(pin_dir);
+        if let Some(dir) = &pins {
+            forced.extend(["--pin-maps".to_owned(), dir.display().to_string()]);
+        }
         let mut command = match wrapper.split_first() {
             Some((program, rest)) => {
                 let mut c = Command::new(program);
@@ -106,6 +113,7 @@ impl Tracer {
             child,
             lines,
             stderr,
+            pins,
         }
     }
 
@@ -179,7 +187,8 @@ impl Tracer {
 
     /// IDs of the BPF maps this tracer holds. Its fdinfo names them from Linux 4.15 on;
     /// before, it shows each map's type and sizes only, and the maps are those of the
-    /// system with the same (the VMs that run such kernels have no other BPF user).
+    /// system with the same (the VMs that run such kernels have no other BPF user). Empty
+    /// where the kernel gives no map ids (before 4.13: see [`Tracer::maps`]).
     pub fn map_ids(&self) -> Vec<u32> {
         let dir = format!("/proc/{}/fdinfo", self.pid());
         let mut ids = Vec::new();
@@ -203,7 +212,7 @@ impl Tracer {
                 shapes.push((kind, sizes.0, sizes.1, sizes.2));
             }
         }
-        if ids.is_empty() {
+        if ids.is_empty() && map_ids_work() {
             ids = libbpf_rs::query::MapInfoIter::default()
                 .filter(|m| {
                     let shape = (
@@ -222,17 +231,116 @@ impl Tracer {
         ids
     }
 
+    /// The tracer's map named `name`: by its id, or where it is pinned on kernels without
+    /// map ids.
+    pub fn map(&self, name: &str) -> libbpf_rs::MapHandle {
+        use libbpf_rs::MapHandle;
+        if let Some(dir) = &self.pins {
+            return MapHandle::from_pinned_path(dir.join(name))
+                .unwrap_or_else(|e| panic!("tracer {} pinned no map {name}: {e}", self.pid()));
+        }
+        self.map_ids()
+            .into_iter()
+            .map(|id| MapHandle::from_map_id(id).unwrap())
+            .find(|m| map_is(m, name))
+            .unwrap_or_else(|| panic!("tracer {} has no map {name}", self.pid()))
+    }
+
     /// How many entries the tracer's map named `name` holds right now.
     pub fn map_entries(&self, name: &str) -> usize {
-        use libbpf_rs::{MapCore, MapHandle};
-        for id in self.map_ids() {
-            let map = MapHandle::from_map_id(id).unwrap();
-            if map_is(&map, name) {
-                return map.keys().count();
-            }
-        }
-        panic!("tracer {} has no map {name}", self.pid());
+        use libbpf_rs::MapCore;
+        self.map(name).keys().count()
     }
+
+    /// What this tracer holds of the kernel's BPF maps, to check after it exits that none
+    /// is left.
+    pub fn held_maps(&self) -> HeldMaps {
+        match &self.pins {
+            Some(dir) => HeldMaps::Pinned(dir.clone()),
+            None => HeldMaps::Ids(self.map_ids()),
+        }
+    }
+}
+
+/// A tracer's BPF maps, as they can be known on this kernel.
+#[derive(Debug)]
+pub enum HeldMaps {
+    Ids(Vec<u32>),
+    /// Before 4.13 (no map ids): pinned here by `--pin-maps`; a map outlives the tracer
+    /// only through its pin, which the tracer must remove.
+    Pinned(PathBuf),
+}
+
+impl HeldMaps {
+    /// Whether there were any to check.
+    pub fn is_empty(&self) -> bool {
+        match self {
+            HeldMaps::Ids(ids) => ids.is_empty(),
+            HeldMaps::Pinned(dir) => fs::read_dir(dir).map_or(true, |d| d.count() == 0),
+        }
+    }
+
+    /// What is still there, waiting a moment for the kernel (which frees a map a little
+    /// after its last descriptor closes).
+    pub fn left(&self) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let left: Vec<String> = match self {
+                HeldMaps::Ids(ids) => ids
+                    .iter()
+                    .filter(|&&id| libbpf_rs::MapHandle::from_map_id(id).is_ok())
+                    .map(|id| format!("map {id}"))
+                    .collect(),
+                HeldMaps::Pinned(dir) => fs::read_dir(dir)
+                    .map(|d| {
+                        d.flatten()
+                            .map(|e| format!("pin {}", e.path().display()))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            };
+            if left.is_empty() || Instant::now() > deadline {
+                return left;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Whether this kernel gives BPF map ids (BPF_MAP_GET_NEXT_ID, Linux 4.13+).
+pub fn map_ids_work() -> bool {
+    static WORK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WORK.get_or_init(|| {
+        let mut next = 0u32;
+        // SAFETY: a valid out-pointer; -EINVAL where the command does not exist.
+        let rc = unsafe { libbpf_rs::libbpf_sys::bpf_map_get_next_id(0, &mut next) };
+        rc != -libc::EINVAL
+    })
+}
+
+/// A fresh directory in a bpffs (mounted at /sys/fs/bpf if nothing is), for one tracer's
+/// pins.
+fn pin_dir() -> PathBuf {
+    static MOUNT: std::sync::Once = std::sync::Once::new();
+    let root = Path::new("/sys/fs/bpf");
+    MOUNT.call_once(|| {
+        let mounted = fs::read_to_string("/proc/self/mounts")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"));
+        if !mounted {
+            let status = Command::new("mount")
+                .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+                .status()
+                .expect("mount");
+            assert!(status.success(), "mounting bpffs at /sys/fs/bpf");
+        }
+    });
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let dir = root.join(format!("tcpconnlat-test-{}-{n}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    dir
 }
 
 /// Whether `map` is the probes' map `name`: by its name, or on kernels before 4.15, which
@@ -261,6 +369,10 @@ impl Drop for Tracer {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+        // A tracer killed with -9 leaves its pins: the test made them, it removes them.
+        if let Some(dir) = &self.pins {
+            let _ = fs::remove_dir_all(dir);
         }
     }
 }

@@ -174,6 +174,11 @@ pub struct Cli {
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub stale_after: Option<u64>,
 
+    /// Pin the probes' maps in this bpffs directory while tracing, removed at exit (for
+    /// tests: kernels before 4.13 give no other way to reach another process's maps)
+    #[arg(long, hide = true, value_name = "DIR")]
+    pub pin_maps: Option<PathBuf>,
+
     /// Same as --mode legacy: kprobes without BTF, for old kernels
     #[arg(long, conflicts_with = "mode")]
     pub legacy: bool,

@@ -68,7 +68,7 @@ impl Cli {
     }
 
     /// How to load on `host`, as asked.
-    pub fn load_options<'h>(&self, host: &'h Host) -> Result<LoadOptions<'h>> {
+    pub fn load_options<'a>(&'a self, host: &'a Host) -> Result<LoadOptions<'a>> {
         Ok(LoadOptions {
             features: &host.features,
             fentry_targets: host.findings.fentry_targets.yes(),
@@ -86,6 +86,7 @@ impl Cli {
             },
             version_code: host.version_code.as_ref().ok().copied(),
             label_cgroup: self.label.contains(&ExtraLabel::Cgroup),
+            pin_maps: self.pin_maps.as_deref(),
         })
     }
 

@@ -46,6 +46,35 @@ pub struct Tracer {
     pub sizes: Sizes,
     _links: Vec<Link>,
     _kprobes: Vec<Kprobe>,
+    _pins: Pins,
+}
+
+/// Maps pinned for tests (`--pin-maps`); unpinned when dropped, so that nothing outlives
+/// the tracer.
+struct Pins(Vec<std::path::PathBuf>);
+
+impl Pins {
+    fn pin(object: &mut Object, dir: Option<&std::path::Path>) -> Result<Pins> {
+        let mut pins = Pins(Vec::new());
+        let Some(dir) = dir else {
+            return Ok(pins);
+        };
+        for mut map in object.maps_mut() {
+            let path = dir.join(map.name().to_string_lossy().as_ref());
+            map.pin(&path)
+                .with_context(|| format!("--pin-maps: pinning at {}", path.display()))?;
+            pins.0.push(path);
+        }
+        Ok(pins)
+    }
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 /// How to load: what the host offers and the user asked for, beyond the filters.
@@ -64,6 +93,8 @@ pub struct LoadOptions<'a> {
     pub version_code: Option<u32>,
     /// Events carry the connecting process's cgroup id (`--label cgroup`).
     pub label_cgroup: bool,
+    /// Where to pin the maps while tracing (the hidden `--pin-maps`, for tests).
+    pub pin_maps: Option<&'a std::path::Path>,
 }
 
 /// How much a mode needs struct sock's offsets.
@@ -147,9 +178,10 @@ pub fn start(mode: Mode, options: &LoadOptions<'_>, filters: &Filters) -> Result
     .map_err(|why| anyhow!(why))?;
     let sock = sock_offsets(mode, options, &mut plan)?;
     let object = timing::step("open", || open(&spec, &plan, transport, options, filters))?;
-    let object = timing::step("load", || object.load())
+    let mut object = timing::step("load", || object.load())
         .with_context(|| format!("loading the {mode} probes (run with -v for the verifier log)"))?;
     config::configure(&object, filters, options, sock)?;
+    let pins = Pins::pin(&mut object, options.pin_maps)?;
     let (links, kprobes) = timing::step("attach", || attach_all(&object, &plan, options))?;
     Ok(Tracer {
         mode,
@@ -159,6 +191,7 @@ pub fn start(mode: Mode, options: &LoadOptions<'_>, filters: &Filters) -> Result
         sizes: options.sizes,
         _links: links,
         _kprobes: kprobes,
+        _pins: pins,
     })
 }
 
