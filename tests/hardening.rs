@@ -490,7 +490,6 @@ fn once_attached_it_keeps_no_capability_it_does_not_need() {
 #[test]
 #[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
 fn an_entry_whose_end_no_probe_saw_is_swept_and_reported() {
-    use libbpf_rs::{MapCore, MapFlags};
     let _serial = serial();
     // Looked at once present for a second (not 15 minutes), swept every 5 s.
     let tracer = Tracer::start(&["--json", "--sweep-after", "1"]);
@@ -501,22 +500,20 @@ fn an_entry_whose_end_no_probe_saw_is_swept_and_reported() {
     let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
     let now_ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
     let entry = |start_ns: u64| {
-        let mut value = vec![0u8; pending.value_size() as usize];
+        let mut value = vec![0u8; pending.value_size()];
         value[..8].copy_from_slice(&start_ns.to_ne_bytes());
         value
     };
     let (stale, fresh) = (0xdead_0000_u64.to_ne_bytes(), 0xbeef_0000_u64.to_ne_bytes());
     // Started before tracing began: no probe of this tracer can have made it.
-    pending.update(&stale, &entry(1), MapFlags::ANY).unwrap();
-    pending
-        .update(&fresh, &entry(now_ns), MapFlags::ANY)
-        .unwrap();
+    pending.update(&stale, &entry(1)).unwrap();
+    pending.update(&fresh, &entry(now_ns)).unwrap();
     let all = tracer.events_until(Duration::from_secs(15), |ev| {
         ev.iter().any(|e| e["type"] == "missed")
     });
     assert_eq!(counted(&all, "missed"), 1, "{all:#?}");
-    assert!(pending.lookup(&stale, MapFlags::ANY).unwrap().is_none());
-    assert!(pending.lookup(&fresh, MapFlags::ANY).unwrap().is_some());
+    assert!(pending.lookup(&stale).is_none());
+    assert!(pending.lookup(&fresh).is_some());
     let said = |s: &str| s.contains("1 connects not traced to their end: the kernel skipped");
     assert!(said(&tracer.stderr_until(Duration::from_secs(2), said)));
     pending.delete(&fresh).unwrap();

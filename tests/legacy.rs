@@ -497,16 +497,19 @@ fn discovered_offsets_are_the_btf_and_header_offsets() {
     assert!(!events.contains("discover"), "{events}");
 }
 
-/// The pids of the children of process `pid`.
+/// The pids of the children of process `pid` (by their PPid: /proc/PID/task/*/children
+/// needs CONFIG_PROC_CHILDREN, which small kernels leave out).
 fn children(pid: u32) -> Vec<u32> {
-    fs::read_dir(format!("/proc/{pid}/task"))
+    fs::read_dir("/proc")
         .unwrap()
         .flatten()
-        .filter_map(|t| fs::read_to_string(t.path().join("children")).ok())
-        .flat_map(|c| {
-            c.split_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .collect::<Vec<u32>>()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|child| {
+            fs::read_to_string(format!("/proc/{child}/status")).is_ok_and(|status| {
+                status
+                    .lines()
+                    .any(|l| l.strip_prefix("PPid:").map(str::trim) == Some(&pid.to_string()))
+            })
         })
         .collect()
 }

@@ -5,7 +5,7 @@
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -233,23 +233,34 @@ impl Tracer {
 
     /// The tracer's map named `name`: by its id, or where it is pinned on kernels without
     /// map ids.
-    pub fn map(&self, name: &str) -> libbpf_rs::MapHandle {
+    pub fn map(&self, name: &str) -> TestMap {
         use libbpf_rs::MapHandle;
-        if let Some(dir) = &self.pins {
-            return MapHandle::from_pinned_path(dir.join(name))
-                .unwrap_or_else(|e| panic!("tracer {} pinned no map {name}: {e}", self.pid()));
-        }
-        self.map_ids()
-            .into_iter()
-            .map(|id| MapHandle::from_map_id(id).unwrap())
-            .find(|m| map_is(m, name))
-            .unwrap_or_else(|| panic!("tracer {} has no map {name}", self.pid()))
+        use std::os::fd::FromRawFd;
+        let fd = match &self.pins {
+            Some(dir) => {
+                let path = std::ffi::CString::new(dir.join(name).to_str().unwrap()).unwrap();
+                // SAFETY: a valid path; a new descriptor or -errno.
+                let fd = unsafe { libbpf_rs::libbpf_sys::bpf_obj_get(path.as_ptr()) };
+                assert!(fd >= 0, "tracer {} pinned no map {name}: {fd}", self.pid());
+                // SAFETY: just made, owned by nothing else.
+                unsafe { OwnedFd::from_raw_fd(fd) }
+            }
+            None => self
+                .map_ids()
+                .into_iter()
+                .map(|id| MapHandle::from_map_id(id).unwrap())
+                .find(|m| map_is(m, name))
+                .unwrap_or_else(|| panic!("tracer {} has no map {name}", self.pid()))
+                .as_fd()
+                .try_clone_to_owned()
+                .unwrap(),
+        };
+        TestMap::new(fd)
     }
 
     /// How many entries the tracer's map named `name` holds right now.
     pub fn map_entries(&self, name: &str) -> usize {
-        use libbpf_rs::MapCore;
-        self.map(name).keys().count()
+        self.map(name).key_count()
     }
 
     /// What this tracer holds of the kernel's BPF maps, to check after it exits that none
@@ -259,6 +270,109 @@ impl Tracer {
             Some(dir) => HeldMaps::Pinned(dir.clone()),
             None => HeldMaps::Ids(self.map_ids()),
         }
+    }
+}
+
+/// One of a tracer's maps, through raw bpf() calls every kernel has (libbpf's map handles
+/// ask for map info, which is 4.13+).
+pub struct TestMap {
+    fd: OwnedFd,
+    key_size: usize,
+    value_size: usize,
+}
+
+impl TestMap {
+    fn new(fd: OwnedFd) -> TestMap {
+        use std::os::fd::AsRawFd;
+        let info = fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).unwrap();
+        let field = |name: &str| -> usize {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in the map's fdinfo: {info}"))
+        };
+        TestMap {
+            key_size: field("key_size:"),
+            value_size: field("value_size:"),
+            fd,
+        }
+    }
+
+    pub fn value_size(&self) -> usize {
+        self.value_size
+    }
+
+    fn raw(&self) -> i32 {
+        use std::os::fd::AsRawFd;
+        self.fd.as_raw_fd()
+    }
+
+    pub fn key_count(&self) -> usize {
+        let (mut key, mut next) = (vec![0u8; self.key_size], vec![0u8; self.key_size]);
+        let mut first = true;
+        let mut n = 0;
+        loop {
+            let prev = if first {
+                std::ptr::null()
+            } else {
+                key.as_ptr().cast()
+            };
+            // SAFETY: buffers of the map's key size.
+            let rc = unsafe {
+                libbpf_rs::libbpf_sys::bpf_map_get_next_key(
+                    self.raw(),
+                    prev,
+                    next.as_mut_ptr().cast(),
+                )
+            };
+            if rc != 0 {
+                return n;
+            }
+            n += 1;
+            first = false;
+            std::mem::swap(&mut key, &mut next);
+        }
+    }
+
+    pub fn update(&self, key: &[u8], value: &[u8]) -> std::io::Result<()> {
+        assert_eq!((key.len(), value.len()), (self.key_size, self.value_size));
+        // SAFETY: buffers of the map's sizes.
+        let rc = unsafe {
+            libbpf_rs::libbpf_sys::bpf_map_update_elem(
+                self.raw(),
+                key.as_ptr().cast(),
+                value.as_ptr().cast(),
+                0,
+            )
+        };
+        check(rc)
+    }
+
+    pub fn lookup(&self, key: &[u8]) -> Option<Vec<u8>> {
+        let mut value = vec![0u8; self.value_size];
+        // SAFETY: buffers of the map's sizes.
+        let rc = unsafe {
+            libbpf_rs::libbpf_sys::bpf_map_lookup_elem(
+                self.raw(),
+                key.as_ptr().cast(),
+                value.as_mut_ptr().cast(),
+            )
+        };
+        (rc == 0).then_some(value)
+    }
+
+    pub fn delete(&self, key: &[u8]) -> std::io::Result<()> {
+        // SAFETY: a buffer of the map's key size.
+        let rc =
+            unsafe { libbpf_rs::libbpf_sys::bpf_map_delete_elem(self.raw(), key.as_ptr().cast()) };
+        check(rc)
+    }
+}
+
+fn check(rc: i32) -> std::io::Result<()> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::from_raw_os_error(-rc))
     }
 }
 
