@@ -469,7 +469,7 @@ fi
 # --- the table ---------------------------------------------------------------------------
 bad=0
 printf '\n%-10s %-22s' kernel "" >&2
-printf '%-15s' "${ALL_MODES[@]}" "${VARIANTS[@]}" cli static >&2
+printf '%-16s' "${ALL_MODES[@]}" "${VARIANTS[@]}" cli static >&2
 printf '%s\n' "auto picks" >&2
 for id in "${kernels[@]}"; do
     log=$OUT/$id/console.log
@@ -483,7 +483,7 @@ for id in "${kernels[@]}"; do
         case " ${REFUSED[$id]} " in *" $col "*) want=refused ;; esac
         if [ "$got" = "$want" ]; then shown=$got; else shown="$got!"; bad=1; fi
         [ "$shown" != missing ] || shown=-
-        printf '%-15s' "$shown" >&2
+        printf '%-16s' "$shown" >&2
     done
     markers "$id" '@@FEATURES ' | sed 's/^@@FEATURES //' >"$OUT/$id/features.json" || true
     auto=$(grep -o '"auto":"[a-z]*"' "$OUT/$id/features.json" | cut -d'"' -f4 || true)

@@ -3,7 +3,7 @@
 
 use tcpconnlat_compat::{AttachPoints, Features, Finding, Func, Mode, StateLayout};
 
-use super::objects::{self, RawStateRecord};
+use super::objects::{self, is_state_record};
 use super::transport::Transport;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -247,28 +247,6 @@ fn target(
             func.name()
         )),
     }
-}
-
-/// Whether the kernel's state tracepoint record is laid out as `struct state_record`,
-/// which the probes then read directly instead of field by field through bpf_probe_read.
-fn is_state_record(layout: &StateLayout) -> bool {
-    use std::mem::offset_of;
-    [
-        (layout.skaddr, offset_of!(RawStateRecord, skaddr)),
-        (layout.oldstate, offset_of!(RawStateRecord, oldstate)),
-        (layout.newstate, offset_of!(RawStateRecord, newstate)),
-        (layout.sport, offset_of!(RawStateRecord, sport)),
-        (layout.dport, offset_of!(RawStateRecord, dport)),
-        (layout.family, offset_of!(RawStateRecord, family)),
-        (layout.saddr, offset_of!(RawStateRecord, saddr)),
-        (layout.daddr, offset_of!(RawStateRecord, daddr)),
-        (layout.saddr_v6, offset_of!(RawStateRecord, saddr_v6)),
-        (layout.daddr_v6, offset_of!(RawStateRecord, daddr_v6)),
-    ]
-    .into_iter()
-    .all(|(found, ours)| usize::from(found) == ours)
-        && layout.protocol.map(usize::from) == Some(offset_of!(RawStateRecord, protocol))
-        && usize::from(layout.protocol_size) == std::mem::size_of::<u16>()
 }
 
 #[cfg(test)]

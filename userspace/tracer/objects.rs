@@ -87,23 +87,43 @@ pub fn sock_layout(offsets: &SockOffsets) -> RawSockLayout {
     layout
 }
 
+/// Applies `$then` to the fields that compat's `StateLayout` (what the kernel's format
+/// file says), the probes' `struct state_layout` (those offsets, handed to the probes) and
+/// `struct state_record` (the record as kernels from 5.6 lay it out) all have: the one
+/// list of them on this side.
+macro_rules! state_record_fields {
+    ($then:ident) => {
+        $then!(skaddr, oldstate, newstate, sport, dport, family, saddr, daddr, saddr_v6, daddr_v6)
+    };
+}
+
 /// The probes' `struct state_layout`: where the kernel's sock:inet_sock_set_state record
 /// keeps each field.
 pub fn state_layout(layout: &StateLayout) -> RawStateLayout {
-    RawStateLayout {
-        skaddr: layout.skaddr,
-        oldstate: layout.oldstate,
-        newstate: layout.newstate,
-        sport: layout.sport,
-        dport: layout.dport,
-        family: layout.family,
-        protocol: layout.protocol.unwrap_or(0),
-        protocol_size: layout.protocol_size,
-        saddr: layout.saddr,
-        daddr: layout.daddr,
-        saddr_v6: layout.saddr_v6,
-        daddr_v6: layout.daddr_v6,
+    macro_rules! copy {
+        ($($field:ident),*) => {
+            RawStateLayout {
+                $($field: layout.$field,)*
+                protocol: layout.protocol.unwrap_or(0),
+                protocol_size: layout.protocol_size,
+            }
+        };
     }
+    state_record_fields!(copy)
+}
+
+/// Whether the kernel's state tracepoint record is laid out as `struct state_record`,
+/// which the probes then read directly instead of field by field through bpf_probe_read.
+pub fn is_state_record(layout: &StateLayout) -> bool {
+    use std::mem::{offset_of, size_of};
+    macro_rules! same {
+        ($($field:ident),*) => {
+            $(usize::from(layout.$field) == offset_of!(RawStateRecord, $field))&&*
+        };
+    }
+    state_record_fields!(same)
+        && layout.protocol.map(usize::from) == Some(offset_of!(RawStateRecord, protocol))
+        && usize::from(layout.protocol_size) == size_of::<u16>()
 }
 
 #[cfg(test)]
