@@ -252,7 +252,7 @@ test_bin() { # name: the release integration test executable for tests/<name>.rs
 TRACE_TESTS= ONCE_TESTS=
 if [ -z "$single" ]; then
     TRACE_TESTS="$(test_bin trace) $(test_bin outcomes) $(test_bin serve)"
-    ONCE_TESTS="$(test_bin cli) $(test_bin legacy) $(test_bin hardening)"
+    ONCE_TESTS="$(test_bin cli) $(test_bin legacy) $(test_bin hardening) $(test_bin faults)"
 fi
 # The overhead benchmark: small, next to the cells, in the VM TCPCONNLAT_MATRIX_BENCH names
 # (off in CI; under TCG only ratios within one run mean anything); or alone and

@@ -47,7 +47,10 @@ fn main() -> ExitCode {
     };
     match run(&cli, started) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) if is_broken_pipe(&e) => {
+            eprintln!("tcpconnlat: stopped: the output's reader went away (broken pipe)");
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("tcpconnlat: {e:#}");
             let bad_argument = e
@@ -75,8 +78,9 @@ fn one_line(e: &clap::Error) -> String {
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<io::Error>()
-        .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
+    e.chain()
+        .filter_map(|cause| cause.downcast_ref::<io::Error>())
+        .any(|e| e.kind() == io::ErrorKind::BrokenPipe)
 }
 
 fn run(cli: &Cli, started: Instant) -> Result<()> {
@@ -149,9 +153,9 @@ fn run(cli: &Cli, started: Instant) -> Result<()> {
     // Lines are flushed whenever the queue is empty, so none waits longer than --max-delay.
     let out = io::BufWriter::with_capacity(64 * 1024, io::stdout().lock());
     let mut printer = Printer::new(out, cli.format(), cli.view(), cli.columns(), tracer.mode);
-    printer.start()?;
+    printer.start().context(pump::WRITING)?;
     runtime.block_on(pump::pump(stream, &mut printer, cli.limits(), signals))?;
-    printer.finish()?;
+    printer.finish().context(pump::WRITING)?;
     Ok(())
 }
 

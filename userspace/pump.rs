@@ -23,6 +23,9 @@ pub trait Sink {
     fn flush(&mut self) -> io::Result<()>;
 }
 
+/// What a sink's error is about: its output (stdout, a pipe, a full disk).
+pub const WRITING: &str = "writing the output";
+
 /// When tracing stops by itself, and how often the sink's interval comes.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Limits {
@@ -80,7 +83,7 @@ pub async fn pump(
             _ = signals.recv() => break,
             _ = &mut deadline => break,
             _ = async { interval.as_mut().unwrap().tick().await }, if interval.is_some() => {
-                sink.interval()?;
+                sink.interval().context(WRITING)?;
                 continue
             }
             traced = stream.next() => match traced {
@@ -95,7 +98,7 @@ pub async fn pump(
                 return Ok(());
             }
         }
-        sink.flush()?;
+        sink.flush().context(WRITING)?;
     }
     // Ending: show what is already queued, then stop.
     stream.drain()?;
@@ -122,12 +125,12 @@ impl Shown {
     fn show(&mut self, sink: &mut dyn Sink, traced: Traced) -> Result<bool> {
         match traced {
             Traced::Connect(event) => {
-                sink.event(&event)?;
+                sink.event(&event).context(WRITING)?;
                 self.count += 1;
                 Ok(self.limit.is_some_and(|n| self.count >= n))
             }
             Traced::Shortfall(shortfall) => {
-                sink.shortfall(shortfall)?;
+                sink.shortfall(shortfall).context(WRITING)?;
                 Ok(false)
             }
         }

@@ -4,10 +4,13 @@
 //! removed when their link goes (every exit path that runs destructors), and, after a
 //! kill -9, removed by the next start of any instance (only events no one uses).
 
+use std::cell::OnceCell;
+use std::fs::File;
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::rc::Rc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use libbpf_rs::{Link, ProgramMut};
@@ -34,7 +37,10 @@ pub enum Kprobe {
 
 pub struct TracefsKprobe {
     link: Option<Link>,
-    kprobe_events: PathBuf,
+    /// `kprobe_events`, held open from the attach on: the event can be removed at exit
+    /// even if someone unmounted tracefs meanwhile (and a plain umount fails while it is
+    /// open).
+    kprobe_events: Rc<File>,
     name: String,
 }
 
@@ -67,6 +73,8 @@ pub struct KprobeAttacher<'a> {
     how: KprobeAttach,
     pmu: bool,
     tracefs: Option<&'a Path>,
+    /// `kprobe_events`, opened at the first tracefs attach and shared by its events.
+    kprobe_events: OnceCell<Rc<File>>,
 }
 
 impl<'a> KprobeAttacher<'a> {
@@ -75,6 +83,7 @@ impl<'a> KprobeAttacher<'a> {
             how,
             pmu: features.kprobe_pmu,
             tracefs: features.tracefs.as_deref(),
+            kprobe_events: OnceCell::new(),
         }
     }
 
@@ -104,13 +113,27 @@ impl<'a> KprobeAttacher<'a> {
         let tracefs = self
             .tracefs
             .ok_or_else(|| anyhow!("tracefs is not mounted: kprobe_events needs it"))?;
-        attach_tracefs(prog, site, tracefs)
+        self.events_file(tracefs)
+            .and_then(|events| attach_tracefs(prog, site, tracefs, events))
             .map(Kprobe::Tracefs)
             .map_err(|e| match pmu_error {
                 // Both ways failed: say both.
                 Some(pmu) => e.context(format!("the kprobe PMU refused it too ({pmu})")),
                 None => e,
             })
+    }
+
+    fn events_file(&self, tracefs: &Path) -> Result<Rc<File>> {
+        if let Some(file) = self.kprobe_events.get() {
+            return Ok(file.clone());
+        }
+        let path = tracefs.join("kprobe_events");
+        // Append: writing without O_APPEND would clear every other kprobe event.
+        let file = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        Ok(self.kprobe_events.get_or_init(|| Rc::new(file)).clone())
     }
 
     fn has_kprobe_events(&self) -> bool {
@@ -124,8 +147,8 @@ fn attach_tracefs(
     prog: &ProgramMut<'_>,
     site: &KprobeSite<'_>,
     tracefs: &Path,
+    kprobe_events: Rc<File>,
 ) -> Result<TracefsKprobe> {
-    let kprobe_events = tracefs.join("kprobe_events");
     let kind = match site.end {
         FunctionEnd::Entry => 'p',
         FunctionEnd::Return => 'r',
@@ -138,7 +161,12 @@ fn attach_tracefs(
         .collect();
     let name = format!("{}/{kind}_{clean}_{}", Group::ours().name(), site.tag);
     let line = format!("{kind}:{name} {}", site.symbol);
-    let adding = || format!("adding kprobe event {name} in {}", kprobe_events.display());
+    let adding = || {
+        format!(
+            "adding kprobe event {name} in {}/kprobe_events",
+            tracefs.display()
+        )
+    };
     add_event(&kprobe_events, &line).with_context(adding)?;
     // From here on the event exists: the guard removes it whatever happens next.
     let mut probe = TracefsKprobe {
@@ -222,13 +250,12 @@ impl Group {
     }
 }
 
-fn add_event(kprobe_events: &Path, line: &str) -> std::io::Result<()> {
-    // Append: writing without O_APPEND would clear every other kprobe event.
-    let mut f = OpenOptions::new().append(true).open(kprobe_events)?;
-    writeln!(f, "{line}")
+/// One command to `kprobe_events`, in one write (the kernel parses what each write holds).
+fn add_event(kprobe_events: &File, line: &str) -> std::io::Result<()> {
+    (&*kprobe_events).write_all(format!("{line}\n").as_bytes())
 }
 
-fn remove_event(kprobe_events: &Path, name: &str) -> std::io::Result<()> {
+fn remove_event(kprobe_events: &File, name: &str) -> std::io::Result<()> {
     add_event(kprobe_events, &format!("-:{name}"))
 }
 
@@ -237,8 +264,11 @@ fn remove_event(kprobe_events: &Path, name: &str) -> std::io::Result<()> {
 /// perf event is open on it, which is how an instance alive in another PID namespace,
 /// whose pid means nothing here, keeps its events.
 pub fn remove_stale(tracefs: &Path) -> usize {
-    let kprobe_events = tracefs.join("kprobe_events");
-    let Ok(text) = fs::read_to_string(&kprobe_events) else {
+    let path = tracefs.join("kprobe_events");
+    let (Ok(text), Ok(kprobe_events)) = (
+        fs::read_to_string(&path),
+        OpenOptions::new().append(true).open(&path),
+    ) else {
         return 0;
     };
     let ours = Group::ours();

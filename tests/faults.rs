@@ -1,0 +1,266 @@
+//! Faults while tracing: its kprobe events removed by someone else, tracefs unmounted, the
+//! output's disk full or its reader gone, the wall clock jumping, a CPU going offline with
+//! the perf buffer in use. Each ends in a clear message and a non-zero exit, or tracing
+//! goes on; never a hang, a panic or a silent stop.
+
+mod support;
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::*;
+
+fn features() -> Value {
+    let (status, out, err) = run(&["--features", "--json"]);
+    assert!(status.success(), "{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+fn usable(f: &Value, mode: &str) -> bool {
+    f["plan"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|s| s["mode"] == mode && s["usable"] == true)
+}
+
+/// Connects of this process to a listener, and the tracer must show them all.
+fn shows_connects(tracer: &Tracer, n: usize) {
+    let server = listen("127.0.0.1:0");
+    for _ in 0..n {
+        connect(server);
+    }
+    let events = tracer.events_until(Duration::from_secs(10), |e| {
+        e.iter().filter(|e| e["dport"] == server.port()).count() >= n
+    });
+    let seen = events
+        .iter()
+        .filter(|e| e["dport"] == server.port())
+        .count();
+    assert_eq!(seen, n, "{events:#?}\n{}", tracer.stderr.lock().unwrap());
+}
+
+/// tcpconnlat with stdout to `stdout`, showing connects of this process, and a connect
+/// every 50 ms until it ends; its exit status, stderr, and how long it ran.
+fn run_into(stdout: Stdio, args: &[&str]) -> (std::process::ExitStatus, String, Duration) {
+    let mut child = Command::new(bin())
+        .args(args)
+        .args(["-p", &me()])
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let server = listen("127.0.0.1:0");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "tcpconnlat went on for 30 s"
+        );
+        connect(server);
+        thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    BufReader::new(child.stderr.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .filter(|l| !l.starts_with("Tracing TCP connects") && !l.contains("kprobe events left"))
+        .for_each(|l| err.push_str(&format!("{l}\n")));
+    (status, err, started.elapsed())
+}
+
+#[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
+fn a_full_disk_ends_it_with_one_line() {
+    let _serial = serial();
+    let full = fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let (status, err, _) = run_into(Stdio::from(full), &[]);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("writing the output") && err.contains("No space left"),
+        "{err}"
+    );
+}
+
+#[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
+fn a_reader_that_goes_away_ends_it_with_one_line() {
+    let _serial = serial();
+    let (read, write) = nix::unistd::pipe().unwrap();
+    drop(read);
+    let (status, err, _) = run_into(Stdio::from(write), &["-j"]);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("reader went away"), "{err}");
+}
+
+/// Someone writes `-:<event>` (or truncates kprobe_events) while tcpconnlat traces through
+/// tracefs: the kernel refuses while the events are in use, and tracing goes on.
+#[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
+fn removing_its_kprobe_events_from_under_it_is_refused() {
+    let _serial = serial();
+    let f = features();
+    if !usable(&f, "legacy") || f["kprobe_events"] != true {
+        let (status, _, err) = run(&["--legacy", "--kprobe-attach", "tracefs", "-d", "1"]);
+        assert_eq!(status.code(), Some(1), "{err}");
+        assert!(
+            err.starts_with("tcpconnlat: cannot trace in legacy mode"),
+            "{err}"
+        );
+        return;
+    }
+    let tracer = Tracer::start(&[
+        "--json",
+        "--legacy",
+        "--kprobe-attach",
+        "tracefs",
+        "-p",
+        &me(),
+    ]);
+    let events = Path::new(f["tracefs"].as_str().unwrap()).join("kprobe_events");
+    let ours: Vec<String> = fs::read_to_string(&events)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&format!("_{}/", tracer.pid())))
+        .map(str::to_owned)
+        .collect();
+    assert!(!ours.is_empty());
+    for line in &ours {
+        let name = line
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .split_once(':')
+            .unwrap()
+            .1;
+        let mut file = fs::OpenOptions::new().append(true).open(&events).unwrap();
+        let removed = file.write_all(format!("-:{name}\n").as_bytes());
+        let errno = removed
+            .expect_err("an event in use was removed")
+            .raw_os_error();
+        assert_eq!(errno, Some(libc::EBUSY), "{name}");
+    }
+    // Clearing them all (O_TRUNC) is refused too.
+    assert!(fs::File::create(&events).is_err());
+    shows_connects(&tracer, 3);
+    assert!(tracer.interrupt().success());
+}
+
+/// Where tracefs is mounted, and mounts it there again when dropped.
+struct Unmounted(PathBuf);
+
+impl Drop for Unmounted {
+    fn drop(&mut self) {
+        let _ = Command::new("mount")
+            .args(["-t", "tracefs", "tracefs"])
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// tracefs unmounted while tracing (lazily: a plain umount is refused while tcpconnlat
+/// holds kprobe_events open): tracing goes on, and at exit the tracefs events are still
+/// removed.
+#[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
+fn tracefs_unmounted_while_tracing_changes_nothing() {
+    let _serial = serial();
+    let f = features();
+    let tracefs = PathBuf::from(f["tracefs"].as_str().unwrap());
+    let through_tracefs = usable(&f, "legacy") && f["kprobe_events"] == true;
+    let args: &[&str] = if through_tracefs {
+        &["--json", "--legacy", "--kprobe-attach", "tracefs"]
+    } else {
+        &["--json"] // the tracepoint needs tracefs only to attach
+    };
+    let mut all = args.to_vec();
+    let me = me();
+    all.extend(["-p", &me]);
+    let tracer = Tracer::start(&all);
+    let pid = tracer.pid();
+    let status = Command::new("umount")
+        .arg("-l")
+        .arg(&tracefs)
+        .status()
+        .unwrap();
+    assert!(status.success(), "umount -l {}", tracefs.display());
+    let remount = Unmounted(tracefs.clone());
+    shows_connects(&tracer, 3);
+    assert!(tracer.interrupt().success());
+    drop(remount);
+    let left = fs::read_to_string(tracefs.join("kprobe_events")).unwrap_or_default();
+    assert!(!left.contains(&format!("_{pid}/")), "left behind:\n{left}");
+}
+
+/// The wall clock jumps an hour (NTP, an operator): latencies and the stream are on the
+/// monotonic clock, and nothing changes.
+#[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
+fn the_wall_clock_jumping_changes_nothing() {
+    use nix::time::{clock_gettime, clock_settime, ClockId};
+    let _serial = serial();
+    let tracer = Tracer::start(&["--json", "-p", &me()]);
+    let jump = |seconds: i64| {
+        let now = clock_gettime(ClockId::CLOCK_REALTIME).unwrap();
+        let then = nix::sys::time::TimeSpec::new(now.tv_sec() + seconds, now.tv_nsec());
+        clock_settime(ClockId::CLOCK_REALTIME, then).unwrap();
+    };
+    jump(3600);
+    shows_connects(&tracer, 3);
+    jump(-7200);
+    shows_connects(&tracer, 3);
+    jump(3600);
+    let events = tracer.lines_for(Duration::from_millis(200));
+    assert!(events.is_empty(), "{events:?}");
+    assert!(tracer.interrupt().success());
+}
+
+/// A CPU goes offline while the perf buffer (one ring per CPU) is in use, then comes back:
+/// events keep coming from the CPUs that run, and it exits cleanly. Only in the matrix's
+/// VMs: taking a CPU of the machine that runs the tests away is not a test's to do.
+#[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
+fn a_cpu_going_offline_under_the_perf_buffer() {
+    let _serial = serial();
+    let online = Path::new("/sys/devices/system/cpu/cpu1/online");
+    if std::env::var_os("TCPCONNLAT_EMULATED").is_none() || !online.exists() {
+        eprintln!("runs in the matrix VMs (2 vCPUs), not on the host");
+        return;
+    }
+    let tracer = Tracer::start(&["--json", "--transport", "perfbuf", "-p", &me()]);
+    fs::write(online, "0").unwrap();
+    let back = scopeguard(|| {
+        let _ = fs::write(online, "1");
+    });
+    shows_connects(&tracer, 5);
+    drop(back);
+    assert_eq!(fs::read_to_string(online).unwrap().trim(), "1");
+    shows_connects(&tracer, 5);
+    assert!(tracer.interrupt().success());
+}
+
+/// Runs `f` when dropped.
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}
