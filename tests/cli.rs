@@ -210,12 +210,6 @@ fn without_privileges_it_says_to_use_root() {
     assert!(!err.contains("has no BPF ring buffer"), "{err}");
 }
 
-fn features() -> Value {
-    let (status, out, err) = run(&["--features", "--json"]);
-    assert!(status.success(), "{err}");
-    serde_json::from_str(&out).unwrap()
-}
-
 #[test]
 #[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
 fn features_tell_the_truth() {

@@ -12,22 +12,7 @@ use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use support::*;
-
-fn features() -> Value {
-    let (status, out, err) = run(&["--features", "--json"]);
-    assert!(status.success(), "{err}");
-    serde_json::from_str(&out).unwrap()
-}
-
-fn usable(f: &Value, mode: &str) -> bool {
-    f["plan"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|s| s["mode"] == mode && s["usable"] == true)
-}
 
 /// Connects of this process to a listener, and the tracer must show them all.
 fn shows_connects(tracer: &Tracer, n: usize) {
@@ -113,13 +98,7 @@ fn a_reader_that_goes_away_ends_it_with_one_line() {
 fn removing_its_kprobe_events_from_under_it_is_refused() {
     let _serial = serial();
     let f = features();
-    if !usable(&f, "legacy") || f["kprobe_events"] != true {
-        let (status, _, err) = run(&["--legacy", "--kprobe-attach", "tracefs", "-d", "1"]);
-        assert_eq!(status.code(), Some(1), "{err}");
-        assert!(
-            err.starts_with("tcpconnlat: cannot trace in legacy mode"),
-            "{err}"
-        );
+    if !legacy_through_tracefs(&f) {
         return;
     }
     let tracer = Tracer::start(&[

@@ -284,20 +284,6 @@ fn the_loop_check_finds_loops() {
     ]));
 }
 
-fn features() -> Value {
-    let (status, out, err) = run(&["--features", "--json"]);
-    assert!(status.success(), "{err}");
-    serde_json::from_str(&out).unwrap()
-}
-
-fn usable(f: &Value, mode: &str) -> bool {
-    f["plan"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|s| s["mode"] == mode && s["usable"] == true)
-}
-
 fn kprobe_events(f: &Value) -> PathBuf {
     PathBuf::from(f["tracefs"].as_str().unwrap()).join("kprobe_events")
 }
@@ -330,14 +316,7 @@ fn all_events(f: &Value) -> Vec<String> {
 fn tracefs_kprobes_never_outlive_their_tracer() {
     let _serial = serial();
     let f = features();
-    if !usable(&f, "legacy") || f["kprobe_events"] != true {
-        let (status, _, err) = run(&["--legacy", "--kprobe-attach", "tracefs", "-d", "1"]);
-        assert_eq!(status.code(), Some(1), "{err}");
-        assert_eq!(err.lines().count(), 1, "{err}");
-        assert!(
-            err.starts_with("tcpconnlat: cannot trace in legacy mode"),
-            "{err}"
-        );
+    if !legacy_through_tracefs(&f) {
         return;
     }
     let args = ["--json", "--legacy", "--kprobe-attach", "tracefs"];
@@ -523,13 +502,7 @@ fn children(pid: u32) -> Vec<u32> {
 fn instances_in_other_pid_namespaces_keep_their_events() {
     let _serial = serial();
     let f = features();
-    if !usable(&f, "legacy") || f["kprobe_events"] != true {
-        let (status, _, err) = run(&["--legacy", "--kprobe-attach", "tracefs", "-d", "1"]);
-        assert_eq!(status.code(), Some(1), "{err}");
-        assert!(
-            err.starts_with("tcpconnlat: cannot trace in legacy mode"),
-            "{err}"
-        );
+    if !legacy_through_tracefs(&f) {
         return;
     }
     let server = listen("127.0.0.1:0");

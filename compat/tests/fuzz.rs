@@ -29,6 +29,27 @@ fn config(base: u32) -> ProptestConfig {
     }
 }
 
+/// `bytes` with bytes changed anywhere, some of the first ones (the header) changed, and
+/// what is left kept (a share of it, 0.0 to 1.0).
+fn corrupt(
+    mut bytes: Vec<u8>,
+    flips: Vec<(prop::sample::Index, u8)>,
+    header_flips: Vec<(usize, u8)>,
+    keep: f64,
+) -> Vec<u8> {
+    for (at, value) in flips {
+        let i = at.index(bytes.len());
+        bytes[i] = value;
+    }
+    for (i, value) in header_flips {
+        if i < bytes.len() {
+            bytes[i] = value;
+        }
+    }
+    bytes.truncate((bytes.len() as f64 * keep) as usize);
+    bytes
+}
+
 fn fixture(rel: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
@@ -141,15 +162,7 @@ mod btf {
             header_flips in proptest::collection::vec((0..24usize, any::<u8>()), 0..3),
             keep in 0.0..=1.0f64,
         ) {
-            let mut bytes = real_btf().to_vec();
-            for (at, value) in flips {
-                let i = at.index(bytes.len());
-                bytes[i] = value;
-            }
-            for (i, value) in header_flips {
-                bytes[i] = value;
-            }
-            bytes.truncate((bytes.len() as f64 * keep) as usize);
+            let bytes = corrupt(real_btf().to_vec(), flips, header_flips, keep);
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("mutated.btf");
             std::fs::write(&path, &bytes).unwrap();
@@ -189,15 +202,7 @@ mod vdso {
             header_flips in proptest::collection::vec((0..64usize, any::<u8>()), 0..4),
             keep in 0.0..=1.0f64,
         ) {
-            let mut image = images().swap_remove(which);
-            for (at, value) in flips {
-                let i = at.index(image.len());
-                image[i] = value;
-            }
-            for (i, value) in header_flips {
-                image[i] = value;
-            }
-            image.truncate((image.len() as f64 * keep) as usize);
+            let image = corrupt(images().swap_remove(which), flips, header_flips, keep);
             let _ = from_vdso(&image);
         }
 

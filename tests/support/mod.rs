@@ -911,3 +911,35 @@ pub fn scrape_until(addr: SocketAddr, done: impl Fn(&str) -> bool) -> String {
         thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// What `--features --json` says of this kernel.
+pub fn features() -> Value {
+    let (status, out, err) = run(&["--features", "--json"]);
+    assert!(status.success(), "{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+/// Whether `--features` calls `mode` usable.
+pub fn usable(f: &Value, mode: &str) -> bool {
+    f["plan"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|s| s["mode"] == mode && s["usable"] == true)
+}
+
+/// Whether legacy mode can trace through tracefs kprobes here; where it cannot, asking for
+/// it must be one clear error, which this asserts.
+pub fn legacy_through_tracefs(f: &Value) -> bool {
+    if usable(f, "legacy") && f["kprobe_events"] == true {
+        return true;
+    }
+    let (status, _, err) = run(&["--legacy", "--kprobe-attach", "tracefs", "-d", "1"]);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("tcpconnlat: cannot trace in legacy mode"),
+        "{err}"
+    );
+    false
+}
