@@ -31,6 +31,7 @@ fn main() {
     let probes = Path::new("probes");
     println!("cargo:rerun-if-changed=probes");
     println!("cargo:rerun-if-env-changed=KERNEL_HEADERS");
+    revision();
 
     // The vendored vmlinux.h, the legacy probes' pt_regs and the kernel header paths below
     // are x86-64's: say so at once rather than build probes that would misread registers.
@@ -81,6 +82,26 @@ fn main() {
     }
     table.push_str("];\n");
     fs::write(out.join("header_offsets.rs"), table).expect("write header_offsets.rs");
+}
+
+/// The commit this is built from, for `tcpconnlat_build_info` (TCPCONNLAT_REVISION, or
+/// git's, or "unknown" outside a checkout).
+fn revision() {
+    println!("cargo:rerun-if-env-changed=TCPCONNLAT_REVISION");
+    println!("cargo:rerun-if-changed=.git/HEAD");
+    let revision = env::var("TCPCONNLAT_REVISION").ok().or_else(|| {
+        let out = Command::new("git")
+            .args(["rev-parse", "--short=12", "HEAD"])
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    });
+    println!(
+        "cargo:rustc-env=TCPCONNLAT_REVISION={}",
+        revision.unwrap_or_else(|| "unknown".to_owned())
+    );
 }
 
 /// Compile probes/sock_offsets.c against one kernel build tree (an O= build directory

@@ -1,8 +1,9 @@
 //! Fleet mode's memory against many destinations: 100,000 refused connects to 20,000
 //! destinations (200 loopback addresses × 100 closed ports) into `tcpconnlat --serve`,
-//! with the default `--max-series` (1,000) and with room for every destination, side by
-//! side. Prints resident memory at start and its peak after, the label sets in use, what
-//! was folded and the size of a scrape; asserts nothing. Root (it loads the probes).
+//! with the default `--max-series` (5,000 series) and with room for every destination, side
+//! by side. Prints resident memory at start and its peak after, the label sets and series
+//! in use (and the series a scrape holds), what was folded and the size of a scrape;
+//! asserts nothing. Root (it loads the probes).
 //!
 //! `TCPCONNLAT_BENCH_CARD_CONNECTS` and `TCPCONNLAT_BENCH_CARD_DESTS` make it smaller.
 
@@ -31,10 +32,20 @@ fn main() {
         targets.len()
     );
     println!(
-        "{:<26} {:>12} {:>12} {:>11} {:>10} {:>12} {:>9}",
-        "--max-series", "RSS start", "peak after", "label sets", "folded", "scrape", "took"
+        "{:<26} {:>12} {:>12} {:>11} {:>8} {:>8} {:>10} {:>12} {:>9}",
+        "--max-series",
+        "RSS start",
+        "peak after",
+        "label sets",
+        "series",
+        "scraped",
+        "folded",
+        "scrape",
+        "took"
     );
-    for max_series in [1000, dests + 1] {
+    // Room for all: each destination's refused histogram (15 series) and counter, and more.
+    let room = 20 * (dests + 100);
+    for max_series in [5000, room] {
         let run = Run::start(max_series);
         let (rss_start, _) = run.memory_kb();
         let started = Instant::now();
@@ -44,16 +55,22 @@ fn main() {
         let text = run.scraped_when(|t| refused(t) >= connects as f64);
         let took = started.elapsed();
         let (_, peak) = run.memory_kb();
-        let label = if max_series == 1000 {
-            "1000 (default)".to_owned()
+        let label = if max_series == 5000 {
+            "5000 (default)".to_owned()
         } else {
             format!("{max_series} (room for all)")
         };
+        let scraped = text
+            .lines()
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .count();
         println!(
-            "{label:<26} {:>9} kB {:>9} kB {:>11} {:>10} {:>9} kB {:>8.1}s",
+            "{label:<26} {:>9} kB {:>9} kB {:>11} {:>8} {:>8} {:>10} {:>9} kB {:>8.1}s",
             rss_start,
             peak,
             value(&text, "tcpconnlat_label_sets").unwrap_or(0.0),
+            value(&text, "tcpconnlat_series").unwrap_or(0.0),
+            scraped,
             value(&text, "tcpconnlat_series_folded_total").unwrap_or(0.0),
             text.len() / 1024,
             took.as_secs_f64()

@@ -587,7 +587,7 @@ fn sigterm_stops_the_exporter_cleanly() {
     let (mut tracer, addr) = serving(&[]);
     let held = tracer.held_maps();
     assert!(!held.is_empty(), "{held:?}");
-    assert!(scrape(addr).contains("tcpconnlat_info"));
+    assert!(scrape(addr).contains("tcpconnlat_build_info"));
     kill(
         nix::unistd::Pid::from_raw(tracer.pid() as i32),
         Signal::SIGTERM,

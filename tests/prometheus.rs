@@ -258,8 +258,8 @@ fn every_dashboard_query_runs_on_a_real_prometheus() {
     assert!(checked >= 10, "{checked} queries");
     // The ones that need no failure to have data have it.
     for promql in [
-        "tcpconnlat_info",
-        "sum(tcpconnlat_label_sets)",
+        "tcpconnlat_build_info",
+        "sum(tcpconnlat_series)",
         "sum by (outcome) (rate(tcpconnlat_connect_duration_seconds_count{outcome!=\"established\"}[1m]))",
     ] {
         let end = Instant::now() + Duration::from_secs(20);

@@ -41,10 +41,31 @@ fn served_metrics_count_known_connects_by_outcome_and_dest() {
     );
     assert!(sample(&text, &sum).unwrap() < 3.0, "{text}");
     let mode = test_mode().unwrap_or_default();
+    let build = text
+        .lines()
+        .find(|l| l.starts_with("tcpconnlat_build_info{"))
+        .unwrap_or_else(|| panic!("no build info in:\n{text}"));
+    assert!(build.contains(&format!("mode=\"{mode}")), "{build}");
     assert!(
-        text.contains(&format!("tcpconnlat_info{{mode=\"{mode}")) || mode.is_empty(),
+        build.contains("revision=\"") && build.ends_with(" 1"),
+        "{build}"
+    );
+    // What client libraries export of any process, there too.
+    assert!(
+        sample(&text, "process_cpu_seconds_total").is_some(),
         "{text}"
     );
+    for series in [
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_max_fds",
+        "process_start_time_seconds",
+    ] {
+        assert!(
+            sample(&text, series).is_some_and(|v| v > 0.0),
+            "{series} in:\n{text}"
+        );
+    }
     assert_eq!(sample(&text, "tcpconnlat_lost_events_total"), Some(0.0));
     // OpenMetrics, for a scraper that asks for it.
     let mut response = ureq::get(&format!("http://{addr}/metrics"))
@@ -67,26 +88,50 @@ fn served_metrics_count_known_connects_by_outcome_and_dest() {
     assert!(tracer.interrupt().success());
 }
 
+/// The series a scrape holds: what Prometheus stores (and pays for).
+fn series_in(scrape: &str) -> usize {
+    scrape
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .count()
+}
+
+/// `--max-series` bounds what Prometheus pays for: destinations beyond go under
+/// dest="other", and no scrape ever holds more series than it allows.
 #[test]
 #[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
-fn label_sets_beyond_max_series_fold_into_other() {
+fn destinations_beyond_the_series_budget_fold_into_other() {
     let _serial = serial();
-    let closed = closed_service_ports(5);
-    let (tracer, addr) = serving(&["-p", &me(), "--max-series", "2"]);
+    let closed = closed_service_ports(40);
+    // Two buckets: a destination of one outcome costs 6 series (5 for its histogram, its
+    // retransmit counter), the folded one keeps 26 aside; 120 leaves room for a few.
+    let budget = 120.0;
+    let (tracer, addr) = serving(&["-p", &me(), "--max-series", "120", "--buckets", "0.001,1"]);
     for &port in &closed {
         let _ = std::net::TcpStream::connect(("127.0.0.1", port));
     }
-    let text = scrape_until(addr, |t| {
-        served_count(t, "refused", "other") + 2.0 >= closed.len() as f64
-    });
-    // Two of their own and "other" (where this test's own scrapes land too).
-    assert_eq!(sample(&text, "tcpconnlat_label_sets"), Some(3.0), "{text}");
+    // Each refused connect, under its own destination or under "other".
+    let own = |t: &str| {
+        closed
+            .iter()
+            .map(|port| served_count(t, "refused", &format!("127.0.0.1:{port}")))
+            .sum::<f64>()
+    };
+    let counted = |t: &str| own(t) + served_count(t, "refused", "other");
+    let text = scrape_until(addr, |t| counted(t) >= closed.len() as f64);
+    assert_eq!(counted(&text), closed.len() as f64, "{text}");
+    assert!(own(&text) >= 1.0, "no destination of its own: {text}");
     let folded = sample(&text, "tcpconnlat_series_folded_total").unwrap();
-    assert!(folded >= closed.len() as f64 - 2.0, "{text}");
-    assert_eq!(
-        served_count(&text, "refused", "other"),
-        closed.len() as f64 - 2.0,
-        "{text}"
+    assert!(folded >= served_count(&text, "refused", "other"), "{text}");
+    let series = sample(&text, "tcpconnlat_series").unwrap();
+    assert!(
+        series <= budget,
+        "{series} series over a budget of {budget}:\n{text}"
+    );
+    assert!(
+        series_in(&text) as f64 <= series,
+        "{}: {text}",
+        series_in(&text)
     );
     assert!(tracer.interrupt().success());
 }

@@ -201,10 +201,10 @@ pub struct Cli {
           requires = "serve", help_heading = "Fleet (--serve)")]
     pub dest: DestLabel,
 
-    /// Label sets (dest, and cgroup with --label cgroup) at most; connects beyond go under
-    /// dest="other"
-    #[arg(long, value_name = "N", default_value_t = 1000, requires = "serve",
-          value_parser = clap::value_parser!(u32).range(1..=1_000_000),
+    /// Series at most, all counted (what Prometheus pays for): a destination (with its
+    /// cgroup) that would take more goes under dest="other"
+    #[arg(long, value_name = "N", default_value_t = 5000, requires = "serve",
+          value_parser = clap::value_parser!(u32).range(1..=10_000_000),
           help_heading = "Fleet (--serve)")]
     pub max_series: u32,
 
@@ -214,7 +214,7 @@ pub struct Cli {
     pub series_ttl: Duration,
 
     /// Histogram bucket bounds in seconds, increasing, comma-separated (default: 50 µs
-    /// doubling to 210 s)
+    /// to 210 s, each four times the last)
     #[arg(long, value_name = "SECS", value_delimiter = ',', value_parser = parse_bucket,
           requires = "serve", help_heading = "Fleet (--serve)")]
     pub buckets: Vec<f64>,

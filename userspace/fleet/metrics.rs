@@ -44,6 +44,7 @@ pub struct LabelRules {
     /// Destination ports in this range (the kernel's ephemeral ports) are never label
     /// values: they are as many as connections.
     pub ephemeral: RangeInclusive<u16>,
+    /// Series at most, everything counted (what Prometheus pays for).
     pub max_series: usize,
     pub ttl: Duration,
 }
@@ -98,6 +99,61 @@ struct Live {
     outcomes: Vec<Outcome>,
 }
 
+/// The series the label sets may make, and those they have. A label set costs its
+/// retransmit counter (one series, kept for it from the start) and, for each outcome it
+/// has seen, a histogram: a series per bucket, +Inf, `_sum` and `_count`. The folded set
+/// `dest="other"` has its worst case kept aside, so that folding always fits.
+#[derive(Debug)]
+struct SeriesBudget {
+    /// For label sets of their own: `--max-series` less the fixed series and the folded
+    /// set's reserve.
+    own: usize,
+    per_histogram: usize,
+    /// Series the label sets of their own have now.
+    used: usize,
+}
+
+impl SeriesBudget {
+    const OUTCOMES: usize = 5;
+
+    fn new(max_series: usize, fixed: usize, buckets: usize) -> Result<SeriesBudget, String> {
+        let per_histogram = buckets + 3;
+        let one_set = 1 + Self::OUTCOMES * per_histogram;
+        // The folded set's worst case, and room for one destination of one outcome.
+        let least = fixed + one_set + 1 + per_histogram;
+        if max_series < least {
+            return Err(format!(
+                "--max-series {max_series} leaves no room for a destination: with {buckets} \
+                 buckets, {fixed} fixed series and the folded dest=\"other\", give {least} at least"
+            ));
+        }
+        Ok(SeriesBudget {
+            own: max_series - fixed - one_set,
+            per_histogram,
+            used: 0,
+        })
+    }
+
+    /// What counting `outcome` under a label set costs (new: not in use yet).
+    fn cost(&self, new: bool, outcome_new: bool) -> usize {
+        usize::from(new) + if outcome_new { self.per_histogram } else { 0 }
+    }
+
+    /// What a label set with these outcomes has.
+    fn of(&self, outcomes: usize) -> usize {
+        1 + outcomes * self.per_histogram
+    }
+}
+
+/// The sample lines of a scrape: the series Prometheus stores.
+fn scrape_samples(registry: &Registry) -> usize {
+    let mut text = String::new();
+    let _ = prometheus_client::encoding::text::encode(&mut text, registry);
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .count()
+}
+
 /// The metrics one tracer exports.
 pub struct Metrics {
     pub registry: Registry,
@@ -109,11 +165,20 @@ pub struct Metrics {
     folded: Counter,
     accept_errors: Counter,
     label_sets: Gauge,
-    live: Mutex<HashMap<SeriesKey, Live>>,
+    series: Gauge,
+    /// Series that exist whatever the traffic: every metric without labels.
+    fixed: usize,
+    state: Mutex<State>,
     rules: LabelRules,
 }
 
-/// What `tcpconnlat_info` says.
+/// The label sets in use, and the series they may have.
+struct State {
+    live: HashMap<SeriesKey, Live>,
+    budget: SeriesBudget,
+}
+
+/// What `tcpconnlat_build_info` says of how this host traces.
 pub struct Identity<'a> {
     pub mode: Mode,
     pub transport: &'a str,
@@ -121,13 +186,21 @@ pub struct Identity<'a> {
 }
 
 impl Metrics {
-    /// 50 µs to 210 s (beyond the ~127 s of the kernel's default SYN retries), doubling.
+    /// 50 µs to 210 s (beyond the ~127 s of the kernel's default SYN retries), each four
+    /// times the last: 12 buckets, 15 series a histogram.
     pub fn default_buckets() -> Vec<f64> {
-        prometheus_client::metrics::histogram::exponential_buckets(50e-6, 2.0, 23).collect()
+        prometheus_client::metrics::histogram::exponential_buckets(50e-6, 4.0, 12).collect()
     }
 
-    pub fn new(rules: LabelRules, buckets: Vec<f64>, identity: &Identity<'_>) -> Metrics {
-        // No registry prefix: `tcpconnlat_info` is an info metric named `tcpconnlat`.
+    /// The metrics, or why `--max-series` cannot hold them.
+    pub fn new(
+        rules: LabelRules,
+        buckets: Vec<f64>,
+        identity: &Identity<'_>,
+    ) -> Result<Metrics, String> {
+        let bucket_count = buckets.len();
+        // No registry prefix: `tcpconnlat_build_info` is an info metric named
+        // `tcpconnlat_build`.
         let mut registry = Registry::default();
         let metrics = Metrics {
             registry: Registry::default(),
@@ -139,7 +212,16 @@ impl Metrics {
             folded: Counter::default(),
             accept_errors: Counter::default(),
             label_sets: Gauge::default(),
-            live: Mutex::new(HashMap::new()),
+            series: Gauge::default(),
+            fixed: 0,
+            state: Mutex::new(State {
+                live: HashMap::new(),
+                budget: SeriesBudget {
+                    own: 0,
+                    per_histogram: 0,
+                    used: 0,
+                },
+            }),
             rules,
         };
         registry.register_with_unit(
@@ -184,23 +266,39 @@ impl Metrics {
         }
         registry.register(
             "tcpconnlat_label_sets",
-            "Label sets in use (at most --max-series, and the folded one)",
+            "Label sets in use (destinations, and the folded one)",
             metrics.label_sets.clone(),
         );
         registry.register(
-            "tcpconnlat",
-            "How this tracer traces",
+            "tcpconnlat_series",
+            "Series this exporter has or keeps room for (at most --max-series)",
+            metrics.series.clone(),
+        );
+        registry.register(
+            "tcpconnlat_build",
+            "Which tcpconnlat this is and how it traces here",
             Info::new(vec![
+                ("version", env!("CARGO_PKG_VERSION").to_owned()),
+                ("revision", env!("TCPCONNLAT_REVISION").to_owned()),
                 ("mode", identity.mode.name().to_owned()),
                 ("transport", identity.transport.to_owned()),
                 ("kernel", identity.kernel.to_owned()),
-                ("version", env!("CARGO_PKG_VERSION").to_owned()),
             ]),
         );
-        Metrics {
+        registry.register_collector(Box::new(super::process::ProcessCollector));
+        // Every series that exists before any connect is fixed: count them as scraped.
+        let fixed = scrape_samples(&registry);
+        let budget = SeriesBudget::new(metrics.rules.max_series, fixed, bucket_count)?;
+        metrics.series.set(fixed as i64);
+        Ok(Metrics {
             registry,
+            fixed,
+            state: Mutex::new(State {
+                live: HashMap::new(),
+                budget,
+            }),
             ..metrics
-        }
+        })
     }
 
     /// Count one connect.
@@ -237,27 +335,44 @@ impl Metrics {
         }
     }
 
-    /// The label set a connect is counted under: its own, or, with `--max-series` in use
-    /// already, the folded one.
+    /// The label set a connect is counted under: its own, or, where the series it would
+    /// add do not fit in `--max-series`, the folded one.
     fn claim(&self, key: SeriesKey, outcome: Outcome) -> SeriesKey {
-        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        let key = if live.contains_key(&key) || live.len() < self.rules.max_series {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let State { live, budget } = &mut *state;
+        let cost = match live.get(&key) {
+            Some(set) => budget.cost(false, !set.outcomes.contains(&outcome)),
+            None => budget.cost(true, true),
+        };
+        let key = if budget.used + cost <= budget.own {
+            budget.used += cost;
             key
         } else {
             self.folded.inc();
             SeriesKey::folded(self.rules.cgroup)
         };
         let entry = live.entry(key.clone()).or_insert(Live {
-            last: now,
+            last: Instant::now(),
             outcomes: Vec::new(),
         });
-        entry.last = now;
+        entry.last = Instant::now();
         if !entry.outcomes.contains(&outcome) {
             entry.outcomes.push(outcome);
         }
-        self.label_sets.set(live.len() as i64);
+        self.count_series(&state);
         key
+    }
+
+    /// The gauges of what is in use.
+    fn count_series(&self, state: &State) {
+        let folded = SeriesKey::folded(self.rules.cgroup);
+        let other = state
+            .live
+            .get(&folded)
+            .map_or(0, |set| state.budget.of(set.outcomes.len()));
+        self.label_sets.set(state.live.len() as i64);
+        self.series
+            .set((self.fixed + state.budget.used + other) as i64);
     }
 
     /// A scrape connection could not be accepted.
@@ -277,7 +392,9 @@ impl Metrics {
 
     /// Drop the label sets no connect used for `--series-ttl`; how many.
     pub fn expire(&self) -> usize {
-        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let State { live, budget } = &mut *state;
+        let folded = SeriesKey::folded(self.rules.cgroup);
         let ttl = self.rules.ttl;
         let idle: Vec<SeriesKey> = live
             .iter()
@@ -286,19 +403,22 @@ impl Metrics {
             .collect();
         for key in &idle {
             if let Some(gone) = live.remove(key) {
+                if *key != folded {
+                    budget.used -= budget.of(gone.outcomes.len());
+                }
                 for outcome in gone.outcomes {
                     self.durations.remove(&key.with_outcome(outcome));
                 }
                 self.retransmits.remove(&key.labels());
             }
         }
-        self.label_sets.set(live.len() as i64);
+        self.count_series(&state);
         idle.len()
     }
 
     /// Label sets in use.
     #[cfg(test)]
-    fn series(&self) -> usize {
+    fn label_sets(&self) -> usize {
         self.label_sets.get() as usize
     }
 }
@@ -318,6 +438,15 @@ mod tests {
         }
     }
 
+    /// Room for `sets` destinations of one outcome each (beyond the fixed series and the
+    /// folded set's reserve), with the default buckets.
+    fn room_for(sets: usize) -> usize {
+        let per_histogram = Metrics::default_buckets().len() + 3;
+        metrics(DestLabel::IpPort, 100_000, Duration::ZERO).fixed
+            + (1 + 5 * per_histogram)
+            + sets * (1 + per_histogram)
+    }
+
     fn metrics(dest: DestLabel, max_series: usize, ttl: Duration) -> Metrics {
         let rules = LabelRules {
             dest,
@@ -331,7 +460,7 @@ mod tests {
             transport: "ring buffer",
             kernel: "6.18.0",
         };
-        Metrics::new(rules, Metrics::default_buckets(), &identity)
+        Metrics::new(rules, Metrics::default_buckets(), &identity).unwrap()
     }
 
     fn scrape(m: &Metrics) -> String {
@@ -342,7 +471,7 @@ mod tests {
 
     #[test]
     fn connects_become_histograms_and_counters_by_outcome_and_dest() {
-        let m = metrics(DestLabel::IpPort, 10, Duration::from_secs(900));
+        let m = metrics(DestLabel::IpPort, room_for(3), Duration::from_secs(900));
         m.observe(&event("10.0.0.2", 443, Outcome::Established, 2), None);
         m.observe(&event("10.0.0.2", 443, Outcome::Refused, 1), None);
         m.observe(&event("::1", 50000, Outcome::Timeout, 3000), None);
@@ -352,7 +481,7 @@ mod tests {
             r#"tcpconnlat_connect_duration_seconds_count{outcome="refused",dest="10.0.0.2:443"} 1"#,
             r#"tcpconnlat_connect_duration_seconds_count{outcome="timeout",dest="[::1]:ephemeral"} 1"#,
             r#"tcpconnlat_syn_retransmits_total{dest="10.0.0.2:443"} 2"#,
-            r#"tcpconnlat_info{mode="tracepoint",transport="ring buffer",kernel="6.18.0","#,
+            r#"tcpconnlat_build_info{version=""#,
         ] {
             assert!(text.contains(line), "no {line} in:\n{text}");
         }
@@ -363,19 +492,49 @@ mod tests {
     }
 
     #[test]
-    fn label_sets_beyond_the_cap_fold_into_other_and_idle_ones_expire() {
-        let m = metrics(DestLabel::IpPort, 2, Duration::ZERO);
+    fn destinations_beyond_the_series_budget_fold_into_other_and_idle_ones_expire() {
+        let max = room_for(2);
+        let m = metrics(DestLabel::IpPort, max, Duration::ZERO);
         for port in [1, 2, 3, 4] {
             m.observe(&event("10.0.0.2", port, Outcome::Refused, 1), None);
         }
         // Two label sets of their own; the others share "other" (which is one more).
-        assert_eq!(m.series(), 3);
+        assert_eq!(m.label_sets(), 3);
         let text = scrape(&m);
         assert!(text.contains(r#"dest="other"} 2"#), "{text}");
         assert!(text.contains("tcpconnlat_series_folded_total 2"), "{text}");
+        // The gauge is what a scrape holds, and the budget holds.
+        let series = m.series.get() as usize;
+        assert_eq!(series, scrape_samples(&m.registry), "{text}");
+        assert!(series <= max, "{series} series, budget {max}");
+        // A second outcome of a destination of its own does not fit: it is folded too.
+        m.observe(&event("10.0.0.2", 1, Outcome::Timeout, 1), None);
+        assert!(scrape(&m).contains("tcpconnlat_series_folded_total 3"));
+        assert!(m.series.get() as usize <= max);
         assert_eq!(m.expire(), 3);
-        assert_eq!(m.series(), 0);
+        assert_eq!(m.label_sets(), 0);
+        assert_eq!(m.series.get() as usize, m.fixed);
         assert!(!scrape(&m).contains(",dest="), "{}", scrape(&m));
+    }
+
+    #[test]
+    fn a_budget_without_room_for_one_destination_is_refused() {
+        let rules = LabelRules {
+            dest: DestLabel::IpPort,
+            cgroup: false,
+            ephemeral: 32768..=60999,
+            max_series: 50,
+            ttl: Duration::ZERO,
+        };
+        let identity = Identity {
+            mode: Mode::Tracepoint,
+            transport: "",
+            kernel: "",
+        };
+        let err = Metrics::new(rules, Metrics::default_buckets(), &identity)
+            .err()
+            .unwrap();
+        assert!(err.starts_with("--max-series 50 leaves no room"), "{err}");
     }
 
     #[test]
@@ -385,7 +544,7 @@ mod tests {
             (DestLabel::Port, r#"dest="443""#),
             (DestLabel::None, r#"dest="""#),
         ] {
-            let m = metrics(dest, 10, Duration::from_secs(60));
+            let m = metrics(dest, room_for(1), Duration::from_secs(60));
             m.observe(&event("10.0.0.2", 443, Outcome::Established, 1), None);
             assert!(scrape(&m).contains(want), "{dest:?}: {}", scrape(&m));
         }

@@ -3,6 +3,7 @@
 
 mod http;
 pub mod metrics;
+mod process;
 
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
@@ -56,6 +57,13 @@ impl Fleet {
             max_series: args.max_series,
             ttl: args.ttl,
         };
+        // The same metrics as will be served: --max-series must hold their fixed series.
+        let trial = Identity {
+            mode: tcpconnlat_compat::Mode::Tracepoint,
+            transport: "",
+            kernel: "",
+        };
+        Metrics::new(rules.clone(), buckets.clone(), &trial).map_err(anyhow::Error::msg)?;
         let cgroups = rules.cgroup.then(CgroupPaths::new).transpose()?;
         Ok(Fleet {
             addr: args.addr,
@@ -98,7 +106,7 @@ impl Server {
             ..
         } = self.fleet;
         let ttl = rules.ttl;
-        let metrics = Arc::new(Metrics::new(rules, buckets, identity));
+        let metrics = Arc::new(Metrics::new(rules, buckets, identity).map_err(anyhow::Error::msg)?);
         let address = self.listener.local_addr()?;
         let server = tokio::spawn(http::serve(self.listener, metrics.clone()));
         eprintln!("tcpconnlat: serving Prometheus metrics at http://{address}/metrics");
