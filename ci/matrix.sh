@@ -11,7 +11,8 @@
 #   ci/matrix.sh --bench deb61       no cells: the overhead benchmark's instruction-counted
 #                                    profile in that VM (one vCPU, -icount; see ci/bench.sh)
 #   ci/matrix.sh --run old49 'CMD'   no cells: boot that VM, run CMD (sh; the release binary
-#                                    is tcpconnlat on PATH) and print what it prints
+#                                    is tcpconnlat on PATH, the test binaries are in
+#                                    $TRACE_TESTS and $ONCE_TESTS) and print what it prints
 #                                    (for developing against a kernel; add --icount for the
 #                                    instruction-counted clock)
 #
@@ -250,7 +251,7 @@ test_bin() { # name: the release integration test executable for tests/<name>.rs
 }
 # The kernel-facing suites, run once per mode; and the suites run once per kernel.
 TRACE_TESTS= ONCE_TESTS=
-if [ -z "$single" ]; then
+if [ -z "$bench_only" ]; then
     TRACE_TESTS="$(test_bin trace) $(test_bin outcomes) $(test_bin serve)"
     ONCE_TESTS="$(test_bin cli) $(test_bin legacy) $(test_bin hardening) $(test_bin faults)"
 fi

@@ -219,6 +219,16 @@ pub struct Cli {
           requires = "serve", help_heading = "Fleet (--serve)")]
     pub buckets: Vec<f64>,
 
+    /// TLS and basic auth for /metrics, from a file in the web configuration format of
+    /// Prometheus's exporter-toolkit (tls_server_config, basic_auth_users)
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "serve",
+        help_heading = "Fleet (--serve)"
+    )]
+    pub web_config: Option<PathBuf>,
+
     /// Also label by the connecting process's cgroup v2 path (e.g. system.slice/nginx.service)
     #[arg(
         long,

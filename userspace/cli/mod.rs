@@ -138,6 +138,7 @@ impl Cli {
             max_series: self.max_series as usize,
             ttl: self.series_ttl,
             buckets: self.buckets.clone(),
+            web_config: self.web_config.clone(),
         })
     }
 

@@ -12,15 +12,16 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{HeaderValue, ACCEPT, CONTENT_TYPE};
+use hyper::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use super::metrics::Metrics;
+use super::web::{BasicAuth, Tls};
 
 /// How long to wait after accepting a connection failed.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -43,8 +44,15 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
         .with_context(|| format!("--serve {addr}: cannot listen there"))
 }
 
+/// What guards `/metrics` (`--web-config`): TLS, and users who may scrape.
+#[derive(Default)]
+pub struct Guard {
+    pub tls: Option<Tls>,
+    pub auth: Option<BasicAuth>,
+}
+
 /// Serve `metrics` on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, guard: Arc<Guard>) {
     let slots = Arc::new(Semaphore::new(CONNECTIONS));
     loop {
         // Wait for a slot first: meanwhile new connections queue in the backlog.
@@ -62,24 +70,60 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
                 continue;
             }
         };
-        let metrics = metrics.clone();
+        let (metrics, guard) = (metrics.clone(), guard.clone());
         tokio::spawn(async move {
-            let service = service_fn(move |request| {
-                let response = respond(&request, &metrics);
-                async move { Ok::<_, Infallible>(response) }
-            });
-            let connection = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEAD_TIMEOUT)
-                .max_buf_size(REQUEST_BUFFER)
-                .serve_connection(TokioIo::new(stream), service);
-            let _ = tokio::time::timeout(CONNECTION_DEADLINE, connection).await;
+            let deadline = tokio::time::Instant::now() + CONNECTION_DEADLINE;
+            let _ = tokio::time::timeout_at(deadline, connection(stream, metrics, guard)).await;
             drop(slot);
         });
     }
 }
 
-fn respond(request: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
+/// One client: its TLS handshake where there is TLS (a client that fails it, plain HTTP
+/// included, is simply closed), then its requests.
+async fn connection(stream: TcpStream, metrics: Arc<Metrics>, guard: Arc<Guard>) {
+    let service = {
+        let guard = guard.clone();
+        service_fn(move |request| {
+            let response = respond(&request, &metrics, &guard);
+            async move { Ok::<_, Infallible>(response) }
+        })
+    };
+    let http = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT)
+        .max_buf_size(REQUEST_BUFFER)
+        .clone();
+    match &guard.tls {
+        None => {
+            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+        }
+        Some(tls) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
+            let Ok(Ok(stream)) = tokio::time::timeout(HEAD_TIMEOUT, acceptor.accept(stream)).await
+            else {
+                return;
+            };
+            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+        }
+    }
+}
+
+fn respond(request: &Request<Incoming>, metrics: &Metrics, guard: &Guard) -> Response<Full<Bytes>> {
+    if let Some(auth) = &guard.auth {
+        let given = request
+            .headers()
+            .get(AUTHORIZATION)
+            .map(HeaderValue::as_bytes);
+        if !auth.allows(given) {
+            let mut response = plain(StatusCode::UNAUTHORIZED, "unauthorized\n");
+            response.headers_mut().insert(
+                WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"tcpconnlat\""),
+            );
+            return response;
+        }
+    }
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return plain(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
     }

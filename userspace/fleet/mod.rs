@@ -4,6 +4,7 @@
 mod http;
 pub mod metrics;
 mod process;
+mod web;
 
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
@@ -30,11 +31,14 @@ pub struct ServeArgs {
     pub ttl: Duration,
     /// Empty for the defaults.
     pub buckets: Vec<f64>,
+    /// `--web-config`: TLS and basic auth.
+    pub web_config: Option<std::path::PathBuf>,
 }
 
 /// `--serve`, checked against the host before anything is loaded.
 pub struct Fleet {
     addr: SocketAddr,
+    guard: http::Guard,
     rules: LabelRules,
     buckets: Vec<f64>,
     cgroups: Option<CgroupPaths>,
@@ -65,8 +69,19 @@ impl Fleet {
         };
         Metrics::new(rules.clone(), buckets.clone(), &trial).map_err(anyhow::Error::msg)?;
         let cgroups = rules.cgroup.then(CgroupPaths::new).transpose()?;
+        let guard = match &args.web_config {
+            None => http::Guard::default(),
+            Some(path) => {
+                let config = web::WebConfig::read(path)?;
+                http::Guard {
+                    tls: config.tls.map(web::Tls::new).transpose()?,
+                    auth: config.basic_auth,
+                }
+            }
+        };
         Ok(Fleet {
             addr: args.addr,
+            guard,
             rules,
             buckets,
             cgroups,
@@ -103,13 +118,15 @@ impl Server {
             rules,
             buckets,
             cgroups,
+            guard,
             ..
         } = self.fleet;
+        let scheme = if guard.tls.is_some() { "https" } else { "http" };
         let ttl = rules.ttl;
         let metrics = Arc::new(Metrics::new(rules, buckets, identity).map_err(anyhow::Error::msg)?);
         let address = self.listener.local_addr()?;
-        let server = tokio::spawn(http::serve(self.listener, metrics.clone()));
-        eprintln!("tcpconnlat: serving Prometheus metrics at http://{address}/metrics");
+        let server = tokio::spawn(http::serve(self.listener, metrics.clone(), Arc::new(guard)));
+        eprintln!("tcpconnlat: serving Prometheus metrics at {scheme}://{address}/metrics");
         let mut recorder = Recorder {
             metrics: &metrics,
             cgroups,

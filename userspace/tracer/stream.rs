@@ -107,7 +107,99 @@ impl Inbox {
 
 enum Buffer<'cb> {
     Ring(RingBuffer<'cb>),
-    Perf(BatchedPerfBuffer<'cb>),
+    Perf(PerfBuffers<'cb>),
+}
+
+/// The perf buffer, watching CPU hotplug. Its events are per CPU, opened for the CPUs
+/// online when it was made. A CPU that goes offline takes its ring's events along and
+/// tracing goes on with the others; one that comes online again (or for the first time)
+/// has no working event (the kernel does not bring one back, and opening one needs the
+/// privileges given up after attaching): that ends tracing with a message saying to start
+/// again, rather than go on blind to that CPU.
+struct PerfBuffers<'cb> {
+    buffer: BatchedPerfBuffer<'cb>,
+    /// The CPUs online as last seen.
+    online: Vec<u32>,
+    checked: std::time::Instant,
+}
+
+impl<'cb> PerfBuffers<'cb> {
+    fn new(buffer: BatchedPerfBuffer<'cb>) -> PerfBuffers<'cb> {
+        PerfBuffers {
+            buffer,
+            online: online_cpus(),
+            checked: std::time::Instant::now(),
+        }
+    }
+
+    /// Read what is queued, after looking at the online CPUs (once a second).
+    fn consume(&mut self) -> Result<()> {
+        self.buffer.consume()?;
+        if self.checked.elapsed() >= Duration::from_secs(1) {
+            self.checked = std::time::Instant::now();
+            self.follow(online_cpus())?;
+        }
+        Ok(())
+    }
+
+    fn follow(&mut self, online: Vec<u32>) -> Result<()> {
+        let list = |cpus: &[u32]| {
+            cpus.iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let gone: Vec<u32> = self
+            .online
+            .iter()
+            .copied()
+            .filter(|c| !online.contains(c))
+            .collect();
+        let came: Vec<u32> = online
+            .iter()
+            .copied()
+            .filter(|c| !self.online.contains(c))
+            .collect();
+        if !came.is_empty() {
+            anyhow::bail!(
+                "CPU {} came online: the perf buffer has no working ring for it, and making one \
+                 needs the privileges given up after attaching: start tcpconnlat again \
+                 (systemd's Restart= does)",
+                list(&came)
+            );
+        }
+        if !gone.is_empty() {
+            eprintln!(
+                "tcpconnlat: CPU {} went offline: tracing goes on with the others",
+                list(&gone)
+            );
+        }
+        self.online = online;
+        Ok(())
+    }
+}
+
+/// The CPUs online (/sys/devices/system/cpu/online, e.g. "0-3,6").
+fn online_cpus() -> Vec<u32> {
+    cpu_list(
+        std::fs::read_to_string("/sys/devices/system/cpu/online")
+            .unwrap_or_default()
+            .trim(),
+    )
+}
+
+/// The CPUs of a cpulist ("0-3,6"); what is not one is left out.
+fn cpu_list(list: &str) -> Vec<u32> {
+    list.split(',')
+        .filter_map(|part| match part.split_once('-') {
+            Some((a, b)) => Some(a.trim().parse().ok()?..=b.trim().parse().ok()?),
+            None => {
+                let cpu = part.trim().parse().ok()?;
+                Some(cpu..=cpu)
+            }
+        })
+        .flatten()
+        .collect()
 }
 
 pub struct EventStream<'cb> {
@@ -149,7 +241,7 @@ impl<'cb> EventStream<'cb> {
                 let (inbox, lost) = (inbox.clone(), perf_lost.clone());
                 let pages = tracer.sizes.perf_pages();
                 let batch = pages * page_size() / 4 / Transport::PerfBuf.record_bytes();
-                Buffer::Perf(BatchedPerfBuffer::new(
+                Buffer::Perf(PerfBuffers::new(BatchedPerfBuffer::new(
                     &map,
                     pages as usize,
                     batch,
@@ -157,21 +249,24 @@ impl<'cb> EventStream<'cb> {
                         Sample::Data(data) => inbox.take(data),
                         Sample::Lost(count) => lost.set(lost.get() + count),
                     },
-                )?)
+                )?))
             }
         };
         let epoll_fd = match &buffer {
             Buffer::Ring(ring) => ring.epoll_fd(),
-            Buffer::Perf(perf) => perf.epoll_fd(),
+            Buffer::Perf(perf) => perf.buffer.epoll_fd(),
         };
         // SAFETY: the fd belongs to `buffer`, which lives in the same EventStream and is
         // dropped after this AsyncFd (field order).
         let wakeup = unsafe { AsyncFd::register_with_interest(epoll_fd, Interest::READABLE) }
             .map_err(|e| anyhow::anyhow!("watching the event buffer: {e}"))?;
-        let counters = Counters::new(
+        let mut counters = Counters::new(
             MapHandle::try_from(&find_map(&tracer.object, maps::COUNTERS)?)?,
             perf_lost,
         );
+        // What the probes could not do before there was a buffer to read (the perf
+        // buffer's rings are made after attaching) is from before tracing began: not said.
+        counters.read(true)?;
         let pending = MapHandle::try_from(&find_map(&tracer.object, maps::PENDING)?)?;
         let sweeper = Sweeper::new(pending, sweep)?;
         let mut tick = interval(max_delay);
@@ -206,7 +301,7 @@ impl<'cb> EventStream<'cb> {
     }
 
     fn read(&mut self, counters_now: bool) -> Result<()> {
-        match &self.buffer {
+        match &mut self.buffer {
             Buffer::Ring(ring) => ring.consume().context("reading the ring buffer")?,
             Buffer::Perf(perf) => perf.consume()?,
         }
@@ -262,5 +357,18 @@ impl Stream for EventStream<'_> {
                 return Poll::Ready(Some(Err(e)));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cpu_list;
+
+    #[test]
+    fn cpu_lists_read_as_the_kernel_writes_them() {
+        assert_eq!(cpu_list("0-3,6"), [0, 1, 2, 3, 6]);
+        assert_eq!(cpu_list("0"), [0]);
+        assert_eq!(cpu_list(""), Vec::<u32>::new());
+        assert_eq!(cpu_list("1-x,2"), [2]);
     }
 }
