@@ -67,6 +67,18 @@ fn malformed_huge_and_injection_looking_values_get_one_line() {
     fs::write(&garbage, b"$(reboot)\n\x00\xff not BTF at all").unwrap();
     let truncated = truncated_btf(dir.path());
     let (garbage, truncated) = (garbage.to_str().unwrap(), truncated.to_str().unwrap());
+    let web = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let unknown_key = web("unknown.yml", "tls_server_config:\n  cipher_suites: [x]\n");
+    let not_yaml = web("garbage.yml", "{{{ $(reboot)\n");
+    let no_cert = web(
+        "missing.yml",
+        "tls_server_config:\n  cert_file: /nonexistent.crt\n  key_file: x.key\n",
+    );
+    let plain_password = web("plain.yml", "basic_auth_users:\n  prom: hunter2\n");
     for (args, code, needle) in [
         (&["-u", "root; reboot"][..], 2, "no user named"),
         (&["--uid=-1"], 2, "no user named"),
@@ -135,6 +147,28 @@ fn malformed_huge_and_injection_looking_values_get_one_line() {
             "SECS must be more than 0",
         ),
         (&["--serve", "--label", "pod"], 2, "--label"),
+        (&["--web-config", &unknown_key], 2, "--serve"),
+        (
+            &["--serve", "--web-config", &unknown_key],
+            1,
+            "cipher_suites",
+        ),
+        (&["--serve", "--web-config", &not_yaml], 1, "--web-config"),
+        (
+            &["--serve", "--web-config", &no_cert],
+            1,
+            "cert_file /nonexistent.crt",
+        ),
+        (
+            &["--serve", "--web-config", &plain_password],
+            1,
+            "prom: not a bcrypt hash",
+        ),
+        (
+            &["--serve", "--web-config", "/nonexistent.yml"],
+            1,
+            "--web-config",
+        ),
     ] {
         let (status, _, err) = run(args);
         assert_one_line_error(code, status, &err, needle);

@@ -21,12 +21,19 @@ struct Prometheus {
 
 impl Prometheus {
     fn start(target: SocketAddr) -> Prometheus {
+        Prometheus::with_jobs(&format!(
+            "  - job_name: tcpconnlat\n    static_configs:\n      - targets: ['{target}']\n"
+        ))
+    }
+
+    /// Scraping every second with these `scrape_configs` entries (YAML, indented).
+    fn with_jobs(jobs: &str) -> Prometheus {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("prometheus.yml");
         std::fs::write(
             &config,
             format!(
-                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: tcpconnlat\n    static_configs:\n      - targets: ['{target}']\n"
+                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n{jobs}"
             ),
         )
         .unwrap();
@@ -268,6 +275,115 @@ fn every_dashboard_query_runs_on_a_real_prometheus() {
         }
         assert_eq!(prometheus.answers(promql), Ok(1), "{promql}");
     }
+    drop(prometheus);
+    assert!(tracer.interrupt().success());
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, in `dir` as PEM:
+/// ca.crt, server.crt, server.key, client.crt, client.key; and clients-ca.crt (the CA).
+fn certificates(dir: &std::path::Path) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let write = |name: &str, text: String| std::fs::write(dir.join(name), text).unwrap();
+    write("ca.crt", ca.pem());
+    write("clients-ca.crt", ca.pem());
+    for (name, names) in [
+        ("server", vec!["127.0.0.1".to_owned()]),
+        ("client", vec!["prometheus".to_owned()]),
+    ] {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        write(&format!("{name}.crt"), cert.pem());
+        write(&format!("{name}.key"), key.serialize_pem());
+    }
+}
+
+/// The example web configuration (packaging/web-config.yml: mutual TLS and a password),
+/// with certificates made for it: Prometheus scrapes over TLS with the password and a
+/// client certificate, and up is 1; with a wrong password, or no client certificate, up
+/// is 0. A plain HTTP client on the TLS port is closed, and scrapes go on.
+#[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
+fn scrapes_need_tls_a_client_certificate_and_the_password() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    certificates(dir.path());
+    let config = dir.path().join("web-config.yml");
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/web-config.yml"),
+        &config,
+    )
+    .unwrap();
+    let check = Command::new("promtool")
+        .args(["check", "web-config"])
+        .arg(&config)
+        .output()
+        .expect("promtool");
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let (tracer, addr) = serving(&["-p", &me(), "--web-config", config.to_str().unwrap()]);
+    assert!(tracer
+        .stderr
+        .lock()
+        .unwrap()
+        .contains(&format!("https://{addr}/metrics")));
+    let d = dir.path().display();
+    let job = |name: &str, password: &str, client_cert: bool| {
+        let cert = if client_cert {
+            format!("\n      cert_file: {d}/client.crt\n      key_file: {d}/client.key")
+        } else {
+            String::new()
+        };
+        format!(
+            "  - job_name: {name}\n    scheme: https\n    tls_config:\n      ca_file: {d}/ca.crt{cert}\n    basic_auth:\n      username: prometheus\n      password: {password}\n    static_configs:\n      - targets: ['{addr}']\n"
+        )
+    };
+    let prometheus = Prometheus::with_jobs(&format!(
+        "{}{}{}",
+        job("good", "change-me", true),
+        job("wrong_password", "guess", true),
+        job("no_client_cert", "change-me", false),
+    ));
+    for (name, want) in [
+        ("good", 1.0),
+        ("wrong_password", 0.0),
+        ("no_client_cert", 0.0),
+    ] {
+        let up = prometheus.query_until(&format!("up{{job=\"{name}\"}}"), |v| v == want);
+        assert_eq!(up, Some(want), "up for {name}");
+    }
+    // Plain HTTP on the TLS port: closed, nothing served, the scrapes go on.
+    let mut plain = TcpStream::connect(addr).unwrap();
+    use std::io::{Read, Write};
+    plain
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    plain
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer);
+    assert!(
+        !String::from_utf8_lossy(&answer).contains("tcpconnlat_"),
+        "served in clear"
+    );
+    let scraped = || prometheus.query("sum(scrape_samples_scraped{job=\"good\"})");
+    let before = prometheus.query_until("count_over_time(up{job=\"good\"}[1m])", |_| true);
+    std::thread::sleep(Duration::from_secs(3));
+    let after = prometheus.query_until("count_over_time(up{job=\"good\"}[1m])", |_| true);
+    assert!(after > before, "scrapes stopped: {before:?} {after:?}");
+    assert_eq!(prometheus.query("up{job=\"good\"}"), Some(1.0));
+    assert!(scraped().is_some_and(|n| n > 10.0));
     drop(prometheus);
     assert!(tracer.interrupt().success());
 }

@@ -843,11 +843,11 @@ pub fn serving(args: &[&str]) -> (Tracer, SocketAddr) {
     let mut all = vec!["--serve", "127.0.0.1:0"];
     all.extend_from_slice(args);
     let tracer = Tracer::start(&all);
-    let said = |s: &str| s.contains("serving Prometheus metrics at http://");
+    let said = |s: &str| s.contains("serving Prometheus metrics at http");
     let stderr = tracer.stderr_until(Duration::from_secs(10), said);
     let addr = stderr
         .lines()
-        .find_map(|l| l.split("http://").nth(1)?.strip_suffix("/metrics"))
+        .find_map(|l| l.split("://").nth(1)?.strip_suffix("/metrics"))
         .unwrap_or_else(|| panic!("no address in: {stderr}"))
         .parse()
         .unwrap();

@@ -14,8 +14,8 @@
 //!   prometheus: $2y$10$...                      # bcrypt hashes
 //! ```
 //!
-//! Any other key is refused by name. As with the toolkit, certificate, key and CA files
-//! are read again when they change (checked at each new connection), so a rotated
+//! Any other key is refused by name; relative paths are relative to the file. As with the
+//! toolkit, certificate, key and CA files are read again when they change (checked at each new connection), so a rotated
 //! certificate needs no restart.
 
 use std::collections::HashMap;
@@ -96,11 +96,13 @@ impl WebConfig {
                 .join(" ");
             anyhow!("--web-config {shown}: {one_line}")
         })?;
+        // Relative paths are relative to the file, as the toolkit reads them.
+        let dir = path.parent().unwrap_or(Path::new("."));
         let tls = file.tls_server_config.map(|t| TlsFiles {
-            cert: t.cert_file,
-            key: t.key_file,
+            cert: dir.join(t.cert_file),
+            key: dir.join(t.key_file),
             client_auth: t.client_auth_type,
-            client_ca: t.client_ca_file,
+            client_ca: t.client_ca_file.map(|ca| dir.join(ca)),
             min_version: t.min_version,
         });
         let config = WebConfig {
@@ -348,5 +350,47 @@ mod tests {
         assert!(!auth.allows(Some(b"Bearer abc")));
         assert!(!auth.allows(Some(b"Basic !!!")));
         assert!(!auth.allows(None));
+    }
+
+    /// A self-signed certificate and key for `name`, as PEM.
+    fn certificate(name: &str) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec![name.to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    #[test]
+    fn changed_tls_files_are_read_again_and_bad_ones_keep_the_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("s.crt"), dir.path().join("s.key"));
+        let write = |(c, k): (String, String)| {
+            std::fs::write(&cert, c).unwrap();
+            std::fs::write(&key, k).unwrap();
+        };
+        write(certificate("first"));
+        let files = TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_auth: ClientAuth::NoClientCert,
+            client_ca: None,
+            min_version: None,
+        };
+        let tls = Tls::new(files).unwrap();
+        let first = tls.config();
+        assert!(Arc::ptr_eq(&first, &tls.config()), "read again unchanged");
+        // mtimes have a granularity: make the change visible.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        write(certificate("second"));
+        let second = tls.config();
+        assert!(!Arc::ptr_eq(&first, &second), "not read again");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&cert, "half a certificate").unwrap();
+        assert!(
+            Arc::ptr_eq(&second, &tls.config()),
+            "a bad file replaced a good one"
+        );
     }
 }
