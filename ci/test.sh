@@ -11,6 +11,8 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The .deb and .rpm, which tests/packaging.rs installs and checks.
+./ci/package.sh
 # The suites that load BPF are marked #[ignore] with the reason, so that `cargo test` as a
 # normal user runs everything else and lists them as skipped; here (root, as CI is) they
 # all run, and a run that still skipped anything fails.

@@ -1,9 +1,13 @@
 //! packaging/: the systemd unit's capabilities are enough to trace and serve (on this
-//! kernel, 5.8+), and the Grafana dashboard is well-formed (its queries are run against a
-//! real Prometheus in tests/prometheus.rs).
+//! kernel, 5.8+), the Grafana dashboard is well-formed (its queries are run against a
+//! real Prometheus in tests/prometheus.rs), and the .deb and .rpm that ci/package.sh
+//! builds pass lintian, hold the same files, install into an empty root, run from there
+//! and leave nothing behind when removed.
 
 mod support;
 
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -129,4 +133,230 @@ fn the_dashboard_has_the_panels_the_readme_promises() {
         .find(|p| p["type"] == "heatmap")
         .expect("a heatmap");
     assert_eq!(heatmap["targets"][0]["format"], "heatmap");
+}
+
+#[test]
+fn the_debian_changelog_is_for_this_version() {
+    let changelog = include_str!("../packaging/debian/changelog");
+    let first = changelog.lines().next().unwrap();
+    let version = format!("tcpconnlat ({}-1) ", env!("CARGO_PKG_VERSION"));
+    assert!(
+        first.starts_with(&version),
+        "bump packaging/debian/changelog: {first}"
+    );
+}
+
+/// The one package of `ext` that ci/package.sh left in target/packages.
+fn package(ext: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/packages");
+    let found: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}: run ./ci/package.sh first", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == ext))
+        .collect();
+    assert_eq!(found.len(), 1, "one .{ext} in {}: {found:?}", dir.display());
+    found.into_iter().next().unwrap()
+}
+
+/// Run a packaging tool; its stdout, or the test fails with what it said.
+fn tool(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The regular files under `root`, as absolute paths inside it, minus the package
+/// manager's own database.
+fn files_under(root: &Path) -> BTreeSet<String> {
+    fn walk(dir: &Path, root: &Path, out: &mut BTreeSet<String>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, root, out);
+            } else {
+                out.insert(format!("/{}", path.strip_prefix(root).unwrap().display()));
+            }
+        }
+    }
+    let mut out = BTreeSet::new();
+    walk(root, root, &mut out);
+    out.retain(|f| !f.starts_with("/var/lib/"));
+    out
+}
+
+/// What an installed package must hold, wherever the distribution wants it.
+fn assert_installed(root: &Path, files: &BTreeSet<String>) {
+    for wanted in [
+        "/usr/sbin/tcpconnlat",
+        "/usr/lib/systemd/system/tcpconnlat.service",
+        "/usr/share/man/man8/tcpconnlat.8.gz",
+        "/usr/share/bash-completion/completions/tcpconnlat",
+        "/usr/share/fish/vendor_completions.d/tcpconnlat.fish",
+        "/usr/share/doc/tcpconnlat/examples/web-config.yml",
+        "/usr/share/doc/tcpconnlat/examples/grafana-dashboard.json",
+    ] {
+        assert!(files.contains(wanted), "no {wanted} in {files:?}");
+    }
+    assert!(
+        files.iter().any(|f| f.ends_with("/_tcpconnlat")),
+        "zsh: {files:?}"
+    );
+    let bin = root.join("usr/sbin/tcpconnlat");
+    let version = tool(bin.to_str().unwrap(), &["--version"]);
+    assert_eq!(
+        version.trim(),
+        format!("tcpconnlat {}", env!("CARGO_PKG_VERSION"))
+    );
+    // The unit starts the binary where the package put it.
+    let exec = setting("ExecStart");
+    let path = exec.split_whitespace().next().unwrap();
+    assert!(files.contains(path), "ExecStart={exec}");
+    let man = tool(
+        "zcat",
+        &[root
+            .join("usr/share/man/man8/tcpconnlat.8.gz")
+            .to_str()
+            .unwrap()],
+    );
+    assert!(man.contains(".TH tcpconnlat 8"), "{man}");
+}
+
+#[test]
+#[ignore = "needs the packages: ./ci/package.sh builds them (./ci/test.sh runs it first)"]
+fn the_deb_is_lintian_clean_installs_runs_and_purges_to_nothing() {
+    let deb = package("deb");
+    let deb = deb.to_str().unwrap();
+    tool("lintian", &["--fail-on", "error,warning", deb]);
+    let root = tempfile::tempdir().unwrap();
+    let db = root.path().join("var/lib/dpkg");
+    std::fs::create_dir_all(db.join("info")).unwrap();
+    std::fs::create_dir_all(db.join("updates")).unwrap();
+    std::fs::write(db.join("status"), "").unwrap();
+    let dpkg_root = format!("--root={}", root.path().display());
+    tool("dpkg", &[&dpkg_root, "--log=/dev/null", "--install", deb]);
+    let files = files_under(root.path());
+    assert_installed(root.path(), &files);
+    tool(
+        "dpkg",
+        &[&dpkg_root, "--log=/dev/null", "--purge", "tcpconnlat"],
+    );
+    assert_eq!(files_under(root.path()), BTreeSet::new());
+}
+
+#[test]
+#[ignore = "needs the packages: ./ci/package.sh builds them (./ci/test.sh runs it first)"]
+fn the_rpm_holds_what_the_deb_does_installs_runs_and_erases_to_nothing() {
+    let rpm = package("rpm");
+    let rpm = rpm.to_str().unwrap();
+    // Readable by CentOS 7's rpm: gzip, no zstd; and static, so it requires nothing.
+    assert_eq!(
+        tool("rpm", &["-qp", "--qf", "%{PAYLOADCOMPRESSOR}", rpm]),
+        "gzip"
+    );
+    let requires = tool("rpm", &["-qp", "--requires", rpm]);
+    assert!(
+        requires.lines().all(|r| r.starts_with("rpmlib(")),
+        "{requires}"
+    );
+    let root = tempfile::tempdir().unwrap();
+    let rpm_root = [
+        "--root",
+        root.path().to_str().unwrap(),
+        "--dbpath",
+        "/var/lib/rpm",
+    ];
+    tool("rpm", &[&rpm_root[..], &["--initdb"]].concat());
+    tool("rpm", &[&rpm_root[..], &["--install", rpm]].concat());
+    let files = files_under(root.path());
+    assert_installed(root.path(), &files);
+    // The same files as the .deb, but for Debian's own (copyright, changelog, lintian)
+    // and where each distribution keeps zsh completions.
+    let deb: BTreeSet<String> = tool(
+        "dpkg-deb",
+        &["--contents", package("deb").to_str().unwrap()],
+    )
+    .lines()
+    .filter(|l| l.starts_with('-'))
+    .map(|l| {
+        l.rsplit(' ')
+            .next()
+            .unwrap()
+            .trim_start_matches('.')
+            .to_owned()
+    })
+    .filter(|f| {
+        !f.contains("/lintian/") && !f.ends_with("/copyright") && !f.contains("changelog.Debian")
+    })
+    .map(|f| f.replace("/zsh/vendor-completions/", "/zsh/site-functions/"))
+    .collect();
+    assert_eq!(files, deb);
+    tool("rpm", &[&rpm_root[..], &["--erase", "tcpconnlat"]].concat());
+    assert_eq!(files_under(root.path()), BTreeSet::new());
+}
+
+const DAEMONSET: &str = include_str!("../packaging/kubernetes/daemonset.yaml");
+
+/// The DaemonSet gives the pod what the unit gives the service, and what a pod lacks
+/// besides: the host's PID and network namespaces, cgroup tree and tracefs.
+#[test]
+fn the_daemonset_asks_for_what_the_unit_does_and_the_hosts_views() {
+    let ds: Value = serde_saphyr::from_str(DAEMONSET).unwrap();
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["hostPID"], true);
+    assert_eq!(pod["hostNetwork"], true);
+    let container = &pod["containers"][0];
+    let caps = &container["securityContext"]["capabilities"];
+    assert_eq!(caps["drop"], serde_json::json!(["ALL"]));
+    let added: Vec<String> = caps["add"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| format!("CAP_{}", c.as_str().unwrap()))
+        .collect();
+    assert_eq!(added.join(" "), setting("CapabilityBoundingSet"));
+    // Each host path is mounted where it is on the host, and tracefs where tcpconnlat
+    // looks for it.
+    let mounts = container["volumeMounts"].as_array().unwrap();
+    let host_path = |name: &str| {
+        let volume = pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == name);
+        volume.unwrap()["hostPath"]["path"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    for wanted in ["/sys/fs/cgroup", "/sys/kernel/tracing"] {
+        let mount = mounts
+            .iter()
+            .find(|m| m["mountPath"] == wanted)
+            .expect(wanted);
+        assert_eq!(host_path(mount["name"].as_str().unwrap()), wanted);
+    }
+    assert!(tcpconnlat_compat::tracefs::TRACEFS_DIRS.contains(&"sys/kernel/tracing"));
+    // Every flag it passes is one tcpconnlat has, and the web config is in the mounted
+    // Secret.
+    let args: Vec<&str> = container["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let (_, help, _) = run(&["--help"]);
+    for flag in args.iter().filter(|a| a.starts_with("--")) {
+        assert!(help.contains(flag), "tcpconnlat has no {flag}");
+    }
+    let config = args[args.iter().position(|a| *a == "--web-config").unwrap() + 1];
+    let secret = mounts.iter().find(|m| m["name"] == "web-config").unwrap();
+    assert!(
+        config.starts_with(secret["mountPath"].as_str().unwrap()),
+        "{config}"
+    );
 }

@@ -84,6 +84,9 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 }
 
 fn run(cli: &Cli, started: Instant) -> Result<()> {
+    if let Some(what) = cli.generate {
+        return cli::generate(what, &mut io::stdout().lock()).context("writing it");
+    }
     set_libbpf_log(cli.verbose);
     let privileged = host::privileges::privileged();
     let filters = cli.filters()?;

@@ -179,6 +179,10 @@ pub struct Cli {
     #[arg(long, hide = true, value_name = "DIR")]
     pub pin_maps: Option<PathBuf>,
 
+    /// Write the man page or a shell's completions to stdout, then exit (for packaging)
+    #[arg(long, hide = true, value_name = "WHAT", value_enum)]
+    pub generate: Option<super::Generate>,
+
     /// Same as --mode legacy: kprobes without BTF, for old kernels
     #[arg(long, conflicts_with = "mode")]
     pub legacy: bool,

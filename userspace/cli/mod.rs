@@ -3,6 +3,7 @@
 //! concern; the rest are taken as parsed.
 
 mod flags;
+mod generate;
 
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use tcpconnlat_compat::Mode;
 
 pub use flags::Cli;
 use flags::{ExtraLabel, ModeArg};
+pub use generate::{generate, Generate};
 
 use crate::fleet::ServeArgs;
 use crate::host::{self, Host};
