@@ -84,7 +84,8 @@ fn load(stop: Arc<AtomicBool>, made: Arc<AtomicU64>) -> Vec<thread::JoinHandle<(
         Box::new(move |_| {
             connect(server);
         }),
-        // Refused, to a destination of its own each time: more than --max-series.
+        // Refused, to a destination of its own each time: 400 destinations, more than
+        // --max-series 400 has room for (about 19 label sets of one outcome).
         Box::new(move |i| {
             let _ = TcpStream::connect(("127.0.0.1", closed[i % closed.len()]));
         }),
@@ -146,7 +147,7 @@ fn nothing_grows_over_time() {
     let total = Duration::from_secs_f64(minutes() * 60.0);
     // A sample a minute in long runs, six at least in short ones.
     let every = (total / 6).min(Duration::from_secs(60));
-    let (exporter, addr) = serving(&["--max-series", "100"]);
+    let (exporter, addr) = serving(&["--max-series", "400"]);
     let lines = Tracer::start(&["--json"]);
     let (stop, made) = (
         Arc::new(AtomicBool::new(false)),
