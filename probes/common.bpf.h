@@ -96,32 +96,55 @@ struct {
 } events_pb SEC(".maps");
 
 #ifndef TCPCONNLAT_LEGACY
-/* kprobe mode: the socket of each thread's connect in progress, for its kretprobe (which
- * cannot see the arguments). LRU (4.10+): a kretprobe the kernel missed leaves nothing. */
+/*
+ * fentry and kprobe modes start the clock where bcc does, when the connect function is
+ * entered (before the route lookup and the choice of a source port); the connect is
+ * remembered when its socket moves to SYN_SENT, a few instructions later in the same
+ * thread. A per-CPU slot carries the time between the two: cheaper than a table, and
+ * nothing to clean up. A connect that failed before SYN_SENT leaves its slot to be
+ * overwritten, and a thread that moved to another CPU in between finds no match: its clock
+ * starts at SYN_SENT, as in tracepoint mode.
+ */
+struct connect_entry {
+	__u64 tid;
+	__u64 sk;
+	__u64 start_ns;
+};
+
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 4096);
-	__type(key, __u64);
-	__type(value, __u64);
-} connecting SEC(".maps");
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct connect_entry);
+} connect_entries SEC(".maps");
 
 static __always_inline void connect_entered(__u64 sk)
 {
-	__u64 tid = bpf_get_current_pid_tgid();
+	__u32 zero = 0;
+	struct connect_entry *e = bpf_map_lookup_elem(&connect_entries, &zero);
 
-	bpf_map_update_elem(&connecting, &tid, &sk, BPF_ANY);
+	if (e) {
+		e->tid = bpf_get_current_pid_tgid();
+		e->sk = sk;
+		e->start_ns = bpf_ktime_get_ns();
+	}
 }
 
-/* The socket whose connect this thread is returning from (0 if unknown), forgotten. */
-static __always_inline __u64 connect_returning(void)
+/* When the connect of `sk` by thread `tid` started: its entry where a probe saw it. */
+static __always_inline __u64 connect_start(__u64 sk, __u64 tid)
 {
-	__u64 tid = bpf_get_current_pid_tgid();
-	__u64 *sk = bpf_map_lookup_elem(&connecting, &tid);
-	__u64 found = sk ? *sk : 0;
+	__u32 zero = 0;
+	struct connect_entry *e = bpf_map_lookup_elem(&connect_entries, &zero);
 
-	if (sk)
-		bpf_map_delete_elem(&connecting, &tid);
-	return found;
+	if (e && e->sk == sk && e->tid == tid)
+		return e->start_ns;
+	return bpf_ktime_get_ns();
+}
+#else
+/* Legacy mode starts the clock at SYN_SENT. */
+static __always_inline __u64 connect_start(__u64 sk, __u64 tid)
+{
+	return bpf_ktime_get_ns();
 }
 #endif
 
@@ -156,13 +179,15 @@ static __always_inline int wanted_here(const struct config *cfg, __u16 family, _
 	return 1;
 }
 
-/* Remember a connect about to send its SYN, if the filters want it. */
+/* Remember a connect about to send its SYN (its socket is moving to SYN_SENT, in the
+ * connecting thread), if the filters want it. */
 static __always_inline void remember_connect(const struct config *cfg, __u64 sk, __u16 family)
 {
 	__u64 uid_gid = bpf_get_current_uid_gid();
+	__u64 tid = bpf_get_current_pid_tgid();
 	struct pending p = {};
 
-	p.tgid = bpf_get_current_pid_tgid() >> 32;
+	p.tgid = tid >> 32;
 	p.uid = (__u32)uid_gid;
 	bpf_get_current_comm(&p.comm, sizeof(p.comm));
 #ifndef TCPCONNLAT_LEGACY
@@ -172,7 +197,7 @@ static __always_inline void remember_connect(const struct config *cfg, __u64 sk,
 #endif
 	if (!wanted_here(cfg, family, p.tgid, p.uid, p.comm, p.cgroup_id))
 		return;
-	p.start_ns = bpf_ktime_get_ns();
+	p.start_ns = connect_start(sk, tid);
 	if (bpf_map_update_elem(&pending, &sk, &p, BPF_ANY))
 		count(COUNTER_UNTRACKED);
 }
@@ -387,10 +412,10 @@ static __always_inline void mark_reset(__u64 sk)
 
 #ifndef TCPCONNLAT_LEGACY
 /*
- * sock:inet_sock_set_state. With `record_start` (tracepoint mode) the CLOSE -> SYN_SENT
- * transition also starts the clock; with `direct` the record is a struct state_record.
+ * sock:inet_sock_set_state: CLOSE -> SYN_SENT remembers a connect, leaving SYN_SENT
+ * finishes it. With `direct` the record is a struct state_record.
  */
-static __always_inline int handle_state(void *ctx, int transport, int record_start, int direct)
+static __always_inline int handle_state(void *ctx, int transport, int direct)
 {
 	const struct config *cfg = get_config();
 	struct state_change sc;
@@ -399,7 +424,7 @@ static __always_inline int handle_state(void *ctx, int transport, int record_sta
 	if (!cfg || read_state_change(ctx, &cfg->tp, direct, &sc) || sc.protocol != IPPROTO_TCP)
 		return 0;
 	if (sc.newstate == TCP_SYN_SENT) {
-		if (record_start && sc.oldstate == TCP_CLOSE)
+		if (sc.oldstate == TCP_CLOSE)
 			remember_connect(cfg, sc.skaddr, sc.family);
 		return 0;
 	}
@@ -434,20 +459,20 @@ static __always_inline int handle_reset(void *ctx)
 }
 
 /* The state machine's program, for one transport and one way of reading the record. */
-#define STATE_PROGRAM(name, transport, record_start, direct)                            \
+#define STATE_PROGRAM(name, transport, direct)                                          \
 	SEC("tracepoint/sock/inet_sock_set_state")                                      \
 	int name(void *ctx)                                                             \
 	{                                                                               \
-		return handle_state(ctx, transport, record_start, direct);              \
+		return handle_state(ctx, transport, direct);                            \
 	}
 
 /* The tracepoint programs every object has: four for the state machine (per transport,
  * the record read at its offsets or directly), one each for retransmits and RSTs. */
-#define STATE_PROGRAMS(record_start)                                                    \
-	STATE_PROGRAM(tp_state_rb, TRANSPORT_RINGBUF, record_start, 0)                  \
-	STATE_PROGRAM(tp_state_pb, TRANSPORT_PERFBUF, record_start, 0)                  \
-	STATE_PROGRAM(tp_state_direct_rb, TRANSPORT_RINGBUF, record_start, 1)           \
-	STATE_PROGRAM(tp_state_direct_pb, TRANSPORT_PERFBUF, record_start, 1)           \
+#define STATE_PROGRAMS()                                                                \
+	STATE_PROGRAM(tp_state_rb, TRANSPORT_RINGBUF, 0)                                \
+	STATE_PROGRAM(tp_state_pb, TRANSPORT_PERFBUF, 0)                                \
+	STATE_PROGRAM(tp_state_direct_rb, TRANSPORT_RINGBUF, 1)                         \
+	STATE_PROGRAM(tp_state_direct_pb, TRANSPORT_PERFBUF, 1)                         \
 	SEC("tracepoint/tcp/tcp_retransmit_skb")                                        \
 	int tp_retransmit(void *ctx)                                                    \
 	{                                                                               \

@@ -34,12 +34,6 @@ int BPF_PROG(empty_fentry_v4_connect)
 	return 0;
 }
 
-SEC("fexit/tcp_v4_connect")
-int BPF_PROG(empty_fexit_v4_connect)
-{
-	return 0;
-}
-
 SEC("fentry/tcp_rcv_state_process")
 int BPF_PROG(empty_fentry_rcv_state)
 {
@@ -48,12 +42,6 @@ int BPF_PROG(empty_fentry_rcv_state)
 
 SEC("kprobe/tcp_v4_connect")
 int empty_kprobe_v4_connect(void *ctx)
-{
-	return 0;
-}
-
-SEC("kretprobe/tcp_v4_connect")
-int empty_kretprobe_v4_connect(void *ctx)
 {
 	return 0;
 }

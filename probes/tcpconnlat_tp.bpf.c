@@ -28,4 +28,4 @@ static __always_inline __u16 sock_error(const struct config *cfg, __u64 sk)
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
-STATE_PROGRAMS(1)
+STATE_PROGRAMS()

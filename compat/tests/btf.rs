@@ -113,12 +113,15 @@ fn the_reader_agrees_with_libbpf() {
                 "{path:?} {func:?}"
             );
         }
-        let v4 = btf.type_by_name::<libbpf_rs::btf::types::Func<'_>>("tcp_v4_connect");
-        assert_eq!(
-            ours.tcp_v4_connect_id,
-            v4.map(|f| f.type_id().into()),
-            "{path:?}"
-        );
+        // fentry programs attach at these ids (tracer/core_btf.rs): libbpf's own.
+        for func in Func::ALL {
+            let theirs = btf.type_by_name::<libbpf_rs::btf::types::Func<'_>>(func.name());
+            assert_eq!(
+                ours.id_of(func),
+                theirs.map(|f| f.type_id().into()),
+                "{path:?} {func:?}"
+            );
+        }
         let sock = btf
             .type_by_name::<libbpf_rs::btf::types::Struct<'_>>("sock")
             .unwrap();

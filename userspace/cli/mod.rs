@@ -74,6 +74,7 @@ impl Cli {
         Ok(LoadOptions {
             features: &host.features,
             fentry_targets: host.findings.fentry_targets.yes(),
+            core_btf: host.core_btf.as_ref(),
             sock: host,
             transport: Transport::choose(self.transport, &host.findings)?,
             kprobe_attach: self.kprobe_attach,

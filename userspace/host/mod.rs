@@ -17,6 +17,7 @@ use tcpconnlat_compat::{tracefs, AttachPoints, Features, Finding, Findings, Func
 
 use crate::timing;
 use crate::tracer::kprobes::{self, KprobeAttach};
+use crate::tracer::CoreBtf;
 pub use offsets::OffsetsArg;
 use offsets::{Discovery, Offsets};
 
@@ -25,6 +26,8 @@ pub struct Host {
     pub findings: Findings,
     /// struct sock offsets for probes that cannot use CO-RE: known, or found when needed.
     pub offsets: Offsets,
+    /// What the CO-RE probes need from the kernel's BTF, from our reading of it.
+    pub core_btf: Option<CoreBtf>,
     /// Whether tcpconnlat had to mount tracefs (see [`mount_tracefs`]).
     pub tracefs_mount: TracefsMount,
     /// The kernel's LINUX_VERSION_CODE from its vDSO, which kprobe programs must carry
@@ -86,9 +89,14 @@ impl Host {
                     .map_err(|e| e.to_string()),
             ),
         };
-        let trial_target = kernel_btf
-            .as_ref()
-            .and_then(|facts| facts.as_ref().ok()?.tcp_v4_connect_id);
+        let facts = kernel_btf.as_ref().and_then(|facts| facts.as_ref().ok());
+        let trial_target = facts.and_then(|f| f.id_of(Func::TcpV4Connect));
+        let core_btf = facts.and_then(|f| {
+            Some(CoreBtf {
+                minimal: f.core_btf.as_ref().ok()?.clone(),
+                function_ids: f.function_ids.clone(),
+            })
+        });
         let version_code = vdso_version_code();
         let offsets = Offsets::new(
             kernel_btf,
@@ -112,6 +120,7 @@ impl Host {
             features,
             findings,
             offsets,
+            core_btf,
             tracefs_mount,
             version_code,
             memlock,

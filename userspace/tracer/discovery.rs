@@ -16,7 +16,7 @@ use tcpconnlat_compat::discover::{self, Found, Sample, SampleFamily};
 use tcpconnlat_compat::{Features, Func};
 
 use super::find_map;
-use super::kprobes::{FunctionEnd, KprobeAttach, KprobeAttacher, KprobeSite};
+use super::kprobes::{KprobeAttach, KprobeAttacher, KprobeSite};
 use super::objects::{self, maps, DiscoverConfig, DiscoverMark, SnapshotPhase, SnapshotSize};
 
 /// What discovery needs to know of the host.
@@ -75,7 +75,6 @@ pub fn discover(host: &DiscoveryHost<'_>) -> Result<Discovered> {
         .ok_or_else(|| anyhow!("program discover_set_state missing from the object"))?;
     let site = KprobeSite {
         symbol,
-        end: FunctionEnd::Entry,
         tag: "discover",
     };
     let kprobe = KprobeAttacher::new(host.kprobe_attach, host.features)

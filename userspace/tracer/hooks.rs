@@ -19,11 +19,10 @@ pub enum Tracepoint {
 /// Where a program goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Attach {
-    /// fentry or fexit, by BTF name as the program's section says.
+    /// fentry, by BTF name as the program's section says.
     Fentry(Func),
     /// By the symbol kallsyms gave for the function.
     Kprobe(Func),
-    Kretprobe(Func),
     /// As the program's section says.
     Tracepoint(Tracepoint),
 }
@@ -57,6 +56,8 @@ const fn optional(prog: &'static str, attach: Attach, if_missing: &'static str) 
 
 pub(super) struct ModeSpec {
     pub object: &'static [u8],
+    /// The object has CO-RE relocations (against the kernel's BTF).
+    pub core: bool,
     hooks: &'static [Hook],
     /// The object has a ring buffer variant (legacy mode does without).
     pub ringbuf: bool,
@@ -84,16 +85,12 @@ mod tables {
 
     pub const FENTRY: &[Hook] = with_tracepoints![
         hook("fentry_v4_connect", Fentry(TcpV4Connect)),
-        hook("fexit_v4_connect", Fentry(TcpV4Connect)),
         optional("fentry_v6_connect", Fentry(TcpV6Connect), NO_IPV6),
-        optional("fexit_v6_connect", Fentry(TcpV6Connect), NO_IPV6),
         hook("fentry_rcv_state", Fentry(TcpRcvStateProcess)),
     ];
     pub const KPROBE: &[Hook] = with_tracepoints![
         hook("kprobe_v4_connect", Kprobe(TcpV4Connect)),
-        hook("kretprobe_v4_connect", Kretprobe(TcpV4Connect)),
         optional("kprobe_v6_connect", Kprobe(TcpV6Connect), NO_IPV6),
-        optional("kretprobe_v6_connect", Kretprobe(TcpV6Connect), NO_IPV6),
         hook("kprobe_rcv_state", Kprobe(TcpRcvStateProcess)),
     ];
     pub const TRACEPOINT: &[Hook] = with_tracepoints![];
@@ -111,14 +108,15 @@ mod tables {
 }
 
 pub(super) fn spec(mode: Mode) -> ModeSpec {
-    let (object, hooks, ringbuf) = match mode {
-        Mode::Fentry => (objects::CORE_OBJECT, tables::FENTRY, true),
-        Mode::Kprobe => (objects::CORE_OBJECT, tables::KPROBE, true),
-        Mode::Tracepoint => (objects::TRACEPOINT_OBJECT, tables::TRACEPOINT, true),
-        Mode::Legacy => (objects::LEGACY_OBJECT, tables::LEGACY, false),
+    let (object, core, hooks, ringbuf) = match mode {
+        Mode::Fentry => (objects::CORE_OBJECT, true, tables::FENTRY, true),
+        Mode::Kprobe => (objects::CORE_OBJECT, true, tables::KPROBE, true),
+        Mode::Tracepoint => (objects::TRACEPOINT_OBJECT, false, tables::TRACEPOINT, true),
+        Mode::Legacy => (objects::LEGACY_OBJECT, false, tables::LEGACY, false),
     };
     ModeSpec {
         object,
+        core,
         hooks,
         ringbuf,
     }
@@ -232,12 +230,12 @@ fn target(
             fentry_targets.ok_or("the kernel's BTF could not be read")?,
             "the kernel's BTF",
         ),
-        Attach::Kprobe(_) | Attach::Kretprobe(_) => match &features.attach_points {
+        Attach::Kprobe(_) => match &features.attach_points {
             Finding::Yes(points) => (points, "/proc/kallsyms"),
             Finding::No(why) | Finding::Unknown(why) => return Err(why.clone()),
         },
     };
-    let (Attach::Fentry(func) | Attach::Kprobe(func) | Attach::Kretprobe(func)) = attach else {
+    let (Attach::Fentry(func) | Attach::Kprobe(func)) = attach else {
         unreachable!("tracepoints returned above")
     };
     match points.get(func) {
@@ -329,9 +327,7 @@ mod tests {
             progs(&fentry.unwrap()),
             [
                 ("fentry_v4_connect", Some("tcp_v4_connect")),
-                ("fexit_v4_connect", Some("tcp_v4_connect")),
                 ("fentry_v6_connect", Some("tcp_v6_connect")),
-                ("fexit_v6_connect", Some("tcp_v6_connect")),
                 ("fentry_rcv_state", Some("tcp_rcv_state_process")),
                 ("tp_state_direct_rb", None),
                 ("tp_retransmit", None),

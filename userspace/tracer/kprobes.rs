@@ -52,19 +52,10 @@ impl Drop for TracefsKprobe {
     }
 }
 
-/// Which end of a kernel function a kprobe fires at.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FunctionEnd {
-    Entry,
-    /// A kretprobe.
-    Return,
-}
-
-/// One kprobe to attach: the kernel symbol, which end, and a tag that makes its tracefs
-/// event name unique among ours (the program's name).
+/// One kprobe to attach, at a kernel function's entry: the symbol, and a tag that makes
+/// its tracefs event name unique among ours (the program's name).
 pub struct KprobeSite<'a> {
     pub symbol: &'a str,
-    pub end: FunctionEnd,
     pub tag: &'a str,
 }
 
@@ -89,7 +80,6 @@ impl<'a> KprobeAttacher<'a> {
 
     /// Attach `prog` at `site`.
     pub fn attach(&self, prog: &ProgramMut<'_>, site: &KprobeSite<'_>) -> Result<Kprobe> {
-        let retprobe = site.end == FunctionEnd::Return;
         let use_pmu = match self.how {
             KprobeAttach::Pmu if !self.pmu => {
                 bail!("the kernel has no kprobe PMU: use --kprobe-attach tracefs")
@@ -100,7 +90,7 @@ impl<'a> KprobeAttacher<'a> {
         };
         let mut pmu_error = None;
         if use_pmu {
-            match prog.attach_kprobe(retprobe, site.symbol) {
+            match prog.attach_kprobe(false, site.symbol) {
                 Ok(link) => return Ok(Kprobe::Pmu(link)),
                 // Older PMUs refuse some names that kprobe_events takes (GCC's clones, such
                 // as tcp_v4_connect.isra.0): try there, as cilium/ebpf does.
@@ -149,18 +139,15 @@ fn attach_tracefs(
     tracefs: &Path,
     kprobe_events: Rc<File>,
 ) -> Result<TracefsKprobe> {
-    let kind = match site.end {
-        FunctionEnd::Entry => 'p',
-        FunctionEnd::Return => 'r',
-    };
     // Event names allow [A-Za-z0-9_]: symbols like tcp_v4_connect.isra.0 need cleaning.
     let clean: String = site
         .symbol
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect();
-    let name = format!("{}/{kind}_{clean}_{}", Group::ours().name(), site.tag);
-    let line = format!("{kind}:{name} {}", site.symbol);
+    // 'p': a probe at the function's entry.
+    let name = format!("{}/p_{clean}_{}", Group::ours().name(), site.tag);
+    let line = format!("p:{name} {}", site.symbol);
     let adding = || {
         format!(
             "adding kprobe event {name} in {}/kprobe_events",
@@ -242,11 +229,13 @@ impl Group {
     }
 
     /// Whether the instance that made this group is known to be alive: only from our own
-    /// PID namespace can its pid be looked up.
+    /// PID namespace can its pid be looked up. Asked before we add any event, so a group
+    /// named as ours is a dead instance's: one that had our pid in a namespace that has
+    /// died since, whose inode the kernel gave to ours (pid 1 of a restarted container).
     fn known_alive(&self, ours: &Group) -> bool {
-        *self == *ours
-            || (self.namespace == ours.namespace
-                && Path::new(&format!("/proc/{}", self.pid)).exists())
+        self.namespace == ours.namespace
+            && self.pid != ours.pid
+            && Path::new(&format!("/proc/{}", self.pid)).exists()
     }
 }
 
@@ -345,11 +334,17 @@ mod tests {
     }
 
     /// The same pid in another namespace is another instance, whose liveness cannot be
-    /// told from here (the kernel's EBUSY keeps its events if it is alive).
+    /// told from here (the kernel's EBUSY keeps its events if it is alive); our own group,
+    /// before we made anything, is a dead instance's.
     #[test]
     fn only_our_own_namespace_tells_who_is_alive() {
         let ours = Group::ours();
-        assert!(ours.known_alive(&ours));
+        assert!(!ours.known_alive(&ours));
+        let parent = Group {
+            pid: std::os::unix::process::parent_id(),
+            ..ours
+        };
+        assert!(parent.known_alive(&ours));
         let elsewhere = Group {
             namespace: ours.namespace + 1,
             ..ours

@@ -5,12 +5,15 @@
 //! - `hooks`: which program goes on which kernel hook, per mode (pure);
 //! - `objects`: the embedded probe objects and the types generated from their header;
 //! - `config`: the filters and layouts written into the probes' maps;
+//! - `core_btf`: the CO-RE object relocated and attached by our own reading of the
+//!   kernel's BTF, so that libbpf need not hold it;
 //! - `transport`: ring buffer or perf buffer, and table sizes;
 //! - `kprobes`: attaching through the kprobe PMU or tracefs `kprobe_events`;
 //! - `stream`, `perfbuf`, `sweeper`: the event stream and what keeps its tables honest;
 //! - `event`: one decoded connect.
 
 mod config;
+mod core_btf;
 pub mod discovery;
 pub mod event;
 mod hooks;
@@ -25,13 +28,15 @@ use anyhow::{anyhow, bail, Context, Result};
 use libbpf_rs::libbpf_sys::bpf_object__set_kversion;
 use libbpf_rs::{AsRawLibbpf, Link, MapCore, Object, ObjectBuilder, OpenObject};
 use tcpconnlat_compat::btf::SockOffsets;
-use tcpconnlat_compat::{AttachPoints, Features, Mode, Plan};
+use tcpconnlat_compat::{AttachPoints, Features, Func, Mode, Plan};
 
 use crate::timing;
 pub use config::{Filters, IpVersion, Outcomes};
+pub use core_btf::CoreBtf;
+use core_btf::CoreBtfFiles;
 pub use hooks::RecordRead;
 use hooks::{plan_hooks, Attach, HookPlan, ModeSpec};
-use kprobes::{FunctionEnd, Kprobe, KprobeAttach, KprobeAttacher, KprobeSite};
+use kprobes::{Kprobe, KprobeAttach, KprobeAttacher, KprobeSite};
 use objects::maps;
 pub use sweeper::{SweepTimes, STALE};
 pub use transport::{Sizes, Transport, TransportArg};
@@ -82,6 +87,9 @@ pub struct LoadOptions<'a> {
     pub features: &'a Features,
     /// What fentry can attach to, from the kernel's BTF.
     pub fentry_targets: Option<&'a AttachPoints>,
+    /// What the CO-RE object needs from the kernel's BTF, where our reading of it has it
+    /// (else libbpf reads the whole file itself).
+    pub core_btf: Option<&'a CoreBtf>,
     /// struct sock offsets, for the probes that cannot use CO-RE.
     pub sock: &'a dyn SockOffsetsSource,
     pub transport: Transport,
@@ -177,9 +185,11 @@ pub fn start(mode: Mode, options: &LoadOptions<'_>, filters: &Filters) -> Result
     )
     .map_err(|why| anyhow!(why))?;
     let sock = sock_offsets(mode, options, &mut plan)?;
-    let object = timing::step("open", || open(&spec, &plan, transport, options, filters))?;
+    let (object, core_files) =
+        timing::step("open", || open(&spec, &plan, transport, options, filters))?;
     let mut object = timing::step("load", || object.load())
         .with_context(|| format!("loading the {mode} probes (run with -v for the verifier log)"))?;
+    drop(core_files);
     config::configure(&object, filters, options, sock)?;
     let pins = Pins::pin(&mut object, options.pin_maps)?;
     let (links, kprobes) = timing::step("attach", || attach_all(&object, &plan, options))?;
@@ -237,17 +247,40 @@ fn check_filters(mode: Mode, filters: &Filters, options: &LoadOptions<'_>) -> Re
 }
 
 /// Open the mode's object with only the planned programs, only the maps they use, sized
-/// as asked, stamped with the kernel's version code.
+/// as asked, stamped with the kernel's version code; the CO-RE object with our reading of
+/// the kernel's BTF where there is one (and the files libbpf reads it from at load).
 fn open(
     spec: &ModeSpec,
     plan: &HookPlan,
     transport: Transport,
     options: &LoadOptions<'_>,
     filters: &Filters,
-) -> Result<OpenObject> {
-    let mut open = ObjectBuilder::default()
+) -> Result<(OpenObject, Option<CoreBtfFiles>)> {
+    let mut builder = ObjectBuilder::default();
+    let core = options.core_btf.filter(|_| spec.core);
+    let fentry: Vec<Func> = plan
+        .hooks
+        .iter()
+        .filter_map(|h| match h.attach {
+            Attach::Fentry(func) => Some(func),
+            _ => None,
+        })
+        .collect();
+    let mut core_files = match core {
+        Some(core) => {
+            if !fentry.is_empty() {
+                core.register_fentry_handlers(&fentry)?;
+            }
+            Some(core.relocate_with(&mut builder)?)
+        }
+        None => None,
+    };
+    let mut open = builder
         .open_memory(spec.object)
         .context("opening the probe object")?;
+    if let (Some(core), Some(files)) = (core, core_files.as_mut()) {
+        core.name_placeholders(&mut open, &fentry, files)?;
+    }
     if let Some(code) = options.version_code {
         // Kernels before 5.0 load a kprobe program only if it names their exact
         // LINUX_VERSION_CODE, which libbpf would guess from `uname -r`.
@@ -258,18 +291,11 @@ fn open(
         let wanted = plan.hooks.iter().any(|p| prog.name() == p.prog.as_str());
         prog.set_autoload(wanted);
     }
-    // Maps no loaded program uses are never created: the other transport's buffer, and
-    // the kretprobes' `connecting` table where there are no kretprobes.
-    let kretprobes = plan
-        .hooks
-        .iter()
-        .any(|p| matches!(p.attach, Attach::Kretprobe(_)));
+    // Maps no loaded program uses are never created: the other transport's buffer.
     for mut map in open.maps_mut() {
         let name = map.name().to_string_lossy().into_owned();
         let buffers = [Transport::RingBuf.map(), Transport::PerfBuf.map()];
-        let unused = (buffers.contains(&name.as_str()) && name != transport.map())
-            || (name == maps::CONNECTING && !kretprobes);
-        if unused {
+        if buffers.contains(&name.as_str()) && name != transport.map() {
             map.set_autocreate(false)
                 .with_context(|| format!("leaving out map {name}"))?;
         }
@@ -286,7 +312,7 @@ fn open(
                 .with_context(|| format!("sizing map {name}"))?;
         }
     }
-    Ok(open)
+    Ok((open, core_files))
 }
 
 /// Attach every planned program; what is returned detaches when dropped.
@@ -307,20 +333,16 @@ fn attach_all(
             None => prog.section().to_string_lossy().into_owned(),
         };
         let context = || format!("attaching {} to {target}", hook.prog);
-        let end = match hook.attach {
-            Attach::Kprobe(_) => Some(FunctionEnd::Entry),
-            Attach::Kretprobe(_) => Some(FunctionEnd::Return),
-            _ => None,
-        };
-        match (end, &hook.symbol) {
-            (Some(end), Some(symbol)) => {
+        match (hook.attach, &hook.symbol) {
+            (Attach::Kprobe(_), Some(symbol)) => {
                 let site = KprobeSite {
                     symbol,
-                    end,
                     tag: &hook.prog,
                 };
                 kprobes.push(attacher.attach(&prog, &site).with_context(context)?);
             }
+            // At the BTF id it was loaded with (libbpf knows no name for it: core_btf).
+            (Attach::Fentry(_), _) => links.push(prog.attach_trace().with_context(context)?),
             _ => links.push(prog.attach().with_context(context)?),
         }
     }

@@ -38,8 +38,6 @@ pub mod maps {
     pub const DPORTS: &str = "dports";
     /// enum counter slots.
     pub const COUNTERS: &str = "counters";
-    /// The kretprobes' socket of each thread's connect in progress.
-    pub const CONNECTING: &str = "connecting";
     /// The two transports' event buffers.
     pub const EVENTS_RB: &str = "events_rb";
     pub const EVENTS_PB: &str = "events_pb";

@@ -18,6 +18,8 @@ use thiserror::Error;
 
 use crate::kallsyms::{AttachPoints, Func};
 
+mod minimal;
+
 /// One field of `probes/sock_fields.h`: its name in `struct sock_layout` and its member
 /// path in the kernel's `struct sock`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -88,15 +90,30 @@ pub enum BtfError {
     NoField { path: String, field: String },
 }
 
-/// What one reading of a BTF file tells: the struct sock offsets, and which hooked
-/// functions it describes (an fentry program attaches by BTF name, so for fentry this, not
-/// kallsyms, says whether a function is there).
+/// What one reading of a BTF file tells: the struct sock offsets, which hooked functions
+/// it describes (an fentry program attaches by BTF name, so for fentry this, not kallsyms,
+/// says whether a function is there) and their type ids, and a BTF of its own for the
+/// CO-RE probes' relocations.
 #[derive(Debug)]
 pub struct BtfFacts {
     pub sock: Result<SockOffsets, BtfError>,
     pub functions: AttachPoints,
-    /// The BTF type id of `tcp_v4_connect`'s FUNC: what a trial fentry program attaches to.
-    pub tcp_v4_connect_id: Option<u32>,
+    /// The BTF type id of each hooked function's FUNC: what fentry programs attach to.
+    pub function_ids: Vec<(Func, u32)>,
+    /// The [`CORE_ROOTS`] structs and every type they embed, as raw BTF (see
+    /// [`minimal`]): all that the CO-RE probes' relocations need, for libbpf to read
+    /// instead of the whole file.
+    pub core_btf: Result<Vec<u8>, String>,
+}
+
+impl BtfFacts {
+    /// The BTF type id of `func`'s FUNC.
+    pub fn id_of(&self, func: Func) -> Option<u32> {
+        self.function_ids
+            .iter()
+            .find(|(f, _)| *f == func)
+            .map(|(_, id)| *id)
+    }
 }
 
 /// Read a raw BTF file (as `/sys/kernel/btf/vmlinux`, BTFHub and `pahole
@@ -161,15 +178,21 @@ struct StreamedBtf {
     file: File,
     /// File offset of the type section.
     types_at: u64,
+    /// File offset and length of the string section.
+    strings_at: u64,
+    strings_len: u64,
     /// Offset in the type section of type id i + 1 (id 0 is void).
     starts: Vec<u32>,
     /// String offset → the wanted name there.
     names: HashMap<u32, &'static str>,
     functions: Vec<(Func, u32)>,
     sock: Option<u32>,
+    /// The ids of the [`CORE_ROOTS`] structs.
+    core_roots: Vec<u32>,
 }
 
 /// One type's header (struct btf_type), and what follows it when it was read.
+#[derive(Clone)]
 struct Type {
     name_off: u32,
     kind: u32,
@@ -200,10 +223,17 @@ impl Type {
     }
 }
 
-/// Every name the reader looks for: the hooked functions, struct sock and its field paths.
+/// The structs the CO-RE probes (probes/tcpconnlat.bpf.c) read through CO-RE
+/// relocations: struct sock's fields, and the kprobes' arguments in struct pt_regs. The
+/// minimal BTF holds these and what they embed; the test in userspace/tracer/core_btf.rs
+/// fails if the probes read another.
+pub const CORE_ROOTS: [&str; 2] = ["sock", "pt_regs"];
+
+/// Every name the reader looks for: the hooked functions, struct sock and its field
+/// paths, the CO-RE roots.
 fn wanted_names() -> Vec<&'static str> {
     let mut names: Vec<&'static str> = Func::ALL.iter().map(|f| f.name()).collect();
-    names.push("sock");
+    names.extend(CORE_ROOTS);
     for field in sock_fields() {
         names.extend(field.path.iter().copied());
     }
@@ -247,10 +277,13 @@ impl StreamedBtf {
         let mut btf = StreamedBtf {
             file,
             types_at: hdr_len + type_off,
+            strings_at: hdr_len + str_off,
+            strings_len: str_len,
             starts: Vec::new(),
             names,
             functions: Vec::new(),
             sock: None,
+            core_roots: Vec::new(),
         };
         btf.index_types(type_len)?;
         Ok(btf)
@@ -333,7 +366,14 @@ impl StreamedBtf {
                             self.functions.push((*func, id));
                         }
                     }
-                    (kind::STRUCT, Some(&"sock")) if self.sock.is_none() => self.sock = Some(id),
+                    (kind::STRUCT, Some(name)) => {
+                        if *name == "sock" && self.sock.is_none() {
+                            self.sock = Some(id);
+                        }
+                        if CORE_ROOTS.contains(name) {
+                            self.core_roots.push(id);
+                        }
+                    }
                     _ => {}
                 }
             }
@@ -350,20 +390,47 @@ impl StreamedBtf {
 
     /// Type `id`, with its members if it is a struct or union.
     fn by_id(&self, id: u32) -> Option<Type> {
+        self.record(id).map(|(t, _)| t)
+    }
+
+    /// Type `id` and the bytes that follow its header (members, values, array or int
+    /// data), read from the file.
+    fn record(&self, id: u32) -> Option<(Type, Vec<u8>)> {
         let at = *self.starts.get((id as usize).checked_sub(1)?)?;
         let at = self.types_at + u64::from(at);
         let mut bytes = [0u8; 12];
         self.file.read_exact_at(&mut bytes, at).ok()?;
         let mut t = Type::header(&bytes);
+        let mut extra = vec![0u8; extra_len(t.kind, t.vlen)?];
+        self.file.read_exact_at(&mut extra, at + 12).ok()?;
         if matches!(t.kind, kind::STRUCT | kind::UNION) {
-            let mut raw = vec![0u8; 12 * t.vlen];
-            self.file.read_exact_at(&mut raw, at + 12).ok()?;
-            t.members = raw
+            t.members = extra
                 .chunks_exact(12)
                 .map(|m| std::array::from_fn(|i| word(m, 4 * i)))
                 .collect();
         }
-        Some(t)
+        Some((t, extra))
+    }
+
+    /// The string at `offset` in the string section, read from the file.
+    fn string_at(&self, offset: u32) -> Option<Vec<u8>> {
+        let mut name = Vec::new();
+        let mut chunk = [0u8; 64];
+        let mut at = u64::from(offset);
+        // Kernel names are short; a string this long is a corrupt file.
+        while name.len() < 4096 && at < self.strings_len {
+            let n = ((self.strings_len - at) as usize).min(chunk.len());
+            self.file
+                .read_exact_at(&mut chunk[..n], self.strings_at + at)
+                .ok()?;
+            if let Some(end) = memchr::memchr(0, &chunk[..n]) {
+                name.extend_from_slice(&chunk[..end]);
+                return Some(name);
+            }
+            name.extend_from_slice(&chunk[..n]);
+            at += n as u64;
+        }
+        None
     }
 
     fn facts(&self, path: &str) -> Result<BtfFacts, String> {
@@ -376,14 +443,16 @@ impl StreamedBtf {
             Some(None) => return Err("truncated BTF type".into()),
             Some(Some(sock)) => self.offsets_in(&sock, path),
         };
+        let core_btf = if self.core_roots.len() == CORE_ROOTS.len() {
+            minimal::MinimalBtf::of(self, &self.core_roots)
+        } else {
+            Err(format!("not every one of the structs {CORE_ROOTS:?}"))
+        };
         Ok(BtfFacts {
             sock,
             functions,
-            tcp_v4_connect_id: self
-                .functions
-                .iter()
-                .find(|(f, _)| *f == Func::TcpV4Connect)
-                .map(|(_, id)| *id),
+            function_ids: self.functions.clone(),
+            core_btf,
         })
     }
 
