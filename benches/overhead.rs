@@ -535,16 +535,8 @@ struct Floor {
 impl Floor {
     fn attach(mode: &str) -> Floor {
         let wanted: &[&str] = match mode {
-            "fentry" => &[
-                "empty_fentry_v4_connect",
-                "empty_fexit_v4_connect",
-                "empty_fentry_rcv_state",
-            ],
-            "kprobe" => &[
-                "empty_kprobe_v4_connect",
-                "empty_kretprobe_v4_connect",
-                "empty_kprobe_rcv_state",
-            ],
+            "fentry" => &["empty_fentry_v4_connect", "empty_fentry_rcv_state"],
+            "kprobe" => &["empty_kprobe_v4_connect", "empty_kprobe_rcv_state"],
             _ => &[],
         };
         let common = ["empty_state", "empty_retransmit", "empty_reset"];
@@ -660,18 +652,74 @@ impl BpfStats {
 
     /// Nanoseconds the BPF programs held by `pid` ran per connect of one storm.
     fn per_connect(&self, pid: u32, server: &Server) -> f64 {
-        let before = bpf_run_ns(pid);
+        self.by_program(pid, server).iter().map(|p| p.ns).sum()
+    }
+
+    /// The same, program by program: what each costs a connect, and how often it runs.
+    fn by_program(&self, pid: u32, server: &Server) -> Vec<ProgramRun> {
+        let before = prog_runs(pid);
         storm(server, connects());
-        (bpf_run_ns(pid) - before) as f64 / connects() as f64
+        let n = connects() as f64;
+        let mut runs: Vec<ProgramRun> = prog_runs(pid)
+            .into_iter()
+            .map(|(id, (name, ns, cnt))| {
+                let (ns0, cnt0) = before.get(&id).map_or((0, 0), |(_, ns, cnt)| (*ns, *cnt));
+                ProgramRun {
+                    name,
+                    ns: (ns - ns0) as f64 / n,
+                    runs: (cnt - cnt0) as f64 / n,
+                }
+            })
+            .collect();
+        runs.sort_by(|a, b| b.ns.total_cmp(&a.ns));
+        runs
     }
 }
 
-/// Run time so far of every BPF program `pid` holds a descriptor of.
-fn bpf_run_ns(pid: u32) -> u64 {
-    prog_fdinfo(pid, "run_time_ns:")
+/// One BPF program's share of a storm, per connect.
+struct ProgramRun {
+    name: String,
+    ns: f64,
+    runs: f64,
+}
+
+/// Every BPF program `pid` holds: id → (name, run_time_ns, run_cnt).
+fn prog_runs(pid: u32) -> std::collections::HashMap<u32, (String, u64, u64)> {
+    let field = |info: &str, name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
         .expect("read the fdinfo directory")
-        .into_iter()
-        .sum()
+        .filter_map(|entry| std::fs::read_to_string(entry.ok()?.path()).ok())
+        .filter_map(|info| {
+            let id = field(&info, "prog_id:")? as u32;
+            let run = (field(&info, "run_time_ns:")?, field(&info, "run_cnt:")?);
+            Some((id, (prog_name(id), run.0, run.1)))
+        })
+        .collect()
+}
+
+/// A BPF program's name, by id.
+fn prog_name(id: u32) -> String {
+    use libbpf_rs::libbpf_sys;
+    // SAFETY: plain syscall wrappers on a fd we own and close; info is zeroed and sized.
+    unsafe {
+        let fd = libbpf_sys::bpf_prog_get_fd_by_id(id);
+        if fd < 0 {
+            return format!("prog {id}");
+        }
+        let mut info: libbpf_sys::bpf_prog_info = std::mem::zeroed();
+        let mut len = std::mem::size_of_val(&info) as u32;
+        let rc = libbpf_sys::bpf_prog_get_info_by_fd(fd, &mut info, &mut len);
+        libc::close(fd);
+        if rc != 0 {
+            return format!("prog {id}");
+        }
+        let name = std::ffi::CStr::from_ptr(info.name.as_ptr());
+        name.to_string_lossy().into_owned()
+    }
 }
 
 /// One counter (e.g. "run_cnt:") of every BPF program `pid` holds a descriptor of, from

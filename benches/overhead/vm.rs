@@ -33,6 +33,8 @@ enum Tool {
     Ours(Option<String>),
     /// Legacy mode with its struct offsets found at start-up: what discovery costs.
     Discovering,
+    /// Fleet mode (auto): `--serve`, events into the metrics instead of lines.
+    Serving,
     Reference(PathBuf),
 }
 
@@ -48,6 +50,7 @@ impl Tool {
             Tool::Ours(None) => format!("tcpconnlat (auto: {auto})"),
             Tool::Ours(Some(mode)) => format!("tcpconnlat --mode {mode}"),
             Tool::Discovering => "tcpconnlat --mode legacy --offsets discover".into(),
+            Tool::Serving => format!("tcpconnlat --serve (auto: {auto})"),
             Tool::Reference(_) => "reference (libbpf-tools tcpconnlat)".into(),
         }
     }
@@ -56,12 +59,13 @@ impl Tool {
     /// kernel).
     fn command(&self, pid: u32) -> Command {
         match self {
-            Tool::Ours(_) | Tool::Discovering => {
+            Tool::Ours(_) | Tool::Discovering | Tool::Serving => {
                 let mut c = Command::new(BIN);
                 c.args(["-v", "-p", &pid.to_string()]);
                 match self {
                     Tool::Ours(Some(mode)) => c.args(["--mode", mode]),
                     Tool::Discovering => c.args(["--mode", "legacy", "--offsets", "discover"]),
+                    Tool::Serving => c.args(["--serve", "127.0.0.1:0"]),
                     _ => &mut c,
                 };
                 c
@@ -81,6 +85,7 @@ impl Setup {
             Setup::Untraced => "untraced".into(),
             Setup::Floor(mode) => format!("empty programs on {mode}'s hooks (floor)"),
             Setup::Tool(tool, Output::File) => format!("{}, text to a file", tool.name(auto)),
+            Setup::Tool(Tool::Serving, _) => Tool::Serving.name(auto),
             Setup::Tool(tool, Output::Null) => format!("{}, text to /dev/null", tool.name(auto)),
         }
     }
@@ -89,7 +94,7 @@ impl Setup {
     fn floor_mode(&self, auto: &str) -> Option<String> {
         match self {
             Setup::Tool(Tool::Ours(Some(mode)), _) => Some(mode.clone()),
-            Setup::Tool(Tool::Ours(None), _) => Some(auto.into()),
+            Setup::Tool(Tool::Ours(None) | Tool::Serving, _) => Some(auto.into()),
             Setup::Tool(Tool::Discovering, _) => Some("legacy".into()),
             // The reference uses fentry where the kernel has it, as auto does here.
             Setup::Tool(Tool::Reference(_), _) => Some("fentry".into()),
@@ -135,7 +140,7 @@ impl Running {
         };
         let took = match tool {
             // When it says so: right after it attached.
-            Tool::Ours(_) | Tool::Discovering => {
+            Tool::Ours(_) | Tool::Discovering | Tool::Serving => {
                 said_tracing
                     .recv()
                     .expect("the tracer did not start tracing");
@@ -300,11 +305,15 @@ pub fn run(usable: &[String], reference: Option<PathBuf>) {
     let server = Server::loopback(2);
     let mut tools: Vec<Tool> = vec![Tool::Ours(None)];
     tools.extend(modes.iter().skip(1).map(|m| Tool::Ours(Some(m.clone()))));
+    tools.push(Tool::Serving);
     tools.extend(reference.clone().map(Tool::Reference));
     let mut setups = vec![Setup::Untraced];
     setups.extend(modes.iter().map(|m| Setup::Floor(m.clone())));
     for tool in &tools {
-        setups.push(Setup::Tool(tool.clone(), Output::File));
+        // --serve prints no lines: its output is the metrics.
+        if *tool != Tool::Serving {
+            setups.push(Setup::Tool(tool.clone(), Output::File));
+        }
         setups.push(Setup::Tool(tool.clone(), Output::Null));
     }
     println!(
@@ -413,8 +422,19 @@ fn print_bpf_time(tools: &[Tool], modes: &[String], server: &Server, probe: &Ser
     }
     for tool in tools {
         let (tracer, _) = Running::start(tool, Output::Null, probe);
-        let ns = stats.per_connect(tracer.child.id(), server);
+        let programs = stats.by_program(tracer.child.id(), server);
+        let ns: f64 = programs.iter().map(|p| p.ns).sum();
         println!("  {:<60} {ns:>8.0} ns", tool.name(auto));
+        // Where it goes: the profile of the probes, program by program.
+        for p in programs.iter().filter(|p| p.runs > 0.0) {
+            println!(
+                "      {:<56} {:>8.0} ns {:>6.2} runs, {:>6.0} ns a run",
+                p.name,
+                p.ns,
+                p.runs,
+                p.ns / p.runs
+            );
+        }
         tracer.finish(server);
     }
 }
