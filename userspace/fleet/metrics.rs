@@ -224,67 +224,7 @@ impl Metrics {
             }),
             rules,
         };
-        registry.register_with_unit(
-            "tcpconnlat_connect_duration",
-            "TCP handshake time: SYN sent to SYN-ACK or RST processed, or to giving up",
-            Unit::Seconds,
-            metrics.durations.clone(),
-        );
-        registry.register(
-            "tcpconnlat_syn_retransmits",
-            "SYNs sent again before connects ended",
-            metrics.retransmits.clone(),
-        );
-        for (name, help, counter) in [
-            (
-                "tcpconnlat_lost_events",
-                "Connects not reported: the event buffer was full (raise --buffer-pages)",
-                &metrics.lost,
-            ),
-            (
-                "tcpconnlat_untracked_connects",
-                "Connects not timed: more than --max-pending waited for an answer at once",
-                &metrics.untracked,
-            ),
-            (
-                "tcpconnlat_missed_connects",
-                "Connects whose end the kernel did not show the probes",
-                &metrics.missed,
-            ),
-            (
-                "tcpconnlat_series_folded",
-                "Connects counted under dest=\"other\": --max-series label sets were in use",
-                &metrics.folded,
-            ),
-            (
-                "tcpconnlat_accept_errors",
-                "Scrape connections the exporter failed to accept (out of descriptors or memory)",
-                &metrics.accept_errors,
-            ),
-        ] {
-            registry.register(name, help, counter.clone());
-        }
-        registry.register(
-            "tcpconnlat_label_sets",
-            "Label sets in use (destinations, and the folded one)",
-            metrics.label_sets.clone(),
-        );
-        registry.register(
-            "tcpconnlat_series",
-            "Series this exporter has or keeps room for (at most --max-series)",
-            metrics.series.clone(),
-        );
-        registry.register(
-            "tcpconnlat_build",
-            "Which tcpconnlat this is and how it traces here",
-            Info::new(vec![
-                ("version", env!("CARGO_PKG_VERSION").to_owned()),
-                ("revision", env!("TCPCONNLAT_REVISION").to_owned()),
-                ("mode", identity.mode.name().to_owned()),
-                ("transport", identity.transport.to_owned()),
-                ("kernel", identity.kernel.to_owned()),
-            ]),
-        );
+        metrics.register(&mut registry, identity);
         registry.register_collector(Box::new(super::process::ProcessCollector));
         // Every series that exists before any connect is fixed: count them as scraped.
         let fixed = scrape_samples(&registry);
@@ -299,6 +239,71 @@ impl Metrics {
             }),
             ..metrics
         })
+    }
+
+    /// Every metric into `registry`, with its help.
+    fn register(&self, registry: &mut Registry, identity: &Identity<'_>) {
+        registry.register_with_unit(
+            "tcpconnlat_connect_duration",
+            "TCP handshake time: SYN sent to SYN-ACK or RST processed, or to giving up",
+            Unit::Seconds,
+            self.durations.clone(),
+        );
+        registry.register(
+            "tcpconnlat_syn_retransmits",
+            "SYNs sent again before connects ended",
+            self.retransmits.clone(),
+        );
+        for (name, help, counter) in [
+            (
+                "tcpconnlat_lost_events",
+                "Connects not reported: the event buffer was full (raise --buffer-pages)",
+                &self.lost,
+            ),
+            (
+                "tcpconnlat_untracked_connects",
+                "Connects not timed: more than --max-pending waited for an answer at once",
+                &self.untracked,
+            ),
+            (
+                "tcpconnlat_missed_connects",
+                "Connects whose end the kernel did not show the probes",
+                &self.missed,
+            ),
+            (
+                "tcpconnlat_series_folded",
+                "Connects counted under dest=\"other\": --max-series label sets were in use",
+                &self.folded,
+            ),
+            (
+                "tcpconnlat_accept_errors",
+                "Scrape connections the exporter failed to accept (out of descriptors or memory)",
+                &self.accept_errors,
+            ),
+        ] {
+            registry.register(name, help, counter.clone());
+        }
+        registry.register(
+            "tcpconnlat_label_sets",
+            "Label sets in use (destinations, and the folded one)",
+            self.label_sets.clone(),
+        );
+        registry.register(
+            "tcpconnlat_series",
+            "Series this exporter has or keeps room for (at most --max-series)",
+            self.series.clone(),
+        );
+        registry.register(
+            "tcpconnlat_build",
+            "Which tcpconnlat this is and how it traces here",
+            Info::new(vec![
+                ("version", env!("CARGO_PKG_VERSION").to_owned()),
+                ("revision", env!("TCPCONNLAT_REVISION").to_owned()),
+                ("mode", identity.mode.name().to_owned()),
+                ("transport", identity.transport.to_owned()),
+                ("kernel", identity.kernel.to_owned()),
+            ]),
+        );
     }
 
     /// Count one connect.
