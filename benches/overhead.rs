@@ -535,8 +535,8 @@ struct Floor {
 impl Floor {
     fn attach(mode: &str) -> Floor {
         let wanted: &[&str] = match mode {
-            "fentry" => &["empty_fentry_v4_connect", "empty_fentry_rcv_state"],
-            "kprobe" => &["empty_kprobe_v4_connect", "empty_kprobe_rcv_state"],
+            "fentry" => &["empty_fentry_v4_connect"],
+            "kprobe" => &["empty_kprobe_v4_connect"],
             _ => &[],
         };
         let common = ["empty_state", "empty_retransmit", "empty_reset"];

@@ -389,7 +389,8 @@ static __always_inline void count_retransmit(__u64 sk)
 		p->syn_retrans++;
 }
 
-/* The SYN-ACK (or RST) of a pending connect is being processed: its latency ends here. */
+/* The SYN-ACK (or RST) of a pending connect is being processed (legacy mode, which has no
+ * state tracepoint to end it): its latency ends here. */
 static __always_inline void mark_answer(__u64 sk)
 {
 	struct pending *p = bpf_map_lookup_elem(&pending, &sk);

@@ -34,20 +34,8 @@ int BPF_PROG(empty_fentry_v4_connect)
 	return 0;
 }
 
-SEC("fentry/tcp_rcv_state_process")
-int BPF_PROG(empty_fentry_rcv_state)
-{
-	return 0;
-}
-
 SEC("kprobe/tcp_v4_connect")
 int empty_kprobe_v4_connect(void *ctx)
-{
-	return 0;
-}
-
-SEC("kprobe/tcp_rcv_state_process")
-int empty_kprobe_rcv_state(void *ctx)
 {
 	return 0;
 }

@@ -1,11 +1,13 @@
 // SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
 /*
  * CO-RE probes for the fentry and kprobe modes. The clock starts when tcp_v4_connect /
- * tcp_v6_connect is entered (as bcc does), the answer is stamped when
- * tcp_rcv_state_process sees the socket still in SYN_SENT (the SYN-ACK or RST being
- * processed), and the sock:inet_sock_set_state state machine of common.bpf.h remembers the
- * connect when its socket moves to SYN_SENT and reports it when it leaves. A connect that
- * fails before SYN_SENT is never remembered: no exit probe is needed.
+ * tcp_v6_connect is entered (as bcc does); the sock:inet_sock_set_state state machine of
+ * common.bpf.h remembers the connect when its socket moves to SYN_SENT and reports it when
+ * the SYN-ACK moves it to ESTABLISHED (or an RST, tcp:tcp_receive_reset, or its giving up
+ * moves it to CLOSE), as in tracepoint mode. bcc stamps the answer on entering
+ * tcp_rcv_state_process instead: a probe there runs for every segment of every socket in a
+ * handshake, five times a connect, for an instant earlier in handling the same segment.
+ * A connect that fails before SYN_SENT is never remembered: no exit probe.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -39,15 +41,6 @@ int BPF_PROG(fentry_v6_connect, struct sock *sk)
 	return 0;
 }
 
-/* fentry's arguments are typed: the state is read directly, no helper call. */
-SEC("fentry/tcp_rcv_state_process")
-int BPF_PROG(fentry_rcv_state, struct sock *sk)
-{
-	if (sk->__sk_common.skc_state == TCP_SYN_SENT)
-		mark_answer((__u64)sk);
-	return 0;
-}
-
 /* kprobes are attached by name from kallsyms (tcp_v4_connect may be tcp_v4_connect.isra.0). */
 SEC("kprobe")
 int BPF_KPROBE(kprobe_v4_connect, struct sock *sk)
@@ -60,14 +53,6 @@ SEC("kprobe")
 int BPF_KPROBE(kprobe_v6_connect, struct sock *sk)
 {
 	connect_entered((__u64)sk);
-	return 0;
-}
-
-SEC("kprobe")
-int BPF_KPROBE(kprobe_rcv_state, struct sock *sk)
-{
-	if (BPF_CORE_READ(sk, __sk_common.skc_state) == TCP_SYN_SENT)
-		mark_answer((__u64)sk);
 	return 0;
 }
 

@@ -94,7 +94,7 @@ fn need_btf(features: &Features) -> Result<(), Unsupported> {
 }
 
 /// The functions the CO-RE modes cannot do without (IPv6 alone may be missing).
-const CORE_FUNCS: &[Func] = &[Func::TcpV4Connect, Func::TcpRcvStateProcess];
+const CORE_FUNCS: &[Func] = &[Func::TcpV4Connect];
 
 fn need_kprobes(features: &Features) -> Result<(), Unsupported> {
     if features.kprobes() {

@@ -86,12 +86,10 @@ mod tables {
     pub const FENTRY: &[Hook] = with_tracepoints![
         hook("fentry_v4_connect", Fentry(TcpV4Connect)),
         optional("fentry_v6_connect", Fentry(TcpV6Connect), NO_IPV6),
-        hook("fentry_rcv_state", Fentry(TcpRcvStateProcess)),
     ];
     pub const KPROBE: &[Hook] = with_tracepoints![
         hook("kprobe_v4_connect", Kprobe(TcpV4Connect)),
         optional("kprobe_v6_connect", Kprobe(TcpV6Connect), NO_IPV6),
-        hook("kprobe_rcv_state", Kprobe(TcpRcvStateProcess)),
     ];
     pub const TRACEPOINT: &[Hook] = with_tracepoints![];
     /// No tracepoints: everything by kprobe; tcp_set_state starts and ends every connect.
@@ -328,7 +326,6 @@ mod tests {
             [
                 ("fentry_v4_connect", Some("tcp_v4_connect")),
                 ("fentry_v6_connect", Some("tcp_v6_connect")),
-                ("fentry_rcv_state", Some("tcp_rcv_state_process")),
                 ("tp_state_direct_rb", None),
                 ("tp_retransmit", None),
                 ("tp_reset", None),
