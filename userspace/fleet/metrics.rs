@@ -21,6 +21,7 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 use tcpconnlat_compat::Mode;
 
+use super::hot::{Hot, HotKey, HotSets};
 use crate::tracer::event::{host_part, Event, Outcome};
 use crate::tracer::stream::Shortfall;
 
@@ -51,7 +52,7 @@ pub struct LabelRules {
 
 /// The label set of a destination (and cgroup).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct SeriesKey {
+pub(super) struct SeriesKey {
     dest: String,
     cgroup: Option<String>,
 }
@@ -176,6 +177,15 @@ pub struct Metrics {
 struct State {
     live: HashMap<SeriesKey, Live>,
     budget: SeriesBudget,
+    /// The series of destinations counted lately, for the next connect to them.
+    hot: HotSets,
+}
+
+/// The label set a connect is counted under.
+enum Claimed {
+    Own(SeriesKey),
+    /// `dest="other"`: its own would not fit in `--max-series`.
+    Folded(SeriesKey),
 }
 
 /// What `tcpconnlat_build_info` says of how this host traces.
@@ -221,6 +231,7 @@ impl Metrics {
                     per_histogram: 0,
                     used: 0,
                 },
+                hot: HotSets::default(),
             }),
             rules,
         };
@@ -236,6 +247,7 @@ impl Metrics {
             state: Mutex::new(State {
                 live: HashMap::new(),
                 budget,
+                hot: HotSets::default(),
             }),
             ..metrics
         })
@@ -306,17 +318,48 @@ impl Metrics {
         );
     }
 
-    /// Count one connect.
-    pub fn observe(&self, e: &Event, cgroup: Option<String>) {
-        let key = self.key_for(e, cgroup);
-        let labels = self.claim(key, e.outcome);
+    /// Count one connect (`cgroup`: its cgroup path, asked for only when first seen).
+    pub fn observe(&self, e: &Event, cgroup: impl FnOnce() -> Option<String>) {
         let seconds = e.lat_ns as f64 / 1e9;
+        let hot_key = HotKey::of(e, self.rules.cgroup);
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let hot = match state.hot.get_mut(&hot_key) {
+            Some(hot) if hot.durations(e.outcome).is_some() => hot,
+            _ => {
+                let key = self.key_for(e, cgroup());
+                let key = match self.claim(&mut state, key, e.outcome) {
+                    Claimed::Own(key) if state.hot.has_room_for(&hot_key) => key,
+                    Claimed::Own(key) | Claimed::Folded(key) => {
+                        return self.count(&key, e, seconds)
+                    }
+                };
+                let durations = self
+                    .durations
+                    .get_or_create_owned(&key.with_outcome(e.outcome));
+                let hot = state.hot.entry(hot_key, || Hot::new(key));
+                hot.set_durations(e.outcome, durations);
+                hot
+            }
+        };
+        hot.last = Instant::now();
+        if let Some(durations) = hot.durations(e.outcome) {
+            durations.observe(seconds);
+        }
+        if e.syn_retrans > 0 {
+            hot.count_retransmits(u64::from(e.syn_retrans), |key| {
+                self.retransmits.get_or_create_owned(&key.labels())
+            });
+        }
+    }
+
+    /// Count a connect under `key` through the metric families (no cached series).
+    fn count(&self, key: &SeriesKey, e: &Event, seconds: f64) {
         self.durations
-            .get_or_create(&labels.with_outcome(e.outcome))
+            .get_or_create(&key.with_outcome(e.outcome))
             .observe(seconds);
         if e.syn_retrans > 0 {
             self.retransmits
-                .get_or_create(&labels.labels())
+                .get_or_create(&key.labels())
                 .inc_by(u64::from(e.syn_retrans));
         }
     }
@@ -342,20 +385,20 @@ impl Metrics {
 
     /// The label set a connect is counted under: its own, or, where the series it would
     /// add do not fit in `--max-series`, the folded one.
-    fn claim(&self, key: SeriesKey, outcome: Outcome) -> SeriesKey {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let State { live, budget } = &mut *state;
+    fn claim(&self, state: &mut State, key: SeriesKey, outcome: Outcome) -> Claimed {
+        let State { live, budget, .. } = state;
         let cost = match live.get(&key) {
             Some(set) => budget.cost(false, !set.outcomes.contains(&outcome)),
             None => budget.cost(true, true),
         };
-        let key = if budget.used + cost <= budget.own {
+        let claimed = if budget.used + cost <= budget.own {
             budget.used += cost;
-            key
+            Claimed::Own(key)
         } else {
             self.folded.inc();
-            SeriesKey::folded(self.rules.cgroup)
+            Claimed::Folded(SeriesKey::folded(self.rules.cgroup))
         };
+        let (Claimed::Own(key) | Claimed::Folded(key)) = &claimed;
         let entry = live.entry(key.clone()).or_insert(Live {
             last: Instant::now(),
             outcomes: Vec::new(),
@@ -364,8 +407,8 @@ impl Metrics {
         if !entry.outcomes.contains(&outcome) {
             entry.outcomes.push(outcome);
         }
-        self.count_series(&state);
-        key
+        self.count_series(state);
+        claimed
     }
 
     /// The gauges of what is in use.
@@ -398,7 +441,12 @@ impl Metrics {
     /// Drop the label sets no connect used for `--series-ttl`; how many.
     pub fn expire(&self) -> usize {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let State { live, budget } = &mut *state;
+        let State { live, budget, hot } = &mut *state;
+        for (key, last) in hot.last_uses() {
+            if let Some(set) = live.get_mut(key) {
+                set.last = set.last.max(last);
+            }
+        }
         let folded = SeriesKey::folded(self.rules.cgroup);
         let ttl = self.rules.ttl;
         let idle: Vec<SeriesKey> = live
@@ -417,6 +465,8 @@ impl Metrics {
                 self.retransmits.remove(&key.labels());
             }
         }
+        // Their series are gone from the families: the handles cached would count nowhere.
+        hot.retain(|key| live.contains_key(key));
         self.count_series(&state);
         idle.len()
     }
@@ -477,9 +527,9 @@ mod tests {
     #[test]
     fn connects_become_histograms_and_counters_by_outcome_and_dest() {
         let m = metrics(DestLabel::IpPort, room_for(3), Duration::from_secs(900));
-        m.observe(&event("10.0.0.2", 443, Outcome::Established, 2), None);
-        m.observe(&event("10.0.0.2", 443, Outcome::Refused, 1), None);
-        m.observe(&event("::1", 50000, Outcome::Timeout, 3000), None);
+        m.observe(&event("10.0.0.2", 443, Outcome::Established, 2), || None);
+        m.observe(&event("10.0.0.2", 443, Outcome::Refused, 1), || None);
+        m.observe(&event("::1", 50000, Outcome::Timeout, 3000), || None);
         let text = scrape(&m);
         for line in [
             r#"tcpconnlat_connect_duration_seconds_count{outcome="established",dest="10.0.0.2:443"} 1"#,
@@ -501,7 +551,7 @@ mod tests {
         let max = room_for(2);
         let m = metrics(DestLabel::IpPort, max, Duration::ZERO);
         for port in [1, 2, 3, 4] {
-            m.observe(&event("10.0.0.2", port, Outcome::Refused, 1), None);
+            m.observe(&event("10.0.0.2", port, Outcome::Refused, 1), || None);
         }
         // Two label sets of their own; the others share "other" (which is one more).
         assert_eq!(m.label_sets(), 3);
@@ -513,13 +563,35 @@ mod tests {
         assert_eq!(series, scrape_samples(&m.registry), "{text}");
         assert!(series <= max, "{series} series, budget {max}");
         // A second outcome of a destination of its own does not fit: it is folded too.
-        m.observe(&event("10.0.0.2", 1, Outcome::Timeout, 1), None);
+        m.observe(&event("10.0.0.2", 1, Outcome::Timeout, 1), || None);
         assert!(scrape(&m).contains("tcpconnlat_series_folded_total 3"));
         assert!(m.series.get() as usize <= max);
         assert_eq!(m.expire(), 3);
         assert_eq!(m.label_sets(), 0);
         assert_eq!(m.series.get() as usize, m.fixed);
         assert!(!scrape(&m).contains(",dest="), "{}", scrape(&m));
+        // A destination seen again after its set expired has its series again (the
+        // handles kept for it went with the set), counted from zero.
+        m.observe(&event("10.0.0.2", 1, Outcome::Refused, 1), || None);
+        m.observe(&event("10.0.0.2", 1, Outcome::Refused, 1), || None);
+        let text = scrape(&m);
+        assert!(
+            text.contains(r#"_count{outcome="refused",dest="10.0.0.2:1"} 2"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_set_in_use_through_the_cache_does_not_expire() {
+        let m = metrics(DestLabel::IpPort, room_for(2), Duration::from_millis(300));
+        m.observe(&event("10.0.0.2", 1, Outcome::Refused, 1), || None);
+        for _ in 0..3 {
+            std::thread::sleep(Duration::from_millis(150));
+            m.observe(&event("10.0.0.2", 1, Outcome::Refused, 1), || None);
+            assert_eq!(m.expire(), 0);
+        }
+        std::thread::sleep(Duration::from_millis(350));
+        assert_eq!(m.expire(), 1);
     }
 
     #[test]
@@ -550,7 +622,7 @@ mod tests {
             (DestLabel::None, r#"dest="""#),
         ] {
             let m = metrics(dest, room_for(1), Duration::from_secs(60));
-            m.observe(&event("10.0.0.2", 443, Outcome::Established, 1), None);
+            m.observe(&event("10.0.0.2", 443, Outcome::Established, 1), || None);
             assert!(scrape(&m).contains(want), "{dest:?}: {}", scrape(&m));
         }
     }

@@ -1,6 +1,7 @@
 //! Fleet mode (`--serve`): tcpconnlat as a Prometheus exporter. Connects become metrics
 //! (metrics.rs) served over HTTP (http.rs) until a signal or `-d`.
 
+mod hot;
 mod http;
 pub mod metrics;
 mod process;
@@ -152,8 +153,9 @@ struct Recorder<'m> {
 
 impl Sink for Recorder<'_> {
     fn event(&mut self, e: &Event) -> std::io::Result<()> {
-        let cgroup = self.cgroups.as_mut().map(|c| c.path(e.cgroup_id));
-        self.metrics.observe(e, cgroup);
+        let cgroups = &mut self.cgroups;
+        self.metrics
+            .observe(e, || cgroups.as_mut().map(|c| c.path(e.cgroup_id)));
         Ok(())
     }
 

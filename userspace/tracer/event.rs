@@ -20,6 +20,8 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    pub const COUNT: usize = 5;
+
     fn from_raw(raw: u8) -> Outcome {
         match RawOutcome(raw.into()) {
             RawOutcome::OUTCOME_ESTABLISHED => Outcome::Established,
