@@ -418,10 +418,14 @@ static __always_inline void mark_reset(__u64 sk)
  */
 static __always_inline int handle_state(void *ctx, int transport, int direct)
 {
-	const struct config *cfg = get_config();
+	const struct state_record *r = ctx;
+	const struct config *cfg;
 	struct state_change sc;
-	struct event e = {};
 
+	/* Most state changes are none of ours: read directly, they cost two loads. */
+	if (direct && r->oldstate != TCP_SYN_SENT && r->newstate != TCP_SYN_SENT)
+		return 0;
+	cfg = get_config();
 	if (!cfg || read_state_change(ctx, &cfg->tp, direct, &sc) || sc.protocol != IPPROTO_TCP)
 		return 0;
 	if (sc.newstate == TCP_SYN_SENT) {
@@ -429,11 +433,16 @@ static __always_inline int handle_state(void *ctx, int transport, int direct)
 			remember_connect(cfg, sc.skaddr, sc.family);
 		return 0;
 	}
-	if (sc.oldstate != TCP_SYN_SENT || !finish_connect(cfg, sc.skaddr, sc.newstate, &e))
-		return 0;
-	e.af = sc.family;
-	read_endpoints(ctx, &cfg->tp, direct, &e);
-	report(ctx, cfg, &e, transport);
+	if (sc.oldstate == TCP_SYN_SENT) {
+		/* Zeroed here, not on the state changes that return above (most of them). */
+		struct event e = {};
+
+		if (!finish_connect(cfg, sc.skaddr, sc.newstate, &e))
+			return 0;
+		e.af = sc.family;
+		read_endpoints(ctx, &cfg->tp, direct, &e);
+		report(ctx, cfg, &e, transport);
+	}
 	return 0;
 }
 
