@@ -21,6 +21,7 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 use tcpconnlat_compat::Mode;
 
+use super::budget::SeriesBudget;
 use super::hot::{Hot, HotKey, HotSets};
 use crate::tracer::event::{host_part, Event, Outcome};
 use crate::tracer::stream::Shortfall;
@@ -98,52 +99,6 @@ impl MetricConstructor<Histogram> for MakeHistogram {
 struct Live {
     last: Instant,
     outcomes: Vec<Outcome>,
-}
-
-/// The series the label sets may make, and those they have. A label set costs its
-/// retransmit counter (one series, kept for it from the start) and, for each outcome it
-/// has seen, a histogram: a series per bucket, +Inf, `_sum` and `_count`. The folded set
-/// `dest="other"` has its worst case kept aside, so that folding always fits.
-#[derive(Debug)]
-struct SeriesBudget {
-    /// For label sets of their own: `--max-series` less the fixed series and the folded
-    /// set's reserve.
-    own: usize,
-    per_histogram: usize,
-    /// Series the label sets of their own have now.
-    used: usize,
-}
-
-impl SeriesBudget {
-    const OUTCOMES: usize = 5;
-
-    fn new(max_series: usize, fixed: usize, buckets: usize) -> Result<SeriesBudget, String> {
-        let per_histogram = buckets + 3;
-        let one_set = 1 + Self::OUTCOMES * per_histogram;
-        // The folded set's worst case, and room for one destination of one outcome.
-        let least = fixed + one_set + 1 + per_histogram;
-        if max_series < least {
-            return Err(format!(
-                "--max-series {max_series} leaves no room for a destination: with {buckets} \
-                 buckets, {fixed} fixed series and the folded dest=\"other\", give {least} at least"
-            ));
-        }
-        Ok(SeriesBudget {
-            own: max_series - fixed - one_set,
-            per_histogram,
-            used: 0,
-        })
-    }
-
-    /// What counting `outcome` under a label set costs (new: not in use yet).
-    fn cost(&self, new: bool, outcome_new: bool) -> usize {
-        usize::from(new) + if outcome_new { self.per_histogram } else { 0 }
-    }
-
-    /// What a label set with these outcomes has.
-    fn of(&self, outcomes: usize) -> usize {
-        1 + outcomes * self.per_histogram
-    }
 }
 
 /// The sample lines of a scrape: the series Prometheus stores.

@@ -20,7 +20,8 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub const COUNT: usize = 5;
+    /// How many outcomes there are (the last one's index, plus one).
+    pub const COUNT: usize = Outcome::Error as usize + 1;
 
     fn from_raw(raw: u8) -> Outcome {
         match RawOutcome(raw.into()) {
