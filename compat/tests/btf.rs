@@ -117,7 +117,7 @@ fn the_reader_agrees_with_libbpf() {
         for func in Func::ALL {
             let theirs = btf.type_by_name::<libbpf_rs::btf::types::Func<'_>>(func.name());
             assert_eq!(
-                ours.id_of(func),
+                ours.function_ids.get(func),
                 theirs.map(|f| f.type_id().into()),
                 "{path:?} {func:?}"
             );

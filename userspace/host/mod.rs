@@ -90,7 +90,7 @@ impl Host {
             ),
         };
         let facts = kernel_btf.as_ref().and_then(|facts| facts.as_ref().ok());
-        let trial_target = facts.and_then(|f| f.id_of(Func::TcpV4Connect));
+        let trial_target = facts.and_then(|f| f.function_ids.get(Func::TcpV4Connect));
         let core_btf = facts.and_then(|f| {
             Some(CoreBtf {
                 minimal: f.core_btf.as_ref().ok()?.clone(),

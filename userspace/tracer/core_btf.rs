@@ -23,7 +23,7 @@ use std::sync::OnceLock;
 use anyhow::{anyhow, bail, Context, Result};
 use libbpf_rs::libbpf_sys;
 use libbpf_rs::{ObjectBuilder, OpenObject};
-use tcpconnlat_compat::btf::VMLINUX;
+use tcpconnlat_compat::btf::{FunctionIds, VMLINUX};
 use tcpconnlat_compat::Func;
 
 /// What the CO-RE object needs from the kernel's BTF, from our own reading of it.
@@ -32,7 +32,7 @@ pub struct CoreBtf {
     /// Raw BTF: the structs the probes read through CO-RE and every type they embed.
     pub minimal: Vec<u8>,
     /// The BTF type id of each hooked function the kernel describes.
-    pub function_ids: Vec<(Func, u32)>,
+    pub function_ids: FunctionIds,
 }
 
 /// While the object is open and loading: the files libbpf was told about.
@@ -97,9 +97,7 @@ impl CoreBtf {
 
     fn id_of(&self, func: Func) -> Result<u32> {
         self.function_ids
-            .iter()
-            .find(|(f, _)| *f == func)
-            .map(|(_, id)| *id)
+            .get(func)
             .ok_or_else(|| anyhow!("{} is not in the kernel's BTF", func.name()))
     }
 }

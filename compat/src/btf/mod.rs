@@ -99,20 +99,21 @@ pub struct BtfFacts {
     pub sock: Result<SockOffsets, BtfError>,
     pub functions: AttachPoints,
     /// The BTF type id of each hooked function's FUNC: what fentry programs attach to.
-    pub function_ids: Vec<(Func, u32)>,
+    pub function_ids: FunctionIds,
     /// The [`CORE_ROOTS`] structs and every type they embed, as raw BTF (see
     /// [`minimal`]): all that the CO-RE probes' relocations need, for libbpf to read
     /// instead of the whole file.
     pub core_btf: Result<Vec<u8>, String>,
 }
 
-impl BtfFacts {
+/// The BTF type ids of the hooked functions the kernel describes.
+#[derive(Debug, Clone, Default)]
+pub struct FunctionIds(Vec<(Func, u32)>);
+
+impl FunctionIds {
     /// The BTF type id of `func`'s FUNC.
-    pub fn id_of(&self, func: Func) -> Option<u32> {
-        self.function_ids
-            .iter()
-            .find(|(f, _)| *f == func)
-            .map(|(_, id)| *id)
+    pub fn get(&self, func: Func) -> Option<u32> {
+        self.0.iter().find(|(f, _)| *f == func).map(|(_, id)| *id)
     }
 }
 
@@ -451,7 +452,7 @@ impl StreamedBtf {
         Ok(BtfFacts {
             sock,
             functions,
-            function_ids: self.functions.clone(),
+            function_ids: FunctionIds(self.functions.clone()),
             core_btf,
         })
     }
