@@ -685,18 +685,14 @@ struct ProgramRun {
 
 /// Every BPF program `pid` holds: id → (name, run_time_ns, run_cnt).
 fn prog_runs(pid: u32) -> std::collections::HashMap<u32, (String, u64, u64)> {
-    let field = |info: &str, name: &str| {
-        info.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-    };
-    std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+    fdinfos(pid)
         .expect("read the fdinfo directory")
-        .filter_map(|entry| std::fs::read_to_string(entry.ok()?.path()).ok())
+        .iter()
         .filter_map(|info| {
-            let id = field(&info, "prog_id:")? as u32;
-            let run = (field(&info, "run_time_ns:")?, field(&info, "run_cnt:")?);
-            Some((id, (prog_name(id), run.0, run.1)))
+            let id = fdinfo_field(info, "prog_id:")? as u32;
+            let ns = fdinfo_field(info, "run_time_ns:")?;
+            let cnt = fdinfo_field(info, "run_cnt:")?;
+            Some((id, (prog_name(id), ns, cnt)))
         })
         .collect()
 }
@@ -725,14 +721,24 @@ fn prog_name(id: u32) -> String {
 /// One counter (e.g. "run_cnt:") of every BPF program `pid` holds a descriptor of, from
 /// its fdinfo.
 fn prog_fdinfo(pid: u32, field: &str) -> std::io::Result<Vec<u64>> {
+    Ok(fdinfos(pid)?
+        .iter()
+        .filter_map(|info| fdinfo_field(info, field))
+        .collect())
+}
+
+/// The fdinfo text of every descriptor `pid` holds.
+fn fdinfos(pid: u32) -> std::io::Result<Vec<String>> {
     Ok(std::fs::read_dir(format!("/proc/{pid}/fdinfo"))?
         .filter_map(|entry| std::fs::read_to_string(entry.ok()?.path()).ok())
-        .filter_map(|info| {
-            info.lines()
-                .find_map(|l| l.strip_prefix(field))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        })
         .collect())
+}
+
+/// One numeric field (e.g. "run_cnt:") of an fdinfo text.
+fn fdinfo_field(info: &str, field: &str) -> Option<u64> {
+    info.lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().parse::<u64>().ok())
 }
 
 /// Peak RSS (VmHWM) of `pid` so far, in kB.
