@@ -378,52 +378,54 @@ fn bpf_objects() -> (Vec<Object>, Vec<Object>) {
 /// or a bpf() map call was in progress on that CPU (counted from 5.12 for some program
 /// types, from 6.7 for tracepoints and kprobes; 0 before).
 fn skipped_runs(pid: u32) -> u64 {
-    let ids: HashSet<u32> = fs::read_dir(format!("/proc/{pid}/fdinfo"))
-        .unwrap()
-        .flatten()
-        .filter_map(|fd| fs::read_to_string(fd.path()).ok())
-        .filter_map(|info| {
-            info.lines()
-                .find_map(|l| l.strip_prefix("prog_id:")?.trim().parse().ok())
-        })
-        .collect();
+    let mut ids = Held::default();
+    ids.add(pid);
     libbpf_rs::query::ProgInfoIter::default()
-        .filter(|p| ids.contains(&p.id))
+        .filter(|p| ids.progs.contains(&p.id))
         .map(|p| p.recursion_misses)
         .sum()
 }
 
-/// Ids of the programs and maps that other live processes hold descriptors of (their
-/// fdinfo names them: `prog_id:` for programs and links, `map_id:` for maps).
-fn held_by_others() -> (HashSet<u32>, HashSet<u32>) {
-    let (mut progs, mut maps) = (HashSet::new(), HashSet::new());
-    let me = std::process::id().to_string();
-    let pids = fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name());
-    for pid in pids.filter(|p| {
-        p.to_str()
-            .is_some_and(|p| p != me && p.parse::<u32>().is_ok())
-    }) {
-        let Ok(fds) = fs::read_dir(format!("/proc/{}/fdinfo", pid.to_string_lossy())) else {
-            continue;
+/// Ids of BPF programs and maps that processes hold descriptors of (their fdinfo names
+/// them: `prog_id:` for programs and links, `map_id:` for maps).
+#[derive(Default)]
+struct Held {
+    progs: HashSet<u32>,
+    maps: HashSet<u32>,
+}
+
+impl Held {
+    fn add(&mut self, pid: u32) {
+        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+            return; // gone meanwhile
         };
-        for info in fds
+        let infos = fds
             .flatten()
-            .filter_map(|fd| fs::read_to_string(fd.path()).ok())
-        {
+            .filter_map(|fd| fs::read_to_string(fd.path()).ok());
+        for info in infos {
             for line in info.lines() {
                 let id = |v: &str| v.trim().parse::<u32>().ok();
                 if let Some(id) = line.strip_prefix("prog_id:").and_then(id) {
-                    progs.insert(id);
+                    self.progs.insert(id);
                 } else if let Some(id) = line.strip_prefix("map_id:").and_then(id) {
-                    maps.insert(id);
+                    self.maps.insert(id);
                 }
             }
         }
     }
-    (progs, maps)
+}
+
+/// What every other live process holds.
+fn held_by_others() -> (HashSet<u32>, HashSet<u32>) {
+    let me = std::process::id();
+    let mut held = Held::default();
+    let pids = fs::read_dir("/proc").unwrap().flatten();
+    for pid in pids.filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok()) {
+        if pid != me {
+            held.add(pid);
+        }
+    }
+    (held.progs, held.maps)
 }
 
 /// A small pseudo-random sequence (xorshift), seeded from the clock and printed, so that a
