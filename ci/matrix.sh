@@ -502,9 +502,11 @@ for id in "${kernels[@]}"; do
     fi
 done
 for id in "${kernels[@]}"; do
-    if markers "$id" '@@CELL ' | grep -qE '^@@CELL [a-z+]+ (fail|unrefused) '; then
+    # A cell's name is whatever comes before its result word (legacy+discover too).
+    failing=$(markers "$id" '@@CELL ' | grep -E '^@@CELL [^ ]+ (fail|unrefused) ' || true)
+    if [ -n "$failing" ]; then
         echo "  $id: failing cells (full console in ci/out/$id/console.log):" >&2
-        markers "$id" '@@CELL ' | grep -E '^@@CELL [a-z+]+ (fail|unrefused) ' | sed 's/^/    /' >&2
+        echo "$failing" | sed 's/^/    /' >&2
         # Which tests, and what they said: the console itself is not kept by CI.
         tr -d '\r' <"$OUT/$id/console.log" | grep -aE -A2 ' \.\.\. FAILED$|panicked at' |
             grep -av '^note: ' | head -40 | sed 's/^/      /' >&2
