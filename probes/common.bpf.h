@@ -24,6 +24,9 @@
 #define ENETUNREACH 101
 #define EHOSTDOWN 112
 #define ENETDOWN 100
+#define ENOENT 2
+#define EEXIST 17
+#define E2BIG 7
 
 /* Userspace sizes `pending` (--max-pending) and `events_rb` before load: these are
  * placeholders. */
@@ -81,6 +84,9 @@ static __always_inline void count(__u32 counter)
 	if (n)
 		__sync_fetch_and_add(n, 1);
 }
+
+/* Read a field at a runtime offset (from a format file, BTF or kernel headers). */
+#define READ_AT(dst, base, off) bpf_probe_read(&(dst), sizeof(dst), (char *)(base) + (off))
 
 #ifndef TCPCONNLAT_LEGACY
 struct {
@@ -179,13 +185,120 @@ static __always_inline int wanted_here(const struct config *cfg, __u16 family, _
 	return 1;
 }
 
+/* Whom a connect is to, as the state change into SYN_SENT shows it (see struct pending). */
+struct peer {
+	__u16 family;
+	__u16 dport; /* host order */
+	__u8 daddr[16];
+};
+
+/*
+ * The socket's own fields, at the offsets userspace passed (cfg->sk, sock_fields.h): what
+ * legacy mode reads instead of a state tracepoint, and what the sweeper's question reads in
+ * every mode. Addresses are read 16 bytes at a time whatever the family: before 4.14 the
+ * verifier wants each probe read's size a constant, and the compiler merges two reads of
+ * different sizes into one whose size is a register. An IPv4 address is the first 4 bytes;
+ * what was read after it is cleared.
+ */
+static __always_inline __u8 sock_state(const struct config *cfg, __u64 sk)
+{
+	__u8 state = 0;
+
+	READ_AT(state, sk, cfg->sk.state);
+	return state;
+}
+
+static __always_inline void read_sock_peer(const struct config *cfg, __u64 sk, struct peer *to)
+{
+	__u16 daddr = cfg->sk.v6_daddr;
+	__u16 dport = 0;
+
+	READ_AT(to->family, sk, cfg->sk.family);
+	READ_AT(dport, sk, cfg->sk.dport);
+	to->dport = __builtin_bswap16(dport);
+	if (to->family == FAMILY_INET)
+		daddr = cfg->sk.daddr;
+	bpf_probe_read(to->daddr, sizeof(to->daddr), (char *)sk + daddr);
+	if (to->family == FAMILY_INET)
+		__builtin_memset(to->daddr + 4, 0, sizeof(to->daddr) - 4);
+}
+
+static __always_inline int same_address(const __u8 *a, const __u8 *b)
+{
+	__u32 x[4], y[4];
+
+	__builtin_memcpy(x, a, sizeof(x));
+	__builtin_memcpy(y, b, sizeof(y));
+	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
+}
+
+/* The source, into an event whose af is set. */
+static __always_inline void read_sock_source(const struct config *cfg, __u64 sk, struct event *e)
+{
+	__u16 saddr = cfg->sk.v6_rcv_saddr;
+
+	if (e->af == FAMILY_INET)
+		saddr = cfg->sk.rcv_saddr;
+	READ_AT(e->lport, sk, cfg->sk.num);
+	bpf_probe_read(e->saddr, sizeof(e->saddr), (char *)sk + saddr);
+	if (e->af == FAMILY_INET)
+		__builtin_memset(e->saddr + 4, 0, sizeof(e->saddr) - 4);
+}
+
+static __always_inline void submit(void *ctx, const struct config *cfg, struct event *e,
+				   int transport);
+static __always_inline void report(void *ctx, const struct config *cfg, struct event *e,
+				   int transport);
+
+/* What a pending entry says of its connect, into an event: all but the end (and the source
+ * only as far as the sweeper found it). */
+static __always_inline void describe_connect(const struct pending *p, struct event *e)
+{
+	e->tgid = p->tgid;
+	e->lport = p->lport;
+	e->uid = p->uid;
+	e->syn_retrans = p->syn_retrans;
+	e->cgroup_id = p->cgroup_id;
+	e->af = p->family;
+	e->dport = p->dport;
+	__builtin_memcpy(e->comm, p->comm, sizeof(e->comm));
+	__builtin_memcpy(e->daddr, p->daddr, sizeof(e->daddr));
+	__builtin_memcpy(e->saddr, p->saddr, sizeof(e->saddr));
+}
+
+/*
+ * A connect is starting on a socket whose previous connect is still in the table: no probe
+ * saw that one end (or it ended while the kernel refused to remove its entry, and was
+ * reported then). Report it now, before the new one takes its place: its socket went on
+ * to connect again (or its memory became another socket's), so all that is known is that
+ * it ended by now.
+ */
+static __always_inline void report_superseded(void *ctx, const struct config *cfg, __u64 sk,
+					      int transport)
+{
+	struct pending *old = bpf_map_lookup_elem(&pending, &sk);
+	struct event e = {};
+
+	if (!old || old->reported)
+		return;
+	describe_connect(old, &e);
+	e.ts_ns = bpf_ktime_get_ns();
+	e.delta_ns = e.ts_ns - old->start_ns;
+	e.delta_min_ns = (old->confirmed_ns ? old->confirmed_ns : old->start_ns) - old->start_ns;
+	e.outcome = OUTCOME_UNKNOWN;
+	e.end = END_GONE;
+	report(ctx, cfg, &e, transport);
+}
+
 /* Remember a connect about to send its SYN (its socket is moving to SYN_SENT, in the
  * connecting thread), if the filters want it. */
-static __always_inline void remember_connect(const struct config *cfg, __u64 sk, __u16 family)
+static __always_inline void remember_connect(void *ctx, const struct config *cfg, __u64 sk,
+					     const struct peer *to, int transport)
 {
 	__u64 uid_gid = bpf_get_current_uid_gid();
 	__u64 tid = bpf_get_current_pid_tgid();
 	struct pending p = {};
+	long err;
 
 	p.tgid = tid >> 32;
 	p.uid = (__u32)uid_gid;
@@ -195,11 +308,22 @@ static __always_inline void remember_connect(const struct config *cfg, __u64 sk,
 	if (cfg->cgroup_id || cfg->label_cgroup)
 		p.cgroup_id = bpf_get_current_cgroup_id();
 #endif
-	if (!wanted_here(cfg, family, p.tgid, p.uid, p.comm, p.cgroup_id))
+	if (!wanted_here(cfg, to->family, p.tgid, p.uid, p.comm, p.cgroup_id))
 		return;
 	p.start_ns = connect_start(sk, tid);
-	if (bpf_map_update_elem(&pending, &sk, &p, BPF_ANY))
+	p.family = to->family;
+	p.dport = to->dport;
+	__builtin_memcpy(p.daddr, to->daddr, sizeof(p.daddr));
+	err = bpf_map_update_elem(&pending, &sk, &p, BPF_NOEXIST);
+	if (err == -EEXIST) {
+		report_superseded(ctx, cfg, sk, transport);
+		err = bpf_map_update_elem(&pending, &sk, &p, BPF_ANY);
+	}
+	if (err) {
 		count(COUNTER_UNTRACKED);
+		if (err != -E2BIG)
+			count(COUNTER_TABLE_ERRORS);
+	}
 }
 
 /*
@@ -241,9 +365,6 @@ struct state_change {
 	__u16 family;
 	__u16 protocol;
 };
-
-/* Read a field at a runtime offset (from a format file, BTF or kernel headers). */
-#define READ_AT(dst, base, off) bpf_probe_read(&(dst), sizeof(dst), (char *)(base) + (off))
 
 /*
  * Read what decides; -1 if unreadable or if it is no transition into or out of SYN_SENT
@@ -297,32 +418,46 @@ static __always_inline int read_state_change(void *ctx, const struct state_layou
 	return 0;
 }
 
-static __always_inline void read_endpoints(void *ctx, const struct state_layout *l,
-					   int direct, struct event *e)
+/* Whom the connect is to, from the record of its move into SYN_SENT (family is set). */
+static __always_inline void read_peer(void *ctx, const struct state_layout *l, int direct,
+				      struct peer *to)
+{
+	if (direct) {
+		const struct state_record *r = ctx;
+
+		to->dport = r->dport;
+		if (to->family == FAMILY_INET)
+			__builtin_memcpy(to->daddr, r->daddr, 4);
+		else
+			__builtin_memcpy(to->daddr, r->daddr_v6, 16);
+		return;
+	}
+	READ_AT(to->dport, ctx, l->dport);
+	if (to->family == FAMILY_INET)
+		bpf_probe_read(to->daddr, 4, (char *)ctx + l->daddr);
+	else
+		bpf_probe_read(to->daddr, 16, (char *)ctx + l->daddr_v6);
+}
+
+/* The source, from the record of its move out of SYN_SENT (e->af is set). */
+static __always_inline void read_source(void *ctx, const struct state_layout *l, int direct,
+					struct event *e)
 {
 	if (direct) {
 		const struct state_record *r = ctx;
 
 		e->lport = r->sport;
-		e->dport = r->dport;
-		if (e->af == FAMILY_INET) {
+		if (e->af == FAMILY_INET)
 			__builtin_memcpy(e->saddr, r->saddr, 4);
-			__builtin_memcpy(e->daddr, r->daddr, 4);
-		} else {
+		else
 			__builtin_memcpy(e->saddr, r->saddr_v6, 16);
-			__builtin_memcpy(e->daddr, r->daddr_v6, 16);
-		}
 		return;
 	}
 	READ_AT(e->lport, ctx, l->sport);
-	READ_AT(e->dport, ctx, l->dport);
-	if (e->af == FAMILY_INET) {
+	if (e->af == FAMILY_INET)
 		bpf_probe_read(e->saddr, 4, (char *)ctx + l->saddr);
-		bpf_probe_read(e->daddr, 4, (char *)ctx + l->daddr);
-	} else {
+	else
 		bpf_probe_read(e->saddr, 16, (char *)ctx + l->saddr_v6);
-		bpf_probe_read(e->daddr, 16, (char *)ctx + l->daddr_v6);
-	}
 }
 
 static __always_inline __u8 outcome_of(const struct pending *p, __u16 error)
@@ -339,15 +474,17 @@ static __always_inline __u8 outcome_of(const struct pending *p, __u16 error)
 /*
  * Every connect ends here, in every mode, when its socket leaves SYN_SENT for `newstate`.
  * To ESTABLISHED it succeeded; anywhere else (CLOSE) it failed, and sk_err says why. Fills
- * *e but for the endpoints and removes the pending entry; returns whether to report it.
+ * *e but for the source and removes the pending entry; returns whether to report it.
  */
 static __always_inline int finish_connect(const struct config *cfg, __u64 sk, int newstate,
 					  struct event *e)
 {
 	struct pending *p = bpf_map_lookup_elem(&pending, &sk);
+	long err;
 
-	if (!p)
+	if (!p || p->reported)
 		return 0;
+	describe_connect(p, e);
 	e->ts_ns = bpf_ktime_get_ns();
 	if (newstate == TCP_ESTABLISHED) {
 		e->outcome = OUTCOME_ESTABLISHED;
@@ -358,13 +495,18 @@ static __always_inline int finish_connect(const struct config *cfg, __u64 sk, in
 		/* An RST is an answer: its latency ends when it was processed. */
 		e->delta_ns = ((p->reset && p->answer_ns) ? p->answer_ns : e->ts_ns) - p->start_ns;
 	}
-	e->tgid = p->tgid;
-	e->uid = p->uid;
-	e->syn_retrans = p->syn_retrans;
-	e->cgroup_id = p->cgroup_id;
-	__builtin_memcpy(e->comm, p->comm, sizeof(e->comm));
-	bpf_map_delete_elem(&pending, &sk);
-
+	/* Whoever removes the entry reports the connect: a probe, or the sweeper that found
+	 * its socket out of SYN_SENT (ENOENT: it did, and reported it). */
+	err = bpf_map_delete_elem(&pending, &sk);
+	if (err == -ENOENT)
+		return 0;
+	if (err) {
+		/* The kernel would not take the bucket's lock here (this probe runs nested in
+		 * another table operation on this CPU): report it anyway, and have the
+		 * sweeper remove the entry without reporting it again. */
+		p->reported = 1;
+		count(COUNTER_TABLE_ERRORS);
+	}
 	if (!(cfg->report & (e->outcome == OUTCOME_ESTABLISHED ? REPORT_ESTABLISHED : REPORT_FAILED)))
 		return 0;
 	return e->delta_ns >= cfg->min_lat_ns;
@@ -374,6 +516,15 @@ static __always_inline int finish_connect(const struct config *cfg, __u64 sk, in
 static __always_inline void report(void *ctx, const struct config *cfg, struct event *e,
 				   int transport)
 {
+	if (e->end != END_SEEN) {
+		/* A bound, not a measurement: shown unless no outcome it could be is wanted. */
+		if (e->outcome == OUTCOME_UNKNOWN ? !cfg->report :
+		    !(cfg->report & (e->outcome == OUTCOME_ESTABLISHED ? REPORT_ESTABLISHED :
+								       REPORT_FAILED)))
+			return;
+		if (e->delta_ns < cfg->min_lat_ns)
+			return;
+	}
 	if (cfg->filter_dports && !bpf_map_lookup_elem(&dports, &e->dport))
 		return;
 	submit(ctx, cfg, e, transport);
@@ -411,6 +562,99 @@ static __always_inline void mark_reset(__u64 sk)
 	}
 }
 
+/*
+ * The sweeper's question about a connect pending a while: is its socket still in SYN_SENT?
+ * Run on demand from userspace (BPF_PROG_TEST_RUN runs a raw tracepoint program from Linux
+ * 5.10, commit 1b4d60ec162f "bpf: Enable BPF_PROG_TEST_RUN for raw_tracepoint") with the
+ * socket in ctx[0]. A connect whose socket has left SYN_SENT ended without any probe
+ * seeing it: it is reported now, its latency bounded by when it was last found pending
+ * and now. Returns 1 while the connect is pending (or the answer must wait), 0 once it
+ * is not.
+ */
+static __always_inline int confirm_pending(__u64 *ctx, int transport)
+{
+	const struct config *cfg = get_config();
+	__u64 sk = ctx[0];
+	struct peer now = {};
+	struct event e = {};
+	struct pending *p;
+	__u8 state;
+	long err;
+	int same;
+
+	if (!cfg)
+		return 1;
+	p = bpf_map_lookup_elem(&pending, &sk);
+	if (!p)
+		return 0;
+	/* The state before the entry's flags: the kernel stores a new state only after the
+	 * probes on the change have run, so a state out of SYN_SENT means they are done. */
+	state = sock_state(cfg, sk);
+	read_sock_peer(cfg, sk, &now);
+	if (p->reported) {
+		bpf_map_delete_elem(&pending, &sk);
+		return 0;
+	}
+	/* Unreadable memory reads as zeros: no family, no match. */
+	same = (now.family == FAMILY_INET || now.family == FAMILY_INET6) &&
+	       now.family == p->family && now.dport == p->dport &&
+	       same_address(now.daddr, p->daddr);
+	e.ts_ns = bpf_ktime_get_ns();
+	e.af = now.family;
+	read_sock_source(cfg, sk, &e);
+	if (same && state == TCP_SYN_SENT) {
+		p->confirmed_ns = e.ts_ns;
+		p->lport = e.lport;
+		__builtin_memcpy(p->saddr, e.saddr, sizeof(p->saddr));
+		return 1;
+	}
+	if (!same || !e.lport) {
+		/* Failed (the kernel released the port), or the socket is gone: the source as
+		 * last found. */
+		describe_connect(p, &e);
+	} else {
+		__u16 lport = e.lport;
+		__u8 saddr[16];
+
+		__builtin_memcpy(saddr, e.saddr, sizeof(saddr));
+		describe_connect(p, &e);
+		e.lport = lport;
+		__builtin_memcpy(e.saddr, saddr, sizeof(saddr));
+	}
+	e.delta_ns = e.ts_ns - p->start_ns;
+	e.delta_min_ns = (p->confirmed_ns ? p->confirmed_ns : p->start_ns) - p->start_ns;
+	if (same) {
+		e.end = END_INFERRED;
+		if (state == TCP_CLOSE) {
+			e.error = sock_error(cfg, sk);
+			e.outcome = outcome_of(p, e.error);
+		} else {
+			e.outcome = OUTCOME_ESTABLISHED;
+		}
+	} else {
+		/* Closed and freed, its memory perhaps another socket's: how it ended is lost. */
+		e.end = END_GONE;
+		e.outcome = OUTCOME_UNKNOWN;
+	}
+	err = bpf_map_delete_elem(&pending, &sk);
+	if (err == -ENOENT)
+		return 0;
+	if (err) {
+		count(COUNTER_TABLE_ERRORS);
+		return 1;
+	}
+	report(ctx, cfg, &e, transport);
+	return 0;
+}
+
+/* The sweeper's question, for one transport. Never attached: only run on demand. */
+#define CONFIRM_PROGRAM(name, transport)                                                \
+	SEC("raw_tp")                                                                   \
+	int name(__u64 *ctx)                                                            \
+	{                                                                               \
+		return confirm_pending(ctx, transport);                                 \
+	}
+
 #ifndef TCPCONNLAT_LEGACY
 /*
  * sock:inet_sock_set_state: CLOSE -> SYN_SENT remembers a connect, leaving SYN_SENT
@@ -429,8 +673,12 @@ static __always_inline int handle_state(void *ctx, int transport, int direct)
 	if (!cfg || read_state_change(ctx, &cfg->tp, direct, &sc) || sc.protocol != IPPROTO_TCP)
 		return 0;
 	if (sc.newstate == TCP_SYN_SENT) {
-		if (sc.oldstate == TCP_CLOSE)
-			remember_connect(cfg, sc.skaddr, sc.family);
+		if (sc.oldstate == TCP_CLOSE) {
+			struct peer to = {.family = sc.family};
+
+			read_peer(ctx, &cfg->tp, direct, &to);
+			remember_connect(ctx, cfg, sc.skaddr, &to, transport);
+		}
 		return 0;
 	}
 	if (sc.oldstate == TCP_SYN_SENT) {
@@ -439,8 +687,7 @@ static __always_inline int handle_state(void *ctx, int transport, int direct)
 
 		if (!finish_connect(cfg, sc.skaddr, sc.newstate, &e))
 			return 0;
-		e.af = sc.family;
-		read_endpoints(ctx, &cfg->tp, direct, &e);
+		read_source(ctx, &cfg->tp, direct, &e);
 		report(ctx, cfg, &e, transport);
 	}
 	return 0;
@@ -477,8 +724,11 @@ static __always_inline int handle_reset(void *ctx)
 	}
 
 /* The tracepoint programs every object has: four for the state machine (per transport,
- * the record read at its offsets or directly), one each for retransmits and RSTs. */
+ * the record read at its offsets or directly), one each for retransmits and RSTs; and the
+ * sweeper's question, per transport. */
 #define STATE_PROGRAMS()                                                                \
+	CONFIRM_PROGRAM(confirm_rb, TRANSPORT_RINGBUF)                                  \
+	CONFIRM_PROGRAM(confirm_pb, TRANSPORT_PERFBUF)                                  \
 	STATE_PROGRAM(tp_state_rb, TRANSPORT_RINGBUF, 0)                                \
 	STATE_PROGRAM(tp_state_pb, TRANSPORT_PERFBUF, 0)                                \
 	STATE_PROGRAM(tp_state_direct_rb, TRANSPORT_RINGBUF, 1)                         \

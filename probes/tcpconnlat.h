@@ -88,7 +88,14 @@ struct sock_layout {
 /* The slots of the probes' `counters` array map. */
 enum counter {
 	COUNTER_DROPPED,   /* events the buffer had no room for */
-	COUNTER_UNTRACKED, /* connects not timed: the pending table was full */
+	COUNTER_UNTRACKED, /* connects not timed: the pending table was full or refused them */
+	/*
+	 * Pending-table updates and deletes the kernel refused for another reason than a full
+	 * table: a bucket lock it would not wait for (from 5.11 a nested update fails with
+	 * EBUSY, from 6.15 the resilient lock gives up with EDEADLK or ETIMEDOUT). A refused
+	 * update is also untracked; a refused delete leaves the end to the sweeper.
+	 */
+	COUNTER_TABLE_ERRORS,
 	COUNTERS,
 };
 
@@ -99,6 +106,19 @@ enum outcome {
 	OUTCOME_TIMEOUT,     /* no answer: left SYN_SENT by timer or close */
 	OUTCOME_UNREACHABLE, /* an ICMP error: host or network unreachable */
 	OUTCOME_ERROR,       /* another socket error (see event.error) */
+	OUTCOME_UNKNOWN,     /* its end was not seen and its socket is gone (event.end) */
+};
+
+/*
+ * How a connect's end became known (event.end). A probe sees nearly every one; the kernel
+ * runs no probe at all for some (it skips a tracing program that would nest in another,
+ * and some kernels drop whole batches of timer work silently), so the sweeper asks about
+ * every connect pending a while: its socket out of SYN_SENT means it ended unseen.
+ */
+enum end_kind {
+	END_SEEN,     /* a probe saw the socket leave SYN_SENT: the latency is measured */
+	END_INFERRED, /* the sweeper found the socket out of SYN_SENT: delta_ns bounds the latency */
+	END_GONE,     /* the socket was closed or reused meanwhile: outcome unknown, delta_ns a bound */
 };
 
 /* config.report: which outcomes to emit (bits). */
@@ -133,13 +153,27 @@ struct config {
 struct pending {
 	__u64 start_ns;
 	__u64 answer_ns; /* when the SYN-ACK or RST was processed, where a probe sees it */
+	__u64 confirmed_ns; /* when the sweeper last found the socket still in SYN_SENT */
 	__u32 tgid;
 	__u32 uid;
 	__u32 syn_retrans;
 	__u8 reset; /* an RST arrived */
-	__u8 __pad[3];
+	/* Reported by a probe that could not remove the entry (the kernel refused the delete):
+	 * the sweeper removes it without reporting it again. */
+	__u8 reported;
+	__u8 __pad[2];
 	__u8 comm[TASK_COMM_LEN];
 	__u64 cgroup_id; /* where config.label_cgroup asks for it */
+	/* Whom it connects to, set before SYN_SENT: tells its socket from a later one that
+	 * took the same memory. dport in host order; an IPv4 daddr is the first 4 bytes. */
+	__u16 family;
+	__u16 dport;
+	__u8 daddr[16];
+	/* The source, as the sweeper found it while the connect was pending (the kernel
+	 * releases the port once a connect fails). */
+	__u16 lport;
+	__u8 saddr[16];
+	__u8 __pad2[6];
 };
 
 /* One finished connect. Addresses are in network order; ports in host order. */
@@ -154,11 +188,15 @@ struct event {
 	__u16 syn_retrans; /* SYNs sent again before the end */
 	__u16 error;       /* the socket's errno at the end, 0 if none or unknown */
 	__u8 outcome;      /* OUTCOME_* */
-	__u8 __pad[5];
+	__u8 end;          /* END_*: seen, or inferred by the sweeper */
+	__u8 __pad[4];
 	__u8 saddr[16];
 	__u8 daddr[16];
 	__u8 comm[TASK_COMM_LEN];
 	__u64 cgroup_id; /* the connecting process's cgroup v2, or 0 (see config.label_cgroup) */
+	/* Where the end was inferred: the socket was still in SYN_SENT this long after the
+	 * start (delta_ns is when it was found out of it). */
+	__u64 delta_min_ns;
 };
 
 #endif /* TCPCONNLAT_H */

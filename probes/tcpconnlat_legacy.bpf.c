@@ -47,37 +47,6 @@ static __always_inline __u16 sock_error(const struct config *cfg, __u64 sk)
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
-static __always_inline __u8 sock_state(const struct config *cfg, __u64 sk)
-{
-	__u8 state = 0;
-
-	READ_AT(state, sk, cfg->sk.state);
-	return state;
-}
-
-/*
- * The socket's addresses into e (whose af is set). Both reads are 16 bytes whatever the
- * family: before 4.14 the verifier wants each probe read's size a constant, and the
- * compiler merges two reads of different sizes into one whose size is a register. An IPv4
- * address is the first 4 bytes; what was read after it is cleared.
- */
-static __always_inline void read_addresses(const struct config *cfg, __u64 sk, struct event *e)
-{
-	__u16 saddr = cfg->sk.v6_rcv_saddr;
-	__u16 daddr = cfg->sk.v6_daddr;
-
-	if (e->af == FAMILY_INET) {
-		saddr = cfg->sk.rcv_saddr;
-		daddr = cfg->sk.daddr;
-	}
-	bpf_probe_read(e->saddr, sizeof(e->saddr), (char *)sk + saddr);
-	bpf_probe_read(e->daddr, sizeof(e->daddr), (char *)sk + daddr);
-	if (e->af == FAMILY_INET) {
-		__builtin_memset(e->saddr + 4, 0, sizeof(e->saddr) - 4);
-		__builtin_memset(e->daddr + 4, 0, sizeof(e->daddr) - 4);
-	}
-}
-
 /* tcp_set_state(sk, state), before the state changes. */
 SEC("kprobe/tcp_set_state")
 int legacy_set_state(struct pt_regs *ctx)
@@ -86,8 +55,6 @@ int legacy_set_state(struct pt_regs *ctx)
 	__u64 sk = PT_REGS_ARG1(ctx);
 	int newstate = (int)PT_REGS_ARG2(ctx);
 	struct event e = {};
-	__u16 family = 0;
-	__u16 dport = 0;
 	__u8 state;
 
 	if (!cfg)
@@ -96,21 +63,22 @@ int legacy_set_state(struct pt_regs *ctx)
 	if (newstate == TCP_SYN_SENT) {
 		/* connect() on a closed socket: in the connecting process. */
 		if (state == TCP_CLOSE) {
-			READ_AT(family, sk, cfg->sk.family);
-			remember_connect(cfg, sk, family);
+			struct peer to = {};
+
+			read_sock_peer(cfg, sk, &to);
+			remember_connect(ctx, cfg, sk, &to, TRANSPORT_PERFBUF);
 		}
 		return 0;
 	}
 	if (state != TCP_SYN_SENT || !finish_connect(cfg, sk, newstate, &e))
 		return 0;
-	READ_AT(e.af, sk, cfg->sk.family);
-	READ_AT(e.lport, sk, cfg->sk.num);
-	READ_AT(dport, sk, cfg->sk.dport);
-	e.dport = __builtin_bswap16(dport);
-	read_addresses(cfg, sk, &e);
+	read_sock_source(cfg, sk, &e);
 	report(ctx, cfg, &e, TRANSPORT_PERFBUF);
 	return 0;
 }
+
+/* The sweeper's question (Linux 5.10+; loaded only there). */
+CONFIRM_PROGRAM(confirm_pb, TRANSPORT_PERFBUF)
 
 SEC("kprobe/tcp_rcv_state_process")
 int legacy_rcv_state(struct pt_regs *ctx)

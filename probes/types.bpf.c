@@ -16,6 +16,7 @@ struct state_record shared_state_record;
 enum transport shared_transport;
 enum counter shared_counter;
 enum outcome shared_outcome;
+enum end_kind shared_end_kind;
 enum report shared_report;
 enum address_family shared_address_family;
 enum limits shared_limits;

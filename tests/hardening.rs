@@ -6,7 +6,7 @@ mod support;
 use std::collections::HashSet;
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
@@ -102,6 +102,22 @@ fn emulated() -> bool {
 #[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
 fn a_syn_flood_is_reported_in_full_as_timeouts_with_flat_memory() {
     let _serial = serial();
+    let f = features();
+    let modes: Vec<&str> = ["fentry", "kprobe", "tracepoint", "legacy"]
+        .into_iter()
+        .filter(|m| usable(&f, m))
+        .collect();
+    assert!(!modes.is_empty(), "no usable mode: {f}");
+    for mode in modes {
+        syn_flood_in(mode, f["on_demand"] == true);
+    }
+}
+
+/// Every connect of a SYN flood is in flight at once, and every one is reported as a
+/// timeout: seen by a probe, or found ended by the sweeper where the kernel ran no probe
+/// for its end (`on_demand`: where it can ask). None is missed but where the kernel
+/// cannot be asked and says it skipped our programs (under emulation).
+fn syn_flood_in(mode: &str, on_demand: bool) {
     let (n, least) = if emulated() {
         (flood_size().min(5_000), 5_000)
     } else {
@@ -112,9 +128,11 @@ fn a_syn_flood_is_reported_in_full_as_timeouts_with_flat_memory() {
     let server: SocketAddr = format!("{}:7", net.server_v4()).parse().unwrap();
     net.drop_syns(server.port(), false);
     let me = me();
-    // Entries no probe finished are swept and reported within the test, not after
-    // 15 minutes; a connect here ends about 3 s after its SYN.
+    // Where the sweeper cannot ask, entries no probe finished are swept and reported
+    // within the test, not after 15 minutes; a connect here ends about 3 s after its SYN.
     let args = [
+        "--mode",
+        mode,
         "--json",
         "-p",
         &me,
@@ -135,9 +153,9 @@ fn a_syn_flood_is_reported_in_full_as_timeouts_with_flat_memory() {
     // ones time out, 3 s after their SYN: a slow machine may not get them all out by then).
     let all_at_once = made < Duration::from_millis(2500);
     if all_at_once {
-        assert_eq!(tracer.map_entries("pending"), n);
+        assert_eq!(tracer.map_entries("pending"), n, "{mode}");
     } else {
-        eprintln!("the flood took {made:?}: not checking that all were in flight at once");
+        eprintln!("{mode}: the flood took {made:?}: not checking that all were in flight at once");
     }
 
     // Counted as they come (looking at every event each time would be quadratic).
@@ -153,60 +171,290 @@ fn a_syn_flood_is_reported_in_full_as_timeouts_with_flat_memory() {
     });
     let events = records(&all, "connect");
     let missed = counted(&all, "missed") as usize;
+    let inferred = events.iter().filter(|e| e["end"] != "seen").count();
+    let uncounted = events
+        .iter()
+        .filter(|e| e["syn_retrans"].as_u64() < Some(1))
+        .count();
+    let skipped = skipped_runs(tracer.pid());
     // The sockets still open by TCP state tell a missed end (none left in SYN_SENT) from a
     // connect the kernel had not yet ended when it was swept (some left there).
     eprintln!(
-        "{n} connects made in {made:?}; {} reported, {missed} missed, after {:?}; \
-         the kernel skipped {} runs of the tracer's programs; sockets in namespace a by \
-         TCP state (hex): {:?}",
+        "{mode}: {n} connects made in {made:?}; {} reported ({inferred} of them found ended by \
+         the sweeper, {uncounted} without their SYN retransmit), {missed} missed, after {:?}; \
+         the kernel skipped {skipped} runs of the tracer's programs; sockets in namespace a \
+         by TCP state (hex): {:?}",
         events.len(),
         started.elapsed(),
-        skipped_runs(tracer.pid()),
         tcp_states(&net.a)
     );
-    assert_eq!(counted(&all, "lost"), 0, "events were lost");
-    assert_eq!(counted(&all, "untracked"), 0);
-    // The kernel skips a probe that would run inside another BPF program on the same CPU
-    // (its per-CPU recursion guard): a timer softirq ending connects lands inside one of
-    // ours. How often depends on the machine's load, and on how slowly the programs run
-    // (none on an idle real machine, 0.4 % to 6 % under emulation, and some on a busy
-    // virtual CI host); what must hold is that every connect is accounted for.
-    let missable = n / 4;
-    assert!(missed <= missable, "{missed} missed");
+    assert_eq!(counted(&all, "lost"), 0, "{mode}: events were lost");
+    assert_eq!(counted(&all, "untracked"), 0, "{mode}");
+    // The kernel runs no probe for some ends (it skips a program that would nest in
+    // another on the same CPU; some kernels drop whole batches of timer work): where it
+    // can be asked, the sweeper finds each of them ended. Where it cannot (before 5.10),
+    // such an end is missed: allowed only under emulation, where programs run hundreds of
+    // times slower, and only as far as the kernel counted the runs it skipped.
+    if on_demand || !emulated() {
+        assert_eq!(
+            missed, 0,
+            "{mode}: ends were missed (on_demand {on_demand})"
+        );
+    } else {
+        assert!(
+            missed as u64 <= skipped,
+            "{mode}: {missed} missed, but the kernel skipped only {skipped} runs"
+        );
+    }
     assert_eq!(
         events.len() + missed,
         n,
-        "{} still pending in the tracer; sockets in namespace a by TCP state (hex): {:?}; tracer stderr: {}",
+        "{mode}: {} still pending in the tracer; sockets in namespace a by TCP state (hex): {:?}; tracer stderr: {}",
         tracer.map_entries("pending"),
         tcp_states(&net.a),
         tracer.stderr.lock().unwrap()
     );
-    let mut uncounted = 0;
     for e in &events {
-        assert_eq!(e["outcome"], "timeout", "{e}");
-        // Asked for one retry; kernels differ in how many SYNs fit before they give up.
-        // The kernel skips some retransmit probes the same way.
-        uncounted += usize::from(e["syn_retrans"].as_u64() < Some(1));
-        assert!(uncounted <= missable, "{e}");
-        assert_eq!(e["daddr"], net.server_v4(), "{e}");
+        assert_eq!(e["outcome"], "timeout", "{mode}: {e}");
+        assert_eq!(e["daddr"], net.server_v4(), "{mode}: {e}");
+        if e["end"] != "seen" {
+            // The sweeper found it ended: when it was last pending, and by when it ended.
+            let (min, lat) = (
+                e["lat_min_ms"].as_f64().unwrap(),
+                e["lat_ms"].as_f64().unwrap(),
+            );
+            assert!(min <= lat && lat >= 1000.0, "{mode}: {e}");
+        }
     }
+    // Asked for one retry; kernels differ in how many SYNs fit before they give up. The
+    // kernel skips retransmit probes as it does the others, and nothing finds those again.
+    assert!(
+        uncounted <= n / 4,
+        "{mode}: {uncounted} SYN retransmits not counted"
+    );
     // While all are in flight each holds its own port; on a machine too slow for that,
     // ports of connects that already timed out are taken again.
     if all_at_once {
         let ports: HashSet<_> = events.iter().map(|e| e["lport"].as_u64()).collect();
-        assert_eq!(ports.len(), events.len(), "some connect was reported twice");
+        assert_eq!(
+            ports.len(),
+            events.len(),
+            "{mode}: some connect was reported twice"
+        );
     }
     assert_eq!(
         tracer.map_entries("pending"),
         0,
-        "entries outlived their sockets"
+        "{mode}: entries outlived their sockets"
     );
     let rss_after = rss_anon_kb(tracer.pid());
-    eprintln!("tracer anonymous RSS {rss_before} kB before the flood, {rss_after} kB after");
+    eprintln!(
+        "{mode}: tracer anonymous RSS {rss_before} kB before the flood, {rss_after} kB after"
+    );
     assert!(
         rss_after < rss_before + 8 * 1024,
-        "tracer memory grew from {rss_before} to {rss_after} kB"
+        "{mode}: tracer memory grew from {rss_before} to {rss_after} kB"
     );
+    drop(sockets);
+    assert!(tracer.interrupt().success());
+}
+
+/// A BPF program of the test's own that spins (a bounded loop, Linux 5.3+) whenever a
+/// socket moves into SYN_SENT (`sock:inet_sock_set_state`, inside connect(), interrupts
+/// on). While it runs, the kernel runs no other kprobe or tracepoint program on that CPU:
+/// a timer interrupt landing there runs a batch of timeouts whose ends no probe of the
+/// tracer sees, as any slow BPF tool on a host can cause. Detached when dropped.
+struct Spinner {
+    _events: Vec<OwnedFd>,
+    _prog: OwnedFd,
+}
+
+impl Spinner {
+    fn attach() -> Result<Spinner, String> {
+        use libbpf_rs::libbpf_sys as sys;
+        use std::os::fd::FromRawFd;
+        let insn = |code: u32, dst: u8, off: i16, imm: i32| {
+            let mut i = sys::bpf_insn {
+                code: code as u8,
+                off,
+                imm,
+                ..Default::default()
+            };
+            i.set_dst_reg(dst);
+            i
+        };
+        let tracefs = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+            .into_iter()
+            .find(|d| fs::metadata(format!("{d}/events/sock/inet_sock_set_state")).is_ok())
+            .ok_or("no sock:inet_sock_set_state tracepoint")?;
+        let event = format!("{tracefs}/events/sock/inet_sock_set_state");
+        let format = fs::read_to_string(format!("{event}/format")).unwrap();
+        let newstate: i16 = format
+            .lines()
+            .find(|l| l.contains(" newstate;"))
+            .and_then(|l| l.split("offset:").nth(1)?.split(';').next()?.parse().ok())
+            .ok_or("no newstate in the tracepoint's format")?;
+        // if newstate != SYN_SENT goto out; r0 = 0; loop: r0 += 1; if r0 < 200000 goto
+        // loop; out: r0 = 0; exit
+        let mut load = insn(sys::BPF_LDX | sys::BPF_MEM | sys::BPF_W, 2, newstate, 0);
+        load.set_src_reg(1);
+        let insns = [
+            load,
+            insn(sys::BPF_JMP | sys::BPF_JNE | sys::BPF_K, 2, 3, 2),
+            insn(sys::BPF_ALU64 | sys::BPF_MOV | sys::BPF_K, 0, 0, 0),
+            insn(sys::BPF_ALU64 | sys::BPF_ADD | sys::BPF_K, 0, 0, 1),
+            insn(sys::BPF_JMP | sys::BPF_JLT | sys::BPF_K, 0, -2, 200_000),
+            insn(sys::BPF_ALU64 | sys::BPF_MOV | sys::BPF_K, 0, 0, 0),
+            insn(sys::BPF_JMP | sys::BPF_EXIT, 0, 0, 0),
+        ];
+        // SAFETY: valid pointers for the call; a new fd or -errno.
+        let prog = unsafe {
+            sys::bpf_prog_load(
+                sys::BPF_PROG_TYPE_TRACEPOINT,
+                c"test_spinner".as_ptr(),
+                c"GPL".as_ptr(),
+                insns.as_ptr(),
+                insns.len() as _,
+                std::ptr::null_mut(),
+            )
+        };
+        if prog < 0 {
+            return Err(format!(
+                "loading it: {}",
+                std::io::Error::from_raw_os_error(-prog)
+            ));
+        }
+        // SAFETY: just created, owned by nothing else.
+        let prog = unsafe { OwnedFd::from_raw_fd(prog) };
+        let id = fs::read_to_string(format!("{event}/id")).unwrap();
+        let mut attr = sys::perf_event_attr {
+            type_: sys::PERF_TYPE_TRACEPOINT,
+            size: std::mem::size_of::<sys::perf_event_attr>() as u32,
+            config: id.trim().parse().unwrap(),
+            ..Default::default()
+        };
+        attr.__bindgen_anon_1.sample_period = 1;
+        let cpus = thread::available_parallelism().map_or(1, |n| n.get());
+        let mut events = Vec::new();
+        for cpu in 0..cpus as i32 {
+            // SAFETY: perf_event_open with a valid attr; a new fd or -1.
+            let fd = unsafe {
+                libc::syscall(libc::SYS_perf_event_open, &attr, -1, cpu, -1, 8u64)
+                // PERF_FLAG_FD_CLOEXEC
+            };
+            if fd < 0 {
+                return Err(format!(
+                    "perf_event_open: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            // SAFETY: just created.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+            // SAFETY: ioctls on the perf event with the program's fd.
+            unsafe {
+                libc::ioctl(fd.as_raw_fd(), 0x4004_2408, prog.as_raw_fd()); // PERF_EVENT_IOC_SET_BPF
+                libc::ioctl(fd.as_raw_fd(), 0x2400, 0); // PERF_EVENT_IOC_ENABLE
+            }
+            events.push(fd);
+        }
+        Ok(Spinner {
+            _events: events,
+            _prog: prog,
+        })
+    }
+
+    /// Keep it spinning on every CPU until `until`: threads connect to a closed port on
+    /// loopback, again and again.
+    fn spin_until(&self, until: Instant) {
+        let cpus = thread::available_parallelism().map_or(2, |n| n.get());
+        let closed = TcpListener::bind("127.0.0.1:0").unwrap();
+        let to = closed.local_addr().unwrap();
+        drop(closed);
+        thread::scope(|s| {
+            for _ in 0..cpus {
+                s.spawn(|| {
+                    while Instant::now() < until {
+                        let _ = TcpStream::connect(to);
+                    }
+                });
+            }
+        });
+    }
+}
+
+#[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
+fn ends_the_kernel_shows_no_probe_are_found_by_the_sweeper() {
+    let _serial = serial();
+    let on_demand = features()["on_demand"] == true;
+    let spinner = match Spinner::attach() {
+        Ok(spinner) => spinner,
+        // Before 5.3 (no bounded loop) ends are not recovered either: the tracer says so.
+        Err(why) => {
+            assert!(!on_demand, "the test's spinning program: {why}");
+            let (status, _, err) = run(&["-d", "1"]);
+            assert!(status.success(), "{err}");
+            assert!(
+                err.contains("reported only after 15 minutes, as missed"),
+                "{err}"
+            );
+            return;
+        }
+    };
+    let n = 2_000;
+    let net = NetPair::new();
+    let server: SocketAddr = format!("{}:7", net.server_v4()).parse().unwrap();
+    net.drop_syns(server.port(), false);
+    let me = me();
+    // Only the flood's port: the spinning threads connect elsewhere.
+    let tracer = Tracer::start(&[
+        "--json",
+        "-p",
+        &me,
+        "--dport",
+        "7",
+        "--sweep-after",
+        "1",
+        "--stale-after",
+        "30",
+    ]);
+    let started = Instant::now();
+    let sockets = flood(&net.a, server, n, 1);
+    // They give up 3 s after their SYNs (one retry): spin meanwhile.
+    let timeouts = Duration::from_secs(3);
+    thread::sleep((timeouts - Duration::from_millis(500)).saturating_sub(started.elapsed()));
+    spinner.spin_until(started + timeouts + Duration::from_secs(2));
+    drop(spinner);
+    let mut answered = 0;
+    let wait = Duration::from_secs(if emulated() { 150 } else { 60 });
+    let all = tracer.events_until(wait, |ev| {
+        answered += match ev.last() {
+            Some(e) if e["type"] == "connect" => 1,
+            Some(e) if e["type"] == "missed" => e["count"].as_u64().unwrap() as usize,
+            _ => 0,
+        };
+        answered >= n
+    });
+    let events = records(&all, "connect");
+    let found = events.iter().filter(|e| e["end"] != "seen").count();
+    let missed = counted(&all, "missed") as usize;
+    eprintln!(
+        "{} reported ({found} found ended by the sweeper), {missed} missed (on_demand {on_demand})",
+        events.len()
+    );
+    assert_eq!(events.len() + missed, n, "every connect is accounted for");
+    // Else the spinning kept no end from a probe, and this proved nothing.
+    assert!(found + missed > 0, "the kernel ran a probe for every end");
+    if on_demand {
+        assert_eq!(missed, 0, "ends were missed though the sweeper can ask");
+    } else {
+        assert_eq!(found, 0, "ends found by a sweeper that cannot ask");
+    }
+    for e in &events {
+        assert_eq!(e["outcome"], "timeout", "{e}");
+        assert_eq!(e["dport"], 7, "{e}");
+    }
+    assert_eq!(tracer.map_entries("pending"), 0);
     drop(sockets);
     assert!(tracer.interrupt().success());
 }
@@ -570,7 +818,58 @@ fn once_attached_it_keeps_no_capability_it_does_not_need() {
 #[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
 fn an_entry_whose_end_no_probe_saw_is_swept_and_reported() {
     let _serial = serial();
-    // Looked at once present for a second (not 15 minutes), swept every 5 s.
+    if features()["on_demand"] == true {
+        an_entry_whose_socket_left_syn_sent_is_reported_by_the_sweeper();
+    } else {
+        an_entry_whose_end_no_probe_saw_is_swept_as_missed();
+    }
+}
+
+/// Where the sweeper can ask: what the kernel leaves when it runs no probe for a
+/// connect's end is an entry whose socket is out of SYN_SENT (here: not a socket at all,
+/// as after one was freed). The sweeper reports it within seconds, its outcome unknown;
+/// a connect really waiting stays.
+fn an_entry_whose_socket_left_syn_sent_is_reported_by_the_sweeper() {
+    let net = NetPair::new();
+    let server: SocketAddr = format!("{}:7", net.server_v4()).parse().unwrap();
+    net.drop_syns(server.port(), false);
+    let tracer = Tracer::start(&["--json", "-p", &me()]);
+    let waiting = flood(&net.a, server, 1, 6);
+    let pending = tracer.map("pending");
+    assert_eq!(tracer.map_entries("pending"), 1);
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
+    let now_ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
+    let mut value = vec![0u8; pending.value_size()];
+    value[..8].copy_from_slice(&now_ns.to_ne_bytes());
+    let gone = 0xdead_0000_u64.to_ne_bytes();
+    pending.update(&gone, &value).unwrap();
+    let all = tracer.events_until(Duration::from_secs(10), |ev| {
+        ev.iter().any(|e| e["type"] == "connect")
+    });
+    let events = records(&all, "connect");
+    assert_eq!(events.len(), 1, "{all:#?}");
+    let e = &events[0];
+    assert_eq!(
+        (&e["end"], &e["outcome"]),
+        (&"gone".into(), &"unknown".into()),
+        "{e}"
+    );
+    let (min, lat) = (
+        e["lat_min_ms"].as_f64().unwrap(),
+        e["lat_ms"].as_f64().unwrap(),
+    );
+    assert!(min <= lat && (1000.0..5000.0).contains(&lat), "{e}");
+    assert_eq!(counted(&all, "missed"), 0);
+    assert!(pending.lookup(&gone).is_none());
+    // The real connect is still waiting for its SYN's answer: asked about, and kept.
+    assert_eq!(tracer.map_entries("pending"), 1);
+    drop(waiting);
+    assert!(tracer.interrupt().success());
+}
+
+/// Where it cannot ask: entries are looked at once present for a second here (not 15
+/// minutes), swept every 5 s; one older than any connect could be is missed.
+fn an_entry_whose_end_no_probe_saw_is_swept_as_missed() {
     let tracer = Tracer::start(&["--json", "--sweep-after", "1"]);
     let pending = tracer.map("pending");
     // What the kernel leaves when it skips the probe that would end a connect: an entry
@@ -593,7 +892,7 @@ fn an_entry_whose_end_no_probe_saw_is_swept_and_reported() {
     assert_eq!(counted(&all, "missed"), 1, "{all:#?}");
     assert!(pending.lookup(&stale).is_none());
     assert!(pending.lookup(&fresh).is_some());
-    let said = |s: &str| s.contains("1 connects not traced to their end: the kernel skipped");
+    let said = |s: &str| s.contains("1 connects not traced to their end: the kernel ran no probe");
     assert!(said(&tracer.stderr_until(Duration::from_secs(2), said)));
     pending.delete(&fresh).unwrap();
     assert!(tracer.interrupt().success());

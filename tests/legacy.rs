@@ -31,12 +31,14 @@ fn the_legacy_object_needs_nothing_old_kernels_lack() {
     assert_eq!(
         programs,
         [
+            "confirm_pb",
             "legacy_rcv_state",
             "legacy_reset",
             "legacy_retransmit",
             "legacy_set_state"
         ],
-        "set_state (start and end), rcv_state, retransmit, reset"
+        "set_state (start and end), rcv_state, retransmit, reset; and the sweeper's question \
+         (loaded only where the kernel runs a program on demand, yet held to the same limits)"
     );
     assert!(
         maps.contains("events_pb") && !maps.contains("events_rb"),
@@ -114,11 +116,12 @@ fn check_for_linux_4_4(object: &[u8]) -> (Vec<String>, HashSet<String>) {
                 panic!("{name}: {newer}");
             }
         }
+        let on_stack = stack_pointers(insns);
         for (i, insn) in insns.iter().enumerate() {
             let is_call = insn.code == 0x85 && insn.src_reg() == 0;
             if is_call && insn.imm == PROBE_READ {
                 assert!(
-                    first_arg_on_stack(&insns[..i]),
+                    on_stack[i].is_some_and(|regs| regs & 1 << 1 != 0),
                     "{name}: bpf_probe_read at {i} writes elsewhere than the stack (4.4-4.6 allow no other)"
                 );
             }
@@ -137,34 +140,46 @@ fn check_for_linux_4_4(object: &[u8]) -> (Vec<String>, HashSet<String>) {
     (programs, maps)
 }
 
-/// Whether r1, at the end of `before`, points into the stack, followed back through the
-/// straight-line code before it: copied (`r1 = r7`) from a register that was set to
-/// `r10` and then only moved by constants (`r7 += -256`), as clang emits stack addresses.
-/// Calls clobber r1-r5 only; a jump stops the walk (the value could come from elsewhere).
-fn first_arg_on_stack(before: &[libbpf_rs::libbpf_sys::bpf_insn]) -> bool {
-    let mut reg = 1;
-    for insn in before.iter().rev() {
-        let class = insn.code & 0x07;
-        if insn.code == 0x85 {
-            if (1..=5).contains(&reg) {
-                return false; // clobbered by the call
+/// For each instruction, the registers (bit n: rn) that point into the stack on every path
+/// that reaches it, or `None` where none does: set from r10 (`r1 = r10`), copied
+/// (`r7 = r1`) and moved by constants (`r7 += -256`), as clang emits stack addresses. A
+/// forward pass in program order covers every path, since the programs have no loop (all
+/// jumps go forward, asserted apart); where paths join, only what holds on all of them.
+fn stack_pointers(insns: &[libbpf_rs::libbpf_sys::bpf_insn]) -> Vec<Option<u16>> {
+    const FP: u16 = 1 << 10;
+    let mut at: Vec<Option<u16>> = vec![None; insns.len() + 2];
+    at[0] = Some(FP);
+    for (i, insn) in insns.iter().enumerate() {
+        let Some(regs) = at[i] else {
+            continue; // unreachable, or the second half of a 16-byte ld_imm64
+        };
+        let (dst, src) = (1u16 << insn.dst_reg(), 1u16 << insn.src_reg());
+        let (class, op) = (insn.code & 0x07, insn.code & 0xf0);
+        let target = (i as i64 + 1 + i64::from(insn.off)) as usize;
+        let (out, next): (u16, &[usize]) = match (class, op) {
+            _ if insn.code == 0x18 => (regs & !dst, &[i + 2]), // ld_imm64
+            (0x05, 0x80) => (regs & !0b11_1111, &[i + 1]),     // call: r0-r5 clobbered
+            (0x05, 0x90) => (regs, &[]),                       // exit
+            (0x05, 0x00) => (regs, &[target]),                 // goto
+            (0x05 | 0x06, _) => (regs, &[i + 1, target]),      // conditional jump
+            (0x07, 0xb0) if insn.code & 0x08 != 0 => {
+                // r_dst = r_src
+                let copied = if regs & src != 0 { dst } else { 0 };
+                ((regs & !dst) | copied, &[i + 1])
             }
-            continue;
-        }
-        if matches!(class, 0x05 | 0x06) {
-            return false;
-        }
-        if insn.dst_reg() != reg || matches!(class, 0x02 | 0x03) {
-            continue; // another register, or a store (which writes memory)
-        }
-        match insn.code {
-            0xbf if insn.src_reg() == 10 => return true, // reg = r10
-            0xbf => reg = insn.src_reg(),                // reg = another register
-            0x07 => continue,                            // reg += imm
-            _ => return false,
+            (0x07, 0x00 | 0x10) if insn.code & 0x08 == 0 => (regs, &[i + 1]), // += or -= imm
+            (0x02 | 0x03, _) => (regs, &[i + 1]),                             // stores write memory
+            (0x00, _) => (regs & !1, &[i + 1]), // legacy packet loads set r0
+            _ => (regs & !dst, &[i + 1]),       // anything else computes dst afresh
+        };
+        for &n in next {
+            if n < at.len() {
+                at[n] = Some(at[n].map_or(out, |m| m & out));
+            }
         }
     }
-    false
+    at.truncate(insns.len());
+    at
 }
 
 #[test]
@@ -179,22 +194,40 @@ fn the_stack_check_tells_stack_pointers_from_others() {
         i.set_src_reg(src);
         i
     };
+    let jump = |code: u8, off: i16| bpf_insn {
+        code,
+        off,
+        ..Default::default()
+    };
+    // Whether r1 points into the stack at the end of `program`.
+    let r1_on_stack = |program: &[bpf_insn]| {
+        let mut with_call = program.to_vec();
+        with_call.push(insn(0x85, 0, 0));
+        stack_pointers(&with_call)[program.len()].is_some_and(|regs| regs & 2 != 0)
+    };
     let mov_fp = insn(0xbf, 1, 10);
     let add = insn(0x07, 1, 0);
     let store = insn(0x7b, 1, 2); // *(u64 *)(r1 + 0) = r2: writes memory, not r1
     let mov_r6 = insn(0xbf, 1, 6);
     let load = insn(0x79, 1, 6); // r1 = *(u64 *)(r6 + 0)
-    assert!(first_arg_on_stack(&[mov_fp, add]));
-    assert!(first_arg_on_stack(&[mov_fp, add, store, insn(0xb7, 2, 0)]));
-    assert!(!first_arg_on_stack(&[mov_r6, add]));
-    assert!(!first_arg_on_stack(&[mov_fp, load]));
-    assert!(!first_arg_on_stack(&[mov_fp, insn(0x05, 0, 0), add]));
-    assert!(!first_arg_on_stack(&[add]));
+    assert!(r1_on_stack(&[mov_fp, add]));
+    assert!(r1_on_stack(&[mov_fp, add, store, insn(0xb7, 2, 0)]));
+    assert!(!r1_on_stack(&[mov_r6, add]));
+    assert!(!r1_on_stack(&[mov_fp, load]));
+    assert!(!r1_on_stack(&[add]));
     // Through a callee-saved register, across a call; not through a clobbered one.
     let (r7_fp, r1_r7, r2_fp) = (insn(0xbf, 7, 10), insn(0xbf, 1, 7), insn(0xbf, 2, 10));
     let call = insn(0x85, 0, 0);
-    assert!(first_arg_on_stack(&[r7_fp, insn(0x07, 7, 0), call, r1_r7]));
-    assert!(!first_arg_on_stack(&[r2_fp, call, insn(0xbf, 1, 2)]));
+    assert!(r1_on_stack(&[r7_fp, insn(0x07, 7, 0), call, r1_r7]));
+    assert!(!r1_on_stack(&[r2_fp, call, insn(0xbf, 1, 2)]));
+    // Across a branch that leaves r1 alone, and a goto over what would change it.
+    let branch = jump(0x15, 1); // if r0 == 0 goto +1
+    assert!(r1_on_stack(&[mov_fp, branch, insn(0xb7, 2, 0), add]));
+    assert!(r1_on_stack(&[mov_fp, jump(0x05, 1), load, add]));
+    // Not where one path gives r1 another value: the branch skips the stack pointer, or
+    // takes a load.
+    assert!(!r1_on_stack(&[mov_r6, branch, mov_fp, add]));
+    assert!(!r1_on_stack(&[mov_fp, branch, load, add]));
 }
 
 /// What makes an instruction newer than the BPF v1 set, if anything: BPF_JMP32 is v3

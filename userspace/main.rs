@@ -132,7 +132,7 @@ fn run(cli: &Cli, started: Instant) -> Result<()> {
     let stream = timing::step("buffers", || {
         EventStream::new(&tracer, cli.max_delay(), cli.sweep_times())
     })?;
-    host::privileges::drop_capabilities(|| stream.can_read_counters())?;
+    host::privileges::drop_capabilities(|| stream.can_make_its_calls())?;
     announce(&tracer, &plan, forced);
     if cli.verbose {
         if matches!(tracer.mode, Mode::Legacy | Mode::Tracepoint) {

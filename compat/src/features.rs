@@ -108,6 +108,9 @@ pub struct Findings {
     pub fentry: Finding<()>,
     /// Creating a BPF ring buffer map (Linux 5.8+).
     pub ringbuf: Finding<()>,
+    /// Running a raw tracepoint program on demand (BPF_PROG_TEST_RUN, Linux 5.10+): how
+    /// the sweeper asks whether a pending connect's socket is still in SYN_SENT.
+    pub on_demand: Finding<()>,
     /// Where legacy mode's struct sock offsets come from (a BTF file, or kernel headers
     /// at build time), or why there are none.
     pub sock_offsets: Finding<String>,

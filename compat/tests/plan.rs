@@ -38,6 +38,7 @@ fn findings(fentry: Result<(), &str>) -> Findings {
     Findings {
         fentry: Finding::from_result(fentry.map_err(str::to_owned)),
         ringbuf: Finding::Yes(()),
+        on_demand: Finding::Yes(()),
         sock_offsets: Finding::Yes("BTF /sys/kernel/btf/vmlinux".to_owned()),
         fentry_targets: Finding::Yes(btf_functions(&[])),
     }

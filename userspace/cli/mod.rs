@@ -8,7 +8,7 @@ mod generate;
 use std::time::Duration;
 
 use anyhow::Result;
-use tcpconnlat_compat::Mode;
+use tcpconnlat_compat::{Finding, Mode};
 
 pub use flags::Cli;
 use flags::{ExtraLabel, ModeArg};
@@ -90,6 +90,10 @@ impl Cli {
             version_code: host.version_code.as_ref().ok().copied(),
             label_cgroup: self.label.contains(&ExtraLabel::Cgroup),
             pin_maps: self.pin_maps.as_deref(),
+            on_demand: match &host.findings.on_demand {
+                Finding::Yes(()) => Ok(()),
+                Finding::No(why) | Finding::Unknown(why) => Err(why),
+            },
         })
     }
 
@@ -103,6 +107,7 @@ impl Cli {
         SweepTimes {
             look_after: self.sweep_after.map_or(STALE, Duration::from_secs),
             stale: self.stale_after.map_or(STALE, Duration::from_secs),
+            ask_after: Duration::from_secs(1),
         }
     }
 

@@ -23,7 +23,7 @@ use tcpconnlat_compat::Mode;
 
 use super::budget::SeriesBudget;
 use super::hot::{Hot, HotKey, HotSets};
-use crate::tracer::event::{host_part, Event, Outcome};
+use crate::tracer::event::{host_part, End, Event, Outcome};
 use crate::tracer::stream::Shortfall;
 
 /// What the `dest` label holds (`--dest`).
@@ -118,6 +118,8 @@ pub struct Metrics {
     lost: Counter,
     untracked: Counter,
     missed: Counter,
+    inferred: Counter,
+    table_errors: Counter,
     folded: Counter,
     accept_errors: Counter,
     label_sets: Gauge,
@@ -174,6 +176,8 @@ impl Metrics {
             lost: Counter::default(),
             untracked: Counter::default(),
             missed: Counter::default(),
+            inferred: Counter::default(),
+            table_errors: Counter::default(),
             folded: Counter::default(),
             accept_errors: Counter::default(),
             label_sets: Gauge::default(),
@@ -238,6 +242,16 @@ impl Metrics {
                 &self.missed,
             ),
             (
+                "tcpconnlat_inferred_connects",
+                "Connects whose end no probe saw, found ended by the sweeper (their durations are bounds)",
+                &self.inferred,
+            ),
+            (
+                "tcpconnlat_table_errors",
+                "Pending-table updates and deletes the kernel refused (a lock it would not take there)",
+                &self.table_errors,
+            ),
+            (
                 "tcpconnlat_series_folded",
                 "Connects counted under dest=\"other\": --max-series label sets were in use",
                 &self.folded,
@@ -276,6 +290,9 @@ impl Metrics {
     /// Count one connect (`cgroup`: its cgroup path, asked for only when first seen).
     pub fn observe(&self, e: &Event, cgroup: impl FnOnce() -> Option<String>) {
         let seconds = e.lat_ns as f64 / 1e9;
+        if e.end != End::Seen {
+            self.inferred.inc();
+        }
         let hot_key = HotKey::of(e, self.rules.cgroup);
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let hot = match state.hot.get_mut(&hot_key) {
@@ -389,6 +406,7 @@ impl Metrics {
             Shortfall::Lost { .. } => &self.lost,
             Shortfall::Untracked { .. } => &self.untracked,
             Shortfall::Missed { .. } => &self.missed,
+            Shortfall::TableErrors { .. } => &self.table_errors,
         };
         counter.inc_by(shortfall.count());
     }
@@ -453,7 +471,7 @@ mod tests {
     fn room_for(sets: usize) -> usize {
         let per_histogram = Metrics::default_buckets().len() + 3;
         metrics(DestLabel::IpPort, 100_000, Duration::ZERO).fixed
-            + (1 + 5 * per_histogram)
+            + (1 + Outcome::COUNT * per_histogram)
             + sets * (1 + per_histogram)
     }
 

@@ -177,7 +177,7 @@ impl Host {
 }
 
 /// The trials, where privileged: the fentry trial's program (kept attached, see
-/// [`Host::end_fentry_trial`]) and the ring buffer.
+/// [`Host::end_fentry_trial`]), the ring buffer and running a program on demand.
 fn try_loading(
     privileged: bool,
     features: &Features,
@@ -187,11 +187,13 @@ fn try_loading(
     if !privileged {
         findings.fentry = Finding::Unknown("needs root to try".to_owned());
         findings.ringbuf = Finding::Unknown("needs root to try".to_owned());
+        findings.on_demand = Finding::Unknown("needs root to try".to_owned());
         return None;
     }
     let trial = timing::step("fentry trial", || trials::fentry(features, fentry_target));
     findings.fentry = Finding::from_result(trial.as_ref().map(drop).map_err(Clone::clone));
     findings.ringbuf = timing::step("ringbuf trial", trials::ringbuf);
+    findings.on_demand = timing::step("on-demand trial", trials::on_demand);
     trial.ok()
 }
 

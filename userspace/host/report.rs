@@ -91,6 +91,12 @@ fn kernel_rows(host: &Host) -> Vec<Row> {
             finding_text(&host.findings.ringbuf, |()| "yes".to_owned()),
         ),
         row("global data", f.global_data().map_or("unknown", yes_no)),
+        row(
+            "ends not seen",
+            finding_text(&host.findings.on_demand, |()| {
+                "found by the sweeper (it runs a program on demand)".to_owned()
+            }),
+        ),
     ]);
     rows
 }
@@ -209,6 +215,8 @@ pub fn report_json(host: &Host, plan: &Plan) -> Value {
         "sock_offsets_discovered": host.offsets.known().ok().map(|o| matches!(o.source, OffsetSource::Discovered { .. })),
         "sock_offsets_notes": host.offsets.known().ok().map(|o| &o.notes),
         "ringbuf": finding_json(&t.ringbuf),
+        "on_demand": finding_json(&t.on_demand),
+        "on_demand_error": finding_why(&t.on_demand),
         "global_data": f.global_data(),
         "symbols": f.attach_points.yes(),
         "symbols_error": finding_why(&f.attach_points),

@@ -1,5 +1,5 @@
 //! What only trying can tell: whether the kernel loads and attaches an fentry program,
-//! and whether it has a BPF ring buffer.
+//! whether it has a BPF ring buffer, and whether it runs a program on demand.
 
 use std::os::fd::OwnedFd;
 
@@ -15,6 +15,57 @@ pub fn ringbuf() -> Finding<()> {
     }
 }
 
+/// r0 = `value`; exit.
+fn return_value(value: i32) -> [libbpf_rs::libbpf_sys::bpf_insn; 2] {
+    use libbpf_rs::libbpf_sys as sys;
+    [
+        sys::bpf_insn {
+            code: (sys::BPF_ALU64 | sys::BPF_MOV | sys::BPF_K) as u8,
+            imm: value,
+            ..Default::default()
+        },
+        sys::bpf_insn {
+            code: (sys::BPF_JMP | sys::BPF_EXIT) as u8,
+            ..Default::default()
+        },
+    ]
+}
+
+/// Load a raw tracepoint program (Linux 4.17, commit c4f6699dfcb8 "bpf: introduce
+/// BPF_RAW_TRACEPOINT") and run it on demand with one argument (Linux 5.10, commit
+/// 1b4d60ec162f "bpf: Enable BPF_PROG_TEST_RUN for raw_tracepoint"): what the sweeper does
+/// to ask about a pending connect.
+pub fn on_demand() -> Finding<()> {
+    use libbpf_rs::libbpf_sys as sys;
+    use std::os::fd::{AsRawFd, FromRawFd};
+    const ANSWER: u32 = 7;
+    let insns = return_value(ANSWER as i32);
+    // SAFETY: every pointer is valid for the call; libbpf returns a new fd or -errno.
+    let prog = unsafe {
+        sys::bpf_prog_load(
+            sys::BPF_PROG_TYPE_RAW_TRACEPOINT,
+            c"trial_on_demand".as_ptr(),
+            c"Dual BSD/GPL".as_ptr(),
+            insns.as_ptr(),
+            insns.len() as sys::size_t,
+            std::ptr::null_mut(),
+        )
+    };
+    if prog < 0 {
+        let e = std::io::Error::from_raw_os_error(-prog);
+        return Finding::No(format!("no raw tracepoint programs (Linux 4.17+): {e}"));
+    }
+    // SAFETY: a descriptor just created, owned by nothing else.
+    let prog = unsafe { std::os::fd::OwnedFd::from_raw_fd(prog) };
+    match crate::tracer::run_on_demand(prog.as_raw_fd(), 0) {
+        Ok(ANSWER) => Finding::Yes(()),
+        Ok(other) => Finding::No(format!("the trial program returned {other}, not {ANSWER}")),
+        Err(e) => Finding::No(format!(
+            "the kernel does not run a program on demand (BPF_PROG_TEST_RUN of raw tracepoints, Linux 5.10+): {e}"
+        )),
+    }
+}
+
 /// Load a two-instruction fentry program on `target` (tcp_v4_connect's BTF id) and attach
 /// it; the link, which detaches it when dropped.
 pub fn fentry(features: &Features, target: Option<u32>) -> Result<OwnedFd, String> {
@@ -24,17 +75,7 @@ pub fn fentry(features: &Features, target: Option<u32>) -> Result<OwnedFd, Strin
         return Err("no kernel BTF".to_owned());
     }
     let id = target.ok_or("tcp_v4_connect is not in the kernel's BTF")?;
-    // r0 = 0; exit.
-    let insns = [
-        sys::bpf_insn {
-            code: (sys::BPF_ALU64 | sys::BPF_MOV | sys::BPF_K) as u8,
-            ..Default::default()
-        },
-        sys::bpf_insn {
-            code: (sys::BPF_JMP | sys::BPF_EXIT) as u8,
-            ..Default::default()
-        },
-    ];
+    let insns = return_value(0);
     let mut opts = sys::bpf_prog_load_opts {
         sz: std::mem::size_of::<sys::bpf_prog_load_opts>() as sys::size_t,
         expected_attach_type: sys::BPF_TRACE_FENTRY,

@@ -117,6 +117,14 @@ impl<W: Write> Printer<W> {
             let s = if e.syn_retrans == 1 { "" } else { "s" };
             write!(line, " [{} SYN retransmit{s}]", e.syn_retrans)?;
         }
+        // No probe saw the end: LAT is when the sweeper found it ended.
+        if let Some(min) = e.lat_min_ns {
+            line.0.extend_from_slice(b" [end not seen: after ");
+            line.milliseconds(min);
+            line.0.extend_from_slice(b" ms, by ");
+            line.milliseconds(e.lat_ns);
+            line.0.extend_from_slice(b" ms]");
+        }
         line.0.push(b'\n');
         self.out.write_all(&line.0)
     }
@@ -211,6 +219,7 @@ impl<W: Write> Sink for Printer<W> {
             Shortfall::Lost { .. } => Record::Lost(count),
             Shortfall::Untracked { .. } => Record::Untracked(count),
             Shortfall::Missed { .. } => Record::Missed(count),
+            Shortfall::TableErrors { .. } => Record::TableErrors(count),
         };
         match self.format {
             Format::Json => write_json(&mut self.out, &record),

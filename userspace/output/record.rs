@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use tcpconnlat_compat::Mode;
 
-use crate::tracer::event::{AddrText, Event, Outcome};
+use crate::tracer::event::{AddrText, End, Event, Outcome};
 
 #[derive(Debug, Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
@@ -24,6 +24,9 @@ pub enum Record<'a> {
     Untracked(Count),
     /// Connects whose end the kernel did not show the probes.
     Missed(Count),
+    /// Pending-table operations the kernel refused (see enum counter).
+    #[serde(rename = "table_errors")]
+    TableErrors(Count),
 }
 
 #[derive(Debug, Serialize)]
@@ -40,6 +43,10 @@ pub struct Connect<'a> {
     pub dport: u16,
     pub lat_us: f64,
     pub lat_ms: f64,
+    /// How the end became known: seen by a probe, or inferred by the sweeper (then
+    /// `lat_*` is when it was found ended, and `lat_min_ms` when it was last found pending).
+    pub end: End,
+    pub lat_min_ms: Option<f64>,
     pub outcome: Outcome,
     /// The errno's name, e.g. "ECONNREFUSED", where known.
     pub errno: Option<String>,
@@ -61,6 +68,8 @@ impl<'a> Connect<'a> {
             dport: e.dport,
             lat_us: e.lat_ns as f64 / 1e3,
             lat_ms: e.lat_ms(),
+            end: e.end,
+            lat_min_ms: e.lat_min_ns.map(|ns| ns as f64 / 1e6),
             outcome: e.outcome,
             errno: e.errno_name(),
             syn_retrans: e.syn_retrans,
@@ -158,6 +167,7 @@ mod tests {
             Record::Lost(Count { count: 3 }),
             Record::Untracked(Count { count: 4 }),
             Record::Missed(Count { count: 5 }),
+            Record::TableErrors(Count { count: 6 }),
         ]
     }
 
@@ -196,6 +206,8 @@ mod tests {
                         "dport",
                         "lat_us",
                         "lat_ms",
+                        "end",
+                        "lat_min_ms",
                         "outcome",
                         "errno",
                         "syn_retrans",
@@ -217,12 +229,27 @@ mod tests {
                 ("lost".into(), sorted(&["count"])),
                 ("untracked".into(), sorted(&["count"])),
                 ("missed".into(), sorted(&["count"])),
+                ("table_errors".into(), sorted(&["count"])),
             ]
         );
         let connect = serde_json::to_value(&every_record(&e)[0]).unwrap();
         assert_eq!(connect["errno"], "ECONNREFUSED");
         assert_eq!(connect["outcome"], "refused");
         assert_eq!(connect["mode"], "legacy");
+        assert_eq!(connect["end"], "seen");
+        assert!(connect["lat_min_ms"].is_null());
+        let inferred = Event {
+            end: End::Inferred,
+            lat_ns: 3_001_000_000,
+            lat_min_ns: Some(2_000_500_000),
+            outcome: Outcome::Timeout,
+            ..event()
+        };
+        let inferred = serde_json::to_value(Record::Connect(Connect::new(&inferred, Mode::Legacy)));
+        let inferred = inferred.unwrap();
+        assert_eq!(inferred["end"], "inferred");
+        assert_eq!(inferred["lat_min_ms"], 2000.5);
+        assert_eq!(inferred["lat_ms"], 3001.0);
     }
 
     /// README's "JSON records" table names exactly the fields each record has.

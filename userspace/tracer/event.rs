@@ -2,7 +2,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use super::objects::{AddressFamily, RawEvent, RawOutcome, COMM_LEN};
+use super::objects::{AddressFamily, RawEnd, RawEvent, RawOutcome, COMM_LEN};
 
 /// How a connect ended (enum outcome in probes/tcpconnlat.h).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
@@ -17,11 +17,13 @@ pub enum Outcome {
     Unreachable,
     /// Another socket error.
     Error,
+    /// No probe saw the end, and the socket was gone when the sweeper looked (`End::Gone`).
+    Unknown,
 }
 
 impl Outcome {
     /// How many outcomes there are (the last one's index, plus one).
-    pub const COUNT: usize = Outcome::Error as usize + 1;
+    pub const COUNT: usize = Outcome::Unknown as usize + 1;
 
     fn from_raw(raw: u8) -> Outcome {
         match RawOutcome(raw.into()) {
@@ -29,6 +31,7 @@ impl Outcome {
             RawOutcome::OUTCOME_REFUSED => Outcome::Refused,
             RawOutcome::OUTCOME_TIMEOUT => Outcome::Timeout,
             RawOutcome::OUTCOME_UNREACHABLE => Outcome::Unreachable,
+            RawOutcome::OUTCOME_UNKNOWN => Outcome::Unknown,
             _ => Outcome::Error,
         }
     }
@@ -40,6 +43,7 @@ impl Outcome {
             Outcome::Timeout => "timeout",
             Outcome::Unreachable => "unreachable",
             Outcome::Error => "error",
+            Outcome::Unknown => "unknown",
         }
     }
 
@@ -48,12 +52,41 @@ impl Outcome {
     }
 }
 
+/// How a connect's end became known (enum end_kind in probes/tcpconnlat.h).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum End {
+    /// A probe saw the socket leave SYN_SENT: the latency is measured.
+    Seen,
+    /// No probe ran for it (the kernel skipped them); the sweeper found the socket out of
+    /// SYN_SENT: the latency is a bound.
+    Inferred,
+    /// Likewise, but the socket had been closed or reused: the outcome is unknown.
+    Gone,
+}
+
+impl End {
+    fn from_raw(raw: u8) -> End {
+        match RawEnd(raw.into()) {
+            RawEnd::END_INFERRED => End::Inferred,
+            RawEnd::END_GONE => End::Gone,
+            _ => End::Seen,
+        }
+    }
+}
+
 /// One finished active connect.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Event {
-    /// CLOCK_MONOTONIC nanoseconds when the answer to the SYN was processed.
+    /// CLOCK_MONOTONIC nanoseconds when the answer to the SYN was processed (or, for an
+    /// end not seen, when it was found).
     pub ts_ns: u64,
+    /// The latency; for an end not seen, the time by which it had ended.
     pub lat_ns: u64,
+    /// How the end became known.
+    pub end: End,
+    /// For an end not seen: how long after the start the connect was last found pending.
+    pub lat_min_ns: Option<u64>,
     pub pid: u32,
     pub comm: Comm,
     pub saddr: IpAddr,
@@ -113,6 +146,8 @@ impl From<&RawEvent> for Event {
         Event {
             ts_ns: raw.ts_ns,
             lat_ns: raw.delta_ns,
+            end: End::from_raw(raw.end),
+            lat_min_ns: (raw.end != RawEnd::END_SEEN.0 as u8).then_some(raw.delta_min_ns),
             pid: raw.tgid,
             comm: Comm::new(&raw.comm),
             saddr: addr(&raw.saddr),
@@ -137,6 +172,8 @@ impl Event {
         Event {
             ts_ns: 2_000_000_000,
             lat_ns: 25_290_000,
+            end: End::Seen,
+            lat_min_ns: None,
             pid: 7,
             comm: "curl".into(),
             saddr: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),

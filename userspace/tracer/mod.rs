@@ -38,7 +38,7 @@ pub use hooks::RecordRead;
 use hooks::{plan_hooks, Attach, HookPlan, ModeSpec};
 use kprobes::{Kprobe, KprobeAttach, KprobeAttacher, KprobeSite};
 use objects::maps;
-pub use sweeper::{SweepTimes, STALE};
+pub use sweeper::{run_on_demand, SweepTimes, STALE};
 pub use transport::{Sizes, Transport, TransportArg};
 
 /// Probes loaded and attached; dropping it detaches everything.
@@ -49,6 +49,10 @@ pub struct Tracer {
     /// Things the user should know about what is and is not traced.
     pub notes: Vec<String>,
     pub sizes: Sizes,
+    /// The program the sweeper runs to ask about a pending connect (probes/common.bpf.h
+    /// `confirm_pending`), where the kernel runs programs on demand and the socket's
+    /// offsets are known.
+    pub confirm: Option<&'static str>,
     _links: Vec<Link>,
     _kprobes: Vec<Kprobe>,
     _pins: Pins,
@@ -103,6 +107,8 @@ pub struct LoadOptions<'a> {
     pub label_cgroup: bool,
     /// Where to pin the maps while tracing (the hidden `--pin-maps`, for tests).
     pub pin_maps: Option<&'a std::path::Path>,
+    /// Whether the kernel runs a program on demand (`Findings::on_demand`), or why not.
+    pub on_demand: Result<(), &'a str>,
 }
 
 /// How much a mode needs struct sock's offsets.
@@ -185,8 +191,10 @@ pub fn start(mode: Mode, options: &LoadOptions<'_>, filters: &Filters) -> Result
     )
     .map_err(|why| anyhow!(why))?;
     let sock = sock_offsets(mode, options, &mut plan)?;
-    let (object, core_files) =
-        timing::step("open", || open(&spec, &plan, transport, options, filters))?;
+    let confirm = confirm_program(options, sock, transport, &mut plan);
+    let (object, core_files) = timing::step("open", || {
+        open(&spec, &plan, confirm, transport, options, filters)
+    })?;
     let mut object = timing::step("load", || object.load())
         .with_context(|| format!("loading the {mode} probes (run with -v for the verifier log)"))?;
     drop(core_files);
@@ -199,15 +207,17 @@ pub fn start(mode: Mode, options: &LoadOptions<'_>, filters: &Filters) -> Result
         object,
         notes: plan.notes,
         sizes: options.sizes,
+        confirm,
         _links: links,
         _kprobes: kprobes,
         _pins: pins,
     })
 }
 
-/// struct sock's offsets for the modes whose probes read the socket without CO-RE: legacy
-/// cannot do without them (they may be discovered now); tracepoint reads sk_err at them
-/// where they are known. The CO-RE probes read the socket themselves.
+/// struct sock's offsets: legacy mode cannot do without them (they may be discovered
+/// now); tracepoint mode reads sk_err at them where they are known; every mode's
+/// question about a pending connect reads the socket at them (the CO-RE probes read it
+/// themselves otherwise).
 fn sock_offsets<'a>(
     mode: Mode,
     options: &LoadOptions<'a>,
@@ -215,8 +225,7 @@ fn sock_offsets<'a>(
 ) -> Result<Option<&'a SockOffsets>> {
     let need = match mode {
         Mode::Legacy => OffsetNeed::Required,
-        Mode::Tracepoint => OffsetNeed::IfKnown,
-        Mode::Fentry | Mode::Kprobe => return Ok(None),
+        Mode::Tracepoint | Mode::Fentry | Mode::Kprobe => OffsetNeed::IfKnown,
     };
     match options.sock.sock_offsets(need) {
         Ok((offsets, notes)) => {
@@ -227,12 +236,34 @@ fn sock_offsets<'a>(
         }
         Err(why) if need == OffsetNeed::Required => Err(anyhow!(why)),
         Err(_) => {
-            plan.note(
-                "failed connects are told apart only as refused or timeout: no BTF to find sk_err in",
-            );
+            if mode == Mode::Tracepoint {
+                plan.note(
+                    "failed connects are told apart only as refused or timeout: no BTF to find sk_err in",
+                );
+            }
             Ok(None)
         }
     }
+}
+
+/// The question the sweeper asks about connects pending a while, where the kernel can run
+/// it (and the socket's offsets are known); otherwise the user is told what that costs.
+fn confirm_program(
+    options: &LoadOptions<'_>,
+    sock: Option<&SockOffsets>,
+    transport: Transport,
+    plan: &mut HookPlan,
+) -> Option<&'static str> {
+    let why_not = match (options.on_demand, sock) {
+        (Ok(()), Some(_)) => return Some(transport.confirm_program()),
+        (Err(why), _) => why.to_owned(),
+        (Ok(()), None) => "struct sock's offsets are unknown".to_owned(),
+    };
+    plan.note(&format!(
+        "a connect whose end the kernel shows no probe is reported only after {} minutes, as missed: the sweeper cannot ask about its socket ({why_not})",
+        STALE.as_secs() / 60
+    ));
+    None
 }
 
 /// Filters and labels a mode cannot apply.
@@ -252,6 +283,7 @@ fn check_filters(mode: Mode, filters: &Filters, options: &LoadOptions<'_>) -> Re
 fn open(
     spec: &ModeSpec,
     plan: &HookPlan,
+    confirm: Option<&str>,
     transport: Transport,
     options: &LoadOptions<'_>,
     filters: &Filters,
@@ -288,7 +320,8 @@ fn open(
         unsafe { bpf_object__set_kversion(open.as_libbpf_object().as_ptr(), code) };
     }
     for mut prog in open.progs_mut() {
-        let wanted = plan.hooks.iter().any(|p| prog.name() == p.prog.as_str());
+        let wanted = plan.hooks.iter().any(|p| prog.name() == p.prog.as_str())
+            || confirm.is_some_and(|name| prog.name() == name);
         prog.set_autoload(wanted);
     }
     // Maps no loaded program uses are never created: the other transport's buffer.
@@ -347,6 +380,18 @@ fn attach_all(
         }
     }
     Ok((links, kprobes))
+}
+
+/// A descriptor of its own for the loaded program `name`.
+pub fn find_program_fd(object: &Object, name: &str) -> Result<std::os::fd::OwnedFd> {
+    use std::os::fd::AsFd;
+    let prog = object
+        .progs()
+        .find(|p| p.name() == name)
+        .ok_or_else(|| anyhow!("program {name} missing from the probe object"))?;
+    prog.as_fd()
+        .try_clone_to_owned()
+        .with_context(|| format!("holding program {name}"))
 }
 
 pub fn find_map<'a>(object: &'a Object, name: &str) -> Result<libbpf_rs::Map<'a>> {

@@ -10,18 +10,19 @@ mod skel {
 
 pub use skel::types::{
     address_family as AddressFamily, config as Config, counter as Counter,
-    discover_config as DiscoverConfig, discover_mark as DiscoverMark, event as RawEvent,
-    outcome as RawOutcome, report as Report, snapshot_phase as SnapshotPhase,
-    snapshot_size as SnapshotSize, sock_layout as RawSockLayout, state_layout as RawStateLayout,
-    state_record as RawStateRecord,
+    discover_config as DiscoverConfig, discover_mark as DiscoverMark, end_kind as RawEnd,
+    event as RawEvent, outcome as RawOutcome, pending as RawPending, report as Report,
+    snapshot_phase as SnapshotPhase, snapshot_size as SnapshotSize, sock_layout as RawSockLayout,
+    state_layout as RawStateLayout, state_record as RawStateRecord,
 };
 
 /// The kernel's TASK_COMM_LEN: a process name with its NUL.
 pub const COMM_LEN: usize = skel::types::limits::COMM_LEN.0 as usize;
 
-// SAFETY: both are #[repr(C)] plain integers and byte arrays, with explicit padding
+// SAFETY: all are #[repr(C)] plain integers and byte arrays, with explicit padding
 // fields, generated from the C header: every bit pattern is a valid value.
 unsafe impl plain::Plain for RawEvent {}
+unsafe impl plain::Plain for RawPending {}
 unsafe impl plain::Plain for Config {}
 unsafe impl plain::Plain for RawSockLayout {}
 unsafe impl plain::Plain for DiscoverConfig {}

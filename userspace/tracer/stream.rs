@@ -25,7 +25,7 @@ use super::objects::maps;
 use super::perfbuf::{BatchedPerfBuffer, Sample};
 use super::sweeper::{Counters, SweepTimes, Sweeper};
 use super::transport::page_size;
-use super::{find_map, Tracer, Transport};
+use super::{find_map, find_program_fd, Tracer, Transport};
 
 /// What the stream yields: a connect, or word of connects it cannot show.
 #[derive(Debug)]
@@ -41,8 +41,13 @@ pub enum Shortfall {
     Lost { count: u64, transport: Transport },
     /// Connects not timed because the pending table (this big) was full.
     Untracked { count: u64, max_pending: u32 },
-    /// Connects whose end no probe saw (the kernel skipped it), found stale and removed.
+    /// Connects whose end no probe saw (the kernel skipped it), found stale and removed
+    /// where the sweeper cannot ask the kernel about their sockets.
     Missed { count: u64 },
+    /// Pending-table updates and deletes the kernel refused (a bucket lock it would not
+    /// take where the probe ran): the connects concerned are untracked, or their ends
+    /// reported by the sweeper.
+    TableErrors { count: u64 },
 }
 
 impl Shortfall {
@@ -50,7 +55,8 @@ impl Shortfall {
         match self {
             Shortfall::Lost { count, .. }
             | Shortfall::Untracked { count, .. }
-            | Shortfall::Missed { count } => count,
+            | Shortfall::Missed { count }
+            | Shortfall::TableErrors { count } => count,
         }
     }
 }
@@ -69,7 +75,11 @@ impl std::fmt::Display for Shortfall {
             ),
             Shortfall::Missed { count } => write!(
                 f,
-                "{count} connects not traced to their end: the kernel skipped the probe (it would have run inside another BPF program)"
+                "{count} connects not traced to their end: the kernel ran no probe for it, and cannot be asked about the socket (Linux 5.10+ can)"
+            ),
+            Shortfall::TableErrors { count } => write!(
+                f,
+                "the kernel refused {count} pending-table updates or deletes (a lock it would not take there): those connects are counted as untracked, or their ends reported by the sweeper"
             ),
         }
     }
@@ -268,7 +278,11 @@ impl<'cb> EventStream<'cb> {
         // buffer's rings are made after attaching) is from before tracing began: not said.
         counters.read(true)?;
         let pending = MapHandle::try_from(&find_map(&tracer.object, maps::PENDING)?)?;
-        let sweeper = Sweeper::new(pending, sweep)?;
+        let confirm = tracer
+            .confirm
+            .map(|name| find_program_fd(&tracer.object, name))
+            .transpose()?;
+        let sweeper = Sweeper::new(pending, confirm, sweep)?;
         let mut tick = interval(max_delay);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         Ok(EventStream {
@@ -283,10 +297,11 @@ impl<'cb> EventStream<'cb> {
         })
     }
 
-    /// Whether the kernel still lets us read the probes' counters (the one bpf() call the
-    /// stream makes; buffers are read through shared memory).
-    pub fn can_read_counters(&self) -> bool {
-        self.counters.readable()
+    /// Whether the kernel still lets us make the bpf() calls the stream makes (reading
+    /// the probes' counters, asking about pending connects; buffers are read through
+    /// shared memory).
+    pub fn can_make_its_calls(&self) -> bool {
+        self.counters.readable() && self.sweeper.can_ask()
     }
 
     /// A record already read and decoded, if one is waiting.
@@ -306,23 +321,25 @@ impl<'cb> EventStream<'cb> {
             Buffer::Perf(perf) => perf.consume()?,
         }
         self.inbox.check()?;
-        let (dropped, untracked) = self.counters.read(counters_now)?;
+        let counted = self.counters.read(counters_now)?;
         let missed = self.sweeper.sweep()?;
-        let mut queue = self.inbox.queue.borrow_mut();
-        if missed > 0 {
-            queue.push_back(Traced::Shortfall(Shortfall::Missed { count: missed }));
-        }
-        if dropped > 0 {
-            queue.push_back(Traced::Shortfall(Shortfall::Lost {
-                count: dropped,
+        let shortfalls = [
+            Shortfall::Missed { count: missed },
+            Shortfall::Lost {
+                count: counted.dropped,
                 transport: self.transport,
-            }));
-        }
-        if untracked > 0 {
-            queue.push_back(Traced::Shortfall(Shortfall::Untracked {
-                count: untracked,
+            },
+            Shortfall::Untracked {
+                count: counted.untracked,
                 max_pending: self.max_pending,
-            }));
+            },
+            Shortfall::TableErrors {
+                count: counted.table_errors,
+            },
+        ];
+        let mut queue = self.inbox.queue.borrow_mut();
+        for shortfall in shortfalls.into_iter().filter(|s| s.count() > 0) {
+            queue.push_back(Traced::Shortfall(shortfall));
         }
         Ok(())
     }

@@ -1,41 +1,54 @@
-//! What keeps the probes' tables honest while tracing: the sweeper, which removes pending
-//! entries whose end no probe saw, and the loss counters the probes keep.
+//! What keeps the probes' tables honest while tracing: the sweeper, which finds the
+//! connects whose end no probe saw, and the loss counters the probes keep.
 
 use std::cell::Cell;
 use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 
-use super::objects::Counter;
+use super::objects::{Counter, RawPending};
 
 /// How old a pending entry must be to be removed as one whose end no probe saw, and how
-/// long its key must have been there before the sweeper looks (by default).
+/// long its key must have been there before the sweeper looks (by default), where the
+/// sweeper cannot ask the kernel about its socket.
 pub const STALE: Duration = Duration::from_secs(15 * 60);
 
-/// When the sweeper looks inside a pending entry (once its key has been there this long)
-/// and when it takes the entry for one no probe will finish (this old). Both are
-/// [`STALE`] but in tests (the hidden `--sweep-after`, `--stale-after`).
+/// When the sweeper looks at pending entries.
 #[derive(Clone, Copy, Debug)]
 pub struct SweepTimes {
+    /// Without the question: when it looks inside an entry (once its key has been there
+    /// this long) and when it takes the entry for one no probe will finish (this old).
+    /// Both are [`STALE`] but in tests (the hidden `--sweep-after`, `--stale-after`).
     pub look_after: Duration,
     pub stale: Duration,
+    /// With the question: how long a connect is pending before the sweeper asks about
+    /// its socket (and again at every sweep after).
+    pub ask_after: Duration,
 }
 
 /// The pending table's entries are removed by the probe that sees the socket leave
-/// SYN_SENT. The kernel skips a tracing program that would run nested in another one on
-/// the same CPU, or inside a map lookup, update or delete that userspace makes through
-/// bpf() (ours included): a timer softirq landing there, expiring a batch of connects,
-/// runs none of their probes, and their entries would stay. So the sweeper does not look
-/// inside the table while connects come and go: it lists keys only (BPF_MAP_GET_NEXT_KEY
-/// is not such a window) and reads an entry only once its key has been there at every
-/// sweep for `look_after`; the entry is removed if it is older than any SYN retry
-/// schedule with default settings (about 2 minutes) could keep a connect waiting, with a
-/// wide margin, or if it claims to predate tracing.
+/// SYN_SENT. But the kernel runs no probe at all for some of those changes, and says
+/// nothing: it skips a tracing program that would run nested in another on the same CPU
+/// or inside a map operation some process makes through bpf(), and on some kernels
+/// batches of timer work ending many connects at once reach no BPF program. Their
+/// entries would stay, and those connects would never be reported.
+///
+/// So the sweeper lists the table's keys every second (BPF_MAP_GET_NEXT_KEY keeps the
+/// probes running, unlike a lookup) and, for each connect pending for `ask_after`, asks
+/// the kernel whether its socket is still in SYN_SENT: a program run on demand
+/// (`confirm_pending`, Linux 5.10+) that reports a connect whose socket has left it, with
+/// its latency bounded, and removes it. Where the kernel cannot run it, the sweeper
+/// looks inside an entry only once its key has been there for `look_after`, and removes
+/// it as missed if it is older than any SYN retry schedule with default settings (about
+/// 2 minutes) could keep a connect waiting, with a wide margin (`stale`).
 pub struct Sweeper {
     map: MapHandle,
+    /// The question's program, where the kernel runs it.
+    confirm: Option<OwnedFd>,
     last: Instant,
     /// CLOCK_MONOTONIC when tracing began.
     started_ns: u64,
@@ -44,8 +57,7 @@ pub struct Sweeper {
     times: SweepTimes,
 }
 
-/// A map key or value's first 8 bytes: the pending table's key (the socket), the start
-/// time that leads its value, a counter.
+/// A map key or value's first 8 bytes: the pending table's key (the socket), a counter.
 fn leading_u64(bytes: &[u8]) -> Option<u64> {
     bytes.get(..8)?.try_into().ok().map(u64::from_ne_bytes)
 }
@@ -57,12 +69,21 @@ fn monotonic_ns() -> Result<u64> {
     Ok(now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64)
 }
 
-impl Sweeper {
-    const EVERY: Duration = Duration::from_secs(5);
+/// What became of the entry the sweeper looked at.
+enum Looked {
+    /// Still pending: keep it, first seen then.
+    Pending(Instant),
+    /// Finished meanwhile, or reported by a probe that could not remove it.
+    Gone,
+    /// Removed as one no probe will finish.
+    Missed,
+}
 
-    pub fn new(map: MapHandle, times: SweepTimes) -> Result<Sweeper> {
+impl Sweeper {
+    pub fn new(map: MapHandle, confirm: Option<OwnedFd>, times: SweepTimes) -> Result<Sweeper> {
         Ok(Sweeper {
             map,
+            confirm,
             last: Instant::now(),
             started_ns: monotonic_ns()?,
             seen: HashMap::new(),
@@ -70,43 +91,92 @@ impl Sweeper {
         })
     }
 
-    /// Entries removed, if a sweep was due.
+    /// Whether the kernel lets us ask about a pending connect (true where there is no
+    /// question to ask).
+    pub fn can_ask(&self) -> bool {
+        self.confirm
+            .as_ref()
+            .is_none_or(|prog| run_on_demand(prog.as_raw_fd(), 0).is_ok())
+    }
+
+    /// How often it sweeps: every second where it can ask (the latency of an end it finds
+    /// is bounded by that), else every 5 s.
+    fn every(&self) -> Duration {
+        if self.confirm.is_some() {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_secs(5)
+        }
+    }
+
+    /// Entries removed as missed, if a sweep was due (ends the question finds are reported
+    /// through the event buffer).
     pub fn sweep(&mut self) -> Result<u64> {
-        if self.last.elapsed() < Self::EVERY {
+        if self.last.elapsed() < self.every() {
             return Ok(0);
         }
         let now = Instant::now();
         self.last = now;
         let now_ns = monotonic_ns()?;
-        let mut removed = 0;
+        let mut missed = 0;
         let mut seen = HashMap::with_capacity(self.seen.len());
         let keys: Vec<Vec<u8>> = self.map.keys().collect();
         for key in keys {
             let Some(id) = leading_u64(&key) else {
                 continue;
             };
-            let mut first = self.seen.get(&id).copied().unwrap_or(now);
-            if now.duration_since(first) >= self.times.look_after {
-                let value = match self.map.lookup(&key, MapFlags::ANY) {
-                    Ok(Some(value)) => value,
-                    Ok(None) => continue, // finished meanwhile
-                    Err(e) => return Err(e).context("reading the pending table"),
-                };
-                let start_ns = leading_u64(&value).unwrap_or(0);
-                let age = Duration::from_nanos(now_ns.saturating_sub(start_ns));
-                if age > self.times.stale || start_ns < self.started_ns {
-                    if self.map.delete(&key).is_ok() {
-                        removed += 1;
-                    }
-                    continue;
+            let first = self.seen.get(&id).copied().unwrap_or(now);
+            let looked = match &self.confirm {
+                Some(_) if now.duration_since(first) < self.times.ask_after => {
+                    Looked::Pending(first)
                 }
-                // A later connect on a reused socket address: as old as it says.
-                first = now.checked_sub(age).unwrap_or(now);
+                Some(confirm) => match run_on_demand(confirm.as_raw_fd(), id) {
+                    Ok(0) => Looked::Gone,
+                    Ok(_) => Looked::Pending(first),
+                    Err(e) => return Err(e).context("asking the kernel about a pending connect"),
+                },
+                None => self.look(&key, first, now, now_ns)?,
+            };
+            match looked {
+                Looked::Pending(first) => {
+                    seen.insert(id, first);
+                }
+                Looked::Gone => {}
+                Looked::Missed => missed += 1,
             }
-            seen.insert(id, first);
         }
         self.seen = seen;
-        Ok(removed)
+        Ok(missed)
+    }
+
+    /// Without the question: look inside an entry whose key has been there for
+    /// `look_after`, and remove it if it is stale.
+    fn look(&self, key: &[u8], first: Instant, now: Instant, now_ns: u64) -> Result<Looked> {
+        if now.duration_since(first) < self.times.look_after {
+            return Ok(Looked::Pending(first));
+        }
+        let value = match self.map.lookup(key, MapFlags::ANY) {
+            Ok(Some(value)) => value,
+            Ok(None) => return Ok(Looked::Gone),
+            Err(e) => return Err(e).context("reading the pending table"),
+        };
+        let mut entry = RawPending::default();
+        plain::copy_from_bytes(&mut entry, &value)
+            .map_err(|_| anyhow::anyhow!("a pending entry shorter than struct pending"))?;
+        let age = Duration::from_nanos(now_ns.saturating_sub(entry.start_ns));
+        let stale = age > self.times.stale || entry.start_ns < self.started_ns;
+        if entry.reported == 0 && !stale {
+            // A later connect on a reused socket address: as old as it says.
+            return Ok(Looked::Pending(now.checked_sub(age).unwrap_or(now)));
+        }
+        if self.map.delete(key).is_err() {
+            return Ok(Looked::Pending(first));
+        }
+        Ok(if entry.reported == 0 {
+            Looked::Missed
+        } else {
+            Looked::Gone
+        })
     }
 }
 
@@ -140,14 +210,15 @@ impl Counters {
         self.map.lookup(&0u32.to_ne_bytes(), MapFlags::ANY).is_ok()
     }
 
-    /// Increases since the last read, (dropped, untracked), if one is due or `now`.
-    pub fn read(&mut self, now: bool) -> Result<(u64, u64)> {
+    /// Increases since the last read, if one is due or `now`.
+    pub fn read(&mut self, now: bool) -> Result<CounterIncreases> {
         if !now && self.last.is_some_and(|t| t.elapsed() < Self::EVERY) {
-            return Ok((0, 0));
+            return Ok(CounterIncreases::default());
         }
         self.last = Some(Instant::now());
         let mut delta = [0; Counter::COUNTERS.0 as usize];
-        for counter in [Counter::COUNTER_DROPPED, Counter::COUNTER_UNTRACKED] {
+        for (i, delta) in delta.iter_mut().enumerate() {
+            let counter = Counter(i as u32);
             let total = self
                 .map
                 .lookup(&counter.0.to_ne_bytes(), MapFlags::ANY)
@@ -159,11 +230,41 @@ impl Counters {
             } else {
                 total
             };
-            let i = counter.0 as usize;
-            delta[i] = total.saturating_sub(self.seen[i]);
+            *delta = total.saturating_sub(self.seen[i]);
             self.seen[i] = total.max(self.seen[i]);
         }
-        let (dropped, untracked) = (Counter::COUNTER_DROPPED, Counter::COUNTER_UNTRACKED);
-        Ok((delta[dropped.0 as usize], delta[untracked.0 as usize]))
+        let of = |counter: Counter| delta[counter.0 as usize];
+        Ok(CounterIncreases {
+            dropped: of(Counter::COUNTER_DROPPED),
+            untracked: of(Counter::COUNTER_UNTRACKED),
+            table_errors: of(Counter::COUNTER_TABLE_ERRORS),
+        })
     }
+}
+
+/// What the probes' counters rose by (enum counter).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CounterIncreases {
+    pub dropped: u64,
+    pub untracked: u64,
+    pub table_errors: u64,
+}
+
+/// Run the raw tracepoint program `prog` once, here, with `arg` as its one argument;
+/// what it returned.
+pub fn run_on_demand(prog: RawFd, arg: u64) -> std::io::Result<u32> {
+    use libbpf_rs::libbpf_sys as sys;
+    let args = [arg];
+    let mut opts = sys::bpf_test_run_opts {
+        sz: std::mem::size_of::<sys::bpf_test_run_opts>() as sys::size_t,
+        ctx_in: args.as_ptr().cast(),
+        ctx_size_in: std::mem::size_of_val(&args) as u32,
+        ..Default::default()
+    };
+    // SAFETY: `opts` points at `args`, which outlives the call.
+    let rc = unsafe { sys::bpf_prog_test_run_opts(prog, &mut opts) };
+    if rc < 0 {
+        return Err(std::io::Error::from_raw_os_error(-rc));
+    }
+    Ok(opts.retval)
 }

@@ -58,6 +58,15 @@ impl Transport {
         }
     }
 
+    /// The sweeper's question about a pending connect, which reports what it finds
+    /// through this transport (probes/common.bpf.h `CONFIRM_PROGRAM`).
+    pub fn confirm_program(self) -> &'static str {
+        match self {
+            Transport::RingBuf => "confirm_rb",
+            Transport::PerfBuf => "confirm_pb",
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Transport::RingBuf => "ring buffer",
