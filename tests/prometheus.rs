@@ -387,3 +387,164 @@ fn scrapes_need_tls_a_client_certificate_and_the_password() {
     drop(prometheus);
     assert!(tracer.interrupt().success());
 }
+
+/// A web configuration in `dir`: these lines, written as web-config.yml; its path.
+fn web_config(dir: &std::path::Path, lines: &str) -> String {
+    let path = dir.join("web-config.yml");
+    std::fs::write(&path, lines).unwrap();
+    let check = Command::new("promtool")
+        .args(["check", "web-config"])
+        .arg(&path)
+        .output()
+        .expect("promtool");
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    path.to_str().unwrap().to_owned()
+}
+
+/// TLS alone (no client certificate, no password), and mutual TLS alone (no password):
+/// each scraped by the real Prometheus, up 1; without the client certificate, up 0.
+#[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
+fn tls_alone_and_mutual_tls_alone_are_scraped() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    certificates(dir.path());
+    let d = dir.path().display();
+    let tls =
+        format!("tls_server_config:\n  cert_file: {d}/server.crt\n  key_file: {d}/server.key\n");
+    let mutual = format!(
+        "{tls}  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: {d}/clients-ca.crt\n"
+    );
+    for (name, config) in [("tls", tls), ("mtls", mutual)] {
+        let config = web_config(dir.path(), &config);
+        let (tracer, addr) = serving(&["-p", &me(), "--web-config", &config]);
+        let job = |job: &str, client_cert: bool| {
+            let cert = if client_cert {
+                format!("\n      cert_file: {d}/client.crt\n      key_file: {d}/client.key")
+            } else {
+                String::new()
+            };
+            format!(
+                "  - job_name: {job}\n    scheme: https\n    tls_config:\n      ca_file: {d}/ca.crt{cert}\n    static_configs:\n      - targets: ['{addr}']\n"
+            )
+        };
+        let prometheus = Prometheus::with_jobs(&format!(
+            "{}{}",
+            job("with_cert", true),
+            job("without", false)
+        ));
+        let without = if name == "tls" { 1.0 } else { 0.0 };
+        for (job, want) in [("with_cert", 1.0), ("without", without)] {
+            let up = prometheus.query_until(&format!("up{{job=\"{job}\"}}"), |v| v == want);
+            assert_eq!(up, Some(want), "{name}: up for {job}");
+        }
+        drop(prometheus);
+        assert!(tracer.interrupt().success());
+    }
+}
+
+/// Four clients send wrong passwords as fast as they can for 10 s (a new one each time,
+/// so that none is answered from memory) against a bcrypt cost of 12, while connects are
+/// made and the right password scrapes twice a second: every right scrape is answered
+/// within a second, every wrong one is a 401 with `WWW-Authenticate`, and every connect
+/// is counted.
+#[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
+fn wrong_passwords_cost_tracing_and_scrapes_nothing() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let hash = bcrypt::hash("right", 12).unwrap();
+    let config = web_config(
+        dir.path(),
+        &format!("basic_auth_users:\n  prometheus: {hash}\n"),
+    );
+    let (tracer, addr) = serving(&["-p", &me(), "--web-config", &config]);
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let get = |password: &str| {
+        use base64::Engine;
+        let token =
+            base64::engine::general_purpose::STANDARD.encode(format!("prometheus:{password}"));
+        let started = Instant::now();
+        let mut response = agent
+            .get(&format!("http://{addr}/metrics"))
+            .header("Authorization", &format!("Basic {token}"))
+            .call()
+            .unwrap();
+        let challenge = response
+            .headers()
+            .get("www-authenticate")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let body = response.body_mut().read_to_string().unwrap_or_default();
+        (
+            response.status().as_u16(),
+            challenge,
+            body,
+            started.elapsed(),
+        )
+    };
+    // Prometheus scrapes from the start: its password is checked once, then remembered.
+    assert_eq!(get("right").0, 200);
+    let server = listen_on_a_service_port();
+    let stop = AtomicBool::new(false);
+    let refused = AtomicUsize::new(0);
+    let mut slowest = Duration::ZERO;
+    let mut made = 0;
+    std::thread::scope(|s| {
+        for client in 0..4 {
+            let (get, stop, refused) = (&get, &stop, &refused);
+            s.spawn(move || {
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let (status, challenge, _, _) = get(&format!("guess-{client}-{n}"));
+                    assert_eq!(status, 401);
+                    assert_eq!(challenge.as_deref(), Some("Basic realm=\"tcpconnlat\""));
+                    refused.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end {
+            for _ in 0..10 {
+                drop(TcpStream::connect(server).unwrap());
+                made += 1;
+            }
+            let (status, _, body, took) = get("right");
+            assert_eq!(status, 200);
+            assert!(body.contains("tcpconnlat_series"), "{body}");
+            slowest = slowest.max(took);
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    let mut counted = 0.0;
+    let end = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < end && counted != made as f64 {
+        counted = served_count(&get("right").2, "established", &server.to_string());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let text = get("right").2;
+    eprintln!(
+        "{} wrong passwords refused; {made} connects made, {counted} counted; the slowest right scrape took {slowest:?}",
+        refused.load(Ordering::Relaxed)
+    );
+    assert_eq!(counted, made as f64, "connects not counted");
+    assert_eq!(sample(&text, "tcpconnlat_lost_events_total"), Some(0.0));
+    assert!(
+        slowest < Duration::from_secs(1),
+        "a right scrape took {slowest:?}"
+    );
+    assert!(
+        refused.load(Ordering::Relaxed) >= 4,
+        "the wrong clients did not run"
+    );
+    assert!(tracer.interrupt().success());
+}

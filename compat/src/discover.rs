@@ -13,25 +13,22 @@
 //! The pairs are what tell the socket's own fields from their copies elsewhere in the
 //! socket (inet_saddr, the route lookup's flowi4), which hold the same values.
 //!
-//! `sk_err_soft` is set by no connect tcpconnlat can make: it is derived from `sk_err`
-//! where the kernel's layout puts it next (every kernel before 6.9), and unknown after.
+//! `sk_err_soft` is set by no connect tcpconnlat can make, so it is never found: kernels
+//! up to 6.8 keep it right after `sk_err`, but 6.9 regrouped struct sock and a
+//! distribution's kernel may carry that change under an older version, so taking it from
+//! the version would be a guess. It stays unknown, and the note says what that costs.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use thiserror::Error;
 
 use crate::btf::{sock_fields, SockOffsets, SOCK_FIELDS};
-use crate::features::KernelVersion;
 
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 const TCP_SYN_SENT: u8 = 2;
 const TCP_CLOSE: u8 = 7;
 const ECONNREFUSED: i32 = 111;
-
-/// The first kernel whose struct sock does not keep `sk_err_soft` right after `sk_err`
-/// (the fields were regrouped by cache line use in 6.9).
-pub const ERR_SOFT_MOVED: KernelVersion = KernelVersion(6, 9, 0);
 
 /// Which kind of socket a sample connected with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,7 +85,7 @@ pub struct Found {
 }
 
 /// What a field must hold in a snapshot, or `None` where this snapshot says nothing of it.
-type Expect = fn(&Sample, Phase) -> Option<Vec<u8>>;
+pub type Expect = fn(&Sample, Phase) -> Option<Vec<u8>>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
@@ -96,12 +93,13 @@ pub enum Phase {
     Leaving,
 }
 
-/// A field (or declared pair of fields) looked for as one.
-struct Look {
-    name: &'static str,
-    size: usize,
-    align: usize,
-    expect: Expect,
+/// A field (or declared pair of fields) looked for as one: at an offset aligned to
+/// `align`, `size` bytes holding what `expect` says in every snapshot.
+pub struct Look {
+    pub name: &'static str,
+    pub size: usize,
+    pub align: usize,
+    pub expect: Expect,
 }
 
 fn v6_mapped(addr: Ipv4Addr) -> [u8; 16] {
@@ -110,7 +108,7 @@ fn v6_mapped(addr: Ipv4Addr) -> [u8; 16] {
 
 /// In the order they are looked for: the widest, most particular patterns first, so the
 /// later ones cannot take their bytes.
-const LOOKS: [Look; 6] = [
+pub const LOOKS: [Look; 6] = [
     Look {
         name: "skc_v6_daddr/skc_v6_rcv_saddr",
         size: 32,
@@ -183,9 +181,8 @@ const LOOKS: [Look; 6] = [
     },
 ];
 
-/// Find every field of `probes/sock_fields.h` in `samples`, taken on a kernel of
-/// `version` (which decides whether `sk_err_soft` can be derived).
-pub fn find(samples: &[Sample], version: Option<KernelVersion>) -> Result<Found, DiscoverError> {
+/// Find every field of `probes/sock_fields.h` in `samples` (all but `sk_err_soft`).
+pub fn find(samples: &[Sample]) -> Result<Found, DiscoverError> {
     check_samples(samples)?;
     let mut taken: Vec<(usize, usize)> = Vec::new();
     let mut at = [None; LOOKS.len()];
@@ -206,7 +203,7 @@ pub fn find(samples: &[Sample], version: Option<KernelVersion>) -> Result<Found,
         notes.push("IPv6 connects are not traced: this kernel has no IPv6".to_owned());
     }
     let err = err.expect("sk_err is looked for in every sample");
-    let err_soft = err_soft(samples, err, version, &taken, &mut notes);
+    notes.push(ERR_SOFT_UNKNOWN.to_owned());
     let by_name = |name: &str| -> Option<usize> {
         Some(match name {
             "family" => family?,
@@ -218,7 +215,6 @@ pub fn find(samples: &[Sample], version: Option<KernelVersion>) -> Result<Found,
             "v6_rcv_saddr" => v6? + 16,
             "v6_daddr" => v6?,
             "err" => err,
-            "err_soft" => err_soft?,
             _ => return None,
         })
     };
@@ -310,33 +306,10 @@ fn find_one(
     }
 }
 
-/// `sk_err_soft`, right after `sk_err` before 6.9, if those bytes are free and zero in
-/// every snapshot (no connect of ours had an ICMP error); else unknown, with a note.
-fn err_soft(
-    samples: &[Sample],
-    err: usize,
-    version: Option<KernelVersion>,
-    taken: &[(usize, usize)],
-    notes: &mut Vec<String>,
-) -> Option<usize> {
-    let at = err + 4;
-    let fits = version.is_some_and(|v| v < ERR_SOFT_MOVED);
-    let zero = samples.iter().all(|s| {
-        [&s.connecting, &s.leaving]
-            .iter()
-            .all(|b| b.get(at..at + 4) == Some(&[0u8; 4][..]))
-    });
-    let free = taken.iter().all(|&(a, b)| at + 4 <= a || at >= b);
-    if fits && zero && free {
-        return Some(at);
-    }
-    notes.push(
-        "sk_err_soft is unknown (no connect can set it, and from Linux 6.9 it is not next to \
-         sk_err): an ICMP error behind a connect the application gave up on reads as a timeout"
-            .to_owned(),
-    );
-    None
-}
+/// What discovery says of `sk_err_soft` (see the module's documentation).
+pub const ERR_SOFT_UNKNOWN: &str = "sk_err_soft is unknown (no connect can set it, and \
+     its place after sk_err changed in Linux 6.9): an ICMP error behind a connect the \
+     application gave up on reads as a timeout";
 
 #[cfg(test)]
 mod tests {
@@ -404,7 +377,7 @@ mod tests {
 
     #[test]
     fn every_field_is_found_where_its_value_is() {
-        let found = find(&samples(), Some(KernelVersion(6, 1, 0))).unwrap();
+        let found = find(&samples()).unwrap();
         let want = [
             ("daddr", 0),
             ("rcv_saddr", 4),
@@ -415,27 +388,19 @@ mod tests {
             ("v6_daddr", 56),
             ("v6_rcv_saddr", 72),
             ("err", 544),
-            ("err_soft", 548),
         ];
         for (name, offset) in want {
             assert_eq!(get(&found, name), offset, "{name}");
         }
-        assert!(found.notes.is_empty(), "{:?}", found.notes);
+        assert_eq!(found.notes, [ERR_SOFT_UNKNOWN]);
     }
 
+    /// Even where the bytes after sk_err are free and zero, as sk_err_soft's would be.
     #[test]
-    fn err_soft_is_derived_only_where_the_layout_keeps_it_next_to_err() {
-        for version in [
-            Some(KernelVersion(6, 9, 0)),
-            Some(KernelVersion(6, 18, 0)),
-            None,
-        ] {
-            let found = find(&samples(), version).unwrap();
-            assert_eq!(get(&found, "err_soft"), 0, "{version:?}");
-            assert!(found.notes[0].contains("sk_err_soft"), "{:?}", found.notes);
-        }
-        let older = find(&samples(), Some(KernelVersion(4, 4, 0))).unwrap();
-        assert_eq!(get(&older, "err_soft"), 548);
+    fn err_soft_is_never_guessed() {
+        let found = find(&samples()).unwrap();
+        assert_eq!(get(&found, "err_soft"), 0);
+        assert!(found.notes.iter().any(|n| n.contains("sk_err_soft")));
     }
 
     #[test]
@@ -446,7 +411,7 @@ mod tests {
             s.connecting[1500] = 7;
             s.leaving[1500] = 2;
         }
-        let err = find(&samples, Some(KernelVersion(5, 4, 0))).unwrap_err();
+        let err = find(&samples).unwrap_err();
         assert_eq!(
             err,
             DiscoverError::Ambiguous {
@@ -465,7 +430,7 @@ mod tests {
         let mut samples = samples();
         samples[3].leaving[544] = 0; // a refused connect whose sk_err was not set
         assert_eq!(
-            find(&samples, None).unwrap_err(),
+            find(&samples).unwrap_err(),
             DiscoverError::NotFound { field: "sk_err" }
         );
     }
@@ -476,14 +441,14 @@ mod tests {
             .into_iter()
             .filter(|s| s.family == SampleFamily::V4)
             .collect();
-        let found = find(&v4, Some(KernelVersion(4, 9, 0))).unwrap();
+        let found = find(&v4).unwrap();
         assert_eq!(
             (get(&found, "v6_daddr"), get(&found, "v6_rcv_saddr")),
             (0, 0)
         );
         assert_eq!(get(&found, "daddr"), 0);
         assert_eq!(get(&found, "rcv_saddr"), 4);
-        assert!(found.notes[0].contains("IPv6"));
+        assert!(found.notes.iter().any(|n| n.contains("IPv6")));
     }
 
     #[test]
@@ -491,15 +456,9 @@ mod tests {
         let mut few = samples();
         few.remove(1);
         few.remove(2);
-        assert!(matches!(
-            find(&few, None),
-            Err(DiscoverError::TooFewSamples(_))
-        ));
+        assert!(matches!(find(&few), Err(DiscoverError::TooFewSamples(_))));
         let mut alike = samples();
         alike[1].local = alike[0].local;
-        assert!(matches!(
-            find(&alike, None),
-            Err(DiscoverError::TooFewSamples(_))
-        ));
+        assert!(matches!(find(&alike), Err(DiscoverError::TooFewSamples(_))));
     }
 }

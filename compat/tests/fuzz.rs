@@ -134,42 +134,52 @@ proptest! {
 
 mod btf {
     use super::*;
-    use std::process::Command;
+    use proptest::test_runner::TestRunner;
     use tcpconnlat_compat::btf::sock_offsets;
+    use tcpconnlat_compat::fixtures::matrix_btfs;
 
-    fn real_btf() -> &'static [u8] {
-        static BTF: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
-        BTF.get_or_init(|| {
-            let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("tests/fixtures/btf/nobtf-6.1.192.btf.xz");
-            let out = Command::new("xz")
-                .arg("-dc")
-                .arg(&fixture)
-                .output()
-                .expect("xz");
-            assert!(out.status.success());
-            out.stdout
-        })
-    }
-
-    proptest! {
-        // Each case parses a whole kernel's BTF: few cases.
-        #![proptest_config(config(24))]
-
-        #[test]
-        fn corrupted_or_cut_btf_is_refused_or_read_never_a_panic(
-            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..8),
-            header_flips in proptest::collection::vec((0..24usize, any::<u8>()), 0..3),
-            keep in 0.0..=1.0f64,
-        ) {
-            let bytes = corrupt(real_btf().to_vec(), flips, header_flips, keep);
-            let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().join("mutated.btf");
-            std::fs::write(&path, &bytes).unwrap();
-            if let Ok(offsets) = sock_offsets(&path) {
-                // Whatever it accepts is a plausible struct sock: inside its first 4 KiB.
-                prop_assert!(offsets.0.iter().all(|&o| o < 4096));
-            }
+    /// Every matrix kernel's BTF, whole, then corrupted and cut: read or refused, never a
+    /// panic, and what is accepted is a plausible struct sock. Each case parses a whole
+    /// kernel's BTF: few cases for each.
+    #[test]
+    fn corrupted_or_cut_btf_is_refused_or_read_never_a_panic() {
+        let btfs = matrix_btfs();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mutated.btf");
+        for (id, btf) in &btfs {
+            std::fs::write(&path, btf).unwrap();
+            let whole = sock_offsets(&path).unwrap_or_else(|e| panic!("{id}: {e}"));
+            assert!(whole.0.iter().all(|&o| o < 4096), "{id}: {whole:?}");
+            let mut runner = TestRunner::new(config(4));
+            let strategy = (
+                proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..8),
+                proptest::collection::vec((0..24usize, any::<u8>()), 0..3),
+                0.0..=1.0f64,
+            );
+            let ran = std::cell::Cell::new(0);
+            runner
+                .run(&strategy, |(flips, header_flips, keep)| {
+                    ran.set(ran.get() + 1);
+                    let bytes = corrupt(btf.clone(), flips, header_flips, keep);
+                    std::fs::write(&path, &bytes).unwrap();
+                    match sock_offsets(&path) {
+                        // Whatever it accepts is a plausible struct sock: in its first 4 KiB.
+                        Ok(offsets) => prop_assert!(offsets.0.iter().all(|&o| o < 4096)),
+                        // Every refusal names the file.
+                        Err(e) => {
+                            prop_assert!(e.to_string().contains(path.to_str().unwrap()), "{}", e)
+                        }
+                    }
+                    Ok(())
+                })
+                .unwrap_or_else(|e| panic!("{id}: {e}"));
+            eprintln!("{id}: {} corrupted copies", ran.get());
+        }
+        let ids: Vec<&str> = btfs.iter().map(|(id, _)| *id).collect();
+        for id in [
+            "deb61", "deb612", "noftrace", "nobtf", "old54", "old414", "old49",
+        ] {
+            assert!(ids.contains(&id), "no BTF of {id}: {ids:?}");
         }
     }
 }
@@ -216,8 +226,7 @@ mod vdso {
 mod discover {
     use super::*;
     use std::net::{Ipv4Addr, SocketAddrV4};
-    use tcpconnlat_compat::discover::{find, Phase, Sample, SampleFamily};
-    use tcpconnlat_compat::KernelVersion;
+    use tcpconnlat_compat::discover::{find, DiscoverError, Phase, Sample, SampleFamily, LOOKS};
 
     /// Where a made-up kernel keeps each field: (v6 pair, addrpair, portpair, err,
     /// family, state), aligned, apart, inside 2 KiB.
@@ -269,49 +278,196 @@ mod discover {
         b
     }
 
-    proptest! {
-        #![proptest_config(config(256))]
+    /// Where a field's value is planted elsewhere: which field, at what offset (a multiple
+    /// of its alignment), and in which samples (bit i: sample i; all of them makes it
+    /// truly ambiguous).
+    #[derive(Clone, Debug)]
+    struct Decoy {
+        look: usize,
+        slot: usize,
+        samples: u8,
+    }
 
-        /// On any layout, under any noise, discovery finds the fields where they are or
-        /// says it cannot: never another offset.
-        #[test]
-        fn discovery_is_right_or_refuses(
-            at in layout(),
-            noise in proptest::collection::vec(any::<u8>(), 0..2048),
-            values in proptest::collection::vec((1..255u8, 1..255u8, 10_000..60_000u16), 6),
-        ) {
-            let plan = [
-                (SampleFamily::V4, false), (SampleFamily::V4, true),
-                (SampleFamily::V4, false), (SampleFamily::V4, true),
-                (SampleFamily::V6Mapped, false), (SampleFamily::V6Mapped, true),
-            ];
-            let samples: Vec<Sample> = plan.iter().zip(&values).enumerate().map(|(i, (&(family, refused), &(a, b, port)))| {
-                let mut s = Sample {
-                    family,
-                    local: SocketAddrV4::new(Ipv4Addr::new(127, a, b, i as u8 + 1), port.wrapping_add(i as u16)),
-                    remote: SocketAddrV4::new(Ipv4Addr::new(127, b, a, 9), port ^ 0x5a5a),
-                    refused,
-                    connecting: Vec::new(),
-                    leaving: Vec::new(),
-                };
-                s.connecting = snapshot(&at, &s, Phase::Connecting, &noise);
-                s.leaving = snapshot(&at, &s, Phase::Leaving, &noise);
-                s
-            }).collect();
-            if let Ok(found) = find(&samples, Some(KernelVersion(5, 4, 0))) {
-                let get = |name| usize::from(found.offsets.get(name).unwrap());
-                prop_assert_eq!(get("v6_daddr"), at[0]);
-                prop_assert_eq!(get("v6_rcv_saddr"), at[0] + 16);
-                prop_assert_eq!(get("daddr"), at[1]);
-                prop_assert_eq!(get("rcv_saddr"), at[1] + 4);
-                prop_assert_eq!(get("dport"), at[2]);
-                prop_assert_eq!(get("num"), at[2] + 2);
-                prop_assert_eq!(get("err"), at[3]);
-                prop_assert_eq!(get("err_soft"), at[3] + 4);
-                prop_assert_eq!(get("family"), at[4]);
-                prop_assert_eq!(get("state"), at[5]);
+    fn decoys() -> impl Strategy<Value = Vec<Decoy>> {
+        proptest::collection::vec(
+            (
+                0..LOOKS.len(),
+                0..2048usize,
+                prop_oneof![Just(0x3f_u8), 1..0x3f_u8],
+            )
+                .prop_map(|(look, slot, samples)| Decoy {
+                    look,
+                    slot,
+                    samples,
+                }),
+            0..4,
+        )
+    }
+
+    /// Where the fields are, as spans: (offset, size), in LOOKS's order.
+    fn spans(at: &[usize; 6]) -> [(usize, usize); 6] {
+        [
+            (at[0], 32),
+            (at[1], 8),
+            (at[2], 4),
+            (at[3], 4),
+            (at[4], 2),
+            (at[5], 1),
+        ]
+    }
+
+    /// What discovery must answer, worked out apart: looking for each field in turn, the
+    /// aligned offsets not taken by one found before where its value is in every snapshot.
+    /// One (its own) for each: found; two or more for one: that field is ambiguous.
+    fn oracle(samples: &[Sample], at: &[usize; 6]) -> Result<(), &'static str> {
+        let truth = spans(at);
+        for (i, look) in LOOKS.iter().enumerate() {
+            if samples
+                .iter()
+                .all(|s| (look.expect)(s, Phase::Leaving).is_none())
+            {
+                continue;
+            }
+            let taken = &truth[..i];
+            let candidates = (0..=2048 - look.size)
+                .step_by(look.align)
+                .filter(|&o| taken.iter().all(|&(a, n)| o + look.size <= a || o >= a + n))
+                .filter(|&o| {
+                    samples.iter().all(|s| {
+                        [
+                            (&s.connecting, Phase::Connecting),
+                            (&s.leaving, Phase::Leaving),
+                        ]
+                        .iter()
+                        .all(|(bytes, phase)| {
+                            match (look.expect)(s, *phase) {
+                                Some(want) => bytes[o..o + look.size] == want[..],
+                                None => true,
+                            }
+                        })
+                    })
+                })
+                .count();
+            if candidates > 1 {
+                return Err(look.name);
             }
         }
+        Ok(())
+    }
+
+    /// On any layout, under noise that differs from snapshot to snapshot and with the
+    /// fields' values planted at other offsets (in some snapshots, or in all), discovery
+    /// finds the fields where they are, or refuses exactly where the snapshots are
+    /// ambiguous: never another offset. Both answers must come up.
+    #[test]
+    fn discovery_is_right_or_refuses() {
+        let strategy = (
+            layout(),
+            proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..2048), 12),
+            proptest::collection::vec((1..255u8, 1..255u8, 10_000..60_000u16), 6),
+            decoys(),
+        );
+        let mut runner = proptest::test_runner::TestRunner::new(config(256));
+        let counts = std::cell::Cell::new((0u32, 0u32));
+        runner
+            .run(&strategy, |(at, noises, values, decoys)| {
+                let plan = [
+                    (SampleFamily::V4, false),
+                    (SampleFamily::V4, true),
+                    (SampleFamily::V4, false),
+                    (SampleFamily::V4, true),
+                    (SampleFamily::V6Mapped, false),
+                    (SampleFamily::V6Mapped, true),
+                ];
+                let truth = spans(&at);
+                // Local ports of their own, as the tracer's connects have (else it refuses).
+                let base = values[0].2;
+                let mut samples: Vec<Sample> = plan
+                    .iter()
+                    .zip(&values)
+                    .enumerate()
+                    .map(|(i, (&(family, refused), &(a, b, port)))| {
+                        let mut s = Sample {
+                            family,
+                            local: SocketAddrV4::new(
+                                Ipv4Addr::new(127, a, b, i as u8 + 1),
+                                base + i as u16,
+                            ),
+                            remote: SocketAddrV4::new(Ipv4Addr::new(127, b, a, 9), port ^ 0x5a5a),
+                            refused,
+                            connecting: Vec::new(),
+                            leaving: Vec::new(),
+                        };
+                        s.connecting = snapshot(&at, &s, Phase::Connecting, &noises[2 * i]);
+                        s.leaving = snapshot(&at, &s, Phase::Leaving, &noises[2 * i + 1]);
+                        s
+                    })
+                    .collect();
+                for decoy in &decoys {
+                    let look = &LOOKS[decoy.look];
+                    let offset = decoy.slot / look.align * look.align;
+                    let clear = offset + look.size <= 2048
+                        && truth
+                            .iter()
+                            .all(|&(a, n)| offset + look.size <= a || offset >= a + n);
+                    if !clear {
+                        continue;
+                    }
+                    for (i, s) in samples.iter_mut().enumerate() {
+                        if decoy.samples & (1 << i) == 0 {
+                            continue;
+                        }
+                        for phase in [Phase::Connecting, Phase::Leaving] {
+                            if let Some(value) = (look.expect)(s, phase) {
+                                let bytes = match phase {
+                                    Phase::Connecting => &mut s.connecting,
+                                    Phase::Leaving => &mut s.leaving,
+                                };
+                                bytes[offset..offset + look.size].copy_from_slice(&value);
+                            }
+                        }
+                    }
+                }
+                match (find(&samples), oracle(&samples, &at)) {
+                    (Ok(found), Ok(())) => {
+                        let get = |name| usize::from(found.offsets.get(name).unwrap());
+                        prop_assert_eq!(get("v6_daddr"), at[0]);
+                        prop_assert_eq!(get("v6_rcv_saddr"), at[0] + 16);
+                        prop_assert_eq!(get("daddr"), at[1]);
+                        prop_assert_eq!(get("rcv_saddr"), at[1] + 4);
+                        prop_assert_eq!(get("dport"), at[2]);
+                        prop_assert_eq!(get("num"), at[2] + 2);
+                        prop_assert_eq!(get("err"), at[3]);
+                        prop_assert_eq!(get("err_soft"), 0);
+                        prop_assert_eq!(get("family"), at[4]);
+                        prop_assert_eq!(get("state"), at[5]);
+                        let (f, r) = counts.get();
+                        counts.set((f + 1, r));
+                    }
+                    (Err(DiscoverError::Ambiguous { field, .. }), Err(ambiguous)) => {
+                        prop_assert_eq!(field, ambiguous);
+                        let (f, r) = counts.get();
+                        counts.set((f, r + 1));
+                    }
+                    (answer, expected) => {
+                        prop_assert!(
+                            false,
+                            "discovery said {:?}, the snapshots {:?}",
+                            answer,
+                            expected
+                        );
+                    }
+                }
+                Ok(())
+            })
+            .unwrap();
+        let (found, refused) = counts.get();
+        eprintln!("discovery: {found} found, {refused} refused as ambiguous");
+        assert!(found > 0 && refused > 0, "{found} found, {refused} refused");
+    }
+
+    proptest! {
+        #![proptest_config(config(256))]
 
         /// Snapshots of any length and content: an answer or an error, never a panic.
         #[test]
@@ -327,7 +483,7 @@ mod discover {
                 connecting: vec![fill; a],
                 leaving: vec![fill; b],
             }).collect();
-            let _ = find(&samples, None);
+            let _ = find(&samples);
         }
     }
 }

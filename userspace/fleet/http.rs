@@ -20,8 +20,9 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
+use super::auth::BasicAuth;
 use super::metrics::Metrics;
-use super::web::{BasicAuth, Tls};
+use super::web::Tls;
 
 /// How long to wait after accepting a connection failed.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -85,8 +86,8 @@ async fn connection(stream: TcpStream, metrics: Arc<Metrics>, guard: Arc<Guard>)
     let service = {
         let guard = guard.clone();
         service_fn(move |request| {
-            let response = respond(&request, &metrics, &guard);
-            async move { Ok::<_, Infallible>(response) }
+            let (metrics, guard) = (metrics.clone(), guard.clone());
+            async move { Ok::<_, Infallible>(respond(&request, &metrics, &guard).await) }
         })
     };
     let http = http1::Builder::new()
@@ -109,13 +110,17 @@ async fn connection(stream: TcpStream, metrics: Arc<Metrics>, guard: Arc<Guard>)
     }
 }
 
-fn respond(request: &Request<Incoming>, metrics: &Metrics, guard: &Guard) -> Response<Full<Bytes>> {
+async fn respond(
+    request: &Request<Incoming>,
+    metrics: &Metrics,
+    guard: &Guard,
+) -> Response<Full<Bytes>> {
     if let Some(auth) = &guard.auth {
         let given = request
             .headers()
             .get(AUTHORIZATION)
             .map(HeaderValue::as_bytes);
-        if !auth.allows(given) {
+        if !auth.allows(given).await {
             let mut response = plain(StatusCode::UNAUTHORIZED, "unauthorized\n");
             response.headers_mut().insert(
                 WWW_AUTHENTICATE,

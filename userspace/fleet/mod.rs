@@ -1,6 +1,7 @@
 //! Fleet mode (`--serve`): tcpconnlat as a Prometheus exporter. Connects become metrics
 //! (metrics.rs) served over HTTP (http.rs) until a signal or `-d`.
 
+mod auth;
 mod budget;
 mod hot;
 mod http;

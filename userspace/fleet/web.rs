@@ -30,6 +30,8 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 
+use super::auth::BasicAuth;
+
 /// The file as written.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -227,69 +229,6 @@ impl Tls {
     }
 }
 
-/// `basic_auth_users`: user names and bcrypt hashes. A password once verified is
-/// remembered (as a SHA-256 digest, never in clear), so a scrape does not pay bcrypt's
-/// tens of milliseconds each time.
-pub struct BasicAuth {
-    users: HashMap<String, String>,
-    verified: Mutex<HashMap<String, ring::digest::Digest>>,
-}
-
-impl std::fmt::Debug for BasicAuth {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BasicAuth")
-            .field("users", &self.users.keys().collect::<Vec<_>>())
-            .finish()
-    }
-}
-
-impl BasicAuth {
-    fn new(users: HashMap<String, String>) -> Result<BasicAuth> {
-        for (user, hash) in &users {
-            hash.parse::<bcrypt::HashParts>()
-                .map_err(|e| anyhow!("basic_auth_users: {user}: not a bcrypt hash ({e})"))?;
-        }
-        Ok(BasicAuth {
-            users,
-            verified: Mutex::new(HashMap::new()),
-        })
-    }
-
-    /// Whether an `Authorization` header's value names a user with their password.
-    pub fn allows(&self, authorization: Option<&[u8]>) -> bool {
-        use base64::Engine;
-        let Some(encoded) = authorization.and_then(|h| h.strip_prefix(b"Basic ")) else {
-            return false;
-        };
-        let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(encoded.trim_ascii())
-        else {
-            return false;
-        };
-        let Some((user, password)) = std::str::from_utf8(&decoded)
-            .ok()
-            .and_then(|s| s.split_once(':'))
-        else {
-            return false;
-        };
-        let Some(hash) = self.users.get(user) else {
-            return false;
-        };
-        let digest = ring::digest::digest(&ring::digest::SHA256, password.as_bytes());
-        let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
-        if verified
-            .get(user)
-            .is_some_and(|known| known.as_ref() == digest.as_ref())
-        {
-            return true;
-        }
-        let ok = bcrypt::verify(password, hash).unwrap_or(false);
-        if ok {
-            verified.insert(user.to_owned(), digest);
-        }
-        ok
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -330,26 +269,6 @@ mod tests {
         let err = read("tls_server_config:\n  cert_file: a\n  key_file: b\n  min_version: TLS10\n")
             .unwrap_err();
         assert!(format!("{err:#}").contains("TLS10"), "{err:#}");
-    }
-
-    #[test]
-    fn a_verified_password_is_remembered_and_a_wrong_one_refused() {
-        let hash = bcrypt::hash("s3cret", 4).unwrap();
-        let auth = BasicAuth::new([("prom".to_owned(), hash)].into()).unwrap();
-        let header = |user: &str, password: &str| {
-            use base64::Engine;
-            let token =
-                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
-            format!("Basic {token}").into_bytes()
-        };
-        assert!(auth.allows(Some(&header("prom", "s3cret"))));
-        assert!(auth.verified.lock().unwrap().contains_key("prom"));
-        assert!(auth.allows(Some(&header("prom", "s3cret"))));
-        assert!(!auth.allows(Some(&header("prom", "wrong"))));
-        assert!(!auth.allows(Some(&header("nobody", "s3cret"))));
-        assert!(!auth.allows(Some(b"Bearer abc")));
-        assert!(!auth.allows(Some(b"Basic !!!")));
-        assert!(!auth.allows(None));
     }
 
     /// A self-signed certificate and key for `name`, as PEM.

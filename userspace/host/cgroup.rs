@@ -214,6 +214,73 @@ mod tests {
         }
     }
 
+    /// A mount point as mounts(5) writes it.
+    fn escape_mount_path(path: &str) -> String {
+        path.chars()
+            .map(|c| match c {
+                ' ' | '\t' | '\n' | '\\' => format!("\\{:03o}", c as u32),
+                c => c.to_string(),
+            })
+            .collect()
+    }
+
+    /// Mount tables of any shape whose cgroup2 mount points hold spaces, tabs, newlines
+    /// and backslashes (written as mounts(5) escapes them): the first cgroup2 line's
+    /// mount point comes back as it was. Most cases decode an escape (counted).
+    #[test]
+    fn cgroup2_mount_points_come_back_as_they_were() {
+        let line = (
+            "[a-z]{1,8}",
+            "/[a-z \t\n\\\\/]{0,16}",
+            prop_oneof![Just("cgroup2"), Just("cgroup"), Just("proc"), Just("tmpfs")],
+            "[a-z,=]{0,12}",
+        );
+        // One cgroup2 line at least, its mount point mostly holding what must be escaped.
+        let point = prop_oneof![
+            6 => "/[a-z]{0,4}[ \t\n\\\\][a-z \t\n\\\\/]{0,10}",
+            1 => "/[a-z/]{0,12}",
+        ];
+        let cgroup2 = ("[a-z]{1,8}", point, Just("cgroup2"), "[a-z,=]{0,12}");
+        let strategy = (
+            proptest::collection::vec(line, 0..8),
+            cgroup2,
+            any::<prop::sample::Index>(),
+            "[ -~]{0,20}",
+        )
+            .prop_map(|(mut lines, cgroup2, at, junk)| {
+                lines.insert(at.index(lines.len() + 1), cgroup2);
+                (lines, junk)
+            });
+        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        });
+        let counts = std::cell::Cell::new((0u32, 0u32));
+        runner
+            .run(&strategy, |(lines, junk)| {
+                let table: String = lines
+                    .iter()
+                    .map(|(dev, point, kind, opts)| {
+                        format!("{dev} {} {kind} {opts} 0 0\n", escape_mount_path(point))
+                    })
+                    .chain([junk])
+                    .collect();
+                let first = lines.iter().find(|l| l.2 == "cgroup2");
+                prop_assert_eq!(cgroup2_root(&table), first.map(|l| PathBuf::from(&l.1)));
+                let (cases, decoded) = counts.get();
+                let escaped = first.is_some_and(|l| l.1.contains([' ', '\t', '\n', '\\']));
+                counts.set((cases + 1, decoded + u32::from(escaped)));
+                Ok(())
+            })
+            .unwrap();
+        let (cases, decoded) = counts.get();
+        eprintln!("mount tables: escapes decoded in {decoded} of {cases} cases");
+        assert!(
+            decoded * 2 > cases,
+            "escapes decoded in {decoded} of {cases} cases"
+        );
+    }
+
     fn id(path: &std::path::Path) -> u64 {
         let meta = std::fs::metadata(path).unwrap();
         kernfs_id(path).unwrap_or(std::os::unix::fs::MetadataExt::ino(&meta))

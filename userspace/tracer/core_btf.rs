@@ -169,7 +169,6 @@ unsafe extern "C" fn load_with_our_id(
 #[cfg(test)]
 mod tests {
     use std::path::{Path, PathBuf};
-    use std::process::Command;
 
     use libbpf_rs::AsRawLibbpf;
     use tcpconnlat_compat::btf;
@@ -177,28 +176,16 @@ mod tests {
     use super::*;
     use crate::tracer::objects::CORE_OBJECT;
 
-    /// Every BTF file at hand: the running kernel's, the 6.1 fixture, and the 4.9, 4.14
-    /// and 5.4 kernels' where TCPCONNLAT_KERNELS_DIR points to them (as CI's does).
+    /// Every matrix kernel's BTF (compat's fixtures), as files in `dir`.
     fn btf_files(dir: &Path) -> Vec<PathBuf> {
-        let mut files = Vec::new();
-        if Path::new(VMLINUX).exists() {
-            files.push(PathBuf::from(VMLINUX));
-        }
-        let mut packed = vec![Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("compat/tests/fixtures/btf/nobtf-6.1.192.btf.xz")];
-        if let Some(kernels) = std::env::var_os("TCPCONNLAT_KERNELS_DIR") {
-            for version in ["4.9", "4.14", "5.4"] {
-                packed.push(Path::new(&kernels).join(version).join("vmlinux.btf.xz"));
-            }
-        }
-        for (i, xz) in packed.iter().enumerate() {
-            let out = Command::new("xz").arg("-dc").arg(xz).output().unwrap();
-            assert!(out.status.success(), "xz -dc {}", xz.display());
-            let path = dir.join(format!("{i}.btf"));
-            std::fs::write(&path, out.stdout).unwrap();
-            files.push(path);
-        }
-        files
+        tcpconnlat_compat::fixtures::matrix_btfs()
+            .into_iter()
+            .map(|(id, btf)| {
+                let path = dir.join(format!("{id}.btf"));
+                std::fs::write(&path, btf).unwrap();
+                path
+            })
+            .collect()
     }
 
     /// Each program of the CO-RE object as libbpf relocates it, map fds blanked.

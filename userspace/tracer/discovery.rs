@@ -83,7 +83,7 @@ pub fn discover(host: &DiscoveryHost<'_>) -> Result<Discovered> {
     let (samples, connects) = sample_all(&object)?;
     drop(kprobe);
     drop(thread);
-    let found = discover::find(&samples, host.features.version)?;
+    let found = discover::find(&samples)?;
     Ok(Discovered {
         found,
         connects,

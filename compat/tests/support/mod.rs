@@ -2,20 +2,10 @@
 #![allow(dead_code)] // each test binary uses a different part
 
 use std::path::Path;
-use std::process::Command;
 
 /// The BTF that pahole made for the matrix's no-BTF 6.1 kernel, decompressed.
 pub fn nobtf_btf() -> Vec<u8> {
     unxz(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/btf/nobtf-6.1.192.btf.xz"))
 }
 
-/// An .xz file's contents.
-pub fn unxz(path: &Path) -> Vec<u8> {
-    let out = Command::new("xz")
-        .arg("-dc")
-        .arg(path)
-        .output()
-        .expect("xz (xz-utils)");
-    assert!(out.status.success(), "xz -dc {}", path.display());
-    out.stdout
-}
+pub use tcpconnlat_compat::fixtures::unxz;
