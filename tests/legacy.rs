@@ -591,3 +591,104 @@ fn instances_in_other_pid_namespaces_keep_their_events() {
     assert!(again.wait().success());
     assert_eq!(all_events(&f), Vec::<String>::new(), "left behind");
 }
+
+/// Two instances starting at once, each in a PID namespace of its own: each one's
+/// cleanup of stale events may remove the other's events before they are opened (neither
+/// can tell the other's from a killed instance's). Both must still attach, every time, and
+/// nothing is left once both end.
+#[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
+fn instances_starting_at_once_both_attach() {
+    let _serial = serial();
+    let f = features();
+    if !legacy_through_tracefs(&f) {
+        return;
+    }
+    let args = ["--json", "--legacy", "--kprobe-attach", "tracefs"];
+    let contained = ["unshare", "-p", "-f", "--mount-proc"];
+    let rounds = if std::env::var_os("TCPCONNLAT_EMULATED").is_some() {
+        5
+    } else {
+        20
+    };
+    for round in 0..rounds {
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(|| Tracer::start_in(&contained, &args));
+            let b = s.spawn(|| Tracer::start_in(&contained, &args));
+            (a.join(), b.join())
+        });
+        let (Ok(a), Ok(b)) = (a, b) else {
+            panic!("round {round}: an instance did not attach");
+        };
+        for mut tracer in [a, b] {
+            let inner = children(tracer.pid());
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(inner[0] as i32),
+                nix::sys::signal::Signal::SIGINT,
+            )
+            .unwrap();
+            assert!(tracer.wait().success(), "round {round}");
+        }
+        assert_eq!(
+            all_events(&f),
+            Vec::<String>::new(),
+            "round {round}: left behind"
+        );
+    }
+}
+
+/// The DaemonSet's arguments (packaging/kubernetes/daemonset.yaml), with a web
+/// configuration of its kind, start the exporter on this kernel in the mode auto picks and
+/// in legacy mode where it can run: one manifest for the whole fleet, the oldest nodes
+/// included (where legacy mode says the cgroup label is unknown, and serves).
+#[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
+fn the_daemonset_arguments_run_here() {
+    let _serial = serial();
+    let ds: Value =
+        serde_saphyr::from_str(include_str!("../packaging/kubernetes/daemonset.yaml")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("web-config.yml");
+    fs::write(
+        &config,
+        format!(
+            "basic_auth_users:\n  prometheus: {}\n",
+            bcrypt::hash("x", 4).unwrap()
+        ),
+    )
+    .unwrap();
+    let args: Vec<String> = ds["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| match a.as_str().unwrap() {
+            "$(HOST_IP):10436" => "127.0.0.1:0".to_owned(),
+            path if path.ends_with("web-config.yml") => config.to_str().unwrap().to_owned(),
+            other => other.to_owned(),
+        })
+        .collect();
+    assert!(args.iter().any(|a| a == "cgroup"), "{args:?}");
+    let f = features();
+    let mut runs = vec![vec![]];
+    if usable(&f, "legacy") {
+        runs.push(vec!["--legacy"]);
+    }
+    for extra in runs {
+        let mut all: Vec<&str> = args.iter().map(String::as_str).collect();
+        all.extend(&extra);
+        all.extend(["-d", "2"]);
+        let (status, _, err) = run(&all);
+        assert!(status.success(), "{all:?}: {err}");
+        assert!(
+            err.contains("serving Prometheus metrics at https://127.0.0.1:")
+                || err.contains("serving Prometheus metrics at http://127.0.0.1:"),
+            "{err}"
+        );
+        let legacy = err.contains("in legacy mode");
+        assert_eq!(
+            legacy,
+            err.contains("the cgroup label reads \"unknown\" in legacy mode"),
+            "{err}"
+        );
+    }
+}

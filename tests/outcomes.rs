@@ -302,54 +302,6 @@ fn several_pids_can_be_traced_at_once() {
     assert!(tracer.interrupt().success());
 }
 
-/// A cgroup v2 directory of our own, with a process in it; removed on drop.
-struct TestCgroup {
-    dir: std::path::PathBuf,
-    mounted: Option<tempfile::TempDir>,
-}
-
-impl TestCgroup {
-    fn new() -> TestCgroup {
-        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
-        let existing = mounts
-            .lines()
-            .map(|l| l.split_whitespace().collect::<Vec<_>>())
-            .find(|f| f.get(2) == Some(&"cgroup2"))
-            .map(|f| std::path::PathBuf::from(f[1]));
-        let (root, mounted) = match existing {
-            Some(root) => (root, None),
-            None => {
-                let dir = tempfile::tempdir().unwrap();
-                let status = std::process::Command::new("mount")
-                    .args(["-t", "cgroup2", "none"])
-                    .arg(dir.path())
-                    .status()
-                    .unwrap();
-                assert!(status.success(), "mounting cgroup2");
-                (dir.path().to_owned(), Some(dir))
-            }
-        };
-        let dir = root.join(format!("tcpconnlat-test-{}", std::process::id()));
-        std::fs::create_dir(&dir).unwrap();
-        TestCgroup { dir, mounted }
-    }
-
-    fn adopt(&self, pid: u32) {
-        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string()).unwrap();
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.dir);
-        if let Some(dir) = &self.mounted {
-            let _ = std::process::Command::new("umount")
-                .arg(dir.path())
-                .status();
-        }
-    }
-}
-
 #[test]
 #[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
 fn cgroup_filter_keeps_only_processes_in_it() {

@@ -1,10 +1,12 @@
-//! The soak: two tracers (the exporter and JSON lines) left running under a steady mix of
-//! connects (established, refused, timed out by the application, to destinations that
-//! churn past `--max-series`) and a scrape every second. Each sampling period it records
-//! what could leak: memory, descriptors, BPF maps and programs, tracefs kprobe events, the
-//! pending table. Anything that grows after the first period fails it. CI runs a few
-//! minutes (TCPCONNLAT_SOAK_MINUTES, default 3); `ci/soak.sh MINUTES` runs it long and
-//! prints the samples as a table.
+//! The soak: three tracers (the exporter with a cgroup label, JSON lines, bcc's text lines)
+//! left running under a steady mix of connects (established, refused, timed out by the
+//! application, to destinations that churn past `--max-series`, from cgroups made and
+//! removed all along) and a scrape every second. Each sampling period it records what
+//! could leak: memory, descriptors, BPF maps and programs, tracefs kprobe events, the
+//! pending table. After the first third (warm-up), memory may grow by no more than 50
+//! bytes a connect, and nothing else at all. CI runs a few minutes
+//! (TCPCONNLAT_SOAK_MINUTES, default 3); `ci/soak.sh MINUTES` runs it long and prints the
+//! samples as a table.
 
 mod support;
 
@@ -73,9 +75,31 @@ fn minutes() -> f64 {
         .unwrap_or(3.0)
 }
 
-/// The load: until `stop`, a few connects a second of each kind, counted.
+/// The load: until `stop`, connects of each kind, counted, ten a second each, and one a
+/// second from a cgroup made for it and removed after.
 fn load(stop: Arc<AtomicBool>, made: Arc<AtomicU64>) -> Vec<thread::JoinHandle<()>> {
     let server = listen_on_a_service_port();
+    let churn = {
+        let (stop, made) = (stop.clone(), made.clone());
+        thread::spawn(move || {
+            for i in 0.. {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let cgroup =
+                    TestCgroup::named(&format!("tcpconnlat-soak-{}-{i}", std::process::id()));
+                let mut connector = Connector::spawn(&[], server);
+                cgroup.adopt(connector.pid());
+                connector.go();
+                made.fetch_add(1, Ordering::Relaxed);
+                thread::sleep(Duration::from_millis(200));
+                drop(connector);
+                // The process is gone: the cgroup can go too.
+                drop(cgroup);
+                thread::sleep(Duration::from_millis(800));
+            }
+        })
+    };
     let closed = closed_service_ports(400);
     let pair = Arc::new(NetPair::new());
     let dropped = 7; // a port whose SYNs the server namespace drops
@@ -98,7 +122,7 @@ fn load(stop: Arc<AtomicBool>, made: Arc<AtomicU64>) -> Vec<thread::JoinHandle<(
             });
         }),
     ];
-    kinds
+    let mut workers: Vec<thread::JoinHandle<()>> = kinds
         .into_iter()
         .map(|kind| {
             let (stop, made) = (stop.clone(), made.clone());
@@ -112,14 +136,24 @@ fn load(stop: Arc<AtomicBool>, made: Arc<AtomicU64>) -> Vec<thread::JoinHandle<(
                 }
             })
         })
-        .collect()
+        .collect();
+    workers.push(churn);
+    workers
 }
 
-/// Whether `later` grew past `first`: memory by more than 2 MB (allocator noise), any
-/// count by anything, the pending table past what the connects in flight explain.
-fn grew(first: &Sample, later: &Sample) -> Option<String> {
+/// Memory a connect may leave behind at most.
+const BYTES_PER_CONNECT: u64 = 50;
+
+/// Whether `later` grew past `first`, `connects` connects later: memory by more than
+/// [`BYTES_PER_CONNECT`] each (and a page), any count by anything, the pending table past
+/// what the connects in flight explain.
+fn grew(first: &Sample, later: &Sample, connects: u64) -> Option<String> {
     let checks = [
-        ("RSS kB", first.rss_kb + 2048, later.rss_kb),
+        (
+            "RSS kB",
+            first.rss_kb + 4 + BYTES_PER_CONNECT * connects / 1024,
+            later.rss_kb,
+        ),
         ("fds", first.fds as u64, later.fds as u64),
         ("BPF maps", first.maps as u64, later.maps as u64),
         ("BPF programs", first.progs as u64, later.progs as u64),
@@ -147,54 +181,73 @@ fn nothing_grows_over_time() {
     let total = Duration::from_secs_f64(minutes() * 60.0);
     // A sample a minute in long runs, six at least in short ones.
     let every = (total / 6).min(Duration::from_secs(60));
-    let (exporter, addr) = serving(&["--max-series", "400"]);
-    let lines = Tracer::start(&["--json"]);
+    let (exporter, addr) = serving(&["--max-series", "400", "--label", "cgroup"]);
+    let json = Tracer::start(&["--json"]);
+    let text = Tracer::start(&[]);
     let (stop, made) = (
         Arc::new(AtomicBool::new(false)),
         Arc::new(AtomicU64::new(0)),
     );
     let workers = load(stop.clone(), made.clone());
     let started = Instant::now();
-    let mut samples: Vec<(f64, Sample, Sample, u64)> = Vec::new();
+    let tracers = [("exporter", &exporter), ("json", &json), ("text", &text)];
+    // Per sample: minutes, each tracer's sample, connects made by then.
+    let mut samples: Vec<(f64, Vec<Sample>, u64)> = Vec::new();
     let mut next = every;
-    let mut shown = 0usize;
+    let (mut shown_json, mut shown_text) = (0usize, 0usize);
     while started.elapsed() < total {
         let _ = scrape(addr);
-        shown += lines.lines_for(Duration::from_millis(1)).len();
+        shown_json += json.lines_for(Duration::from_millis(1)).len();
+        shown_text += text.lines_for(Duration::from_millis(1)).len();
         thread::sleep(Duration::from_secs(1));
         if started.elapsed() >= next {
             next += every;
-            let row = (
-                started.elapsed().as_secs_f64() / 60.0,
-                sample(&exporter),
-                sample(&lines),
-                made.load(Ordering::Relaxed),
-            );
+            let minute = started.elapsed().as_secs_f64() / 60.0;
+            let row: Vec<Sample> = tracers.iter().map(|(_, t)| sample(t)).collect();
+            let connects = made.load(Ordering::Relaxed);
             println!(
-                "soak {:6.1} min  connects {:>8}  exporter {:?}  lines {:?}",
-                row.0, row.3, row.1, row.2
+                "soak {minute:6.1} min  connects {connects:>8}  exporter {:?}  json {:?}  text {:?}",
+                row[0], row[1], row[2]
             );
-            samples.push(row);
+            samples.push((minute, row, connects));
         }
     }
     stop.store(true, Ordering::Relaxed);
     workers.into_iter().for_each(|w| w.join().unwrap());
-    assert!(samples.len() >= 3, "{samples:?}");
-    assert!(shown > 0, "the JSON tracer showed no connect");
-    let text = scrape(addr);
-    assert!(text.contains("tcpconnlat_series_folded_total"), "{text}");
-    let (_, first_exporter, first_lines, _) = samples[0].clone();
-    for (minute, exporter, lines, _) in &samples[1..] {
-        for (name, first, now) in [
-            ("exporter", &first_exporter, exporter),
-            ("lines", &first_lines, lines),
-        ] {
-            if let Some(why) = grew(first, now) {
-                panic!("the {name} tracer grew by minute {minute:.1}: {why}");
+    assert!(samples.len() >= 6, "{samples:?}");
+    assert!(shown_json > 0, "the JSON tracer showed no connect");
+    assert!(shown_text > 0, "the text tracer showed no connect");
+    let scraped = scrape(addr);
+    assert!(
+        scraped.contains("tcpconnlat_series_folded_total"),
+        "{scraped}"
+    );
+    assert!(
+        scraped.contains("cgroup=\"tcpconnlat-soak-"),
+        "no cgroup label: {scraped}"
+    );
+    // After warm-up (the first third), nothing may grow but by what connects explain.
+    let warm = samples.len() / 3;
+    let (_, first, first_connects) = samples[warm].clone();
+    for (minute, row, connects) in &samples[warm + 1..] {
+        for (i, (name, _)) in tracers.iter().enumerate() {
+            if let Some(why) = grew(&first[i], &row[i], connects - first_connects) {
+                panic!(
+                    "the {name} tracer grew by minute {minute:.1}, {} connects after warm-up: {why}",
+                    connects - first_connects
+                );
             }
         }
     }
-    for mut tracer in [exporter, lines] {
+    let (_, last, last_connects) = samples.last().unwrap();
+    for (i, (name, _)) in tracers.iter().enumerate() {
+        let bytes = last[i].rss_kb.saturating_sub(first[i].rss_kb) * 1024;
+        println!(
+            "soak: the {name} tracer grew {bytes} bytes over {} connects after warm-up",
+            last_connects - first_connects
+        );
+    }
+    for mut tracer in [exporter, json, text] {
         let held = tracer.held_maps();
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(tracer.pid() as i32),

@@ -943,3 +943,56 @@ pub fn legacy_through_tracefs(f: &Value) -> bool {
     );
     false
 }
+
+/// A cgroup v2 directory of our own, with a process in it; removed on drop.
+pub struct TestCgroup {
+    pub dir: std::path::PathBuf,
+    mounted: Option<tempfile::TempDir>,
+}
+
+impl TestCgroup {
+    pub fn new() -> TestCgroup {
+        TestCgroup::named(&format!("tcpconnlat-test-{}", std::process::id()))
+    }
+
+    /// One named `name` under the cgroup v2 root (mounted for the while if it is not).
+    pub fn named(name: &str) -> TestCgroup {
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+        let existing = mounts
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.get(2) == Some(&"cgroup2"))
+            .map(|f| std::path::PathBuf::from(f[1]));
+        let (root, mounted) = match existing {
+            Some(root) => (root, None),
+            None => {
+                let dir = tempfile::tempdir().unwrap();
+                let status = std::process::Command::new("mount")
+                    .args(["-t", "cgroup2", "none"])
+                    .arg(dir.path())
+                    .status()
+                    .unwrap();
+                assert!(status.success(), "mounting cgroup2");
+                (dir.path().to_owned(), Some(dir))
+            }
+        };
+        let dir = root.join(name);
+        std::fs::create_dir(&dir).unwrap();
+        TestCgroup { dir, mounted }
+    }
+
+    pub fn adopt(&self, pid: u32) {
+        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string()).unwrap();
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+        if let Some(dir) = &self.mounted {
+            let _ = std::process::Command::new("umount")
+                .arg(dir.path())
+                .status();
+        }
+    }
+}

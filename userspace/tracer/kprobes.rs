@@ -8,7 +8,7 @@ use std::cell::OnceCell;
 use std::fs::File;
 use std::fs::{self, OpenOptions};
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::rc::Rc;
 
@@ -162,23 +162,53 @@ fn attach_tracefs(
         name: name.clone(),
     };
     let id_path = tracefs.join("events").join(&name).join("id");
-    let id = match read_id(&id_path) {
-        // Another instance in another PID namespace, cleaning up as it started, cannot
-        // tell an event not attached yet from a stale one: add it again, once.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            add_event(&kprobe_events, &line).with_context(adding)?;
-            read_id(&id_path)
-        }
-        other => other,
-    }
-    .with_context(|| format!("reading {}", id_path.display()))?;
-    let fd = perf_event_open_tracepoint(id).context("perf_event_open for the kprobe event")?;
-    // Attached, libbpf owns the fd and closes it with the link; refused, it is ours to
-    // close (dropping it), or the event would stay busy and could not be removed.
-    let link = prog.attach_perf_event(fd.as_raw_fd())?;
-    let _owned_by_libbpf = fd.into_raw_fd();
+    let fd = open_event(&kprobe_events, &line, &id_path).with_context(adding)?;
+    let link = attach_owned(fd, |fd| Ok(prog.attach_perf_event(fd)?))?;
     probe.link = Some(link);
     Ok(probe)
+}
+
+/// Attach through the perf event `fd`. Attached, libbpf owns the fd and closes it with
+/// the link; refused, it is ours to close (dropped here), or the event would stay busy and
+/// could not be removed.
+fn attach_owned<L>(fd: OwnedFd, attach: impl FnOnce(RawFd) -> Result<L>) -> Result<L> {
+    let link = attach(fd.as_raw_fd())?;
+    let _owned_by_libbpf = fd.into_raw_fd();
+    Ok(link)
+}
+
+/// A perf event on the kprobe event just added. Another instance in another PID
+/// namespace, cleaning up as it starts, cannot tell an event not opened yet from a stale
+/// one, and removes it: between the add and the id read (the id file is gone), or between
+/// the id read and the open (the id names no event). Either way the event is added again,
+/// a few times at most: once opened, it is in use and the kernel keeps it.
+fn open_event(kprobe_events: &File, line: &str, id_path: &Path) -> Result<OwnedFd> {
+    const TRIES: usize = 5;
+    let mut last = None;
+    for attempt in 0..TRIES {
+        if attempt > 0 {
+            add_event(kprobe_events, line)?;
+        }
+        let id = match read_id(id_path) {
+            Ok(id) => id,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                last = Some(anyhow!("{} is gone: {e}", id_path.display()));
+                continue;
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading {}", id_path.display())),
+        };
+        match perf_event_open_tracepoint(id) {
+            // Still ours once open (not an id the kernel gave another event meanwhile).
+            Ok(fd) if read_id(id_path).is_ok_and(|now| now == id) => return Ok(fd),
+            Ok(_) => last = Some(anyhow!("{} changed while it was opened", id_path.display())),
+            // The event behind the id was removed.
+            Err(e) if !id_path.exists() => last = Some(e),
+            Err(e) => return Err(e).context("perf_event_open for the kprobe event"),
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow!("no event")).context(format!(
+        "the event was removed {TRIES} times before it could be opened"
+    )))
 }
 
 fn read_id(path: &Path) -> std::io::Result<u64> {
@@ -310,6 +340,28 @@ fn perf_event_open_tracepoint(id: u64) -> Result<OwnedFd> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn is_open(fd: RawFd) -> bool {
+        // SAFETY: F_GETFD only asks whether the descriptor is open.
+        unsafe { libc::fcntl(fd, libc::F_GETFD) != -1 }
+    }
+
+    /// A refused attach closes the perf event's descriptor (else the tracefs event stays
+    /// busy and cannot be removed); an attach that succeeds leaves it to its owner.
+    #[test]
+    fn a_refused_attach_closes_the_event_and_an_accepted_one_hands_it_over() {
+        let (read, _write) = nix::unistd::pipe().unwrap();
+        let raw = read.as_raw_fd();
+        let refused = attach_owned(read, |_| -> Result<()> { bail!("EINVAL") });
+        assert!(refused.is_err());
+        assert!(!is_open(raw), "the descriptor leaked");
+        let (read, _write) = nix::unistd::pipe().unwrap();
+        let raw = read.as_raw_fd();
+        let owner = attach_owned(read, Ok).unwrap();
+        assert!(is_open(owner), "closed though handed over");
+        // SAFETY: handed over to us, as libbpf's link would own it.
+        drop(unsafe { OwnedFd::from_raw_fd(raw) });
+    }
 
     #[test]
     fn groups_name_their_pid_namespace_and_older_names_still_parse() {

@@ -173,7 +173,7 @@ pub fn prove_usable(plan: &mut Plan, options: &LoadOptions<'_>) {
 /// Load and attach `mode`'s probes: plan, open, load, configure, attach. Whether the
 /// kernel can run the mode at all was decided before (compat's `Mode::check`).
 pub fn start(mode: Mode, options: &LoadOptions<'_>, filters: &Filters) -> Result<Tracer> {
-    check_filters(mode, filters, options)?;
+    check_filters(mode, filters)?;
     let spec = hooks::spec(mode);
     let transport = if spec.ringbuf {
         options.transport
@@ -190,6 +190,7 @@ pub fn start(mode: Mode, options: &LoadOptions<'_>, filters: &Filters) -> Result
         read,
     )
     .map_err(|why| anyhow!(why))?;
+    note_cgroup_label(mode, options, &mut plan);
     let sock = sock_offsets(mode, options, &mut plan)?;
     let confirm = confirm_program(options, sock, transport, &mut plan);
     let (object, core_files) = timing::step("open", || {
@@ -266,15 +267,22 @@ fn confirm_program(
     None
 }
 
-/// Filters and labels a mode cannot apply.
-fn check_filters(mode: Mode, filters: &Filters, options: &LoadOptions<'_>) -> Result<()> {
+/// Filters a mode cannot apply: an error (a filter not applied would show what was not
+/// asked for).
+fn check_filters(mode: Mode, filters: &Filters) -> Result<()> {
     if mode == Mode::Legacy && filters.cgroup_id.is_some() {
         bail!("--cgroup needs a helper legacy mode does without (Linux 4.18+): use another mode");
     }
-    if mode == Mode::Legacy && options.label_cgroup {
-        bail!("--label cgroup needs a helper legacy mode does without (Linux 4.18+): use another mode");
-    }
     Ok(())
+}
+
+/// Events carry the connecting process's cgroup where asked, but in legacy mode, whose
+/// object leaves out the helper (Linux 4.18+): the label says "unknown" there, so that one
+/// fleet-wide configuration also runs on the oldest nodes. The user is told.
+fn note_cgroup_label(mode: Mode, options: &LoadOptions<'_>, plan: &mut HookPlan) {
+    if mode == Mode::Legacy && options.label_cgroup {
+        plan.note("the cgroup label reads \"unknown\" in legacy mode: the helper that gives a connect's cgroup is Linux 4.18+, and legacy mode does without it");
+    }
 }
 
 /// Open the mode's object with only the planned programs, only the maps they use, sized
