@@ -5,7 +5,7 @@
 #
 #   ci/matrix.sh                     every kernel
 #   ci/matrix.sh deb61 nobtf         only these (ids: host deb61 deb612 nobtf noftrace
-#                                    old414 old54 old49)
+#                                    old414 old54 old49 old44)
 #   ci/matrix.sh --update-fixtures   also copy each kernel's captured compat fixture into
 #                                    compat/tests/fixtures/<id>
 #   ci/matrix.sh --bench deb61       no cells: the overhead benchmark's instruction-counted
@@ -28,7 +28,7 @@ ROOT=$PWD
 CACHE=${TCPCONNLAT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tcpconnlat-ci}
 OUT=$ROOT/ci/out
 # VMs run in this order, the longest first (two at a time).
-ALL=(host deb61 deb612 old54 nobtf noftrace old414 old49)
+ALL=(host deb61 deb612 old54 nobtf noftrace old414 old49 old44)
 KERNELS_DIR=${TCPCONNLAT_KERNELS_DIR:-$ROOT/../shared/kernels/old}
 ALL_MODES=(fentry kprobe tracepoint legacy)
 # Legacy mode proven further: offsets from a BTF file made with pahole instead of kernel
@@ -49,14 +49,16 @@ declare -A MODES=([deb61]="fentry kprobe tracepoint legacy legacy+discover"
     [noftrace]="kprobe tracepoint legacy legacy+discover"
     [old414]="legacy legacy+btf legacy+discover"
     [old54]="tracepoint legacy legacy+btf legacy+tracefs legacy+discover"
-    [old49]="legacy legacy+btf legacy+discover")
+    [old49]="legacy legacy+btf legacy+discover"
+    [old44]="legacy legacy+btf legacy+discover")
 declare -A REFUSED=([deb61]="" [deb612]="" [nobtf]="fentry kprobe" [noftrace]="fentry"
-    [old414]="fentry kprobe tracepoint" [old54]="fentry kprobe" [old49]="fentry kprobe tracepoint")
+    [old414]="fentry kprobe tracepoint" [old54]="fentry kprobe" [old49]="fentry kprobe tracepoint"
+    [old44]="fentry kprobe tracepoint")
 declare -A AUTO=([deb61]=fentry [deb612]=fentry [nobtf]=tracepoint [noftrace]=kprobe
-    [old414]=legacy [old54]=tracepoint [old49]=legacy)
+    [old414]=legacy [old54]=tracepoint [old49]=legacy [old44]=legacy)
 declare -A WHAT=([host]="running kernel" [deb61]="Debian 12 cloud 6.1" [deb612]="Debian 12 6.12"
     [nobtf]="6.1, no BTF" [noftrace]="6.1, BTF, no ftrace" [old414]="4.14.325, no BTF"
-    [old54]="5.4.286, no BTF" [old49]="4.9.337, no BTF")
+    [old54]="5.4.286, no BTF" [old49]="4.9.337, no BTF" [old44]="4.4.178, no BTF")
 # Modules the tests need where the kernel has them as modules (the built kernels have
 # them built in).
 DEB_MODULES="veth x_tables ip_tables iptable_filter xt_recent xt_tcpudp ipt_REJECT"
@@ -77,7 +79,7 @@ for arg in "$@"; do
     --bench) bench_only=next icount=1 ;;
     --run) run_only=next ;;
     --icount) icount=1 ;;
-    host | deb61 | deb612 | nobtf | noftrace | old414 | old54 | old49)
+    host | deb61 | deb612 | nobtf | noftrace | old414 | old54 | old49 | old44)
         kernels+=("$arg")
         [ "$bench_only" != next ] || bench_only=$arg
         [ "$run_only" != next ] || run_only=cmd ;;
@@ -208,6 +210,7 @@ prebuilt_kernel() { # id version: a kernel from KERNELS_DIR/<version>, unpacked 
 kernel() { # id
     case $1 in
     old49) prebuilt_kernel old49 4.9 ;;
+    old44) prebuilt_kernel old44 4.4 ;;
     old414) prebuilt_kernel old414 4.14 ;;
     old54) prebuilt_kernel old54 5.4 ;;
     deb61) deb_kernel deb61 "$(apt-cache depends linux-image-cloud-amd64 | grep -oE 'linux-image-6[^ ]*' | head -1)-unsigned" ;;

@@ -85,6 +85,13 @@ static __always_inline void count(__u32 counter)
 		__sync_fetch_and_add(n, 1);
 }
 
+/*
+ * A value the compiler must keep as it is: where two offsets from the config are chosen
+ * between, clang would otherwise choose between their addresses and load once, and Linux
+ * 4.4's verifier refuses arithmetic on a map value pointer ("invalid mem access 'inv'").
+ */
+#define OPAQUE(x) asm volatile("" : "+r"(x))
+
 /* Read a field at a runtime offset (from a format file, BTF or kernel headers). */
 #define READ_AT(dst, base, off) bpf_probe_read(&(dst), sizeof(dst), (char *)(base) + (off))
 
@@ -211,13 +218,16 @@ static __always_inline __u8 sock_state(const struct config *cfg, __u64 sk)
 static __always_inline void read_sock_peer(const struct config *cfg, __u64 sk, struct peer *to)
 {
 	__u16 daddr = cfg->sk.v6_daddr;
+	__u16 daddr4 = cfg->sk.daddr;
 	__u16 dport = 0;
 
+	OPAQUE(daddr);
+	OPAQUE(daddr4);
 	READ_AT(to->family, sk, cfg->sk.family);
 	READ_AT(dport, sk, cfg->sk.dport);
 	to->dport = __builtin_bswap16(dport);
 	if (to->family == FAMILY_INET)
-		daddr = cfg->sk.daddr;
+		daddr = daddr4;
 	bpf_probe_read(to->daddr, sizeof(to->daddr), (char *)sk + daddr);
 	if (to->family == FAMILY_INET)
 		__builtin_memset(to->daddr + 4, 0, sizeof(to->daddr) - 4);
@@ -236,9 +246,12 @@ static __always_inline int same_address(const __u8 *a, const __u8 *b)
 static __always_inline void read_sock_source(const struct config *cfg, __u64 sk, struct event *e)
 {
 	__u16 saddr = cfg->sk.v6_rcv_saddr;
+	__u16 saddr4 = cfg->sk.rcv_saddr;
 
+	OPAQUE(saddr);
+	OPAQUE(saddr4);
 	if (e->af == FAMILY_INET)
-		saddr = cfg->sk.rcv_saddr;
+		saddr = saddr4;
 	READ_AT(e->lport, sk, cfg->sk.num);
 	bpf_probe_read(e->saddr, sizeof(e->saddr), (char *)sk + saddr);
 	if (e->af == FAMILY_INET)

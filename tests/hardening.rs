@@ -40,11 +40,6 @@ fn flood(ns: &str, server: SocketAddr, n: usize, syn_retries: u8) -> Vec<OwnedFd
         unreachable!()
     };
     NetPair::within(ns, move || {
-        fs::write(
-            "/proc/sys/net/ipv4/tcp_syn_retries",
-            syn_retries.to_string(),
-        )
-        .unwrap();
         // A source port for each of them (one destination).
         fs::write("/proc/sys/net/ipv4/ip_local_port_range", "10000 65000").unwrap();
         (0..n)
@@ -56,6 +51,20 @@ fn flood(ns: &str, server: SocketAddr, n: usize, syn_retries: u8) -> Vec<OwnedFd
                     None,
                 )
                 .expect("socket");
+                // SYNs sent before giving up, for this socket (the sysctl is not per
+                // network namespace before 4.6).
+                let retries = libc::c_int::from(syn_retries);
+                // SAFETY: a valid socket and an int option.
+                let rc = unsafe {
+                    libc::setsockopt(
+                        fd.as_raw_fd(),
+                        libc::IPPROTO_TCP,
+                        libc::TCP_SYNCNT,
+                        (&retries as *const libc::c_int).cast(),
+                        std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                    )
+                };
+                assert_eq!(rc, 0, "TCP_SYNCNT: {}", std::io::Error::last_os_error());
                 match socket::connect(fd.as_raw_fd(), &SockaddrIn::from(v4)) {
                     Err(nix::errno::Errno::EINPROGRESS) => fd,
                     other => panic!("non-blocking connect: {other:?}"),

@@ -142,39 +142,72 @@ fn check_for_linux_4_4(object: &[u8]) -> (Vec<String>, HashSet<String>) {
 
 /// For each instruction, the registers (bit n: rn) that point into the stack on every path
 /// that reaches it, or `None` where none does: set from r10 (`r1 = r10`), copied
-/// (`r7 = r1`) and moved by constants (`r7 += -256`), as clang emits stack addresses. A
+/// (`r7 = r1`), moved by constants (`r7 += -256`) and spilled to the stack and filled back
+/// (`*(u64 *)(r10 - 8) = r7`, `r1 = *(u64 *)(r10 - 8)`), as clang emits stack addresses. A
 /// forward pass in program order covers every path, since the programs have no loop (all
 /// jumps go forward, asserted apart); where paths join, only what holds on all of them.
 fn stack_pointers(insns: &[libbpf_rs::libbpf_sys::bpf_insn]) -> Vec<Option<u16>> {
+    stack_state(insns)
+        .into_iter()
+        .map(|state| state.map(|(regs, _)| regs))
+        .collect()
+}
+
+/// [`stack_pointers`] with, beside the registers, the 8-byte stack slots (bit n: r10 -
+/// 8(n + 1)) that hold a stack pointer.
+fn stack_state(insns: &[libbpf_rs::libbpf_sys::bpf_insn]) -> Vec<Option<(u16, u64)>> {
     const FP: u16 = 1 << 10;
-    let mut at: Vec<Option<u16>> = vec![None; insns.len() + 2];
-    at[0] = Some(FP);
+    // The slot a 64-bit access at r10 + off is, if it is one.
+    let slot = |off: i16| (off < 0 && off % 8 == 0 && off >= -512).then(|| (-off / 8 - 1) as u32);
+    let mut at: Vec<Option<(u16, u64)>> = vec![None; insns.len() + 2];
+    at[0] = Some((FP, 0));
     for (i, insn) in insns.iter().enumerate() {
-        let Some(regs) = at[i] else {
+        let Some((regs, slots)) = at[i] else {
             continue; // unreachable, or the second half of a 16-byte ld_imm64
         };
         let (dst, src) = (1u16 << insn.dst_reg(), 1u16 << insn.src_reg());
         let (class, op) = (insn.code & 0x07, insn.code & 0xf0);
         let target = (i as i64 + 1 + i64::from(insn.off)) as usize;
-        let (out, next): (u16, &[usize]) = match (class, op) {
-            _ if insn.code == 0x18 => (regs & !dst, &[i + 2]), // ld_imm64
-            (0x05, 0x80) => (regs & !0b11_1111, &[i + 1]),     // call: r0-r5 clobbered
-            (0x05, 0x90) => (regs, &[]),                       // exit
-            (0x05, 0x00) => (regs, &[target]),                 // goto
-            (0x05 | 0x06, _) => (regs, &[i + 1, target]),      // conditional jump
+        let dw = insn.code & 0x18 == 0x18; // BPF_DW
+        let (out_regs, out_slots, next): (u16, u64, &[usize]) = match (class, op) {
+            _ if insn.code == 0x18 => (regs & !dst, slots, &[i + 2]), // ld_imm64
+            (0x05, 0x80) => (regs & !0b11_1111, slots, &[i + 1]),     // call: r0-r5 clobbered
+            (0x05, 0x90) => (regs, slots, &[]),                       // exit
+            (0x05, 0x00) => (regs, slots, &[target]),                 // goto
+            (0x05 | 0x06, _) => (regs, slots, &[i + 1, target]),      // conditional jump
             (0x07, 0xb0) if insn.code & 0x08 != 0 => {
                 // r_dst = r_src
                 let copied = if regs & src != 0 { dst } else { 0 };
-                ((regs & !dst) | copied, &[i + 1])
+                ((regs & !dst) | copied, slots, &[i + 1])
             }
-            (0x07, 0x00 | 0x10) if insn.code & 0x08 == 0 => (regs, &[i + 1]), // += or -= imm
-            (0x02 | 0x03, _) => (regs, &[i + 1]),                             // stores write memory
-            (0x00, _) => (regs & !1, &[i + 1]), // legacy packet loads set r0
-            _ => (regs & !dst, &[i + 1]),       // anything else computes dst afresh
+            (0x07, 0x00 | 0x10) if insn.code & 0x08 == 0 => (regs, slots, &[i + 1]), // += or -= imm
+            // A store through r10: a slot that now holds what was stored (a stack pointer
+            // only from a 64-bit store of one), or a slot no more.
+            (0x02 | 0x03, _) if insn.dst_reg() == 10 => {
+                let touched = slot(insn.off & !7).map_or(0, |n| 1u64 << n);
+                let spilled = class == 0x03 && dw && insn.code & 0xe0 == 0x60 && regs & src != 0;
+                let slots = (slots & !touched) | if spilled { touched } else { 0 };
+                (regs, slots, &[i + 1])
+            }
+            (0x02 | 0x03, _) => (regs, slots, &[i + 1]), // stores elsewhere
+            // A 64-bit load from a slot holding a stack pointer.
+            (0x01, _) if insn.src_reg() == 10 && dw => {
+                let filled = slot(insn.off).is_some_and(|n| slots & (1 << n) != 0);
+                (
+                    (regs & !dst) | if filled { dst } else { 0 },
+                    slots,
+                    &[i + 1],
+                )
+            }
+            (0x00, _) => (regs & !1, slots, &[i + 1]), // legacy packet loads set r0
+            _ => (regs & !dst, slots, &[i + 1]),       // anything else computes dst afresh
         };
         for &n in next {
             if n < at.len() {
-                at[n] = Some(at[n].map_or(out, |m| m & out));
+                at[n] = Some(match at[n] {
+                    Some((r, s)) => (r & out_regs, s & out_slots),
+                    None => (out_regs, out_slots),
+                });
             }
         }
     }
@@ -228,6 +261,32 @@ fn the_stack_check_tells_stack_pointers_from_others() {
     // takes a load.
     assert!(!r1_on_stack(&[mov_r6, branch, mov_fp, add]));
     assert!(!r1_on_stack(&[mov_fp, branch, load, add]));
+    // Spilled to the stack and filled back; not once the slot was written over, nor from
+    // another slot.
+    let spill = |reg: u8, off: i16| {
+        let mut i = insn(0x7b, 10, reg); // *(u64 *)(r10 + off) = reg
+        i.off = off;
+        i
+    };
+    let fill = |off: i16| {
+        let mut i = insn(0x79, 1, 10); // r1 = *(u64 *)(r10 + off)
+        i.off = off;
+        i
+    };
+    let r7 = insn(0xbf, 7, 10);
+    assert!(r1_on_stack(&[r7, spill(7, -384), call, fill(-384)]));
+    assert!(!r1_on_stack(&[
+        r7,
+        spill(7, -384),
+        spill(6, -384),
+        fill(-384)
+    ]));
+    assert!(!r1_on_stack(&[r7, spill(7, -384), fill(-376)]));
+    assert!(!r1_on_stack(&[
+        insn(0xbf, 7, 6),
+        spill(7, -384),
+        fill(-384)
+    ]));
 }
 
 /// What makes an instruction newer than the BPF v1 set, if anything: BPF_JMP32 is v3
@@ -649,12 +708,16 @@ fn the_daemonset_arguments_run_here() {
         serde_saphyr::from_str(include_str!("../packaging/kubernetes/daemonset.yaml")).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("web-config.yml");
+    // The example's password hash (packaging/web-config.yml): making one here would wait
+    // for the kernel's entropy, which a 4.4 VM gathers for minutes.
+    let example = include_str!("../packaging/web-config.yml");
+    let hash = example
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("prometheus: "))
+        .expect("the example's user");
     fs::write(
         &config,
-        format!(
-            "basic_auth_users:\n  prometheus: {}\n",
-            bcrypt::hash("x", 4).unwrap()
-        ),
+        format!("basic_auth_users:\n  prometheus: {hash}\n"),
     )
     .unwrap();
     let args: Vec<String> = ds["spec"]["template"]["spec"]["containers"][0]["args"]

@@ -307,6 +307,14 @@ fn several_pids_can_be_traced_at_once() {
 fn cgroup_filter_keeps_only_processes_in_it() {
     let _serial = serial();
     let server = listen("127.0.0.1:0");
+    if !TestCgroup::supported() {
+        // No cgroup v2 (before 4.5): any directory is refused, checked before a mode is.
+        let (status, _, err) = run_as_tested(&["--cgroup", "/tmp", "-d", "1"]);
+        assert_eq!(status.code(), Some(1), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("is not in a cgroup v2 hierarchy"), "{err}");
+        return;
+    }
     let cgroup = TestCgroup::new();
     let connector = Connector::spawn(&[], server);
     cgroup.adopt(connector.pid());

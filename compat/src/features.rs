@@ -137,6 +137,13 @@ impl Features {
                 )
             })?;
             let path = tracefs::format_path(dir, tracepoint);
+            if !path.parent().is_some_and(Path::exists) {
+                let (system, event) = tracepoint;
+                return Err(format!(
+                    "the kernel has no tracepoint {system}:{event} ({})",
+                    tracefs::introduced(tracepoint)
+                ));
+            }
             fs::read_to_string(&path)
                 .map(|text| (path.clone(), text))
                 .map_err(|e| format!("cannot read {}: {e}", path.display()))

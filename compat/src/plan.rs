@@ -165,7 +165,7 @@ pub enum Unsupported {
     NoBtfFunctions(String),
     #[error("kernel function {0} is not in the kernel's BTF")]
     MissingFunction(&'static str),
-    #[error("tracepoint sock:inet_sock_set_state is unusable: {0}")]
+    #[error("{0}")]
     NoStateTracepoint(String),
     #[error("{0}")]
     NoOffsets(String),

@@ -11,10 +11,23 @@ pub const TRACEFS_DIRS: [&str; 2] = ["sys/kernel/tracing", "sys/kernel/debug/tra
 
 /// The tracepoint every mode finishes connects with.
 pub const STATE_TRACEPOINT: (&str, &str) = ("sock", "inet_sock_set_state");
-/// SYN retransmits (Linux 4.15+).
+/// SYN retransmits.
 pub const RETRANSMIT_TRACEPOINT: (&str, &str) = ("tcp", "tcp_retransmit_skb");
-/// RSTs received (Linux 4.16+): refused connects where sk_err cannot be read.
+/// RSTs received: refused connects where sk_err cannot be read.
 pub const RESET_TRACEPOINT: (&str, &str) = ("tcp", "tcp_receive_reset");
+
+/// The kernel that brought one of the tracepoints above, and the change, for the sentence
+/// an older kernel gets.
+pub fn introduced((system, event): (&str, &str)) -> &'static str {
+    match (system, event) {
+        ("sock", "inet_sock_set_state") => {
+            "Linux 4.16: \"net: tracepoint: replace tcp_set_state tracepoint with inet_sock_set_state tracepoint\""
+        }
+        ("tcp", "tcp_retransmit_skb") => "Linux 4.15: \"tcp: add tracepoint trace_tcp_retransmit_skb()\"",
+        ("tcp", "tcp_receive_reset") => "Linux 4.16: \"tcp: add tracepoint trace_tcp_receive_reset\"",
+        _ => "a newer kernel",
+    }
+}
 
 /// The `format` file of a tracepoint under a tracefs directory.
 pub fn format_path(tracefs: &Path, (system, event): (&str, &str)) -> PathBuf {

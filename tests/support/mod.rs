@@ -255,7 +255,7 @@ impl Tracer {
                 .try_clone_to_owned()
                 .unwrap(),
         };
-        TestMap::new(fd)
+        TestMap::new(fd, name)
     }
 
     /// How many entries the tracer's map named `name` holds right now.
@@ -273,6 +273,25 @@ impl Tracer {
     }
 }
 
+/// The key and value sizes of the probes' map `name`, as probes/tcpconnlat.h declares its
+/// types (read from the BTF of the object that holds them all).
+fn declared_sizes(name: &str) -> (usize, usize) {
+    use libbpf_rs::btf::HasSize;
+    let object = include_bytes!(concat!(env!("OUT_DIR"), "/types.bpf.o"));
+    let btf = libbpf_rs::btf::Btf::from_raw("types", object)
+        .unwrap()
+        .unwrap();
+    let size = |ty: &str| {
+        btf.type_by_name::<libbpf_rs::btf::types::Struct<'_>>(ty)
+            .unwrap_or_else(|| panic!("no struct {ty} in the probes' types"))
+            .size()
+    };
+    match name {
+        "pending" => (std::mem::size_of::<u64>(), size("pending")),
+        other => panic!("the probes' map {other}: its sizes are not known here"),
+    }
+}
+
 /// One of a tracer's maps, through raw bpf() calls every kernel has (libbpf's map handles
 /// ask for map info, which is 4.13+).
 pub struct TestMap {
@@ -282,17 +301,22 @@ pub struct TestMap {
 }
 
 impl TestMap {
-    fn new(fd: OwnedFd) -> TestMap {
+    /// Map `name` of the probes, behind `fd`: its key and value sizes from its fdinfo, or,
+    /// where the kernel's fdinfo does not say them (4.4), from the probes' own types.
+    fn new(fd: OwnedFd, name: &str) -> TestMap {
         use std::os::fd::AsRawFd;
         let info = fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).unwrap();
-        let field = |name: &str| -> usize {
+        let field = |field: &str| -> Option<usize> {
             info.lines()
-                .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-                .unwrap_or_else(|| panic!("no {name} in the map's fdinfo: {info}"))
+                .find_map(|l| l.strip_prefix(field)?.trim().parse().ok())
+        };
+        let (key_size, value_size) = match (field("key_size:"), field("value_size:")) {
+            (Some(key), Some(value)) => (key, value),
+            _ => declared_sizes(name),
         };
         TestMap {
-            key_size: field("key_size:"),
-            value_size: field("value_size:"),
+            key_size,
+            value_size,
             fd,
         }
     }
@@ -826,16 +850,23 @@ pub fn me() -> String {
 /// A process's anonymous resident memory (its heap and stacks: not the pages of its
 /// binary, which fault in as code paths first run, nor shared buffers), kB.
 pub fn rss_anon_kb(pid: u32) -> u64 {
-    proc_status_kb(pid, "RssAnon:")
+    proc_status_field_kb(pid, "RssAnon:").unwrap_or_else(|| {
+        // Before 4.5 status has no RssAnon: resident less shared pages, from statm.
+        let statm = fs::read_to_string(format!("/proc/{pid}/statm")).unwrap();
+        let pages: Vec<u64> = statm
+            .split_whitespace()
+            .map(|n| n.parse().unwrap())
+            .collect();
+        (pages[1] - pages[2]) * 4
+    })
 }
 
-fn proc_status_kb(pid: u32, field: &str) -> u64 {
+fn proc_status_field_kb(pid: u32, field: &str) -> Option<u64> {
     fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap()
         .lines()
         .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap()
 }
 
 /// A tracer started with `--serve 127.0.0.1:0`, and the address it serves on.
@@ -953,6 +984,11 @@ pub struct TestCgroup {
 impl TestCgroup {
     pub fn new() -> TestCgroup {
         TestCgroup::named(&format!("tcpconnlat-test-{}", std::process::id()))
+    }
+
+    /// Whether the kernel has cgroup v2 at all (Linux 4.5+).
+    pub fn supported() -> bool {
+        fs::read_to_string("/proc/filesystems").is_ok_and(|f| f.contains("\tcgroup2\n"))
     }
 
     /// One named `name` under the cgroup v2 root (mounted for the while if it is not).

@@ -71,7 +71,13 @@ impl Fleet {
             kernel: "",
         };
         Metrics::new(rules.clone(), buckets.clone(), &trial).map_err(anyhow::Error::msg)?;
-        let cgroups = rules.cgroup.then(CgroupPaths::new).transpose()?;
+        let cgroups = rules.cgroup.then(|| {
+            let (paths, note) = CgroupPaths::new();
+            if let Some(note) = note {
+                eprintln!("tcpconnlat: {note}");
+            }
+            paths
+        });
         let guard = match &args.web_config {
             None => http::Guard::default(),
             Some(path) => {

@@ -117,7 +117,8 @@ fn unescape_mount_path(field: &str) -> String {
 /// Cgroup v2 paths by id, for the `cgroup` label: relative to the hierarchy's root, e.g.
 /// `system.slice/nginx.service`, as Prometheus users group by them.
 pub struct CgroupPaths {
-    root: PathBuf,
+    /// Where cgroup v2 is mounted; `None` where it is not (every path is then unknown).
+    root: Option<PathBuf>,
     known: HashMap<u64, String>,
     walked: Option<Instant>,
 }
@@ -126,18 +127,22 @@ impl CgroupPaths {
     /// A cgroup made after a walk is found by the next, at most this often.
     const WALK_EVERY: Duration = Duration::from_secs(1);
 
-    /// Where cgroup v2 is mounted (`/proc/self/mounts`), or an error saying what to do.
-    pub fn new() -> Result<CgroupPaths> {
-        let mounts = std::fs::read_to_string("/proc/self/mounts")
-            .map_err(|e| anyhow!("--label cgroup: cannot read /proc/self/mounts: {e}"))?;
-        let root = cgroup2_root(&mounts).ok_or_else(|| {
-                anyhow!("--label cgroup: no cgroup v2 hierarchy is mounted (mount -t cgroup2 none /sys/fs/cgroup)")
-            })?;
-        Ok(CgroupPaths {
+    /// Where cgroup v2 is mounted (`/proc/self/mounts`), and what the user should know
+    /// if it is not: every path is then "unknown" (a host with cgroup v1 only, as CentOS 7,
+    /// still runs a fleet-wide configuration).
+    pub fn new() -> (CgroupPaths, Option<String>) {
+        let mounts = std::fs::read_to_string("/proc/self/mounts");
+        let root = mounts.as_deref().ok().and_then(cgroup2_root);
+        let note = root.is_none().then(|| match &mounts {
+            Err(e) => format!("the cgroup label reads \"unknown\": cannot read /proc/self/mounts: {e}"),
+            Ok(_) => "the cgroup label reads \"unknown\": no cgroup v2 hierarchy is mounted (mount -t cgroup2 none /sys/fs/cgroup)".to_owned(),
+        });
+        let paths = CgroupPaths {
             root,
             known: HashMap::new(),
             walked: None,
-        })
+        };
+        (paths, note)
     }
 
     /// The path of cgroup `id`, or "unknown" (gone, or made since the last walk).
@@ -157,14 +162,17 @@ impl CgroupPaths {
     /// forgotten (with pods coming and going, the old ones would pile up forever).
     fn walk(&mut self) {
         self.walked = Some(Instant::now());
+        let Some(root) = self.root.clone() else {
+            return;
+        };
         let mut known = HashMap::with_capacity(self.known.len());
-        let mut dirs = vec![self.root.clone()];
+        let mut dirs = vec![root.clone()];
         while let Some(dir) = dirs.pop() {
             let Ok(meta) = std::fs::metadata(&dir) else {
                 continue;
             };
             let id = kernfs_id(&dir).unwrap_or(std::os::unix::fs::MetadataExt::ino(&meta));
-            let relative = dir.strip_prefix(&self.root).unwrap_or(&dir);
+            let relative = dir.strip_prefix(&root).unwrap_or(&dir);
             let name = match relative.to_string_lossy() {
                 name if name.is_empty() => "/".to_owned(),
                 name => name.into_owned(),
@@ -291,10 +299,15 @@ mod tests {
     fn paths_of_cgroups_that_are_gone_are_forgotten() {
         let root = tempfile::tempdir().unwrap();
         let mut paths = CgroupPaths {
-            root: root.path().to_owned(),
+            root: Some(root.path().to_owned()),
             known: HashMap::new(),
             walked: None,
         };
+        let mut unmounted = CgroupPaths {
+            root: None,
+            ..CgroupPaths::new().0
+        };
+        assert_eq!(unmounted.path(1), "unknown");
         let mut ids = Vec::new();
         for pod in 0..50 {
             let dir = root.path().join(format!("kubepods/pod{pod}"));
