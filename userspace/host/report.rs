@@ -57,7 +57,14 @@ fn kernel_rows(host: &Host) -> Vec<Row> {
         rows.push(row("memlock", why.clone()));
     }
     rows.extend([
-        row("BTF", yes_no(f.btf)),
+        row(
+            "BTF",
+            if f.btf {
+                "yes"
+            } else {
+                "no (/sys/kernel/btf/vmlinux: Linux 5.4+, built with CONFIG_DEBUG_INFO_BTF)"
+            },
+        ),
         row(
             "tracefs",
             match (&f.tracefs, &host.tracefs_mount) {
@@ -69,7 +76,14 @@ fn kernel_rows(host: &Host) -> Vec<Row> {
                 (None, _) => "not mounted".to_owned(),
             },
         ),
-        row("kprobe PMU", yes_no(f.kprobe_pmu)),
+        row(
+            "kprobe PMU",
+            if f.kprobe_pmu {
+                "yes"
+            } else {
+                "no (Linux 4.17+: kprobes go through tracefs kprobe_events)"
+            },
+        ),
         row("kprobe_events", yes_no(f.kprobe_events)),
         row(
             "fentry",
@@ -90,7 +104,14 @@ fn kernel_rows(host: &Host) -> Vec<Row> {
             "ring buffer",
             finding_text(&host.findings.ringbuf, |()| "yes".to_owned()),
         ),
-        row("global data", f.global_data().map_or("unknown", yes_no)),
+        row(
+            "global data",
+            match f.global_data() {
+                Some(true) => "yes",
+                Some(false) => "no (Linux 5.2+)",
+                None => "unknown",
+            },
+        ),
         row(
             "ends not seen",
             finding_text(&host.findings.on_demand, |()| {
