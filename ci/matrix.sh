@@ -5,7 +5,7 @@
 #
 #   ci/matrix.sh                     every kernel
 #   ci/matrix.sh deb61 nobtf         only these (ids: host deb61 deb612 nobtf noftrace
-#                                    old414 old54 old49 old44)
+#                                    old414 old54 old49 old44 rhel7)
 #   ci/matrix.sh --update-fixtures   also copy each kernel's captured compat fixture into
 #                                    compat/tests/fixtures/<id>
 #   ci/matrix.sh --bench deb61       no cells: the overhead benchmark's instruction-counted
@@ -17,7 +17,8 @@
 #                                    instruction-counted clock)
 #
 # Kernel images are cached under ~/.cache/tcpconnlat-ci (TCPCONNLAT_CACHE), built ones keyed by the hash
-# of their config, so a warm machine skips the builds. Kernels no registry has (4.9, 4.14, 5.4)
+# of their config, so a warm machine skips the builds. Kernels no registry has (3.10, 4.4, 4.9,
+# 4.14, 5.4)
 # come prebuilt from TCPCONNLAT_KERNELS_DIR (default ../shared/kernels/old): a folder per
 # version with bzImage, headers.tar.xz and vmlinux.btf.xz. Prints a table (rows kernels,
 # columns modes) and exits non-zero on any unexpected cell.
@@ -28,7 +29,7 @@ ROOT=$PWD
 CACHE=${TCPCONNLAT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tcpconnlat-ci}
 OUT=$ROOT/ci/out
 # VMs run in this order, the longest first (two at a time).
-ALL=(host deb61 deb612 old54 nobtf noftrace old414 old49 old44)
+ALL=(host deb61 deb612 old54 rhel7 nobtf noftrace old414 old49 old44)
 KERNELS_DIR=${TCPCONNLAT_KERNELS_DIR:-$ROOT/../shared/kernels/old}
 ALL_MODES=(fentry kprobe tracepoint legacy)
 # Legacy mode proven further: offsets from a BTF file made with pahole instead of kernel
@@ -50,15 +51,23 @@ declare -A MODES=([deb61]="fentry kprobe tracepoint legacy legacy+discover"
     [old414]="legacy legacy+btf legacy+discover"
     [old54]="tracepoint legacy legacy+btf legacy+tracefs legacy+discover"
     [old49]="legacy legacy+btf legacy+discover"
-    [old44]="legacy legacy+btf legacy+discover")
+    [old44]="legacy legacy+btf legacy+discover"
+    [rhel7]="legacy legacy+btf legacy+tracefs legacy+discover")
 declare -A REFUSED=([deb61]="" [deb612]="" [nobtf]="fentry kprobe" [noftrace]="fentry"
     [old414]="fentry kprobe tracepoint" [old54]="fentry kprobe" [old49]="fentry kprobe tracepoint"
-    [old44]="fentry kprobe tracepoint")
+    [old44]="fentry kprobe tracepoint" [rhel7]="fentry kprobe tracepoint")
 declare -A AUTO=([deb61]=fentry [deb612]=fentry [nobtf]=tracepoint [noftrace]=kprobe
-    [old414]=legacy [old54]=tracepoint [old49]=legacy [old44]=legacy)
+    [old414]=legacy [old54]=tracepoint [old49]=legacy [old44]=legacy [rhel7]=legacy)
 declare -A WHAT=([host]="running kernel" [deb61]="Debian 12 cloud 6.1" [deb612]="Debian 12 6.12"
     [nobtf]="6.1, no BTF" [noftrace]="6.1, BTF, no ftrace" [old414]="4.14.325, no BTF"
-    [old54]="5.4.286, no BTF" [old49]="4.9.337, no BTF" [old44]="4.4.178, no BTF")
+    [old54]="5.4.286, no BTF" [old49]="4.9.337, no BTF" [old44]="4.4.178, no BTF"
+    [rhel7]="CentOS/RHEL 7.9 3.10")
+# Kernel arguments a VM needs beyond the console: RHEL 7's 3.10 cannot exec with SMAP and
+# SMEP on under QEMU's -cpu max.
+declare -A APPEND=([rhel7]="nosmap nosmep")
+# The package each distribution installs (ci/package.sh), whose binary must run there as
+# shipped: the VM gets its payload and runs it (the package cell).
+declare -A PACKAGE=([rhel7]=rpm)
 # Modules the tests need where the kernel has them as modules (the built kernels have
 # them built in).
 DEB_MODULES="veth x_tables ip_tables iptable_filter xt_recent xt_tcpudp ipt_REJECT"
@@ -79,7 +88,7 @@ for arg in "$@"; do
     --bench) bench_only=next icount=1 ;;
     --run) run_only=next ;;
     --icount) icount=1 ;;
-    host | deb61 | deb612 | nobtf | noftrace | old414 | old54 | old49 | old44)
+    host | deb61 | deb612 | nobtf | noftrace | old414 | old54 | old49 | old44 | rhel7)
         kernels+=("$arg")
         [ "$bench_only" != next ] || bench_only=$arg
         [ "$run_only" != next ] || run_only=cmd ;;
@@ -101,7 +110,7 @@ single=$bench_only$run_only
 log() { echo "[matrix $(date +%H:%M:%S)] $*" >&2; }
 
 ./ci/deps.sh qemu-system-x86 busybox-static cpio kmod xz-utils linux-source-6.1 dwarves \
-    flex bison bc libssl-dev libelf-dev gcc make patchelf
+    flex bison bc libssl-dev libelf-dev gcc make patchelf rpm2cpio
 # The benchmark's reference: bcc's libbpf-tools tcpconnlat, as Debian ships it.
 REFERENCE=/usr/sbin/tcpconnlat
 [ -z "$bench_only" ] || ./ci/deps.sh libbpf-tools
@@ -211,6 +220,7 @@ kernel() { # id
     case $1 in
     old49) prebuilt_kernel old49 4.9 ;;
     old44) prebuilt_kernel old44 4.4 ;;
+    rhel7) prebuilt_kernel rhel7 3.10 ;;
     old414) prebuilt_kernel old414 4.14 ;;
     old54) prebuilt_kernel old54 5.4 ;;
     deb61) deb_kernel deb61 "$(apt-cache depends linux-image-cloud-amd64 | grep -oE 'linux-image-6[^ ]*' | head -1)-unsigned" ;;
@@ -241,6 +251,10 @@ mkdir -p "$OUT"
 BIN=$ROOT/target/x86_64-unknown-linux-gnu/release/tcpconnlat
 BIN_NOHEADERS=$OUT/tcpconnlat-noheaders
 if [ -z "$single" ]; then
+    for id in "${kernels[@]}"; do
+        # The packages hold the binary built without headers, as released.
+        if [ -n "${PACKAGE[$id]:-}" ]; then KERNEL_HEADERS= ./ci/package.sh >/dev/null; break; fi
+    done
     KERNEL_HEADERS= cargo build --release --locked
     cp "$BIN" "$BIN_NOHEADERS"
 fi
@@ -359,6 +373,16 @@ make_initramfs() { # id out
     echo "nobody:x:65534:65534:nobody:/:/bin/false" >>"$root/etc/passwd"
     printf 'root:x:0:\nnogroup:x:65534:\n' >"$root/etc/group"
     [ -z "${KBTFS[$id]}" ] || cp "${KBTFS[$id]}" "$root/vmlinux.btf"
+    local package=${PACKAGE[$id]:-}
+    if [ -n "$package" ] && [ -z "$single" ]; then
+        mkdir -p "$root/package"
+        case $package in
+        # rpm2cpio checks the payload's length against a size tag cargo-generate-rpm does
+        # not write, and exits 1 having written it all: rpm -K checks its digest instead.
+        rpm) rpm -K --quiet target/packages/*.rpm
+            { rpm2cpio target/packages/*.rpm || true; } | (cd "$root/package" && cpio -idm --quiet) ;;
+        esac
+    fi
     local bench=""
     if [ "$id" = "$BENCH_IN" ]; then bench=$BENCH && add_static "$root" "$BENCH"; fi
     [ -z "$bench_only" ] || add_tool "$root" "$REFERENCE"
@@ -390,6 +414,7 @@ MODES='${MODES[$id]}'
 REFUSED='${REFUSED[$id]}'
 AUTO='${AUTO[$id]}'
 MODULES='$modules'
+PACKAGE='$package'
 BENCH='$bench'
 BENCH_ONLY='$bench_only'
 BENCH_CONNECTS='${TCPCONNLAT_BENCH_CONNECTS:-}'
@@ -427,7 +452,7 @@ run_kernel() { # id: leaves the console log in $OUT/<id>/console.log
     local cpus=(-smp 2)
     [ "$icount" = 0 ] || cpus=(-smp 1 -icount shift=0,sleep=off)
     timeout "$VM_TIMEOUT" qemu-system-x86_64 -accel tcg,thread=single -cpu max "${cpus[@]}" -m 2048 -nographic -no-reboot \
-        -kernel "${KIMAGES[$id]}" -initrd "$dir/initramfs.gz" -append "console=ttyS0 quiet panic=-1" \
+        -kernel "${KIMAGES[$id]}" -initrd "$dir/initramfs.gz" -append "console=ttyS0 quiet panic=-1 ${APPEND[$id]:-}" \
         </dev/null >"$dir/console.log" 2>&1 || true
     log "$id: VM done in $((SECONDS - start))s"
     rm -f "$dir/initramfs.gz"
@@ -473,17 +498,18 @@ fi
 # --- the table ---------------------------------------------------------------------------
 bad=0
 printf '\n%-10s %-22s' kernel "" >&2
-printf '%-16s' "${ALL_MODES[@]}" "${VARIANTS[@]}" cli static >&2
+printf '%-16s' "${ALL_MODES[@]}" "${VARIANTS[@]}" cli static package >&2
 printf '%s\n' "auto picks" >&2
 for id in "${kernels[@]}"; do
     log=$OUT/$id/console.log
     printf '%-10s %-22s' "$id" "${WHAT[$id]}" >&2
-    for col in "${ALL_MODES[@]}" "${VARIANTS[@]}" cli static; do
+    for col in "${ALL_MODES[@]}" "${VARIANTS[@]}" cli static package; do
         got=$(cell_of "$id" "$col")
         want=missing
         case " ${MODES[$id]} cli " in *" $col "*) want=pass ;; esac
         # Every VM proves the binaries run with no shared library (ci/vm/init).
         if [ "$col" = static ] && [ "$id" != host ]; then want=pass; fi
+        if [ "$col" = package ] && [ -n "${PACKAGE[$id]:-}" ]; then want=pass; fi
         case " ${REFUSED[$id]} " in *" $col "*) want=refused ;; esac
         if [ "$got" = "$want" ]; then shown=$got; else shown="$got!"; bad=1; fi
         [ "$shown" != missing ] || shown=-

@@ -95,6 +95,14 @@ static __always_inline void count(__u32 counter)
 /* Read a field at a runtime offset (from a format file, BTF or kernel headers). */
 #define READ_AT(dst, base, off) bpf_probe_read(&(dst), sizeof(dst), (char *)(base) + (off))
 
+/* Nanoseconds from `start` to `end`; 0 where `end` is not later (unset, or a clock read
+ * before the start): a wrapped difference would read as centuries, or negative to bcc's
+ * users on RHEL 7. */
+static __always_inline __u64 since(__u64 start, __u64 end)
+{
+	return end > start ? end - start : 0;
+}
+
 #ifndef TCPCONNLAT_LEGACY
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -296,8 +304,8 @@ static __always_inline void report_superseded(void *ctx, const struct config *cf
 		return;
 	describe_connect(old, &e);
 	e.ts_ns = bpf_ktime_get_ns();
-	e.delta_ns = e.ts_ns - old->start_ns;
-	e.delta_min_ns = (old->confirmed_ns ? old->confirmed_ns : old->start_ns) - old->start_ns;
+	e.delta_ns = since(old->start_ns, e.ts_ns);
+	e.delta_min_ns = since(old->start_ns, old->confirmed_ns);
 	e.outcome = OUTCOME_UNKNOWN;
 	e.end = END_GONE;
 	report(ctx, cfg, &e, transport);
@@ -501,12 +509,12 @@ static __always_inline int finish_connect(const struct config *cfg, __u64 sk, in
 	e->ts_ns = bpf_ktime_get_ns();
 	if (newstate == TCP_ESTABLISHED) {
 		e->outcome = OUTCOME_ESTABLISHED;
-		e->delta_ns = (p->answer_ns ? p->answer_ns : e->ts_ns) - p->start_ns;
+		e->delta_ns = since(p->start_ns, p->answer_ns ? p->answer_ns : e->ts_ns);
 	} else {
 		e->error = sock_error(cfg, sk);
 		e->outcome = outcome_of(p, e->error);
 		/* An RST is an answer: its latency ends when it was processed. */
-		e->delta_ns = ((p->reset && p->answer_ns) ? p->answer_ns : e->ts_ns) - p->start_ns;
+		e->delta_ns = since(p->start_ns, (p->reset && p->answer_ns) ? p->answer_ns : e->ts_ns);
 	}
 	/* Whoever removes the entry reports the connect: a probe, or the sweeper that found
 	 * its socket out of SYN_SENT (ENOENT: it did, and reported it). */
@@ -634,8 +642,8 @@ static __always_inline int confirm_pending(__u64 *ctx, int transport)
 		e.lport = lport;
 		__builtin_memcpy(e.saddr, saddr, sizeof(saddr));
 	}
-	e.delta_ns = e.ts_ns - p->start_ns;
-	e.delta_min_ns = (p->confirmed_ns ? p->confirmed_ns : p->start_ns) - p->start_ns;
+	e.delta_ns = since(p->start_ns, e.ts_ns);
+	e.delta_min_ns = since(p->start_ns, p->confirmed_ns);
 	if (same) {
 		e.end = END_INFERRED;
 		if (state == TCP_CLOSE) {

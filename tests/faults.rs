@@ -142,14 +142,35 @@ fn removing_its_kprobe_events_from_under_it_is_refused() {
     assert!(tracer.interrupt().success());
 }
 
-/// Where tracefs is mounted, and mounts it there again when dropped.
-struct Unmounted(PathBuf);
+/// The mount that holds tracefs (tracefs itself, or before Linux 4.1 debugfs, as on RHEL
+/// 7): its mount point and type, mounted there again when dropped.
+struct Unmounted {
+    dir: PathBuf,
+    fstype: String,
+}
+
+impl Unmounted {
+    /// The innermost mount that `path` is in, from /proc/self/mounts.
+    fn holding(path: &Path) -> Unmounted {
+        let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+        let (dir, fstype) = mounts
+            .lines()
+            .filter_map(|l| {
+                let mut fields = l.split_whitespace().skip(1);
+                Some((PathBuf::from(fields.next()?), fields.next()?.to_owned()))
+            })
+            .filter(|(dir, _)| path.starts_with(dir))
+            .max_by_key(|(dir, _)| dir.components().count())
+            .unwrap();
+        Unmounted { dir, fstype }
+    }
+}
 
 impl Drop for Unmounted {
     fn drop(&mut self) {
         let _ = Command::new("mount")
-            .args(["-t", "tracefs", "tracefs"])
-            .arg(&self.0)
+            .args(["-t", &self.fstype, &self.fstype])
+            .arg(&self.dir)
             .status();
     }
 }
@@ -174,13 +195,20 @@ fn tracefs_unmounted_while_tracing_changes_nothing() {
     all.extend(["-p", &me]);
     let tracer = Tracer::start(&all);
     let pid = tracer.pid();
+    // Mounted again when dropped, whatever happens.
+    let remount = Unmounted::holding(&tracefs);
+    assert!(
+        ["tracefs", "debugfs"].contains(&remount.fstype.as_str()),
+        "{} is on {}",
+        tracefs.display(),
+        remount.fstype
+    );
     let status = Command::new("umount")
         .arg("-l")
-        .arg(&tracefs)
+        .arg(&remount.dir)
         .status()
         .unwrap();
-    assert!(status.success(), "umount -l {}", tracefs.display());
-    let remount = Unmounted(tracefs.clone());
+    assert!(status.success(), "umount -l {}", remount.dir.display());
     shows_connects(&tracer, 3);
     assert!(tracer.interrupt().success());
     drop(remount);

@@ -77,7 +77,7 @@ fn flood(ns: &str, server: SocketAddr, n: usize, syn_retries: u8) -> Vec<OwnedFd
 /// How many IPv4 TCP sockets of namespace `ns` are in each state (/proc/net/tcp codes).
 fn tcp_states(ns: &str) -> std::collections::BTreeMap<String, usize> {
     let table = NetPair::within(ns, || {
-        fs::read_to_string("/proc/thread-self/net/tcp").unwrap()
+        fs::read_to_string(format!("/proc/self/task/{}/net/tcp", nix::unistd::gettid())).unwrap()
     });
     let mut states = std::collections::BTreeMap::new();
     for line in table.lines().skip(1) {

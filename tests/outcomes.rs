@@ -111,15 +111,18 @@ fn an_icmp_host_unreachable_is_reported_as_unreachable() {
     let server: SocketAddr = format!("{}:8", net.server_v4()).parse().unwrap();
     net.reject_syns(server.port());
     let tracer = Tracer::start(&["--json", "-p", &me()]);
-    // The first ICMP comes back while connect() still holds the socket: the kernel keeps
-    // it as a soft error and retransmits; the second one (after the 1 s RTO) ends it.
+    // An ICMP that comes back while connect() still holds the socket is kept as a soft
+    // error and the SYN is sent again; the next one (after the 1 s RTO) ends it. Where the
+    // first arrives after connect() let go of the socket (RHEL 7's 3.10 does so at times),
+    // it ends the connect at once. The rule's counter says which.
     let (err, took) = NetPair::within(&net.a, move || {
         timed(|| TcpStream::connect(server).unwrap_err().raw_os_error())
     });
     assert_eq!(err, Some(113), "EHOSTUNREACH expected");
     let e = one_event(&tracer, server.port());
-    assert_eq!(e["syn_retrans"], 1, "{e}");
-    assert_latency(&e, took, 1000.0);
+    let retransmits = net.rejected_syns() - 1;
+    assert_eq!(e["syn_retrans"], retransmits, "{e}");
+    assert_latency(&e, took, if retransmits > 0 { 1000.0 } else { 0.0 });
     if errno_known() {
         assert_eq!(e["outcome"], "unreachable", "{e}");
         assert_eq!(e["errno"], "EHOSTUNREACH", "{e}");

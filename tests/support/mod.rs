@@ -558,7 +558,8 @@ pub fn run(args: &[&str]) -> (ExitStatus, String, String) {
 
 /// This thread's comm, as the kernel reports it for events it causes.
 pub fn own_comm() -> String {
-    fs::read_to_string("/proc/thread-self/comm")
+    // Not /proc/thread-self, which came with Linux 3.17.
+    fs::read_to_string(format!("/proc/self/task/{}/comm", nix::unistd::gettid()))
         .unwrap()
         .trim_end()
         .to_owned()
@@ -839,6 +840,22 @@ impl NetPair {
             "iptables: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    /// How many SYNs the rule of [`NetPair::reject_syns`] has rejected: the kernel's own
+    /// count of a connect's first SYN and its retransmits.
+    pub fn rejected_syns(&self) -> u64 {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.b, "iptables-legacy"])
+            .args(["-L", "INPUT", "-v", "-n", "-x"])
+            .output()
+            .expect("run iptables");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text
+            .lines()
+            .find(|l| l.contains("REJECT"))
+            .unwrap_or_else(|| panic!("no REJECT rule in: {text}"));
+        line.split_whitespace().next().unwrap().parse().unwrap()
     }
 }
 

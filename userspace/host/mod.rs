@@ -61,7 +61,7 @@ pub struct Detect<'a> {
 pub enum TracefsMount {
     /// It was mounted already (or could not be, unprivileged, and nothing was tried).
     Untouched,
-    /// tcpconnlat mounted it here.
+    /// tcpconnlat mounted it: what, where ("tracefs at /sys/kernel/tracing").
     Mounted(String),
     /// It was not mounted, and mounting it failed: why.
     Failed(String),
@@ -157,7 +157,7 @@ impl Host {
         }
         match &self.tracefs_mount {
             TracefsMount::Mounted(dir) => {
-                notes.push(format!("tracefs was not mounted; mounted it at {dir}"))
+                notes.push(format!("tracefs was not mounted; mounted {dir}"))
             }
             TracefsMount::Failed(why) => notes.push(format!(
                 "tracefs is not mounted and mounting it failed ({why}): the tracepoint and tracefs kprobes cannot be used"
@@ -262,21 +262,40 @@ fn with_module_functions(mut functions: AttachPoints) -> AttachPoints {
 const IPV6_MODULE_BTF: &str = "/sys/kernel/btf/ipv6";
 
 /// tracefs is not always mounted (this is the case on minimal and container hosts); the
-/// tracepoint and tracefs kprobes need it, so mount it where the kernel expects it.
+/// tracepoint and tracefs kprobes need it, so mount it where the kernel expects it. Before
+/// Linux 4.1 ("tracefs: Add new tracefs file system") tracing lives only in debugfs, which
+/// is the case of CentOS/RHEL 7's 3.10.
 fn mount_tracefs() -> TracefsMount {
-    use nix::mount::{mount, MsFlags};
     if tracefs::find_tracefs(Path::new(ROOT)).is_some() {
         return TracefsMount::Untouched;
     }
-    let dir = format!("/{}", tracefs::TRACEFS_DIRS[0]);
-    match mount(
-        Some("tracefs"),
-        dir.as_str(),
-        Some("tracefs"),
+    let tracefs_dir = format!("/{}", tracefs::TRACEFS_DIRS[0]);
+    let tracefs_err = match mount_fs("tracefs", &tracefs_dir) {
+        Ok(()) => return TracefsMount::Mounted(format!("tracefs at {tracefs_dir}")),
+        Err(e) => e,
+    };
+    let debugfs_dir = "/sys/kernel/debug";
+    match mount_fs("debugfs", debugfs_dir) {
+        Ok(()) if tracefs::find_tracefs(Path::new(ROOT)).is_some() => {
+            TracefsMount::Mounted(format!("debugfs at {debugfs_dir}"))
+        }
+        Ok(()) => TracefsMount::Failed(format!(
+            "mount -t tracefs at {tracefs_dir}: {tracefs_err}; debugfs mounted at {debugfs_dir} has no tracing/"
+        )),
+        Err(e) => TracefsMount::Failed(format!(
+            "mount -t tracefs at {tracefs_dir}: {tracefs_err}; mount -t debugfs at {debugfs_dir}: {e}"
+        )),
+    }
+}
+
+fn mount_fs(fstype: &str, dir: &str) -> Result<(), &'static str> {
+    use nix::mount::{mount, MsFlags};
+    mount(
+        Some(fstype),
+        dir,
+        Some(fstype),
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
         None::<&str>,
-    ) {
-        Ok(()) => TracefsMount::Mounted(dir),
-        Err(e) => TracefsMount::Failed(format!("mount -t tracefs at {dir}: {}", e.desc())),
-    }
+    )
+    .map_err(|e| e.desc())
 }
