@@ -47,6 +47,7 @@ done
 # and legacy mode's object, tracefs kprobe cleanup and agreement with fentry.
 result=pass
 : >"$t/results"
+[ -n "$ONCE_TESTS" ] || result=
 for test in $ONCE_TESTS; do
     if ! TCPCONNLAT_EXPECT_AUTO=$AUTO TCPCONNLAT_EXPECT_REFUSED=$(echo $REFUSED | tr ' ' ,) \
         timeout 900 "$test" --test-threads=1 --include-ignored --nocapture >"$t/out" 2>&1; then
@@ -57,6 +58,6 @@ for test in $ONCE_TESTS; do
     grep -E 'connects made in|found ended by the sweeper\), [0-9]+ missed' "$t/out" | sed 's/^/@@NOTE /' || true
     echo "${test##*/}: $(grep 'test result' "$t/out" | cut -d. -f2)" >>"$t/results"
 done
-cell cli $result "$(tr '\n' ';' <"$t/results")"
+[ -z "$result" ] || cell cli $result "$(tr '\n' ';' <"$t/results")"
 
 rm -rf "$t"
