@@ -182,6 +182,12 @@ fn attach_owned<L>(fd: OwnedFd, attach: impl FnOnce(RawFd) -> Result<L>) -> Resu
 /// one, and removes it: between the add and the id read (the id file is gone), or between
 /// the id read and the open (the id names no event). Either way the event is added again,
 /// a few times at most: once opened, it is in use and the kernel keeps it.
+/// An event file removed under us: ENOENT, or ENODEV where the file was open in
+/// debugfs while its event went (tracing before tracefs, Linux 4.1: RHEL 7's 3.10).
+fn is_gone(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENODEV)
+}
+
 fn open_event(kprobe_events: &File, line: &str, id_path: &Path) -> Result<OwnedFd> {
     const TRIES: usize = 5;
     let mut last = None;
@@ -191,7 +197,7 @@ fn open_event(kprobe_events: &File, line: &str, id_path: &Path) -> Result<OwnedF
         }
         let id = match read_id(id_path) {
             Ok(id) => id,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(e) if is_gone(&e) => {
                 last = Some(anyhow!("{} is gone: {e}", id_path.display()));
                 continue;
             }

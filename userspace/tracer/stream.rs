@@ -102,6 +102,16 @@ impl Inbox {
         }
     }
 
+    /// The perf buffer is a ring per CPU, read one after another: the connects read from
+    /// `from` on, put in the order they ended.
+    fn in_time_order(&self, from: usize) {
+        let mut queue = self.queue.borrow_mut();
+        queue.make_contiguous()[from..].sort_by_key(|traced| match traced {
+            Traced::Connect(e) => e.ts_ns,
+            Traced::Shortfall(_) => u64::MAX,
+        });
+    }
+
     /// An error if a sample could not be decoded: better to stop than show wrong events.
     fn check(&self) -> Result<()> {
         match self.undecodable.get() {
@@ -316,9 +326,13 @@ impl<'cb> EventStream<'cb> {
     }
 
     fn read(&mut self, counters_now: bool) -> Result<()> {
+        let queued = self.inbox.queue.borrow().len();
         match &mut self.buffer {
             Buffer::Ring(ring) => ring.consume().context("reading the ring buffer")?,
-            Buffer::Perf(perf) => perf.consume()?,
+            Buffer::Perf(perf) => {
+                perf.consume()?;
+                self.inbox.in_time_order(queued);
+            }
         }
         self.inbox.check()?;
         let counted = self.counters.read(counters_now)?;
@@ -379,7 +393,34 @@ impl Stream for EventStream<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::cpu_list;
+    use super::{cpu_list, Event, Inbox, Shortfall, Traced};
+
+    #[test]
+    fn a_read_from_the_perf_buffer_is_put_in_time_order() {
+        let inbox = Inbox::default();
+        let ended = |ts_ns| {
+            Traced::Connect(Event {
+                ts_ns,
+                ..Event::sample()
+            })
+        };
+        let earlier = Traced::Shortfall(Shortfall::Missed { count: 1 });
+        inbox
+            .queue
+            .borrow_mut()
+            .extend([earlier, ended(9), ended(3), ended(5)]);
+        inbox.in_time_order(1);
+        let order: Vec<Option<u64>> = inbox
+            .queue
+            .borrow()
+            .iter()
+            .map(|t| match t {
+                Traced::Connect(e) => Some(e.ts_ns),
+                Traced::Shortfall(_) => None,
+            })
+            .collect();
+        assert_eq!(order, [None, Some(3), Some(5), Some(9)]);
+    }
 
     #[test]
     fn cpu_lists_read_as_the_kernel_writes_them() {
