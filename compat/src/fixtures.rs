@@ -48,7 +48,13 @@ pub fn matrix_btfs() -> Vec<(&'static str, Vec<u8>)> {
     let kernels = std::env::var_os("TCPCONNLAT_KERNELS_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/kernels/old"));
-    for (id, version) in [("old54", "5.4"), ("old414", "4.14"), ("old49", "4.9")] {
+    for (id, version) in [
+        ("old54", "5.4"),
+        ("old414", "4.14"),
+        ("old49", "4.9"),
+        ("old44", "4.4"),
+        ("rhel7", "3.10"),
+    ] {
         btfs.push((id, unxz(&kernels.join(version).join("vmlinux.btf.xz"))));
     }
     btfs
