@@ -188,8 +188,9 @@ struct StreamedBtf {
     names: HashMap<u32, &'static str>,
     functions: Vec<(Func, u32)>,
     sock: Option<u32>,
-    /// The ids of the [`CORE_ROOTS`] structs.
-    core_roots: Vec<u32>,
+    /// The ids of the [`CORE_ROOTS`] structs, in that order: the first of each name (a
+    /// BTF made without deduplication, as RHEL 7's is, has a copy per compile unit).
+    core_roots: [Option<u32>; CORE_ROOTS.len()],
 }
 
 /// One type's header (struct btf_type), and what follows it when it was read.
@@ -284,7 +285,7 @@ impl StreamedBtf {
             names,
             functions: Vec::new(),
             sock: None,
-            core_roots: Vec::new(),
+            core_roots: [None; CORE_ROOTS.len()],
         };
         btf.index_types(type_len)?;
         Ok(btf)
@@ -371,8 +372,8 @@ impl StreamedBtf {
                         if *name == "sock" && self.sock.is_none() {
                             self.sock = Some(id);
                         }
-                        if CORE_ROOTS.contains(name) {
-                            self.core_roots.push(id);
+                        if let Some(i) = CORE_ROOTS.iter().position(|root| root == name) {
+                            self.core_roots[i].get_or_insert(id);
                         }
                     }
                     _ => {}
@@ -444,10 +445,14 @@ impl StreamedBtf {
             Some(None) => return Err("truncated BTF type".into()),
             Some(Some(sock)) => self.offsets_in(&sock, path),
         };
-        let core_btf = if self.core_roots.len() == CORE_ROOTS.len() {
-            minimal::MinimalBtf::of(self, &self.core_roots)
-        } else {
-            Err(format!("not every one of the structs {CORE_ROOTS:?}"))
+        let core_btf = match self
+            .core_roots
+            .iter()
+            .copied()
+            .collect::<Option<Vec<u32>>>()
+        {
+            Some(roots) => minimal::MinimalBtf::of(self, &roots),
+            None => Err(format!("not every one of the structs {CORE_ROOTS:?}")),
         };
         Ok(BtfFacts {
             sock,
