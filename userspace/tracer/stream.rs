@@ -326,10 +326,10 @@ impl<'cb> EventStream<'cb> {
     }
 
     fn read(&mut self, counters_now: bool) -> Result<()> {
-        let queued = self.inbox.queue.borrow().len();
         match &mut self.buffer {
             Buffer::Ring(ring) => ring.consume().context("reading the ring buffer")?,
             Buffer::Perf(perf) => {
+                let queued = self.inbox.queue.borrow().len();
                 perf.consume()?;
                 self.inbox.in_time_order(queued);
             }
