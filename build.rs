@@ -10,21 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use libbpf_cargo::SkeletonBuilder;
-
-/// Each probe object; userspace embeds them by these names.
-const PROBES: &[&str] = &[
-    "tcpconnlat",
-    "tcpconnlat_tp",
-    "tcpconnlat_legacy",
-    "discover",
-    "types",
-    "empty",
-];
-
-/// The objects that must load on Linux 4.4 (legacy mode, offset discovery): the BPF v1
-/// instruction set only (clang 20 defaults to v3, whose 32-bit jumps need 5.1; v2's jumps
-/// need 4.14), and x86-64's struct pt_regs (legacy.bpf.h).
-const OLD_KERNEL_PROBES: &[&str] = &["tcpconnlat_legacy", "discover"];
+use object::{Object as _, ObjectSection as _, ObjectSymbol as _, SymbolKind};
+use tcpconnlat_compat::{Mode, ProbeObject};
 
 fn main() {
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
@@ -43,18 +30,20 @@ fn main() {
     // The legacy probes use the UAPI headers (linux/bpf.h) instead of vmlinux.h; on Debian
     // their asm/ part lives in the multiarch directory.
     let multiarch = format!("/usr/include/{arch}-linux-gnu");
-    for name in PROBES {
+    let mut names = Names::default();
+    for object in ProbeObject::ALL {
+        let name = object.stem();
         let src = probes.join(format!("{name}.bpf.c"));
         let obj = out.join(format!("{name}.bpf.o"));
         let mut args = vec!["-I", "probes", "-idirafter", &multiarch, "-Wall", "-Werror"];
-        if OLD_KERNEL_PROBES.contains(name) {
+        if object.loads_on_4_4() {
             args.extend(["-mcpu=v1", "-D__TARGET_ARCH_x86"]);
         }
         let mut builder = SkeletonBuilder::new();
         builder.source(&src).obj(&obj).clang_args(args);
         // `types` exists only for its BTF: its skeleton is where the Rust side gets
         // `types::event` and `types::config` from.
-        let result = if *name == "types" {
+        let result = if object == ProbeObject::Types {
             builder.build_and_generate(out.join("types.skel.rs"))
         } else {
             builder.build()
@@ -62,7 +51,10 @@ fn main() {
         if let Err(err) = result {
             panic!("building {}: {err:#}", src.display());
         }
+        names.read(object, &obj);
     }
+    names.check_modes();
+    fs::write(out.join("probe_names.rs"), names.generate()).expect("write probe_names.rs");
 
     let mut table = String::from(
         "/// struct sock offsets from kernel headers at build time: (release, offsets in\n\
@@ -175,4 +167,109 @@ fn header_offsets(obj: &Path, out: &Path) -> Result<(String, Vec<u16>), String> 
         );
     }
     Ok((release, offsets))
+}
+
+/// The programs and maps of every compiled object, from its symbols.
+#[derive(Default)]
+struct Names {
+    objects: Vec<Compiled>,
+}
+
+struct Compiled {
+    object: ProbeObject,
+    path: PathBuf,
+    progs: Vec<String>,
+    maps: Vec<String>,
+}
+
+impl Names {
+    /// A program is a global function in a section of its own (`.text` holds the
+    /// subprograms); a map, a symbol in `.maps`.
+    fn read(&mut self, object: ProbeObject, path: &Path) {
+        let data = fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        let elf = object::File::parse(&*data)
+            .unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()));
+        let (mut progs, mut maps) = (Vec::new(), Vec::new());
+        for symbol in elf.symbols() {
+            let (Ok(name), Some(section)) = (symbol.name(), symbol.section_index()) else {
+                continue;
+            };
+            let Ok(section) = elf
+                .section_by_index(section)
+                .and_then(|s| s.name().map(str::to_owned))
+            else {
+                continue;
+            };
+            if section == ".maps" {
+                maps.push(name.to_owned());
+            } else if symbol.kind() == SymbolKind::Text && symbol.is_global() && section != ".text"
+            {
+                progs.push(name.to_owned());
+            }
+        }
+        self.objects.push(Compiled {
+            object,
+            path: path.to_path_buf(),
+            progs,
+            maps,
+        });
+    }
+
+    /// Every program and event buffer compat's hook tables name for a mode is in the
+    /// mode's object: a name changed on one side only fails the build, rather than
+    /// pushing auto to a worse mode at run time.
+    fn check_modes(&self) {
+        for mode in Mode::ALL {
+            let spec = mode.spec();
+            let compiled = self
+                .objects
+                .iter()
+                .find(|c| c.object == spec.object)
+                .expect("every object is compiled");
+            let stem = spec.object.stem();
+            for name in mode.program_names() {
+                assert!(
+                    compiled.progs.contains(&name),
+                    "probes/{stem}.bpf.c has no program {name}, which compat/src/hooks.rs names for {mode} mode"
+                );
+            }
+            for transport in spec.transports() {
+                let map = transport.map();
+                assert!(
+                    compiled.maps.iter().any(|m| m == map),
+                    "probes/{stem}.bpf.c has no map {map}, which compat/src/hooks.rs names for {mode} mode"
+                );
+            }
+        }
+    }
+
+    /// `objects::bytes` and the `maps` constants userspace opens maps by.
+    fn generate(&self) -> String {
+        let mut rust = String::from(
+            "/// The compiled probe object.\n\
+             pub fn bytes(object: ProbeObject) -> &'static [u8] {\n    match object {\n",
+        );
+        for Compiled { object, path, .. } in &self.objects {
+            let _ = writeln!(
+                rust,
+                "        ProbeObject::{object:?} => include_bytes!({:?}),",
+                path.display().to_string()
+            );
+        }
+        rust.push_str(
+            "    }\n}\n\n/// The probes' maps, by their names in C (every one, opened by name or not).\n\
+             #[allow(dead_code)]\npub mod maps {\n",
+        );
+        let maps: std::collections::BTreeSet<&String> =
+            self.objects.iter().flat_map(|c| &c.maps).collect();
+        for map in maps {
+            let _ = writeln!(
+                rust,
+                "    pub const {}: &str = {map:?};",
+                map.to_ascii_uppercase()
+            );
+        }
+        rust.push_str("}\n");
+        rust
+    }
 }

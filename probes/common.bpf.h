@@ -5,9 +5,10 @@
  * machine that finishes every connect, read by the record offsets userspace found in the
  * tracepoint's format file. Nothing here uses CO-RE.
  *
- * An object including this file first defines
+ * The socket's error is read at the offsets userspace found (`sock_error` below); the
+ * CO-RE object reads it by BTF instead: it defines SOCK_ERROR_BY_BTF and its own
  *     static __always_inline __u16 sock_error(const struct config *cfg, __u64 sk);
- * which returns the socket's sk_err (0 when it cannot know).
+ * before including this file.
  *
  * The legacy object defines TCPCONNLAT_LEGACY first: it gets no ring buffer, no LRU map, no
  * cgroup helper and no tracepoint programs, so it loads on kernels older than those.
@@ -94,6 +95,23 @@ static __always_inline void count(__u32 counter)
 
 /* Read a field at a runtime offset (from a format file, BTF or kernel headers). */
 #define READ_AT(dst, base, off) bpf_probe_read(&(dst), sizeof(dst), (char *)(base) + (off))
+
+#ifndef SOCK_ERROR_BY_BTF
+/*
+ * The socket's sk_err, else its sk_err_soft (an ICMP error that came while the socket was
+ * locked), at the offsets userspace found; an offset of 0 is one it could not have.
+ */
+static __always_inline __u16 sock_error(const struct config *cfg, __u64 sk)
+{
+	int err = 0;
+
+	if (cfg->sk.err)
+		READ_AT(err, sk, cfg->sk.err);
+	if (!err && cfg->sk.err_soft)
+		READ_AT(err, sk, cfg->sk.err_soft);
+	return err;
+}
+#endif
 
 /* Nanoseconds from `start` to `end`; 0 where `end` is not later (unset, or a clock read
  * before the start): a wrapped difference would read as centuries, or negative to bcc's
@@ -378,6 +396,13 @@ static __always_inline void submit(void *ctx, const struct config *cfg, struct e
 		count(COUNTER_DROPPED);
 }
 
+/* How a program reads the sock:inet_sock_set_state record: at the offsets of the kernel's
+ * format file, or directly where it is laid out as struct state_record. */
+enum record_read {
+	READ_RECORD_AT_OFFSETS,
+	READ_RECORD_DIRECT,
+};
+
 /* The fields of one sock:inet_sock_set_state record that decide what to do. */
 struct state_change {
 	__u64 skaddr;
@@ -392,14 +417,14 @@ struct state_change {
  * (most state changes: those cost two reads only).
  */
 static __always_inline int read_state_change(void *ctx, const struct state_layout *l,
-					     int direct, struct state_change *sc)
+					     enum record_read read, struct state_change *sc)
 {
 	struct {
 		int oldstate;
 		int newstate;
 	} pair;
 
-	if (direct) {
+	if (read == READ_RECORD_DIRECT) {
 		const struct state_record *r = ctx;
 
 		sc->oldstate = r->oldstate;
@@ -440,10 +465,11 @@ static __always_inline int read_state_change(void *ctx, const struct state_layou
 }
 
 /* Whom the connect is to, from the record of its move into SYN_SENT (family is set). */
-static __always_inline void read_peer(void *ctx, const struct state_layout *l, int direct,
+static __always_inline void read_peer(void *ctx, const struct state_layout *l,
+					      enum record_read read,
 				      struct peer *to)
 {
-	if (direct) {
+	if (read == READ_RECORD_DIRECT) {
 		const struct state_record *r = ctx;
 
 		to->dport = r->dport;
@@ -461,10 +487,11 @@ static __always_inline void read_peer(void *ctx, const struct state_layout *l, i
 }
 
 /* The source, from the record of its move out of SYN_SENT (e->af is set). */
-static __always_inline void read_source(void *ctx, const struct state_layout *l, int direct,
+static __always_inline void read_source(void *ctx, const struct state_layout *l,
+					      enum record_read read,
 					struct event *e)
 {
-	if (direct) {
+	if (read == READ_RECORD_DIRECT) {
 		const struct state_record *r = ctx;
 
 		e->lport = r->sport;
@@ -679,25 +706,25 @@ static __always_inline int confirm_pending(__u64 *ctx, int transport)
 #ifndef TCPCONNLAT_LEGACY
 /*
  * sock:inet_sock_set_state: CLOSE -> SYN_SENT remembers a connect, leaving SYN_SENT
- * finishes it. With `direct` the record is a struct state_record.
+ * finishes it, reading the record as `read` says.
  */
-static __always_inline int handle_state(void *ctx, int transport, int direct)
+static __always_inline int handle_state(void *ctx, int transport, enum record_read read)
 {
 	const struct state_record *r = ctx;
 	const struct config *cfg;
 	struct state_change sc;
 
 	/* Most state changes are none of ours: read directly, they cost two loads. */
-	if (direct && r->oldstate != TCP_SYN_SENT && r->newstate != TCP_SYN_SENT)
+	if (read == READ_RECORD_DIRECT && r->oldstate != TCP_SYN_SENT && r->newstate != TCP_SYN_SENT)
 		return 0;
 	cfg = get_config();
-	if (!cfg || read_state_change(ctx, &cfg->tp, direct, &sc) || sc.protocol != IPPROTO_TCP)
+	if (!cfg || read_state_change(ctx, &cfg->tp, read, &sc) || sc.protocol != IPPROTO_TCP)
 		return 0;
 	if (sc.newstate == TCP_SYN_SENT) {
 		if (sc.oldstate == TCP_CLOSE) {
 			struct peer to = {.family = sc.family};
 
-			read_peer(ctx, &cfg->tp, direct, &to);
+			read_peer(ctx, &cfg->tp, read, &to);
 			remember_connect(ctx, cfg, sc.skaddr, &to, transport);
 		}
 		return 0;
@@ -708,40 +735,40 @@ static __always_inline int handle_state(void *ctx, int transport, int direct)
 
 		if (!finish_connect(cfg, sc.skaddr, sc.newstate, &e))
 			return 0;
-		read_source(ctx, &cfg->tp, direct, &e);
+		read_source(ctx, &cfg->tp, read, &e);
 		report(ctx, cfg, &e, transport);
 	}
 	return 0;
 }
 
-/* tcp:tcp_retransmit_skb */
-static __always_inline int handle_retransmit(void *ctx)
+/* The tcp: tracepoints whose records name a socket of ours, after the state machine's. */
+enum sock_record {
+	RECORD_RETRANSMIT, /* tcp:tcp_retransmit_skb: count a SYN sent again */
+	RECORD_RESET,      /* tcp:tcp_receive_reset: the answer was an RST */
+};
+
+static __always_inline int handle_sock_record(void *ctx, enum sock_record kind)
 {
 	const struct config *cfg = get_config();
 	__u64 sk;
 
-	if (cfg && !READ_AT(sk, ctx, cfg->retransmit_skaddr))
+	if (!cfg)
+		return 0;
+	if (READ_AT(sk, ctx, kind == RECORD_RESET ? cfg->reset_skaddr : cfg->retransmit_skaddr))
+		return 0;
+	if (kind == RECORD_RESET)
+		mark_reset(sk);
+	else
 		count_retransmit(sk);
 	return 0;
 }
 
-/* tcp:tcp_receive_reset */
-static __always_inline int handle_reset(void *ctx)
-{
-	const struct config *cfg = get_config();
-	__u64 sk;
-
-	if (cfg && !READ_AT(sk, ctx, cfg->reset_skaddr))
-		mark_reset(sk);
-	return 0;
-}
-
 /* The state machine's program, for one transport and one way of reading the record. */
-#define STATE_PROGRAM(name, transport, direct)                                          \
+#define STATE_PROGRAM(name, transport, read)                                            \
 	SEC("tracepoint/sock/inet_sock_set_state")                                      \
 	int name(void *ctx)                                                             \
 	{                                                                               \
-		return handle_state(ctx, transport, direct);                            \
+		return handle_state(ctx, transport, read);                              \
 	}
 
 /* The tracepoint programs every object has: four for the state machine (per transport,
@@ -750,19 +777,19 @@ static __always_inline int handle_reset(void *ctx)
 #define STATE_PROGRAMS()                                                                \
 	CONFIRM_PROGRAM(confirm_rb, TRANSPORT_RINGBUF)                                  \
 	CONFIRM_PROGRAM(confirm_pb, TRANSPORT_PERFBUF)                                  \
-	STATE_PROGRAM(tp_state_rb, TRANSPORT_RINGBUF, 0)                                \
-	STATE_PROGRAM(tp_state_pb, TRANSPORT_PERFBUF, 0)                                \
-	STATE_PROGRAM(tp_state_direct_rb, TRANSPORT_RINGBUF, 1)                         \
-	STATE_PROGRAM(tp_state_direct_pb, TRANSPORT_PERFBUF, 1)                         \
+	STATE_PROGRAM(tp_state_rb, TRANSPORT_RINGBUF, READ_RECORD_AT_OFFSETS)           \
+	STATE_PROGRAM(tp_state_pb, TRANSPORT_PERFBUF, READ_RECORD_AT_OFFSETS)           \
+	STATE_PROGRAM(tp_state_direct_rb, TRANSPORT_RINGBUF, READ_RECORD_DIRECT)        \
+	STATE_PROGRAM(tp_state_direct_pb, TRANSPORT_PERFBUF, READ_RECORD_DIRECT)        \
 	SEC("tracepoint/tcp/tcp_retransmit_skb")                                        \
 	int tp_retransmit(void *ctx)                                                    \
 	{                                                                               \
-		return handle_retransmit(ctx);                                          \
+		return handle_sock_record(ctx, RECORD_RETRANSMIT);                      \
 	}                                                                               \
 	SEC("tracepoint/tcp/tcp_receive_reset")                                         \
 	int tp_reset(void *ctx)                                                         \
 	{                                                                               \
-		return handle_reset(ctx);                                               \
+		return handle_sock_record(ctx, RECORD_RESET);                           \
 	}
 #endif /* !TCPCONNLAT_LEGACY */
 

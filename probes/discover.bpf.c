@@ -76,7 +76,7 @@ static __always_inline void snapshot(__u64 sk, __u32 phase, int newstate)
 static __always_inline int same_comm(const __u8 *a, const __u8 *b)
 {
 #pragma unroll
-	for (int i = 0; i < 16; i++) {
+	for (int i = 0; i < TASK_COMM_LEN; i++) {
 		if (a[i] != b[i])
 			return 0;
 		if (!a[i])
@@ -100,7 +100,7 @@ int discover_set_state(struct pt_regs *ctx)
 		/* Inside connect(): ours if the thread is. (The answer comes in softirq, where
 		 * the task is whichever was interrupted: known by the socket then.) */
 		__u32 leaving = PHASE_LEAVING;
-		__u8 comm[16] = {};
+		__u8 comm[TASK_COMM_LEN] = {};
 
 		bpf_get_current_comm(comm, sizeof(comm));
 		if (!same_comm(comm, cfg->comm))

@@ -6,6 +6,8 @@
 #ifndef TCPCONNLAT_DISCOVER_H
 #define TCPCONNLAT_DISCOVER_H
 
+#include "tcpconnlat.h" /* TASK_COMM_LEN */
+
 /*
  * A snapshot is the start of struct sock, copied in chunks: the stack (where bpf_probe_read
  * may write before 4.7) holds 512 bytes. 2 KiB covers every field sock_fields.h lists on
@@ -29,7 +31,7 @@ enum snapshot_phase {
  * pid: in a PID namespace userspace cannot know the pid the kernel's helpers give.
  */
 struct discover_config {
-	__u8 comm[16];
+	__u8 comm[TASK_COMM_LEN];
 };
 
 /* `discover_marks` key phase: whether that snapshot was taken, and into which state. */

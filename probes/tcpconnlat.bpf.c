@@ -15,6 +15,7 @@
 #include <bpf/bpf_core_read.h>
 
 struct config;
+#define SOCK_ERROR_BY_BTF
 static __always_inline __u16 sock_error(const struct config *cfg, __u64 sk)
 {
 	int err = BPF_CORE_READ((struct sock *)sk, sk_err);
@@ -27,33 +28,19 @@ static __always_inline __u16 sock_error(const struct config *cfg, __u64 sk)
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
-SEC("fentry/tcp_v4_connect")
-int BPF_PROG(fentry_v4_connect, struct sock *sk)
-{
-	connect_entered((__u64)sk);
-	return 0;
-}
+/* Starts the clock of a connect: the same body on every hook of a connect function. */
+#define CONNECT_PROGRAM(wrapper, name, section)                                        \
+	SEC(section)                                                                    \
+	int wrapper(name, struct sock *sk)                                              \
+	{                                                                               \
+		connect_entered((__u64)sk);                                             \
+		return 0;                                                               \
+	}
 
-SEC("fentry/tcp_v6_connect")
-int BPF_PROG(fentry_v6_connect, struct sock *sk)
-{
-	connect_entered((__u64)sk);
-	return 0;
-}
-
+CONNECT_PROGRAM(BPF_PROG, fentry_v4_connect, "fentry/tcp_v4_connect")
+CONNECT_PROGRAM(BPF_PROG, fentry_v6_connect, "fentry/tcp_v6_connect")
 /* kprobes are attached by name from kallsyms (tcp_v4_connect may be tcp_v4_connect.isra.0). */
-SEC("kprobe")
-int BPF_KPROBE(kprobe_v4_connect, struct sock *sk)
-{
-	connect_entered((__u64)sk);
-	return 0;
-}
-
-SEC("kprobe")
-int BPF_KPROBE(kprobe_v6_connect, struct sock *sk)
-{
-	connect_entered((__u64)sk);
-	return 0;
-}
+CONNECT_PROGRAM(BPF_KPROBE, kprobe_v4_connect, "kprobe")
+CONNECT_PROGRAM(BPF_KPROBE, kprobe_v6_connect, "kprobe")
 
 STATE_PROGRAMS()

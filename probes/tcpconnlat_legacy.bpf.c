@@ -29,21 +29,7 @@
 #define TCPCONNLAT_LEGACY
 #include "legacy.bpf.h"
 
-struct config;
-static __always_inline __u16 sock_error(const struct config *cfg, __u64 sk);
-
 #include "common.bpf.h"
-
-static __always_inline __u16 sock_error(const struct config *cfg, __u64 sk)
-{
-	int err = 0;
-
-	READ_AT(err, sk, cfg->sk.err);
-	/* sk_err_soft's offset is 0 where it could not be had (see sock_fields.h). */
-	if (!err && cfg->sk.err_soft)
-		READ_AT(err, sk, cfg->sk.err_soft);
-	return err;
-}
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 

@@ -10,21 +10,7 @@
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 
-struct config;
-static __always_inline __u16 sock_error(const struct config *cfg, __u64 sk);
-
 #include "common.bpf.h"
-
-static __always_inline __u16 sock_error(const struct config *cfg, __u64 sk)
-{
-	int err = 0;
-
-	if (cfg->sk.err)
-		bpf_probe_read(&err, sizeof(err), (char *)sk + cfg->sk.err);
-	if (!err && cfg->sk.err_soft)
-		bpf_probe_read(&err, sizeof(err), (char *)sk + cfg->sk.err_soft);
-	return err;
-}
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 

@@ -155,7 +155,7 @@ fn run(cli: &Cli, started: Instant) -> Result<()> {
     // Stdout alone flushes every line: a write per event would cost more than the probes.
     // Lines are flushed whenever the queue is empty, so none waits longer than --max-delay.
     let out = io::BufWriter::with_capacity(64 * 1024, io::stdout().lock());
-    let mut printer = Printer::new(out, cli.format(), cli.view(), cli.columns(), tracer.mode);
+    let mut printer = Printer::new(out, cli.output(), tracer.mode);
     printer.start().context(pump::WRITING)?;
     runtime.block_on(pump::pump(stream, &mut printer, cli.limits(), signals))?;
     printer.finish().context(pump::WRITING)?;

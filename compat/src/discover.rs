@@ -22,13 +22,12 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use thiserror::Error;
 
-use crate::btf::{sock_fields, SockOffsets, SOCK_FIELDS};
+use crate::btf::{sock_fields, SockField, SockOffsets, SOCK_FIELDS};
+use crate::hooks::NO_IPV6;
 
-const AF_INET: u16 = 2;
-const AF_INET6: u16 = 10;
+// The kernel's TCP states (include/net/tcp_states.h), which no crate exports.
 const TCP_SYN_SENT: u8 = 2;
 const TCP_CLOSE: u8 = 7;
-const ECONNREFUSED: i32 = 111;
 
 /// Which kind of socket a sample connected with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,6 +68,8 @@ pub enum DiscoverError {
     TooFewSamples(String),
     #[error("{field}: offset {offset} does not fit the 16-bit offsets the probes take")]
     TooFar { field: &'static str, offset: usize },
+    #[error("{field}: discovery does not look for this field of probes/sock_fields.h")]
+    NotLookedFor { field: &'static str },
 }
 
 fn list(offsets: &[usize]) -> String {
@@ -94,13 +95,18 @@ pub enum Phase {
 }
 
 /// A field (or declared pair of fields) looked for as one: at an offset aligned to
-/// `align`, `size` bytes holding what `expect` says in every snapshot.
+/// `align`, `size` bytes holding what `expect` says in every snapshot. `fields` are the
+/// fields of `probes/sock_fields.h` it holds, each at its place within it.
 pub struct Look {
     pub name: &'static str,
     pub size: usize,
     pub align: usize,
     pub expect: Expect,
+    pub fields: &'static [(&'static str, usize)],
 }
+
+/// The fields no connect of ours can show (see the module's documentation).
+pub const NOT_LOOKED_FOR: &[&str] = &["err_soft"];
 
 fn v6_mapped(addr: Ipv4Addr) -> [u8; 16] {
     addr.to_ipv6_mapped().octets()
@@ -113,6 +119,7 @@ pub const LOOKS: [Look; 6] = [
         name: "skc_v6_daddr/skc_v6_rcv_saddr",
         size: 32,
         align: 4,
+        fields: &[("v6_daddr", 0), ("v6_rcv_saddr", 16)],
         expect: |s, _| {
             (s.family == SampleFamily::V6Mapped).then(|| {
                 let mut v = v6_mapped(*s.remote.ip()).to_vec();
@@ -125,6 +132,7 @@ pub const LOOKS: [Look; 6] = [
         name: "skc_addrpair",
         size: 8,
         align: 8,
+        fields: &[("daddr", 0), ("rcv_saddr", 4)],
         expect: |s, _| {
             (s.family == SampleFamily::V4).then(|| {
                 let mut v = s.remote.ip().octets().to_vec();
@@ -137,6 +145,7 @@ pub const LOOKS: [Look; 6] = [
         name: "skc_portpair",
         size: 4,
         align: 4,
+        fields: &[("dport", 0), ("num", 2)],
         expect: |s, _| {
             let mut v = s.remote.port().to_be_bytes().to_vec();
             v.extend(s.local.port().to_ne_bytes());
@@ -147,9 +156,10 @@ pub const LOOKS: [Look; 6] = [
         name: "sk_err",
         size: 4,
         align: 4,
+        fields: &[("err", 0)],
         expect: |s, phase| {
             let err = if phase == Phase::Leaving && s.refused {
-                ECONNREFUSED
+                libc::ECONNREFUSED
             } else {
                 0
             };
@@ -160,18 +170,21 @@ pub const LOOKS: [Look; 6] = [
         name: "skc_family",
         size: 2,
         align: 2,
+        fields: &[("family", 0)],
         expect: |s, _| {
             let family = match s.family {
-                SampleFamily::V4 => AF_INET,
-                SampleFamily::V6Mapped => AF_INET6,
+                SampleFamily::V4 => libc::AF_INET,
+                SampleFamily::V6Mapped => libc::AF_INET6,
             };
-            Some(family.to_ne_bytes().to_vec())
+            // sa_family_t: 16 bits.
+            Some((family as u16).to_ne_bytes().to_vec())
         },
     },
     Look {
         name: "skc_state",
         size: 1,
         align: 1,
+        fields: &[("state", 0)],
         expect: |_, phase| {
             Some(vec![match phase {
                 Phase::Connecting => TCP_CLOSE,
@@ -197,39 +210,48 @@ pub fn find(samples: &[Sample]) -> Result<Found, DiscoverError> {
         taken.push((offset, offset + look.size));
         at[i] = Some(offset);
     }
-    let [v6, addrs, ports, err, family, state] = at;
     let mut notes = Vec::new();
-    if v6.is_none() {
-        notes.push("IPv6 connects are not traced: this kernel has no IPv6".to_owned());
+    if found_at(&at, "v6_daddr") == Some(None) {
+        notes.push(format!("{NO_IPV6}: this kernel has no IPv6"));
     }
-    let err = err.expect("sk_err is looked for in every sample");
     notes.push(ERR_SOFT_UNKNOWN.to_owned());
-    let by_name = |name: &str| -> Option<usize> {
-        Some(match name {
-            "family" => family?,
-            "state" => state?,
-            "num" => ports? + 2,
-            "dport" => ports?,
-            "rcv_saddr" => addrs? + 4,
-            "daddr" => addrs?,
-            "v6_rcv_saddr" => v6? + 16,
-            "v6_daddr" => v6?,
-            "err" => err,
-            _ => return None,
-        })
-    };
+    Ok(Found {
+        offsets: place(sock_fields(), &at)?,
+        notes,
+    })
+}
+
+/// Each of `fields` at the offset its look was found at (0 where the look did not apply:
+/// IPv6's without IPv6 samples, and the fields no connect can show). A field no look
+/// holds is an error: a field added to sock_fields.h must be looked for here.
+fn place(
+    fields: &[SockField],
+    at: &[Option<usize>; LOOKS.len()],
+) -> Result<SockOffsets, DiscoverError> {
     let mut offsets = [0u16; SOCK_FIELDS];
-    for (slot, field) in offsets.iter_mut().zip(sock_fields()) {
-        if let Some(offset) = by_name(field.name) {
+    for (slot, field) in offsets.iter_mut().zip(fields) {
+        let name = field.name;
+        let offset = match found_at(at, name) {
+            Some(offset) => offset,
+            None if NOT_LOOKED_FOR.contains(&name) => None,
+            None => return Err(DiscoverError::NotLookedFor { field: name }),
+        };
+        if let Some(offset) = offset {
             *slot = u16::try_from(offset).map_err(|_| DiscoverError::TooFar {
-                field: field.name,
+                field: name,
                 offset,
             })?;
         }
     }
-    Ok(Found {
-        offsets: SockOffsets(offsets),
-        notes,
+    Ok(SockOffsets(offsets))
+}
+
+/// Where field `name` was found (`Some(None)`: its look did not apply), or `None` where no
+/// look holds it.
+fn found_at(at: &[Option<usize>; LOOKS.len()], name: &str) -> Option<Option<usize>> {
+    LOOKS.iter().zip(at).find_map(|(look, at)| {
+        let (_, within) = look.fields.iter().find(|(f, _)| *f == name)?;
+        Some(at.map(|at| at + within))
     })
 }
 
@@ -396,6 +418,25 @@ mod tests {
     }
 
     /// Even where the bytes after sk_err are free and zero, as sk_err_soft's would be.
+    /// A field added to sock_fields.h without a look that holds it is refused by name,
+    /// not left at offset 0.
+    #[test]
+    fn a_field_no_look_holds_is_an_error_naming_it() {
+        let at = [Some(0), Some(40), Some(48), Some(60), Some(52), Some(54)];
+        assert!(place(sock_fields(), &at).is_ok());
+        let mut fields = sock_fields().to_vec();
+        fields[2] = SockField {
+            name: "sk_new_field",
+            path: &["sk_new_field"],
+        };
+        assert_eq!(
+            place(&fields, &at),
+            Err(DiscoverError::NotLookedFor {
+                field: "sk_new_field"
+            })
+        );
+    }
+
     #[test]
     fn err_soft_is_never_guessed() {
         let found = find(&samples()).unwrap();

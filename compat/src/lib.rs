@@ -9,12 +9,17 @@ pub mod discover;
 pub mod features;
 #[cfg(feature = "fixtures")]
 pub mod fixtures;
+pub mod hooks;
 pub mod kallsyms;
 pub mod kversion;
 pub mod plan;
 pub mod tracefs;
 
 pub use features::{Features, Finding, Findings, KernelVersion};
+pub use hooks::{
+    plan_hooks, Attach, HookChoice, HookPlan, ModeSpec, OffsetNeed, ProbeObject, RecordRead,
+    Tracepoint, Transport,
+};
 pub use kallsyms::{AttachPoints, Func};
 pub use plan::{Mode, Plan, Step, Unsupported};
 pub use tracefs::StateLayout;

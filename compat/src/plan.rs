@@ -8,7 +8,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::features::{Features, Finding, Findings};
-use crate::kallsyms::Func;
+use crate::hooks::{required_hooks, OffsetNeed};
 
 /// How tcpconnlat hooks the kernel. One value drives loading, attaching and reporting.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -37,93 +37,26 @@ impl Mode {
         }
     }
 
-    /// Whether this kernel can run the mode, as far as can be known before loading it.
+    /// Whether this kernel can run the mode, as far as can be known before loading it:
+    /// BTF for a CO-RE object, every hook the mode cannot do without (hooks.rs), and
+    /// struct sock's offsets where the mode reads the socket at them.
     pub fn check(self, features: &Features, findings: &Findings) -> Result<(), Unsupported> {
-        match self {
-            Mode::Fentry => {
-                need_btf(features)?;
-                match &findings.fentry {
-                    Finding::Unknown(_) => {
-                        return Err(Unsupported::NotTried("an fentry trial load"))
-                    }
-                    Finding::No(why) => return Err(Unsupported::FentryRefused(why.clone())),
-                    Finding::Yes(()) => {}
+        let spec = self.spec();
+        if spec.core && !features.btf {
+            return Err(Unsupported::NoBtf);
+        }
+        required_hooks(self, features, findings)?;
+        if spec.offsets == OffsetNeed::Required {
+            match &findings.sock_offsets {
+                Finding::Unknown(_) => {
+                    return Err(Unsupported::NotTried("looking for struct sock offsets"))
                 }
-                let targets = match &findings.fentry_targets {
-                    Finding::Unknown(_) => {
-                        return Err(Unsupported::NotTried("reading the kernel's BTF"))
-                    }
-                    Finding::No(why) => return Err(Unsupported::NoBtfFunctions(why.clone())),
-                    Finding::Yes(targets) => targets,
-                };
-                for &func in CORE_FUNCS {
-                    if targets.get(func).is_none() {
-                        return Err(Unsupported::MissingFunction(func.name()));
-                    }
-                }
-                need_state_tracepoint(features)
-            }
-            Mode::Kprobe => {
-                need_btf(features)?;
-                need_kprobes(features)?;
-                need_symbols(features, CORE_FUNCS)?;
-                need_state_tracepoint(features)
-            }
-            Mode::Tracepoint => need_state_tracepoint(features),
-            Mode::Legacy => {
-                need_kprobes(features)?;
-                need_symbols(features, &[Func::TcpSetState, Func::TcpRcvStateProcess])?;
-                match &findings.sock_offsets {
-                    Finding::Unknown(_) => {
-                        Err(Unsupported::NotTried("looking for struct sock offsets"))
-                    }
-                    Finding::No(why) => Err(Unsupported::NoOffsets(why.clone())),
-                    Finding::Yes(_) => Ok(()),
-                }
+                Finding::No(why) => return Err(Unsupported::NoOffsets(why.clone())),
+                Finding::Yes(_) => {}
             }
         }
-    }
-}
-
-fn need_btf(features: &Features) -> Result<(), Unsupported> {
-    if features.btf {
         Ok(())
-    } else {
-        Err(Unsupported::NoBtf)
     }
-}
-
-/// The functions the CO-RE modes cannot do without (IPv6 alone may be missing).
-const CORE_FUNCS: &[Func] = &[Func::TcpV4Connect];
-
-fn need_kprobes(features: &Features) -> Result<(), Unsupported> {
-    if features.kprobes() {
-        Ok(())
-    } else {
-        Err(Unsupported::NoKprobes)
-    }
-}
-
-fn need_symbols(features: &Features, funcs: &[Func]) -> Result<(), Unsupported> {
-    let points = match &features.attach_points {
-        Finding::Unknown(_) => return Err(Unsupported::SymbolsNotRead),
-        Finding::No(why) => return Err(Unsupported::NoKallsyms(why.clone())),
-        Finding::Yes(points) => points,
-    };
-    for &func in funcs {
-        if points.get(func).is_none() {
-            return Err(Unsupported::MissingSymbol(func.name()));
-        }
-    }
-    Ok(())
-}
-
-fn need_state_tracepoint(features: &Features) -> Result<(), Unsupported> {
-    features
-        .state_tracepoint
-        .as_ref()
-        .map(|_| ())
-        .map_err(|why| Unsupported::NoStateTracepoint(why.clone()))
 }
 
 impl fmt::Display for Mode {
@@ -166,7 +99,7 @@ pub enum Unsupported {
     #[error("kernel function {0} is not in the kernel's BTF")]
     MissingFunction(&'static str),
     #[error("{0}")]
-    NoStateTracepoint(String),
+    NoTracepoint(String),
     #[error("{0}")]
     NoOffsets(String),
     /// The mode passed every check but loading or attaching it failed.

@@ -355,7 +355,7 @@ fn linux_4_14_has_only_legacy_through_kprobe_events() {
     assert_eq!(plan.steps[1].verdict, Err(Unsupported::NoBtf));
     assert!(matches!(
         plan.steps[2].verdict,
-        Err(Unsupported::NoStateTracepoint(_))
+        Err(Unsupported::NoTracepoint(_))
     ));
     assert_eq!(plan.first(), Some(Mode::Legacy));
 }

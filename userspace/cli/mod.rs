@@ -8,7 +8,7 @@ mod generate;
 use std::time::Duration;
 
 use anyhow::Result;
-use tcpconnlat_compat::{Finding, Mode};
+use tcpconnlat_compat::{Finding, Mode, RecordRead};
 
 pub use flags::Cli;
 use flags::{ExtraLabel, ModeArg};
@@ -17,10 +17,10 @@ pub use generate::{generate, Generate};
 use crate::fleet::ServeArgs;
 use crate::host::{self, Host};
 use crate::output::stats::{By, Hists, Summary};
-use crate::output::{Columns, Format, View};
+use crate::output::{Columns, Format, OutputShape, View};
 use crate::pump::Limits;
 use crate::tracer::{
-    Filters, IpVersion, LoadOptions, Outcomes, RecordRead, Sizes, SweepTimes, Transport, STALE,
+    choose_transport, Filters, IpVersion, LoadOptions, Outcomes, Sizes, SweepTimes, STALE,
 };
 
 impl Cli {
@@ -73,10 +73,10 @@ impl Cli {
     pub fn load_options<'a>(&'a self, host: &'a Host) -> Result<LoadOptions<'a>> {
         Ok(LoadOptions {
             features: &host.features,
-            fentry_targets: host.findings.fentry_targets.yes(),
+            findings: &host.findings,
             core_btf: host.core_btf.as_ref(),
             sock: host,
-            transport: Transport::choose(self.transport, &host.findings)?,
+            transport: choose_transport(self.transport, &host.findings)?,
             kprobe_attach: self.kprobe_attach,
             record: if self.record_offsets {
                 RecordRead::AtOffsets
@@ -111,29 +111,26 @@ impl Cli {
         }
     }
 
-    /// What is shown, and how.
-    pub fn view(&self) -> View {
-        if self.hist {
+    /// What the output looks like, as asked.
+    pub fn output(&self) -> OutputShape {
+        let view = if self.hist {
             View::Hist(Hists::new(self.by.unwrap_or(By::All)))
         } else if self.summary {
             View::Summary(Summary::default())
         } else {
             View::Lines
-        }
-    }
-
-    pub fn format(&self) -> Format {
-        if self.json {
-            Format::Json
-        } else {
-            Format::Text
-        }
-    }
-
-    pub fn columns(&self) -> Columns {
-        Columns {
-            timestamp: self.timestamp,
-            lport: self.lport,
+        };
+        OutputShape {
+            format: if self.json {
+                Format::Json
+            } else {
+                Format::Text
+            },
+            view,
+            columns: Columns {
+                timestamp: self.timestamp,
+                lport: self.lport,
+            },
         }
     }
 

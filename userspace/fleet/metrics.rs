@@ -8,10 +8,8 @@
 //! `tcpconnlat_series_folded_total`), and a label set no connect used for `--series-ttl`
 //! is dropped, with every series it had.
 
-use std::collections::HashMap;
-use std::ops::RangeInclusive;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::{Family, MetricConstructor};
@@ -21,69 +19,11 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 use tcpconnlat_compat::Mode;
 
-use super::budget::SeriesBudget;
-use super::hot::{Hot, HotKey, HotSets};
-use crate::tracer::event::{host_part, End, Event, Outcome};
+use super::budget::{Claimed, NoRoom, SeriesBudget};
+use super::handles::{DestKey, HandleCache, SeriesHandles};
+use super::labels::{LabelRules, Labels, SeriesKey};
+use crate::tracer::event::{End, Event, Outcome};
 use crate::tracer::stream::Shortfall;
-
-/// What the `dest` label holds (`--dest`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum DestLabel {
-    /// daddr:dport
-    IpPort,
-    Ip,
-    Port,
-    /// No dest label value: every destination is one.
-    None,
-}
-
-/// How label sets are made and bounded.
-#[derive(Clone, Debug)]
-pub struct LabelRules {
-    pub dest: DestLabel,
-    /// Also a `cgroup` label (`--label cgroup`).
-    pub cgroup: bool,
-    /// Destination ports in this range (the kernel's ephemeral ports) are never label
-    /// values: they are as many as connections.
-    pub ephemeral: RangeInclusive<u16>,
-    /// Series at most, everything counted (what Prometheus pays for).
-    pub max_series: usize,
-    pub ttl: Duration,
-}
-
-/// The label set of a destination (and cgroup).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub(super) struct SeriesKey {
-    dest: String,
-    cgroup: Option<String>,
-}
-
-impl SeriesKey {
-    const OTHER: &'static str = "other";
-
-    fn folded(cgroup: bool) -> SeriesKey {
-        SeriesKey {
-            dest: Self::OTHER.to_owned(),
-            cgroup: cgroup.then(|| Self::OTHER.to_owned()),
-        }
-    }
-
-    fn labels(&self) -> Labels {
-        let mut labels = vec![("dest", self.dest.clone())];
-        if let Some(cgroup) = &self.cgroup {
-            labels.push(("cgroup", cgroup.clone()));
-        }
-        labels
-    }
-
-    fn with_outcome(&self, outcome: Outcome) -> Labels {
-        let mut labels = vec![("outcome", outcome.name().to_owned())];
-        labels.extend(self.labels());
-        labels
-    }
-}
-
-type Labels = Vec<(&'static str, String)>;
 
 /// Makes each new histogram with the configured buckets.
 #[derive(Clone)]
@@ -93,12 +33,6 @@ impl MetricConstructor<Histogram> for MakeHistogram {
     fn new_metric(&self) -> Histogram {
         Histogram::new(self.0.iter().copied())
     }
-}
-
-/// A label set in use: when it was last used, and which outcomes have series.
-struct Live {
-    last: Instant,
-    outcomes: Vec<Outcome>,
 }
 
 /// The sample lines of a scrape: the series Prometheus stores.
@@ -113,6 +47,16 @@ fn scrape_samples(registry: &Registry) -> usize {
 /// The metrics one tracer exports.
 pub struct Metrics {
     pub registry: Registry,
+    instruments: Instruments,
+    /// Series that exist whatever the traffic: every metric without labels.
+    fixed: usize,
+    state: Mutex<State>,
+    rules: LabelRules,
+}
+
+/// Every metric but the build's (handles: clones count into the same series).
+#[derive(Clone)]
+struct Instruments {
     durations: Family<Labels, Histogram, MakeHistogram>,
     retransmits: Family<Labels, Counter>,
     lost: Counter,
@@ -124,25 +68,13 @@ pub struct Metrics {
     accept_errors: Counter,
     label_sets: Gauge,
     series: Gauge,
-    /// Series that exist whatever the traffic: every metric without labels.
-    fixed: usize,
-    state: Mutex<State>,
-    rules: LabelRules,
 }
 
-/// The label sets in use, and the series they may have.
+/// The label sets in use, and the handles of their series.
 struct State {
-    live: HashMap<SeriesKey, Live>,
     budget: SeriesBudget,
     /// The series of destinations counted lately, for the next connect to them.
-    hot: HotSets,
-}
-
-/// The label set a connect is counted under.
-enum Claimed {
-    Own(SeriesKey),
-    /// `dest="other"`: its own would not fit in `--max-series`.
-    Folded(SeriesKey),
+    handles: HandleCache,
 }
 
 /// What `tcpconnlat_build_info` says of how this host traces.
@@ -153,24 +85,176 @@ pub struct Identity<'a> {
 }
 
 impl Metrics {
+    /// `tcpconnlat_build_info`: one series, registered once the mode is known.
+    const BUILD_INFO_SERIES: usize = 1;
+
     /// 50 µs to 210 s (beyond the ~127 s of the kernel's default SYN retries), each four
     /// times the last: 12 buckets, 15 series a histogram.
     pub fn default_buckets() -> Vec<f64> {
         prometheus_client::metrics::histogram::exponential_buckets(50e-6, 4.0, 12).collect()
     }
 
-    /// The metrics, or why `--max-series` cannot hold them.
-    pub fn new(
-        rules: LabelRules,
-        buckets: Vec<f64>,
-        identity: &Identity<'_>,
-    ) -> Result<Metrics, String> {
+    /// The metrics, or why `--max-series` cannot hold them; [`Metrics::identify`] before
+    /// they are served.
+    pub fn new(rules: LabelRules, buckets: Vec<f64>) -> Result<Metrics, NoRoom> {
         let bucket_count = buckets.len();
+        let instruments = Instruments::new(buckets);
         // No registry prefix: `tcpconnlat_build_info` is an info metric named
         // `tcpconnlat_build`.
         let mut registry = Registry::default();
-        let metrics = Metrics {
-            registry: Registry::default(),
+        instruments.register(&mut registry);
+        // Every series that exists before any connect is fixed: count them as scraped.
+        let fixed = scrape_samples(&registry) + Self::BUILD_INFO_SERIES;
+        let budget = SeriesBudget::new(rules.max_series, fixed, bucket_count, rules.folded())?;
+        instruments.series.set(fixed as i64);
+        Ok(Metrics {
+            registry,
+            instruments,
+            fixed,
+            state: Mutex::new(State {
+                budget,
+                handles: HandleCache::default(),
+            }),
+            rules,
+        })
+    }
+
+    /// `tcpconnlat_build_info`: which tcpconnlat this is and how it traces here.
+    pub fn identify(&mut self, identity: &Identity<'_>) {
+        self.registry.register(
+            "tcpconnlat_build",
+            "Which tcpconnlat this is and how it traces here",
+            Info::new(vec![
+                ("version", env!("CARGO_PKG_VERSION").to_owned()),
+                ("revision", env!("TCPCONNLAT_REVISION").to_owned()),
+                ("mode", identity.mode.name().to_owned()),
+                ("transport", identity.transport.to_owned()),
+                ("kernel", identity.kernel.to_owned()),
+            ]),
+        );
+    }
+
+    /// Count one connect (`cgroup`: its cgroup path, asked for only when first seen).
+    pub fn observe(&self, e: &Event, cgroup: impl FnOnce() -> Option<String>) {
+        let seconds = e.lat_ns as f64 / 1e9;
+        if e.end != End::Seen {
+            self.instruments.inferred.inc();
+        }
+        let dest = DestKey::of(e, &self.rules);
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let handles = match state.handles.get_mut(&dest) {
+            Some(handles) if handles.durations(e.outcome).is_some() => handles,
+            _ => {
+                let key = self.rules.key_for(e, cgroup());
+                let key = match self.claim(&mut state, key, e.outcome) {
+                    Claimed::Own(key) if state.handles.has_room_for(&dest) => key,
+                    Claimed::Own(key) | Claimed::Folded(key) => {
+                        return self.count(&key, e, seconds)
+                    }
+                };
+                let durations = self
+                    .instruments
+                    .durations
+                    .get_or_create_owned(&key.with_outcome(e.outcome));
+                let handles = state.handles.entry(dest, || SeriesHandles::new(key));
+                handles.set_durations(e.outcome, durations);
+                handles
+            }
+        };
+        handles.last = Instant::now();
+        if let Some(durations) = handles.durations(e.outcome) {
+            durations.observe(seconds);
+        }
+        if e.syn_retrans > 0 {
+            handles.count_retransmits(u64::from(e.syn_retrans), |key| {
+                self.instruments
+                    .retransmits
+                    .get_or_create_owned(&key.labels())
+            });
+        }
+    }
+
+    /// Count a connect under `key` through the metric families (no cached series).
+    fn count(&self, key: &SeriesKey, e: &Event, seconds: f64) {
+        self.instruments
+            .durations
+            .get_or_create(&key.with_outcome(e.outcome))
+            .observe(seconds);
+        if e.syn_retrans > 0 {
+            self.instruments
+                .retransmits
+                .get_or_create(&key.labels())
+                .inc_by(u64::from(e.syn_retrans));
+        }
+    }
+
+    /// The label set a connect is counted under: its own, or, where the series it would
+    /// add do not fit in `--max-series`, the folded one.
+    fn claim(&self, state: &mut State, key: SeriesKey, outcome: Outcome) -> Claimed {
+        let claimed = state.budget.claim(key, outcome);
+        if let Claimed::Folded(_) = claimed {
+            self.instruments.folded.inc();
+        }
+        self.count_series(state);
+        claimed
+    }
+
+    /// The gauges of what is in use.
+    fn count_series(&self, state: &State) {
+        self.instruments.label_sets.set(state.budget.sets() as i64);
+        self.instruments
+            .series
+            .set((self.fixed + state.budget.series()) as i64);
+    }
+
+    /// A scrape connection could not be accepted.
+    pub fn accept_failed(&self) {
+        self.instruments.accept_errors.inc();
+    }
+
+    /// Count connects tracing could not show.
+    pub fn shortfall(&self, shortfall: Shortfall) {
+        let counter = match shortfall {
+            Shortfall::Lost { .. } => &self.instruments.lost,
+            Shortfall::Untracked { .. } => &self.instruments.untracked,
+            Shortfall::Missed { .. } => &self.instruments.missed,
+            Shortfall::TableErrors { .. } => &self.instruments.table_errors,
+        };
+        counter.inc_by(shortfall.count());
+    }
+
+    /// Drop the label sets no connect used for `--series-ttl`; how many.
+    pub fn expire(&self) -> usize {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let State { budget, handles } = &mut *state;
+        for (key, last) in handles.last_uses() {
+            budget.used_at(key, last);
+        }
+        let gone = budget.expire(self.rules.ttl);
+        for (key, outcomes) in &gone {
+            for &outcome in outcomes {
+                self.instruments
+                    .durations
+                    .remove(&key.with_outcome(outcome));
+            }
+            self.instruments.retransmits.remove(&key.labels());
+        }
+        // Their series are gone from the families: the handles cached would count nowhere.
+        handles.retain(|key| budget.contains(key));
+        self.count_series(&state);
+        gone.len()
+    }
+
+    /// Label sets in use.
+    #[cfg(test)]
+    fn label_sets(&self) -> usize {
+        self.instruments.label_sets.get() as usize
+    }
+}
+
+impl Instruments {
+    fn new(buckets: Vec<f64>) -> Instruments {
+        Instruments {
             durations: Family::new_with_constructor(MakeHistogram(Arc::new(buckets))),
             retransmits: Family::default(),
             lost: Counter::default(),
@@ -182,38 +266,11 @@ impl Metrics {
             accept_errors: Counter::default(),
             label_sets: Gauge::default(),
             series: Gauge::default(),
-            fixed: 0,
-            state: Mutex::new(State {
-                live: HashMap::new(),
-                budget: SeriesBudget {
-                    own: 0,
-                    per_histogram: 0,
-                    used: 0,
-                },
-                hot: HotSets::default(),
-            }),
-            rules,
-        };
-        metrics.register(&mut registry, identity);
-        registry.register_collector(Box::new(super::process::ProcessCollector));
-        // Every series that exists before any connect is fixed: count them as scraped.
-        let fixed = scrape_samples(&registry);
-        let budget = SeriesBudget::new(metrics.rules.max_series, fixed, bucket_count)?;
-        metrics.series.set(fixed as i64);
-        Ok(Metrics {
-            registry,
-            fixed,
-            state: Mutex::new(State {
-                live: HashMap::new(),
-                budget,
-                hot: HotSets::default(),
-            }),
-            ..metrics
-        })
+        }
     }
 
-    /// Every metric into `registry`, with its help.
-    fn register(&self, registry: &mut Registry, identity: &Identity<'_>) {
+    /// Every metric but the build's into the registry, with its help.
+    fn register(&self, registry: &mut Registry) {
         registry.register_with_unit(
             "tcpconnlat_connect_duration",
             "TCP handshake time: SYN sent to SYN-ACK or RST processed, or to giving up",
@@ -274,186 +331,15 @@ impl Metrics {
             "Series this exporter has or keeps room for (at most --max-series)",
             self.series.clone(),
         );
-        registry.register(
-            "tcpconnlat_build",
-            "Which tcpconnlat this is and how it traces here",
-            Info::new(vec![
-                ("version", env!("CARGO_PKG_VERSION").to_owned()),
-                ("revision", env!("TCPCONNLAT_REVISION").to_owned()),
-                ("mode", identity.mode.name().to_owned()),
-                ("transport", identity.transport.to_owned()),
-                ("kernel", identity.kernel.to_owned()),
-            ]),
-        );
-    }
-
-    /// Count one connect (`cgroup`: its cgroup path, asked for only when first seen).
-    pub fn observe(&self, e: &Event, cgroup: impl FnOnce() -> Option<String>) {
-        let seconds = e.lat_ns as f64 / 1e9;
-        if e.end != End::Seen {
-            self.inferred.inc();
-        }
-        let hot_key = HotKey::of(e, self.rules.cgroup);
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let hot = match state.hot.get_mut(&hot_key) {
-            Some(hot) if hot.durations(e.outcome).is_some() => hot,
-            _ => {
-                let key = self.key_for(e, cgroup());
-                let key = match self.claim(&mut state, key, e.outcome) {
-                    Claimed::Own(key) if state.hot.has_room_for(&hot_key) => key,
-                    Claimed::Own(key) | Claimed::Folded(key) => {
-                        return self.count(&key, e, seconds)
-                    }
-                };
-                let durations = self
-                    .durations
-                    .get_or_create_owned(&key.with_outcome(e.outcome));
-                let hot = state.hot.entry(hot_key, || Hot::new(key));
-                hot.set_durations(e.outcome, durations);
-                hot
-            }
-        };
-        hot.last = Instant::now();
-        if let Some(durations) = hot.durations(e.outcome) {
-            durations.observe(seconds);
-        }
-        if e.syn_retrans > 0 {
-            hot.count_retransmits(u64::from(e.syn_retrans), |key| {
-                self.retransmits.get_or_create_owned(&key.labels())
-            });
-        }
-    }
-
-    /// Count a connect under `key` through the metric families (no cached series).
-    fn count(&self, key: &SeriesKey, e: &Event, seconds: f64) {
-        self.durations
-            .get_or_create(&key.with_outcome(e.outcome))
-            .observe(seconds);
-        if e.syn_retrans > 0 {
-            self.retransmits
-                .get_or_create(&key.labels())
-                .inc_by(u64::from(e.syn_retrans));
-        }
-    }
-
-    fn key_for(&self, e: &Event, cgroup: Option<String>) -> SeriesKey {
-        let port = if self.rules.ephemeral.contains(&e.dport) {
-            "ephemeral".to_owned()
-        } else {
-            e.dport.to_string()
-        };
-        let ip = host_part(&e.daddr);
-        let dest = match self.rules.dest {
-            DestLabel::IpPort => format!("{ip}:{port}"),
-            DestLabel::Ip => ip,
-            DestLabel::Port => port,
-            DestLabel::None => String::new(),
-        };
-        SeriesKey {
-            dest,
-            cgroup: self.rules.cgroup.then(|| cgroup.unwrap_or_default()),
-        }
-    }
-
-    /// The label set a connect is counted under: its own, or, where the series it would
-    /// add do not fit in `--max-series`, the folded one.
-    fn claim(&self, state: &mut State, key: SeriesKey, outcome: Outcome) -> Claimed {
-        let State { live, budget, .. } = state;
-        let cost = match live.get(&key) {
-            Some(set) => budget.cost(false, !set.outcomes.contains(&outcome)),
-            None => budget.cost(true, true),
-        };
-        let claimed = if budget.used + cost <= budget.own {
-            budget.used += cost;
-            Claimed::Own(key)
-        } else {
-            self.folded.inc();
-            Claimed::Folded(SeriesKey::folded(self.rules.cgroup))
-        };
-        let (Claimed::Own(key) | Claimed::Folded(key)) = &claimed;
-        let entry = live.entry(key.clone()).or_insert(Live {
-            last: Instant::now(),
-            outcomes: Vec::new(),
-        });
-        entry.last = Instant::now();
-        if !entry.outcomes.contains(&outcome) {
-            entry.outcomes.push(outcome);
-        }
-        self.count_series(state);
-        claimed
-    }
-
-    /// The gauges of what is in use.
-    fn count_series(&self, state: &State) {
-        let folded = SeriesKey::folded(self.rules.cgroup);
-        let other = state
-            .live
-            .get(&folded)
-            .map_or(0, |set| state.budget.of(set.outcomes.len()));
-        self.label_sets.set(state.live.len() as i64);
-        self.series
-            .set((self.fixed + state.budget.used + other) as i64);
-    }
-
-    /// A scrape connection could not be accepted.
-    pub fn accept_failed(&self) {
-        self.accept_errors.inc();
-    }
-
-    /// Count connects tracing could not show.
-    pub fn shortfall(&self, shortfall: Shortfall) {
-        let counter = match shortfall {
-            Shortfall::Lost { .. } => &self.lost,
-            Shortfall::Untracked { .. } => &self.untracked,
-            Shortfall::Missed { .. } => &self.missed,
-            Shortfall::TableErrors { .. } => &self.table_errors,
-        };
-        counter.inc_by(shortfall.count());
-    }
-
-    /// Drop the label sets no connect used for `--series-ttl`; how many.
-    pub fn expire(&self) -> usize {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let State { live, budget, hot } = &mut *state;
-        for (key, last) in hot.last_uses() {
-            if let Some(set) = live.get_mut(key) {
-                set.last = set.last.max(last);
-            }
-        }
-        let folded = SeriesKey::folded(self.rules.cgroup);
-        let ttl = self.rules.ttl;
-        let idle: Vec<SeriesKey> = live
-            .iter()
-            .filter(|(_, l)| l.last.elapsed() >= ttl)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in &idle {
-            if let Some(gone) = live.remove(key) {
-                if *key != folded {
-                    budget.used -= budget.of(gone.outcomes.len());
-                }
-                for outcome in gone.outcomes {
-                    self.durations.remove(&key.with_outcome(outcome));
-                }
-                self.retransmits.remove(&key.labels());
-            }
-        }
-        // Their series are gone from the families: the handles cached would count nowhere.
-        hot.retain(|key| live.contains_key(key));
-        self.count_series(&state);
-        idle.len()
-    }
-
-    /// Label sets in use.
-    #[cfg(test)]
-    fn label_sets(&self) -> usize {
-        self.label_sets.get() as usize
+        registry.register_collector(Box::new(super::process::ProcessCollector));
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fleet::labels::DestLabel;
+    use std::time::Duration;
 
     fn event(daddr: &str, dport: u16, outcome: Outcome, lat_ms: u64) -> Event {
         Event {
@@ -483,12 +369,13 @@ mod tests {
             max_series,
             ttl,
         };
-        let identity = Identity {
+        let mut metrics = Metrics::new(rules, Metrics::default_buckets()).unwrap();
+        metrics.identify(&Identity {
             mode: Mode::Tracepoint,
             transport: "ring buffer",
             kernel: "6.18.0",
-        };
-        Metrics::new(rules, Metrics::default_buckets(), &identity).unwrap()
+        });
+        metrics
     }
 
     fn scrape(m: &Metrics) -> String {
@@ -532,16 +419,16 @@ mod tests {
         assert!(text.contains(r#"dest="other"} 2"#), "{text}");
         assert!(text.contains("tcpconnlat_series_folded_total 2"), "{text}");
         // The gauge is what a scrape holds, and the budget holds.
-        let series = m.series.get() as usize;
+        let series = m.instruments.series.get() as usize;
         assert_eq!(series, scrape_samples(&m.registry), "{text}");
         assert!(series <= max, "{series} series, budget {max}");
         // A second outcome of a destination of its own does not fit: it is folded too.
         m.observe(&event("10.0.0.2", 1, Outcome::Timeout, 1), || None);
         assert!(scrape(&m).contains("tcpconnlat_series_folded_total 3"));
-        assert!(m.series.get() as usize <= max);
+        assert!(m.instruments.series.get() as usize <= max);
         assert_eq!(m.expire(), 3);
         assert_eq!(m.label_sets(), 0);
-        assert_eq!(m.series.get() as usize, m.fixed);
+        assert_eq!(m.instruments.series.get() as usize, m.fixed);
         assert!(!scrape(&m).contains(",dest="), "{}", scrape(&m));
         // A destination seen again after its set expired has its series again (the
         // handles kept for it went with the set), counted from zero.
@@ -576,14 +463,10 @@ mod tests {
             max_series: 50,
             ttl: Duration::ZERO,
         };
-        let identity = Identity {
-            mode: Mode::Tracepoint,
-            transport: "",
-            kernel: "",
-        };
-        let err = Metrics::new(rules, Metrics::default_buckets(), &identity)
+        let err = Metrics::new(rules, Metrics::default_buckets())
             .err()
-            .unwrap();
+            .unwrap()
+            .to_string();
         assert!(err.starts_with("--max-series 50 leaves no room"), "{err}");
     }
 

@@ -1,10 +1,17 @@
 //! Fleet mode (`--serve`): tcpconnlat as a Prometheus exporter. Connects become metrics
 //! (metrics.rs) served over HTTP (http.rs) until a signal or `-d`.
+//!
+//! - `labels`: the label set a connect is counted under;
+//! - `budget`: which label sets `--max-series` holds, and when they expire;
+//! - `handles`: a cache of series handles by raw destination;
+//! - `metrics`: the registry they all feed, and what a scrape encodes;
+//! - `http`, `auth`, `web`: serving it, with TLS and basic auth.
 
 mod auth;
 mod budget;
-mod hot;
+mod handles;
 mod http;
+mod labels;
 pub mod metrics;
 mod process;
 mod web;
@@ -21,7 +28,8 @@ use crate::host::cgroup::CgroupPaths;
 use crate::pump::{self, Limits, Signals, Sink};
 use crate::tracer::event::Event;
 use crate::tracer::stream::{EventStream, Shortfall};
-pub use metrics::{DestLabel, Identity, LabelRules, Metrics};
+pub use labels::{DestLabel, LabelRules};
+pub use metrics::{Identity, Metrics};
 
 /// What the user asked of `--serve`, as parsed.
 #[derive(Clone, Debug)]
@@ -42,8 +50,8 @@ pub struct ServeArgs {
 pub struct Fleet {
     addr: SocketAddr,
     guard: http::Guard,
-    rules: LabelRules,
-    buckets: Vec<f64>,
+    metrics: Metrics,
+    ttl: Duration,
     cgroups: Option<CgroupPaths>,
 }
 
@@ -64,14 +72,11 @@ impl Fleet {
             max_series: args.max_series,
             ttl: args.ttl,
         };
-        // The same metrics as will be served: --max-series must hold their fixed series.
-        let trial = Identity {
-            mode: tcpconnlat_compat::Mode::Tracepoint,
-            transport: "",
-            kernel: "",
-        };
-        Metrics::new(rules.clone(), buckets.clone(), &trial).map_err(anyhow::Error::msg)?;
-        let cgroups = rules.cgroup.then(|| {
+        let cgroup_label = rules.cgroup;
+        let ttl = rules.ttl;
+        // Made now: --max-series must hold their fixed series, or nothing is loaded.
+        let metrics = Metrics::new(rules, buckets)?;
+        let cgroups = cgroup_label.then(|| {
             let (paths, note) = CgroupPaths::new();
             if let Some(note) = note {
                 eprintln!("tcpconnlat: {note}");
@@ -91,8 +96,8 @@ impl Fleet {
         Ok(Fleet {
             addr: args.addr,
             guard,
-            rules,
-            buckets,
+            metrics,
+            ttl,
             cgroups,
         })
     }
@@ -124,15 +129,15 @@ impl Server {
         signals: Signals,
     ) -> Result<()> {
         let Fleet {
-            rules,
-            buckets,
+            mut metrics,
+            ttl,
             cgroups,
             guard,
             ..
         } = self.fleet;
         let scheme = if guard.tls.is_some() { "https" } else { "http" };
-        let ttl = rules.ttl;
-        let metrics = Arc::new(Metrics::new(rules, buckets, identity).map_err(anyhow::Error::msg)?);
+        metrics.identify(identity);
+        let metrics = Arc::new(metrics);
         let address = self.listener.local_addr()?;
         let server = tokio::spawn(http::serve(self.listener, metrics.clone(), Arc::new(guard)));
         eprintln!("tcpconnlat: serving Prometheus metrics at {scheme}://{address}/metrics");

@@ -2,6 +2,7 @@
 //! can tell (trial loads, the vDSO's version note, raising the memlock limit).
 
 pub mod cgroup;
+mod discovery;
 mod offsets;
 pub mod privileges;
 pub mod report;
@@ -114,7 +115,7 @@ impl Host {
             fentry_targets,
             ..Findings::default()
         };
-        let fentry_trial = try_loading(what.privileged, &features, trial_target, &mut findings);
+        let fentry_trial = try_loading(what, &features, trial_target, &mut findings);
         let memlock = raise_memlock(&features);
         let mut host = Host {
             features,
@@ -179,12 +180,12 @@ impl Host {
 /// The trials, where privileged: the fentry trial's program (kept attached, see
 /// [`Host::end_fentry_trial`]), the ring buffer and running a program on demand.
 fn try_loading(
-    privileged: bool,
+    what: &Detect<'_>,
     features: &Features,
     fentry_target: Option<u32>,
     findings: &mut Findings,
 ) -> Option<OwnedFd> {
-    if !privileged {
+    if !what.privileged {
         findings.fentry = Finding::Unknown("needs root to try".to_owned());
         findings.ringbuf = Finding::Unknown("needs root to try".to_owned());
         findings.on_demand = Finding::Unknown("needs root to try".to_owned());

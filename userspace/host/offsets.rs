@@ -1,6 +1,6 @@
 //! Where the probes without CO-RE get struct sock's offsets, in order: a BTF file the user
 //! gave or the kernel's own BTF, offsets built in from kernel headers for this release,
-//! and, where neither has them, discovery at start-up (tracer::discovery). Discovery runs
+//! and, where neither has them, discovery at start-up (discovery.rs). Discovery runs
 //! once, and only when legacy mode is about to load (or `--offsets discover` asks).
 
 use std::cell::OnceCell;
@@ -9,12 +9,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tcpconnlat_compat::btf::{self, BtfError, BtfFacts, SockOffsets};
-use tcpconnlat_compat::{Features, Finding};
+use tcpconnlat_compat::{Features, Finding, OffsetNeed};
 
+use super::discovery::{self, DiscoveryHost};
 use crate::timing;
-use crate::tracer::discovery::{self, DiscoveryHost};
 use crate::tracer::kprobes::KprobeAttach;
-use crate::tracer::{objects, OffsetNeed, SockOffsetsSource};
+use crate::tracer::{objects, SockOffsetsSource};
 
 /// `--offsets`: where struct sock's offsets may come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

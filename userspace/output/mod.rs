@@ -55,11 +55,28 @@ pub struct Printer<W: Write> {
     line: Line,
 }
 
-const MIN_ADDR_WIDTH: usize = 16;
+/// What the output looks like (`--json`, `--hist`/`--summary`, the optional columns).
+pub struct OutputShape {
+    pub format: Format,
+    pub view: View,
+    pub columns: Columns,
+}
+
+// The text columns' widths, for the lines and their header alike.
+const TIME_WIDTH: usize = 9;
+const PID_WIDTH: usize = 7;
 const COMM_WIDTH: usize = 16;
+const IP_WIDTH: usize = 2;
+const MIN_ADDR_WIDTH: usize = 16;
+const PORT_WIDTH: usize = 5;
 
 impl<W: Write> Printer<W> {
-    pub fn new(out: W, format: Format, view: View, columns: Columns, mode: Mode) -> Printer<W> {
+    pub fn new(out: W, shape: OutputShape, mode: Mode) -> Printer<W> {
+        let OutputShape {
+            format,
+            view,
+            columns,
+        } = shape;
         let header_due = format == Format::Text && matches!(view, View::Lines);
         Printer {
             out,
@@ -93,17 +110,17 @@ impl<W: Write> Printer<W> {
         if self.columns.timestamp {
             let first = *self.first_ts_ns.get_or_insert(e.ts_ns);
             let secs = e.ts_ns.saturating_sub(first) as f64 / 1e9;
-            write!(line, "{secs:<9.3} ")?;
+            write!(line, "{secs:<TIME_WIDTH$.3} ")?;
         }
-        line.number(e.pid, 7);
+        line.number(e.pid, PID_WIDTH);
         line.text(&e.comm, COMM_WIDTH);
-        line.number(e.ip_version(), 2);
+        line.number(e.ip_version(), IP_WIDTH);
         line.address(&saddr, w);
         if self.columns.lport {
-            line.number(e.lport, 5);
+            line.number(e.lport, PORT_WIDTH);
         }
         line.address(&daddr, w);
-        line.number(e.dport, 5);
+        line.number(e.dport, PORT_WIDTH);
         line.milliseconds(e.lat_ns);
         // Successful connects look exactly as in bcc; anything else is marked after LAT.
         if e.outcome.failed() {
@@ -133,17 +150,17 @@ impl<W: Write> Printer<W> {
         self.header_due = false;
         let w = self.addr_width;
         if self.columns.timestamp {
-            write!(self.out, "{:<9} ", "TIME(s)")?;
+            write!(self.out, "{:<TIME_WIDTH$} ", "TIME(s)")?;
         }
         write!(
             self.out,
-            "{:<7} {:<COMM_WIDTH$} {:<2} {:<w$} ",
+            "{:<PID_WIDTH$} {:<COMM_WIDTH$} {:<IP_WIDTH$} {:<w$} ",
             "PID", "COMM", "IP", "SADDR"
         )?;
         if self.columns.lport {
-            write!(self.out, "{:<5} ", "LPORT")?;
+            write!(self.out, "{:<PORT_WIDTH$} ", "LPORT")?;
         }
-        writeln!(self.out, "{:<w$} {:<5} LAT(ms)", "DADDR", "DPORT")
+        writeln!(self.out, "{:<w$} {:<PORT_WIDTH$} LAT(ms)", "DADDR", "DPORT")
     }
 
     /// The end: the aggregates gathered since the last interval, everything written.
@@ -257,7 +274,12 @@ mod tests {
 
     fn render(json: bool, columns: Columns, events: &[Event]) -> String {
         let format = if json { Format::Json } else { Format::Text };
-        let mut p = Printer::new(Vec::new(), format, View::Lines, columns, Mode::Tracepoint);
+        let shape = OutputShape {
+            format,
+            view: View::Lines,
+            columns,
+        };
+        let mut p = Printer::new(Vec::new(), shape, Mode::Tracepoint);
         p.start().unwrap();
         for e in events {
             p.event(e).unwrap();

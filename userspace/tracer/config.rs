@@ -4,9 +4,9 @@
 use anyhow::{Context, Result};
 use libbpf_rs::{MapCore, MapFlags, Object};
 use tcpconnlat_compat::btf::SockOffsets;
+use tcpconnlat_compat::Transport;
 
 use super::objects::{self, maps, AddressFamily, Config, RawStateLayout, Report};
-use super::transport::Transport;
 use super::{find_map, LoadOptions};
 
 /// Which connects to report, by how they ended.
@@ -130,7 +130,7 @@ fn probe_config(
 }
 
 fn write_config(object: &Object, config: &Config) -> Result<()> {
-    let map = find_map(object, maps::CONFIG)?;
+    let map = find_map(object, maps::CONFIG_MAP)?;
     // SAFETY: Config is plain data (see objects.rs).
     let bytes = unsafe { plain::as_bytes(config) };
     map.update(&0u32.to_ne_bytes(), bytes, MapFlags::ANY)

@@ -174,7 +174,8 @@ mod tests {
     use tcpconnlat_compat::btf;
 
     use super::*;
-    use crate::tracer::objects::CORE_OBJECT;
+    use crate::tracer::objects;
+    use tcpconnlat_compat::ProbeObject;
 
     /// Every matrix kernel's BTF (compat's fixtures), as files in `dir`.
     fn btf_files(dir: &Path) -> Vec<PathBuf> {
@@ -194,7 +195,9 @@ mod tests {
     ) -> Vec<(String, Vec<u64>)> {
         let mut builder = ObjectBuilder::default();
         let files = configure(&mut builder);
-        let open = builder.open_memory(CORE_OBJECT).unwrap();
+        let open = builder
+            .open_memory(objects::bytes(ProbeObject::Core))
+            .unwrap();
         let obj = open.as_libbpf_object().as_ptr();
         // SAFETY: the object is open and not loaded; prepare relocates without loading.
         let rc = unsafe { libbpf_sys::bpf_object__prepare(obj) };

@@ -1,8 +1,8 @@
 //! Tracing: the probes of one [`Mode`] loaded, configured and attached, and their events
 //! read back as a stream. Modes differ only in data: each one's object and hook table
-//! (hooks.rs); everything else is one code path.
+//! (compat's `hooks`); everything else is one code path.
 //!
-//! - `hooks`: which program goes on which kernel hook, per mode (pure);
+//! - `hooks`: how this kernel's state record is read;
 //! - `objects`: the embedded probe objects and the types generated from their header;
 //! - `config`: the filters and layouts written into the probes' maps;
 //! - `core_btf`: the CO-RE object relocated and attached by our own reading of the
@@ -14,7 +14,6 @@
 
 mod config;
 mod core_btf;
-pub mod discovery;
 pub mod event;
 mod hooks;
 pub mod kprobes;
@@ -28,18 +27,19 @@ use anyhow::{anyhow, bail, Context, Result};
 use libbpf_rs::libbpf_sys::bpf_object__set_kversion;
 use libbpf_rs::{AsRawLibbpf, Link, MapCore, Object, ObjectBuilder, OpenObject};
 use tcpconnlat_compat::btf::SockOffsets;
-use tcpconnlat_compat::{AttachPoints, Features, Func, Mode, Plan};
+use tcpconnlat_compat::{
+    plan_hooks, Attach, Features, Findings, Func, HookChoice, HookPlan, Mode, ModeSpec, OffsetNeed,
+    Plan, RecordRead, Transport,
+};
 
 use crate::timing;
 pub use config::{Filters, IpVersion, Outcomes};
 pub use core_btf::CoreBtf;
 use core_btf::CoreBtfFiles;
-pub use hooks::RecordRead;
-use hooks::{plan_hooks, Attach, HookPlan, ModeSpec};
 use kprobes::{Kprobe, KprobeAttach, KprobeAttacher, KprobeSite};
 use objects::maps;
 pub use sweeper::{run_on_demand, SweepTimes, STALE};
-pub use transport::{Sizes, Transport, TransportArg};
+pub use transport::{choose_transport, Sizes, TransportArg};
 
 /// Probes loaded and attached; dropping it detaches everything.
 pub struct Tracer {
@@ -89,8 +89,8 @@ impl Drop for Pins {
 /// How to load: what the host offers and the user asked for, beyond the filters.
 pub struct LoadOptions<'a> {
     pub features: &'a Features,
-    /// What fentry can attach to, from the kernel's BTF.
-    pub fentry_targets: Option<&'a AttachPoints>,
+    /// What was found by trying and reading beyond `features` (fentry's targets).
+    pub findings: &'a Findings,
     /// What the CO-RE object needs from the kernel's BTF, where our reading of it has it
     /// (else libbpf reads the whole file itself).
     pub core_btf: Option<&'a CoreBtf>,
@@ -109,15 +109,6 @@ pub struct LoadOptions<'a> {
     pub pin_maps: Option<&'a std::path::Path>,
     /// Whether the kernel runs a program on demand (`Findings::on_demand`), or why not.
     pub on_demand: Result<(), &'a str>,
-}
-
-/// How much a mode needs struct sock's offsets.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OffsetNeed {
-    /// It reads the socket at them (legacy): find them if they are not known.
-    Required,
-    /// It reads sk_err at them where known (tracepoint), and does without otherwise.
-    IfKnown,
 }
 
 /// Where struct sock's offsets come from (the host: BTF, headers or discovery), asked only
@@ -174,24 +165,21 @@ pub fn prove_usable(plan: &mut Plan, options: &LoadOptions<'_>) {
 /// kernel can run the mode at all was decided before (compat's `Mode::check`).
 pub fn start(mode: Mode, options: &LoadOptions<'_>, filters: &Filters) -> Result<Tracer> {
     check_filters(mode, filters)?;
-    let spec = hooks::spec(mode);
+    let spec = mode.spec();
     let transport = if spec.ringbuf {
         options.transport
     } else {
         Transport::PerfBuf
     };
     let layout = options.features.state_tracepoint.as_ref().ok();
-    let read = RecordRead::choose(layout, options.record);
-    let mut plan = plan_hooks(
+    let choice = HookChoice {
         mode,
-        options.features,
-        options.fentry_targets,
         transport,
-        read,
-    )
-    .map_err(|why| anyhow!(why))?;
+        read: hooks::record_read(layout, options.record),
+    };
+    let mut plan = plan_hooks(choice, options.features, options.findings)?;
     note_cgroup_label(mode, options, &mut plan);
-    let sock = sock_offsets(mode, options, &mut plan)?;
+    let sock = sock_offsets(mode, spec.offsets, options, &mut plan)?;
     let confirm = confirm_program(options, sock, transport, &mut plan);
     let (object, core_files) = timing::step("open", || {
         open(&spec, &plan, confirm, transport, options, filters)
@@ -221,13 +209,10 @@ pub fn start(mode: Mode, options: &LoadOptions<'_>, filters: &Filters) -> Result
 /// themselves otherwise).
 fn sock_offsets<'a>(
     mode: Mode,
+    need: OffsetNeed,
     options: &LoadOptions<'a>,
     plan: &mut HookPlan,
 ) -> Result<Option<&'a SockOffsets>> {
-    let need = match mode {
-        Mode::Legacy => OffsetNeed::Required,
-        Mode::Tracepoint | Mode::Fentry | Mode::Kprobe => OffsetNeed::IfKnown,
-    };
     match options.sock.sock_offsets(need) {
         Ok((offsets, notes)) => {
             for note in notes {
@@ -316,7 +301,7 @@ fn open(
         None => None,
     };
     let mut open = builder
-        .open_memory(spec.object)
+        .open_memory(objects::bytes(spec.object))
         .context("opening the probe object")?;
     if let (Some(core), Some(files)) = (core, core_files.as_mut()) {
         core.name_placeholders(&mut open, &fentry, files)?;

@@ -1,6 +1,7 @@
 //! The compiled probe objects (built from `probes/` by build.rs), the structs and
 //! constants shared with them (generated from `probes/tcpconnlat.h` through BTF), the names
-//! of their maps, and the struct sock offsets built in from kernel headers.
+//! of their maps (generated from the objects), and the struct sock offsets built in from
+//! kernel headers.
 
 // Generated code: not ours to lint.
 #[allow(clippy::all)]
@@ -28,36 +29,14 @@ unsafe impl plain::Plain for RawSockLayout {}
 unsafe impl plain::Plain for DiscoverConfig {}
 unsafe impl plain::Plain for DiscoverMark {}
 
-/// The names of the probes' maps (probes/common.bpf.h) that userspace opens by name.
-pub mod maps {
-    /// `struct config`, key 0.
-    pub const CONFIG: &str = "config_map";
-    /// Connects in flight, by socket.
-    pub const PENDING: &str = "pending";
-    /// -p and --dport sets.
-    pub const PIDS: &str = "pids";
-    pub const DPORTS: &str = "dports";
-    /// enum counter slots.
-    pub const COUNTERS: &str = "counters";
-    /// The two transports' event buffers.
-    pub const EVENTS_RB: &str = "events_rb";
-    pub const EVENTS_PB: &str = "events_pb";
-    /// Offset discovery's (probes/discover.bpf.c).
-    pub const DISCOVER_CONFIG: &str = "discover_config";
-    pub const DISCOVER_SNAPSHOTS: &str = "discover_snapshots";
-    pub const DISCOVER_MARKS: &str = "discover_marks";
+mod generated {
+    use tcpconnlat_compat::ProbeObject;
+    include!(concat!(env!("OUT_DIR"), "/probe_names.rs"));
 }
 
-/// fentry and kprobe programs (CO-RE) plus the tracepoint that forgets failed connects.
-pub const CORE_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/tcpconnlat.bpf.o"));
-/// Tracepoint mode: no CO-RE relocation, loads without BTF.
-pub const TRACEPOINT_OBJECT: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/tcpconnlat_tp.bpf.o"));
-/// Legacy mode: kprobes, no CO-RE, no global data, perf buffer; loads without BTF.
-pub const LEGACY_OBJECT: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/tcpconnlat_legacy.bpf.o"));
-/// Offset discovery: one kprobe that copies struct sock for our own connects.
-pub const DISCOVER_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/discover.bpf.o"));
+/// Each compiled probe object (build.rs), and the names of their maps as constants
+/// generated from the objects: a map renamed in C alone fails the build.
+pub use generated::{bytes, maps};
 
 use tcpconnlat_compat::btf::SockOffsets;
 use tcpconnlat_compat::StateLayout;
@@ -135,7 +114,7 @@ mod tests {
     /// same names in the same order, 16 bits each, so `sock_layout` may copy in order.
     #[test]
     fn sock_layout_is_the_sock_fields_list() {
-        let object = include_bytes!(concat!(env!("OUT_DIR"), "/types.bpf.o"));
+        let object = super::bytes(tcpconnlat_compat::ProbeObject::Types);
         let btf = Btf::from_raw("types", object).unwrap().unwrap();
         let layout = btf.type_by_name::<Composite<'_>>("sock_layout").unwrap();
         let members: Vec<(String, u32)> = layout

@@ -16,6 +16,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use futures::Stream;
 use libbpf_rs::{MapHandle, RingBuffer, RingBufferBuilder};
+use tcpconnlat_compat::Transport;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::time::{interval, Interval, MissedTickBehavior};
@@ -23,9 +24,9 @@ use tokio::time::{interval, Interval, MissedTickBehavior};
 use super::event::Event;
 use super::objects::maps;
 use super::perfbuf::{BatchedPerfBuffer, Sample};
-use super::sweeper::{Counters, SweepTimes, Sweeper};
-use super::transport::page_size;
-use super::{find_map, find_program_fd, Tracer, Transport};
+use super::sweeper::{CounterRead, Counters, SweepTimes, Sweeper};
+use super::transport::{page_size, record_bytes};
+use super::{find_map, find_program_fd, Tracer};
 
 /// What the stream yields: a connect, or word of connects it cannot show.
 #[derive(Debug)]
@@ -260,7 +261,7 @@ impl<'cb> EventStream<'cb> {
             Transport::PerfBuf => {
                 let (inbox, lost) = (inbox.clone(), perf_lost.clone());
                 let pages = tracer.sizes.perf_pages();
-                let batch = pages * page_size() / 4 / Transport::PerfBuf.record_bytes();
+                let batch = pages * page_size() / 4 / record_bytes(Transport::PerfBuf);
                 Buffer::Perf(PerfBuffers::new(BatchedPerfBuffer::new(
                     &map,
                     pages as usize,
@@ -286,7 +287,7 @@ impl<'cb> EventStream<'cb> {
         );
         // What the probes could not do before there was a buffer to read (the perf
         // buffer's rings are made after attaching) is from before tracing began: not said.
-        counters.read(true)?;
+        counters.read(CounterRead::Now)?;
         let pending = MapHandle::try_from(&find_map(&tracer.object, maps::PENDING)?)?;
         let confirm = tracer
             .confirm
@@ -322,10 +323,10 @@ impl<'cb> EventStream<'cb> {
     /// Read everything the kernel has queued into our queue, counters included (at exit:
     /// nothing left unsaid).
     pub fn drain(&mut self) -> Result<()> {
-        self.read(true)
+        self.read(CounterRead::Now)
     }
 
-    fn read(&mut self, counters_now: bool) -> Result<()> {
+    fn read(&mut self, counters: CounterRead) -> Result<()> {
         match &mut self.buffer {
             Buffer::Ring(ring) => ring.consume().context("reading the ring buffer")?,
             Buffer::Perf(perf) => {
@@ -335,7 +336,7 @@ impl<'cb> EventStream<'cb> {
             }
         }
         self.inbox.check()?;
-        let counted = self.counters.read(counters_now)?;
+        let counted = self.counters.read(counters)?;
         let missed = self.sweeper.sweep()?;
         let shortfalls = [
             Shortfall::Missed { count: missed },
@@ -384,7 +385,7 @@ impl Stream for EventStream<'_> {
             if !due {
                 return Poll::Pending;
             }
-            if let Err(e) = self.read(false) {
+            if let Err(e) = self.read(CounterRead::IfDue) {
                 return Poll::Ready(Some(Err(e)));
             }
         }

@@ -210,9 +210,10 @@ impl Counters {
         self.map.lookup(&0u32.to_ne_bytes(), MapFlags::ANY).is_ok()
     }
 
-    /// Increases since the last read, if one is due or `now`.
-    pub fn read(&mut self, now: bool) -> Result<CounterIncreases> {
-        if !now && self.last.is_some_and(|t| t.elapsed() < Self::EVERY) {
+    /// Increases since the last read (none where `when` waits for a read to be due).
+    pub fn read(&mut self, when: CounterRead) -> Result<CounterIncreases> {
+        let due = self.last.is_none_or(|t| t.elapsed() >= Self::EVERY);
+        if when == CounterRead::IfDue && !due {
             return Ok(CounterIncreases::default());
         }
         self.last = Some(Instant::now());
@@ -240,6 +241,15 @@ impl Counters {
             table_errors: of(Counter::COUNTER_TABLE_ERRORS),
         })
     }
+}
+
+/// When the probes' counters are read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CounterRead {
+    /// Now: at start and at exit, where nothing may go unsaid.
+    Now,
+    /// Where a second has passed since the last read: they cost a syscall each.
+    IfDue,
 }
 
 /// What the probes' counters rose by (enum counter).

@@ -2,9 +2,9 @@
 //! tables are.
 
 use anyhow::{bail, Result};
-use tcpconnlat_compat::Findings;
+use tcpconnlat_compat::{Findings, Transport};
 
-use super::objects::{maps, RawEvent};
+use super::objects::RawEvent;
 
 /// `--transport`: what the user asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -15,74 +15,31 @@ pub enum TransportArg {
     Perfbuf,
 }
 
-/// How events reach userspace.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Transport {
-    /// BPF ring buffer (Linux 5.8+): one buffer for all CPUs, batched wakeups.
-    RingBuf,
-    /// Perf event array: every kernel.
-    PerfBuf,
+/// The ring buffer where the kernel has one, unless the user asked otherwise.
+pub fn choose_transport(requested: TransportArg, findings: &Findings) -> Result<Transport> {
+    let ring = &findings.ringbuf;
+    match requested {
+        TransportArg::Ringbuf if ring.is_unknown() => {
+            bail!("cannot tell whether this kernel has a BPF ring buffer without root: run it as root")
+        }
+        TransportArg::Ringbuf if !ring.is_yes() => {
+            bail!("this kernel has no BPF ring buffer (Linux 5.8+): use --transport perfbuf")
+        }
+        TransportArg::Ringbuf => Ok(Transport::RingBuf),
+        TransportArg::Perfbuf => Ok(Transport::PerfBuf),
+        TransportArg::Auto if ring.is_yes() => Ok(Transport::RingBuf),
+        TransportArg::Auto => Ok(Transport::PerfBuf),
+    }
 }
 
-impl Transport {
-    /// The ring buffer where the kernel has one, unless the user asked otherwise.
-    pub fn choose(requested: TransportArg, findings: &Findings) -> Result<Transport> {
-        let ring = &findings.ringbuf;
-        match requested {
-            TransportArg::Ringbuf if ring.is_unknown() => {
-                bail!("cannot tell whether this kernel has a BPF ring buffer without root: run it as root")
-            }
-            TransportArg::Ringbuf if !ring.is_yes() => {
-                bail!("this kernel has no BPF ring buffer (Linux 5.8+): use --transport perfbuf")
-            }
-            TransportArg::Ringbuf => Ok(Transport::RingBuf),
-            TransportArg::Perfbuf => Ok(Transport::PerfBuf),
-            TransportArg::Auto if ring.is_yes() => Ok(Transport::RingBuf),
-            TransportArg::Auto => Ok(Transport::PerfBuf),
-        }
-    }
-
-    /// The map the probes write to; the other transport's map is never created.
-    pub fn map(self) -> &'static str {
-        match self {
-            Transport::RingBuf => maps::EVENTS_RB,
-            Transport::PerfBuf => maps::EVENTS_PB,
-        }
-    }
-
-    /// Emitting programs exist once per transport, named `<hook>_<suffix>`.
-    pub fn suffix(self) -> &'static str {
-        match self {
-            Transport::RingBuf => "rb",
-            Transport::PerfBuf => "pb",
-        }
-    }
-
-    /// The sweeper's question about a pending connect, which reports what it finds
-    /// through this transport (probes/common.bpf.h `CONFIRM_PROGRAM`).
-    pub fn confirm_program(self) -> &'static str {
-        match self {
-            Transport::RingBuf => "confirm_rb",
-            Transport::PerfBuf => "confirm_pb",
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Transport::RingBuf => "ring buffer",
-            Transport::PerfBuf => "perf buffer",
-        }
-    }
-
-    /// What one event takes in the buffer: the event and the record's header (the ring
-    /// buffer's 8 bytes; perf's 8-byte header and 4-byte size).
-    pub fn record_bytes(self) -> u32 {
-        let header = match self {
-            Transport::RingBuf => 8,
-            Transport::PerfBuf => 12,
-        };
-        std::mem::size_of::<RawEvent>() as u32 + header
-    }
+/// What one event takes in the buffer: the event and the record's header (the ring
+/// buffer's 8 bytes; perf's 8-byte header and 4-byte size).
+pub fn record_bytes(transport: Transport) -> u32 {
+    let header = match transport {
+        Transport::RingBuf => 8,
+        Transport::PerfBuf => 12,
+    };
+    std::mem::size_of::<RawEvent>() as u32 + header
 }
 
 /// How big the kernel-side tables are (`--buffer-pages`, `--max-pending`).
@@ -107,7 +64,7 @@ impl Sizes {
         match self.buffer_pages {
             Some(pages) => pages * page,
             None => {
-                let record = u64::from(Transport::RingBuf.record_bytes());
+                let record = u64::from(record_bytes(Transport::RingBuf));
                 let bytes = u64::from(self.max_pending) * record;
                 let pages = bytes.div_ceil(u64::from(page)).next_power_of_two();
                 // --max-pending is at most 4,194,304: about 512 MiB.

@@ -1,6 +1,7 @@
-//! The series each recent destination was counted under, so that a connect to a known
-//! destination costs one lookup by its raw address and a histogram observation, instead of
-//! its label text being written and looked up in the metric families.
+//! A cache of series handles: the series each recent destination was counted under, so
+//! that a connect to a known destination costs one lookup by its raw address and a
+//! histogram observation, instead of its label text being written and looked up in the
+//! metric families.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -9,38 +10,38 @@ use std::time::Instant;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 
-use super::metrics::SeriesKey;
+use super::labels::{LabelRules, SeriesKey};
 use crate::tracer::event::{Event, Outcome};
 
 /// A destination as the probes give it (and its cgroup, where that is a label).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct HotKey {
+pub struct DestKey {
     daddr: IpAddr,
     dport: u16,
     cgroup_id: u64,
 }
 
-impl HotKey {
-    pub fn of(e: &Event, cgroup_label: bool) -> HotKey {
-        HotKey {
+impl DestKey {
+    pub fn of(e: &Event, rules: &LabelRules) -> DestKey {
+        DestKey {
             daddr: e.daddr,
             dport: e.dport,
-            cgroup_id: if cgroup_label { e.cgroup_id } else { 0 },
+            cgroup_id: if rules.cgroup { e.cgroup_id } else { 0 },
         }
     }
 }
 
-/// The label set a destination has of its own, and the series of it used so far.
-pub struct Hot {
+/// The label set a destination has of its own, and the handles of its series used so far.
+pub struct SeriesHandles {
     pub key: SeriesKey,
     pub last: Instant,
     durations: [Option<Histogram>; Outcome::COUNT],
     retransmits: Option<Counter>,
 }
 
-impl Hot {
-    pub fn new(key: SeriesKey) -> Hot {
-        Hot {
+impl SeriesHandles {
+    pub fn new(key: SeriesKey) -> SeriesHandles {
+        SeriesHandles {
             key,
             last: Instant::now(),
             durations: Default::default(),
@@ -68,31 +69,35 @@ impl Hot {
 /// unbounded tail). Bounded too: several destinations share a set where `--dest` is
 /// coarse.
 #[derive(Default)]
-pub struct HotSets(HashMap<HotKey, Hot>);
+pub struct HandleCache(HashMap<DestKey, SeriesHandles>);
 
-impl HotSets {
+impl HandleCache {
     const MAX: usize = 8192;
 
-    pub fn get_mut(&mut self, key: &HotKey) -> Option<&mut Hot> {
+    pub fn get_mut(&mut self, key: &DestKey) -> Option<&mut SeriesHandles> {
         self.0.get_mut(key)
     }
 
-    pub fn has_room_for(&self, key: &HotKey) -> bool {
+    pub fn has_room_for(&self, key: &DestKey) -> bool {
         self.0.len() < Self::MAX || self.0.contains_key(key)
     }
 
-    /// The entry of `key`, made with `make` if new (check [`HotSets::has_room_for`]).
-    pub fn entry(&mut self, key: HotKey, make: impl FnOnce() -> Hot) -> &mut Hot {
+    /// The entry of `key`, made with `make` if new (check [`HandleCache::has_room_for`]).
+    pub fn entry(
+        &mut self,
+        key: DestKey,
+        make: impl FnOnce() -> SeriesHandles,
+    ) -> &mut SeriesHandles {
         self.0.entry(key).or_insert_with(make)
     }
 
     /// When each label set was last used, by the connects counted here.
     pub fn last_uses(&self) -> impl Iterator<Item = (&SeriesKey, Instant)> {
-        self.0.values().map(|hot| (&hot.key, hot.last))
+        self.0.values().map(|handles| (&handles.key, handles.last))
     }
 
     /// Keep only the destinations whose label set `live` says still exists.
     pub fn retain(&mut self, mut live: impl FnMut(&SeriesKey) -> bool) {
-        self.0.retain(|_, hot| live(&hot.key));
+        self.0.retain(|_, handles| live(&handles.key));
     }
 }

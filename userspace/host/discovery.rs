@@ -13,11 +13,13 @@ use libbpf_rs::libbpf_sys::bpf_object__set_kversion;
 use libbpf_rs::{AsRawLibbpf, MapCore, MapFlags, Object, ObjectBuilder};
 use socket2::{Domain, Socket, Type};
 use tcpconnlat_compat::discover::{self, Found, Sample, SampleFamily};
-use tcpconnlat_compat::{Features, Func};
+use tcpconnlat_compat::{Features, Func, ProbeObject};
 
-use super::find_map;
-use super::kprobes::{KprobeAttach, KprobeAttacher, KprobeSite};
-use super::objects::{self, maps, DiscoverConfig, DiscoverMark, SnapshotPhase, SnapshotSize};
+use crate::tracer::find_map;
+use crate::tracer::kprobes::{KprobeAttach, KprobeAttacher, KprobeSite};
+use crate::tracer::objects::{
+    self, maps, DiscoverConfig, DiscoverMark, SnapshotPhase, SnapshotSize,
+};
 
 /// What discovery needs to know of the host.
 pub struct DiscoveryHost<'a> {
@@ -93,7 +95,7 @@ pub fn discover(host: &DiscoveryHost<'_>) -> Result<Discovered> {
 
 fn load(version_code: Option<u32>) -> Result<Object> {
     let open = ObjectBuilder::default()
-        .open_memory(objects::DISCOVER_OBJECT)
+        .open_memory(objects::bytes(ProbeObject::Discover))
         .context("opening the discovery object")?;
     if let Some(code) = version_code {
         // SAFETY: the object is open and not loaded yet.
