@@ -20,7 +20,7 @@ use crate::timing;
 use crate::tracer::kprobes::{self, KprobeAttach};
 use crate::tracer::CoreBtf;
 pub use offsets::OffsetsArg;
-use offsets::{Discovery, Offsets};
+use offsets::{Discovery, Offsets, Sources};
 
 pub struct Host {
     pub features: Features,
@@ -99,11 +99,14 @@ impl Host {
             })
         });
         let version_code = vdso_version_code();
-        let offsets = Offsets::new(
+        let sources = Sources {
             kernel_btf,
-            features.release.as_deref(),
-            what.btf_file,
-            what.offsets,
+            release: features.release.as_deref(),
+            btf_file: what.btf_file,
+            arg: what.offsets,
+        };
+        let offsets = Offsets::new(
+            sources,
             Discovery {
                 kprobe_attach: what.kprobe_attach,
                 version_code: version_code.as_ref().ok().copied(),
@@ -134,7 +137,7 @@ impl Host {
     }
 
     /// Detach the fentry trial's program. Done once the tracer is attached: detaching the
-    /// last program from a function makes ftrace wait for RCU tasks (over 100 ms), which
+    /// last program from a function makes ftrace wait for an RCU tasks grace period, which
     /// does not happen while the tracer's own fentry program keeps the function hooked.
     pub fn end_fentry_trial(&self) {
         drop(self.fentry_trial.take());

@@ -65,6 +65,18 @@ pub struct Discovery {
     pub privileged: bool,
 }
 
+/// Where offsets may be had before discovery.
+pub struct Sources<'a> {
+    /// The kernel's own BTF, read.
+    pub kernel_btf: Option<Result<BtfFacts, BtfError>>,
+    /// The kernel release, for the offsets built in from headers.
+    pub release: Option<&'a str>,
+    /// `--btf`.
+    pub btf_file: Option<&'a Path>,
+    /// `--offsets`.
+    pub arg: OffsetsArg,
+}
+
 /// The offsets, as far as they are known, and discovery for when they are needed.
 pub struct Offsets {
     /// From BTF or headers, or why not (which is also why discovery would run).
@@ -76,16 +88,10 @@ pub struct Offsets {
 impl Offsets {
     /// In order: the BTF file the user gave, the kernel's own BTF (already parsed), offsets
     /// built in from kernel headers for this release; none with `--offsets discover`.
-    pub fn new(
-        kernel_btf: Option<Result<BtfFacts, BtfError>>,
-        release: Option<&str>,
-        btf_file: Option<&Path>,
-        arg: OffsetsArg,
-        discovery: Discovery,
-    ) -> Offsets {
-        let given = match arg {
+    pub fn new(sources: Sources<'_>, discovery: Discovery) -> Offsets {
+        let given = match sources.arg {
             OffsetsArg::Discover => Err("--offsets discover".to_owned()),
-            OffsetsArg::Auto => given(kernel_btf, release, btf_file),
+            OffsetsArg::Auto => given(sources.kernel_btf, sources.release, sources.btf_file),
         };
         Offsets {
             given,

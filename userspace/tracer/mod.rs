@@ -165,6 +165,39 @@ pub fn prove_usable(plan: &mut Plan, options: &LoadOptions<'_>) {
 /// kernel can run the mode at all was decided before (compat's `Mode::check`).
 pub fn start(mode: Mode, options: &LoadOptions<'_>, filters: &Filters) -> Result<Tracer> {
     check_filters(mode, filters)?;
+    let loadout = plan(mode, options)?;
+    let (object, core_files) = timing::step("open", || open(&loadout, options, filters))?;
+    let mut object = timing::step("load", || object.load())
+        .with_context(|| format!("loading the {mode} probes (run with -v for the verifier log)"))?;
+    drop(core_files);
+    config::configure(&object, filters, options, loadout.sock)?;
+    let pins = Pins::pin(&mut object, options.pin_maps)?;
+    let (links, kprobes) = timing::step("attach", || attach_all(&object, &loadout.hooks, options))?;
+    Ok(Tracer {
+        mode,
+        transport: loadout.transport,
+        object,
+        notes: loadout.hooks.notes,
+        sizes: options.sizes,
+        confirm: loadout.confirm,
+        _links: links,
+        _kprobes: kprobes,
+        _pins: pins,
+    })
+}
+
+/// What one mode loads on this kernel, decided before anything is opened.
+struct Loadout<'a> {
+    spec: ModeSpec,
+    transport: Transport,
+    /// Which program goes where, and what the user should know.
+    hooks: HookPlan,
+    sock: Option<&'a SockOffsets>,
+    /// The sweeper's question, where it can be asked.
+    confirm: Option<&'static str>,
+}
+
+fn plan<'a>(mode: Mode, options: &LoadOptions<'a>) -> Result<Loadout<'a>> {
     let spec = mode.spec();
     let transport = if spec.ringbuf {
         options.transport
@@ -177,29 +210,16 @@ pub fn start(mode: Mode, options: &LoadOptions<'_>, filters: &Filters) -> Result
         transport,
         read: hooks::record_read(layout, options.record),
     };
-    let mut plan = plan_hooks(choice, options.features, options.findings)?;
-    note_cgroup_label(mode, options, &mut plan);
-    let sock = sock_offsets(mode, spec.offsets, options, &mut plan)?;
-    let confirm = confirm_program(options, sock, transport, &mut plan);
-    let (object, core_files) = timing::step("open", || {
-        open(&spec, &plan, confirm, transport, options, filters)
-    })?;
-    let mut object = timing::step("load", || object.load())
-        .with_context(|| format!("loading the {mode} probes (run with -v for the verifier log)"))?;
-    drop(core_files);
-    config::configure(&object, filters, options, sock)?;
-    let pins = Pins::pin(&mut object, options.pin_maps)?;
-    let (links, kprobes) = timing::step("attach", || attach_all(&object, &plan, options))?;
-    Ok(Tracer {
-        mode,
+    let mut hooks = plan_hooks(choice, options.features, options.findings)?;
+    note_cgroup_label(mode, options, &mut hooks);
+    let sock = sock_offsets(mode, spec.offsets, options, &mut hooks)?;
+    let confirm = confirm_program(options, sock, transport, &mut hooks);
+    Ok(Loadout {
+        spec,
         transport,
-        object,
-        notes: plan.notes,
-        sizes: options.sizes,
+        hooks,
+        sock,
         confirm,
-        _links: links,
-        _kprobes: kprobes,
-        _pins: pins,
     })
 }
 
@@ -274,13 +294,17 @@ fn note_cgroup_label(mode: Mode, options: &LoadOptions<'_>, plan: &mut HookPlan)
 /// as asked, stamped with the kernel's version code; the CO-RE object with our reading of
 /// the kernel's BTF where there is one (and the files libbpf reads it from at load).
 fn open(
-    spec: &ModeSpec,
-    plan: &HookPlan,
-    confirm: Option<&str>,
-    transport: Transport,
+    loadout: &Loadout<'_>,
     options: &LoadOptions<'_>,
     filters: &Filters,
 ) -> Result<(OpenObject, Option<CoreBtfFiles>)> {
+    let Loadout {
+        spec,
+        transport,
+        hooks: plan,
+        confirm,
+        ..
+    } = loadout;
     let mut builder = ObjectBuilder::default();
     let core = options.core_btf.filter(|_| spec.core);
     let fentry: Vec<Func> = plan
