@@ -25,9 +25,11 @@ use thiserror::Error;
 use crate::btf::{sock_fields, SockField, SockOffsets, SOCK_FIELDS};
 use crate::hooks::NO_IPV6;
 
-// The kernel's TCP states (include/net/tcp_states.h), which no crate exports.
-const TCP_SYN_SENT: u8 = 2;
-const TCP_CLOSE: u8 = 7;
+#[allow(dead_code)]
+mod tcp_states {
+    include!(concat!(env!("OUT_DIR"), "/tcp_states.rs"));
+}
+use tcp_states::{TCP_CLOSE, TCP_SYN_SENT};
 
 /// Which kind of socket a sample connected with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
