@@ -135,7 +135,8 @@ fn run(cli: &Cli, started: Instant) -> Result<()> {
     host::privileges::drop_capabilities(|| stream.can_make_its_calls())?;
     announce(&tracer, &plan, forced);
     if cli.verbose {
-        if matches!(tracer.mode, Mode::Legacy | Mode::Tracepoint) {
+        // The probes without CO-RE read the socket at these offsets.
+        if !tracer.mode.spec().core {
             if let Ok(known) = host.offsets.known() {
                 eprintln!("tcpconnlat: struct sock offsets from {}", known.source);
             }

@@ -121,6 +121,10 @@ pub struct ModeSpec {
     /// The object has a ring buffer variant (legacy mode does without).
     pub ringbuf: bool,
     pub offsets: OffsetNeed,
+    /// The object gives events the connecting process's cgroup, through the helper
+    /// bpf_get_current_cgroup_id (Linux 4.18, commit bf6fa2c893c5 "bpf: implement
+    /// bpf_get_current_cgroup_id() helper"), which legacy mode does without.
+    pub cgroup_helper: bool,
 }
 
 impl Mode {
@@ -140,6 +144,7 @@ impl Mode {
                 Mode::Legacy => OffsetNeed::Required,
                 Mode::Fentry | Mode::Kprobe | Mode::Tracepoint => OffsetNeed::IfKnown,
             },
+            cgroup_helper: self != Mode::Legacy,
         }
     }
 

@@ -164,7 +164,7 @@ pub fn prove_usable(plan: &mut Plan, options: &LoadOptions<'_>) {
 /// Load and attach `mode`'s probes: plan, open, load, configure, attach. Whether the
 /// kernel can run the mode at all was decided before (compat's `Mode::check`).
 pub fn start(mode: Mode, options: &LoadOptions<'_>, filters: &Filters) -> Result<Tracer> {
-    check_filters(mode, filters)?;
+    check_filters(mode, &mode.spec(), filters)?;
     let loadout = plan(mode, options)?;
     let (object, core_files) = timing::step("open", || open(&loadout, options, filters))?;
     let mut object = timing::step("load", || object.load())
@@ -211,8 +211,8 @@ fn plan<'a>(mode: Mode, options: &LoadOptions<'a>) -> Result<Loadout<'a>> {
         read: hooks::record_read(layout, options.record),
     };
     let mut hooks = plan_hooks(choice, options.features, options.findings)?;
-    note_cgroup_label(mode, options, &mut hooks);
-    let sock = sock_offsets(mode, spec.offsets, options, &mut hooks)?;
+    note_cgroup_label(mode, &spec, options, &mut hooks);
+    let sock = sock_offsets(&spec, options, &mut hooks)?;
     let confirm = confirm_program(options, sock, transport, &mut hooks);
     Ok(Loadout {
         spec,
@@ -228,11 +228,11 @@ fn plan<'a>(mode: Mode, options: &LoadOptions<'a>) -> Result<Loadout<'a>> {
 /// question about a pending connect reads the socket at them (the CO-RE probes read it
 /// themselves otherwise).
 fn sock_offsets<'a>(
-    mode: Mode,
-    need: OffsetNeed,
+    spec: &ModeSpec,
     options: &LoadOptions<'a>,
     plan: &mut HookPlan,
 ) -> Result<Option<&'a SockOffsets>> {
+    let need = spec.offsets;
     match options.sock.sock_offsets(need) {
         Ok((offsets, notes)) => {
             for note in notes {
@@ -242,7 +242,8 @@ fn sock_offsets<'a>(
         }
         Err(why) if need == OffsetNeed::Required => Err(anyhow!(why)),
         Err(_) => {
-            if mode == Mode::Tracepoint {
+            // The CO-RE probes read sk_err by BTF; the others only at these offsets.
+            if !spec.core {
                 plan.note(
                     "failed connects are told apart only as refused or timeout: no BTF to find sk_err in",
                 );
@@ -274,19 +275,19 @@ fn confirm_program(
 
 /// Filters a mode cannot apply: an error (a filter not applied would show what was not
 /// asked for).
-fn check_filters(mode: Mode, filters: &Filters) -> Result<()> {
-    if mode == Mode::Legacy && filters.cgroup_id.is_some() {
-        bail!("--cgroup needs a helper legacy mode does without (Linux 4.18+): use another mode");
+fn check_filters(mode: Mode, spec: &ModeSpec, filters: &Filters) -> Result<()> {
+    if !spec.cgroup_helper && filters.cgroup_id.is_some() {
+        bail!("--cgroup needs a helper {mode} mode does without (Linux 4.18+): use another mode");
     }
     Ok(())
 }
 
-/// Events carry the connecting process's cgroup where asked, but in legacy mode, whose
-/// object leaves out the helper (Linux 4.18+): the label says "unknown" there, so that one
+/// Events carry the connecting process's cgroup where asked, but not where the mode's
+/// object leaves out the helper (legacy): the label says "unknown" there, so that one
 /// fleet-wide configuration also runs on the oldest nodes. The user is told.
-fn note_cgroup_label(mode: Mode, options: &LoadOptions<'_>, plan: &mut HookPlan) {
-    if mode == Mode::Legacy && options.label_cgroup {
-        plan.note("the cgroup label reads \"unknown\" in legacy mode: the helper that gives a connect's cgroup is Linux 4.18+, and legacy mode does without it");
+fn note_cgroup_label(mode: Mode, spec: &ModeSpec, options: &LoadOptions<'_>, plan: &mut HookPlan) {
+    if !spec.cgroup_helper && options.label_cgroup {
+        plan.note(&format!("the cgroup label reads \"unknown\" in {mode} mode: the helper that gives a connect's cgroup is Linux 4.18+, and {mode} mode does without it"));
     }
 }
 
