@@ -17,7 +17,11 @@ use std::time::{Duration, Instant};
 use libbpf_rs::{Link, ObjectBuilder};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tcpconnlat");
-const EMPTY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/empty.bpf.o"));
+mod probes {
+    #![allow(dead_code)]
+    use tcpconnlat_compat::ProbeObject;
+    include!(concat!(env!("OUT_DIR"), "/probe_names.rs"));
+}
 
 /// Client threads in a storm that keeps this machine's cores busy (the tracer's CPU then
 /// comes out of the storm's).
@@ -540,7 +544,9 @@ impl Floor {
             _ => &[],
         };
         let common = ["empty_state", "empty_retransmit", "empty_reset"];
-        let mut open = ObjectBuilder::default().open_memory(EMPTY).unwrap();
+        let mut open = ObjectBuilder::default()
+            .open_memory(probes::bytes(tcpconnlat_compat::ProbeObject::Empty))
+            .unwrap();
         for mut prog in open.progs_mut() {
             let name = prog.name().to_string_lossy().into_owned();
             prog.set_autoload(wanted.contains(&name.as_str()) || common.contains(&name.as_str()));

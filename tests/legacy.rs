@@ -14,9 +14,6 @@ use object::{Object, ObjectSection};
 use serde_json::Value;
 use support::*;
 
-const LEGACY_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/tcpconnlat_legacy.bpf.o"));
-const DISCOVER_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/discover.bpf.o"));
-
 /// Helpers every kernel since 4.4 has: map lookup/update/delete, probe_read, ktime_get_ns,
 /// get_current_pid_tgid, get_current_uid_gid, get_current_comm, get_smp_processor_id,
 /// perf_event_output.
@@ -27,7 +24,7 @@ const GET_SMP_PROCESSOR_ID: i32 = 8;
 
 #[test]
 fn the_legacy_object_needs_nothing_old_kernels_lack() {
-    let (programs, maps) = check_for_linux_4_4(LEGACY_OBJECT);
+    let (programs, maps) = check_for_linux_4_4(probes::bytes(ProbeObject::Legacy));
     assert_eq!(
         programs,
         [
@@ -48,7 +45,7 @@ fn the_legacy_object_needs_nothing_old_kernels_lack() {
 
 #[test]
 fn the_discovery_object_needs_nothing_old_kernels_lack() {
-    let (programs, _) = check_for_linux_4_4(DISCOVER_OBJECT);
+    let (programs, _) = check_for_linux_4_4(probes::bytes(ProbeObject::Discover));
     assert_eq!(programs, ["discover_set_state"]);
 }
 

@@ -2,6 +2,14 @@
 //! its JSON, network namespaces joined by veth, and peeking at its BPF maps.
 #![allow(dead_code)] // each test binary uses a different part
 
+/// The compiled probe objects and their map names, as the binary has them (build.rs).
+pub mod probes {
+    use tcpconnlat_compat::ProbeObject;
+    include!(concat!(env!("OUT_DIR"), "/probe_names.rs"));
+}
+
+pub use tcpconnlat_compat::ProbeObject;
+
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
@@ -277,7 +285,7 @@ impl Tracer {
 /// types (read from the BTF of the object that holds them all).
 fn declared_sizes(name: &str) -> (usize, usize) {
     use libbpf_rs::btf::HasSize;
-    let object = include_bytes!(concat!(env!("OUT_DIR"), "/types.bpf.o"));
+    let object = probes::bytes(ProbeObject::Types);
     let btf = libbpf_rs::btf::Btf::from_raw("types", object)
         .unwrap()
         .unwrap();
@@ -484,13 +492,11 @@ fn pin_dir() -> PathBuf {
 /// Whether `map` is the probes' map `name`: by its name, or on kernels before 4.15, which
 /// keep no map names, by the type and sizes of the map of that name in the probe objects.
 pub fn map_is(map: &impl libbpf_rs::MapCore, name: &str) -> bool {
-    const LEGACY_OBJECT: &[u8] =
-        include_bytes!(concat!(env!("OUT_DIR"), "/tcpconnlat_legacy.bpf.o"));
     if !map.name().is_empty() {
         return map.name().to_str() == Some(name);
     }
     let object = libbpf_rs::ObjectBuilder::default()
-        .open_memory(LEGACY_OBJECT)
+        .open_memory(probes::bytes(ProbeObject::Legacy))
         .unwrap();
     let same = object
         .maps()
