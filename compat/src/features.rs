@@ -83,7 +83,8 @@ pub struct Features {
     /// `/sys/kernel/btf/vmlinux` exists: CO-RE can relocate against this kernel.
     pub btf: bool,
     pub tracefs: Option<PathBuf>,
-    /// The `kprobe` perf PMU (`/sys/bus/event_source/devices/kprobe`), Linux 4.17+.
+    /// The `kprobe` perf PMU (`/sys/bus/event_source/devices/kprobe`): Linux 4.17, commit
+    /// e12f03d7031a "perf/core: Implement the 'perf_kprobe' PMU".
     pub kprobe_pmu: bool,
     /// tracefs `kprobe_events`: kprobes without the PMU.
     pub kprobe_events: bool,
@@ -104,9 +105,10 @@ pub struct Features {
 /// what reading BTF, headers or the kernel itself told.
 #[derive(Clone, Debug, Default)]
 pub struct Findings {
-    /// Loading a minimal fentry program.
+    /// Loading a minimal fentry program (Linux 5.5, commit fec56f5890d9 "bpf: Introduce
+    /// BPF trampoline"; refused by some kernels and sandboxes that have it).
     pub fentry: Finding<()>,
-    /// Creating a BPF ring buffer map (Linux 5.8+).
+    /// Creating a BPF ring buffer map (Linux 5.8, commit 457f44363a88).
     pub ringbuf: Finding<()>,
     /// Running a raw tracepoint program on demand (BPF_PROG_TEST_RUN, Linux 5.10+): how
     /// the sweeper asks whether a pending connect's socket is still in SYN_SENT.
