@@ -164,8 +164,10 @@ pub fn prove_usable(plan: &mut Plan, options: &LoadOptions<'_>) {
 /// Load and attach `mode`'s probes: plan, open, load, configure, attach. Whether the
 /// kernel can run the mode at all was decided before (compat's `Mode::check`).
 pub fn start(mode: Mode, options: &LoadOptions<'_>, filters: &Filters) -> Result<Tracer> {
-    check_filters(mode, &mode.spec(), filters)?;
-    let loadout = plan(mode, options)?;
+    let spec = mode.spec();
+    // Before planning, which may run offset discovery.
+    check_filters(mode, &spec, filters)?;
+    let loadout = plan(mode, spec, options)?;
     let (object, core_files) = timing::step("open", || open(&loadout, options, filters))?;
     let mut object = timing::step("load", || object.load())
         .with_context(|| format!("loading the {mode} probes (run with -v for the verifier log)"))?;
@@ -197,8 +199,7 @@ struct Loadout<'a> {
     confirm: Option<&'static str>,
 }
 
-fn plan<'a>(mode: Mode, options: &LoadOptions<'a>) -> Result<Loadout<'a>> {
-    let spec = mode.spec();
+fn plan<'a>(mode: Mode, spec: ModeSpec, options: &LoadOptions<'a>) -> Result<Loadout<'a>> {
     let transport = if spec.ringbuf {
         options.transport
     } else {
