@@ -284,10 +284,17 @@ static __always_inline void read_sock_source(const struct config *cfg, __u64 sk,
 		__builtin_memset(e->saddr + 4, 0, sizeof(e->saddr) - 4);
 }
 
-static __always_inline void submit(void *ctx, const struct config *cfg, struct event *e,
-				   int transport);
-static __always_inline void report(void *ctx, const struct config *cfg, struct event *e,
-				   int transport);
+/* What became of an event handed to report(). */
+enum emitted {
+	EMIT_SENT,
+	EMIT_UNWANTED, /* the filters did not want it */
+	EMIT_NO_ROOM,  /* the event buffer was full */
+};
+
+static __always_inline enum emitted submit(void *ctx, const struct config *cfg,
+					   struct event *e, int transport);
+static __always_inline enum emitted report(void *ctx, const struct config *cfg,
+					   struct event *e, int transport);
 
 /* What a pending entry says of its connect, into an event: all but the end (and the source
  * only as far as the sweeper found it). */
@@ -306,11 +313,66 @@ static __always_inline void describe_connect(const struct pending *p, struct eve
 }
 
 /*
+ * An end the event buffer had no room for is kept in the pending table, where the sweeper
+ * lists keys, under a key no socket has: its end time, odd, in the lower half of the
+ * address space (struct sock is aligned, and in the kernel's upper half on every 64-bit
+ * architecture). Its socket's own key is free at once for the socket's next connect.
+ */
+#define KEPT_KEY_MASK 0x7ffffffffffffffeULL
+
+static __always_inline int is_kept_key(__u64 key)
+{
+	return (key & 1) && !(key >> 63);
+}
+
+/* A kept entry's end, into an event. */
+static __always_inline void describe_kept_end(const struct pending *p, struct event *e)
+{
+	describe_connect(p, e);
+	e->ts_ns = p->end_ns;
+	e->delta_ns = p->delta_ns;
+	e->error = p->error;
+	e->outcome = p->outcome;
+	e->end = END_SEEN;
+}
+
+/* Keep the end `e` of connect `p` (its entry, as it was) for the sweeper's question to
+ * report, where there is a sweeper to ask; else it is lost, and counted. */
+static __always_inline void keep_end(const struct config *cfg, const struct pending *p,
+				     const struct event *e)
+{
+	struct pending kept;
+	__u64 key = (e->ts_ns & KEPT_KEY_MASK) | 1;
+
+	if (!cfg->keep_unsent) {
+		count(COUNTER_DROPPED);
+		return;
+	}
+	__builtin_memcpy(&kept, p, sizeof(kept));
+	kept.end_ns = e->ts_ns;
+	kept.delta_ns = e->delta_ns;
+	kept.error = e->error;
+	kept.outcome = e->outcome;
+	kept.lport = e->lport;
+	__builtin_memcpy(kept.saddr, e->saddr, sizeof(kept.saddr));
+	/* Two ends kept in the same nanosecond on two CPUs: the next odd key. */
+	if (bpf_map_update_elem(&pending, &key, &kept, BPF_NOEXIST)) {
+		key += 2;
+		if (bpf_map_update_elem(&pending, &key, &kept, BPF_NOEXIST)) {
+			count(COUNTER_DROPPED);
+			return;
+		}
+	}
+	count(COUNTER_KEPT);
+}
+
+/*
  * A connect is starting on a socket whose previous connect is still in the table: no probe
  * saw that one end (or it ended while the kernel refused to remove its entry, and was
  * reported then). Report it now, before the new one takes its place: its socket went on
  * to connect again (or its memory became another socket's), so all that is known is that
- * it ended by now.
+ * it ended by now. Whoever removes an entry reports it: the sweeper may be asking about
+ * it at this moment.
  */
 static __always_inline void report_superseded(void *ctx, const struct config *cfg, __u64 sk,
 					      int transport)
@@ -326,7 +388,12 @@ static __always_inline void report_superseded(void *ctx, const struct config *cf
 	e.delta_min_ns = since(old->start_ns, old->confirmed_ns);
 	e.outcome = OUTCOME_UNKNOWN;
 	e.end = END_GONE;
-	report(ctx, cfg, &e, transport);
+	/* ENOENT: the sweeper removed it, and reports it. Refused otherwise, it is replaced
+	 * all the same. */
+	if (bpf_map_delete_elem(&pending, &sk) == -ENOENT)
+		return;
+	if (report(ctx, cfg, &e, transport) == EMIT_NO_ROOM)
+		count(COUNTER_DROPPED);
 }
 
 /* Remember a connect about to send its SYN (its socket is moving to SYN_SENT, in the
@@ -370,8 +437,8 @@ static __always_inline void remember_connect(void *ctx, const struct config *cfg
  * what tracing costs, not the probe): userspace drains it on a short timer, and the
  * probe forces a wakeup only once enough has queued up that waiting could overflow it.
  */
-static __always_inline void submit(void *ctx, const struct config *cfg, struct event *e,
-				   int transport)
+static __always_inline enum emitted submit(void *ctx, const struct config *cfg,
+					   struct event *e, int transport)
 {
 #ifndef TCPCONNLAT_LEGACY
 	if (transport == TRANSPORT_RINGBUF) {
@@ -379,9 +446,8 @@ static __always_inline void submit(void *ctx, const struct config *cfg, struct e
 
 		if (bpf_ringbuf_query(&events_rb, BPF_RB_AVAIL_DATA) >= cfg->wakeup_bytes)
 			flags = BPF_RB_FORCE_WAKEUP;
-		if (bpf_ringbuf_output(&events_rb, e, sizeof(*e), flags))
-			count(COUNTER_DROPPED);
-		return;
+		return bpf_ringbuf_output(&events_rb, e, sizeof(*e), flags) ? EMIT_NO_ROOM :
+									       EMIT_SENT;
 	}
 #endif
 #ifdef TCPCONNLAT_LEGACY
@@ -390,10 +456,10 @@ static __always_inline void submit(void *ctx, const struct config *cfg, struct e
 #else
 	__u64 cpu = BPF_F_CURRENT_CPU;
 #endif
-	/* Perf also reports its losses, but only once the next sample fits: count them here
-	 * too, where the kernel says so (5.4+; before, the helper always returns 0). */
-	if (bpf_perf_event_output(ctx, &events_pb, cpu, e, sizeof(*e)))
-		count(COUNTER_DROPPED);
+	/* The helper says it had no room from 5.4 on; before, it always returns 0, and only
+	 * perf's own count of lost samples tells. */
+	return bpf_perf_event_output(ctx, &events_pb, cpu, e, sizeof(*e)) ? EMIT_NO_ROOM :
+									    EMIT_SENT;
 }
 
 /* How a program reads the sock:inet_sock_set_state record: at the offsets of the kernel's
@@ -522,16 +588,16 @@ static __always_inline __u8 outcome_of(const struct pending *p, __u16 error)
 /*
  * Every connect ends here, in every mode, when its socket leaves SYN_SENT for `newstate`.
  * To ESTABLISHED it succeeded; anywhere else (CLOSE) it failed, and sk_err says why. Fills
- * *e but for the source and removes the pending entry; returns whether to report it.
+ * *e but for the source; returns the connect's entry, for settle_connect once the source is
+ * read, or NULL where there is nothing to report.
  */
-static __always_inline int finish_connect(const struct config *cfg, __u64 sk, int newstate,
-					  struct event *e)
+static __always_inline struct pending *finish_connect(const struct config *cfg, __u64 sk,
+						      int newstate, struct event *e)
 {
 	struct pending *p = bpf_map_lookup_elem(&pending, &sk);
-	long err;
 
 	if (!p || p->reported)
-		return 0;
+		return NULL;
 	describe_connect(p, e);
 	e->ts_ns = bpf_ktime_get_ns();
 	if (newstate == TCP_ESTABLISHED) {
@@ -543,39 +609,47 @@ static __always_inline int finish_connect(const struct config *cfg, __u64 sk, in
 		/* An RST is an answer: its latency ends when it was processed. */
 		e->delta_ns = since(p->start_ns, (p->reset && p->answer_ns) ? p->answer_ns : e->ts_ns);
 	}
-	/* Whoever removes the entry reports the connect: a probe, or the sweeper that found
-	 * its socket out of SYN_SENT (ENOENT: it did, and reported it). */
+	return p;
+}
+
+/*
+ * Report a connect a probe saw end, then remove its entry. Until the state change that
+ * runs this probe is stored, the sweeper's question finds the socket still in SYN_SENT
+ * and leaves the entry alone, so reporting first cannot report it twice; and where the
+ * buffer has no room, the entry is still there to keep the end with.
+ */
+static __always_inline void settle_connect(void *ctx, const struct config *cfg, __u64 sk,
+					   struct pending *p, struct event *e, int transport)
+{
+	long err;
+
+	if (report(ctx, cfg, e, transport) == EMIT_NO_ROOM)
+		keep_end(cfg, p, e);
 	err = bpf_map_delete_elem(&pending, &sk);
-	if (err == -ENOENT)
-		return 0;
-	if (err) {
+	if (err && err != -ENOENT) {
 		/* The kernel would not take the bucket's lock here (this probe runs nested in
-		 * another table operation on this CPU): report it anyway, and have the
-		 * sweeper remove the entry without reporting it again. */
+		 * another table operation on this CPU): have the sweeper remove the entry
+		 * without reporting it again. */
 		p->reported = 1;
 		count(COUNTER_TABLE_ERRORS);
 	}
-	if (!(cfg->report & (e->outcome == OUTCOME_ESTABLISHED ? REPORT_ESTABLISHED : REPORT_FAILED)))
-		return 0;
-	return e->delta_ns >= cfg->min_lat_ns;
 }
 
-/* The last filter needs the endpoints: then out it goes. */
-static __always_inline void report(void *ctx, const struct config *cfg, struct event *e,
-				   int transport)
+/* The filters, the last of which needs the endpoints: then out it goes. */
+static __always_inline enum emitted report(void *ctx, const struct config *cfg,
+					   struct event *e, int transport)
 {
-	if (e->end != END_SEEN) {
-		/* A bound, not a measurement: shown unless no outcome it could be is wanted. */
-		if (e->outcome == OUTCOME_UNKNOWN ? !cfg->report :
-		    !(cfg->report & (e->outcome == OUTCOME_ESTABLISHED ? REPORT_ESTABLISHED :
-								       REPORT_FAILED)))
-			return;
-		if (e->delta_ns < cfg->min_lat_ns)
-			return;
-	}
+	/* An unknown outcome (an end inferred, its socket gone) could be any: shown unless
+	 * none is wanted. */
+	if (e->outcome == OUTCOME_UNKNOWN ? !cfg->report :
+	    !(cfg->report & (e->outcome == OUTCOME_ESTABLISHED ? REPORT_ESTABLISHED :
+							       REPORT_FAILED)))
+		return EMIT_UNWANTED;
+	if (e->delta_ns < cfg->min_lat_ns)
+		return EMIT_UNWANTED;
 	if (cfg->filter_dports && !bpf_map_lookup_elem(&dports, &e->dport))
-		return;
-	submit(ctx, cfg, e, transport);
+		return EMIT_UNWANTED;
+	return submit(ctx, cfg, e, transport);
 }
 
 /* Count a SYN sent again for a pending connect. */
@@ -611,37 +685,69 @@ static __always_inline void mark_reset(__u64 sk)
 }
 
 /*
+ * The sweeper reports an ended connect once it has removed its entry (`copy`, taken before:
+ * a removed entry's memory can be another's at once): whoever removes an entry reports
+ * it. Where the buffer has no room, the entry goes back as it was, to be asked about
+ * again once the buffer is read.
+ */
+static __always_inline enum answer report_removed(void *ctx, const struct config *cfg, __u64 sk,
+					  const struct pending *copy, struct event *e,
+					  int transport)
+{
+	long err = bpf_map_delete_elem(&pending, &sk);
+
+	if (err == -ENOENT)
+		return ANSWER_DONE;
+	if (err) {
+		count(COUNTER_TABLE_ERRORS);
+		return ANSWER_PENDING;
+	}
+	if (report(ctx, cfg, e, transport) != EMIT_NO_ROOM)
+		return ANSWER_DONE;
+	if (bpf_map_update_elem(&pending, &sk, copy, BPF_NOEXIST)) {
+		/* A new connect on the socket took its place this instant. */
+		count(COUNTER_DROPPED);
+		return ANSWER_DONE;
+	}
+	return ANSWER_NO_ROOM;
+}
+
+/*
  * The sweeper's question about a connect pending a while: is its socket still in SYN_SENT?
  * Run on demand from userspace (BPF_PROG_TEST_RUN runs a raw tracepoint program from Linux
  * 5.10, commit 1b4d60ec162f "bpf: Enable BPF_PROG_TEST_RUN for raw_tracepoint") with the
  * socket in ctx[0]. A connect whose socket has left SYN_SENT ended without any probe
  * seeing it: it is reported now, its latency bounded by when it was last found pending
- * and now. Returns 1 while the connect is pending (or the answer must wait), 0 once it
- * is not.
+ * and now. Asked about a kept key, it reports the end kept there.
  */
-static __always_inline int confirm_pending(__u64 *ctx, int transport)
+static __always_inline enum answer confirm_pending(__u64 *ctx, int transport)
 {
 	const struct config *cfg = get_config();
 	__u64 sk = ctx[0];
+	struct pending copy;
 	struct peer now = {};
 	struct event e = {};
 	struct pending *p;
 	__u8 state;
-	long err;
 	int same;
 
 	if (!cfg)
-		return 1;
+		return ANSWER_PENDING;
 	p = bpf_map_lookup_elem(&pending, &sk);
 	if (!p)
-		return 0;
+		return ANSWER_DONE;
+	if (is_kept_key(sk)) {
+		describe_kept_end(p, &e);
+		__builtin_memcpy(&copy, p, sizeof(copy));
+		return report_removed(ctx, cfg, sk, &copy, &e, transport);
+	}
 	/* The state before the entry's flags: the kernel stores a new state only after the
 	 * probes on the change have run, so a state out of SYN_SENT means they are done. */
 	state = sock_state(cfg, sk);
 	read_sock_peer(cfg, sk, &now);
 	if (p->reported) {
 		bpf_map_delete_elem(&pending, &sk);
-		return 0;
+		return ANSWER_DONE;
 	}
 	/* Unreadable memory reads as zeros: no family, no match. */
 	same = (now.family == FAMILY_INET || now.family == FAMILY_INET6) &&
@@ -654,7 +760,7 @@ static __always_inline int confirm_pending(__u64 *ctx, int transport)
 		p->confirmed_ns = e.ts_ns;
 		p->lport = e.lport;
 		__builtin_memcpy(p->saddr, e.saddr, sizeof(p->saddr));
-		return 1;
+		return ANSWER_PENDING;
 	}
 	if (!same || !e.lport) {
 		/* Failed (the kernel released the port), or the socket is gone: the source as
@@ -684,15 +790,8 @@ static __always_inline int confirm_pending(__u64 *ctx, int transport)
 		e.end = END_GONE;
 		e.outcome = OUTCOME_UNKNOWN;
 	}
-	err = bpf_map_delete_elem(&pending, &sk);
-	if (err == -ENOENT)
-		return 0;
-	if (err) {
-		count(COUNTER_TABLE_ERRORS);
-		return 1;
-	}
-	report(ctx, cfg, &e, transport);
-	return 0;
+	__builtin_memcpy(&copy, p, sizeof(copy));
+	return report_removed(ctx, cfg, sk, &copy, &e, transport);
 }
 
 /* The sweeper's question, for one transport. Never attached: only run on demand. */
@@ -732,11 +831,12 @@ static __always_inline int handle_state(void *ctx, int transport, enum record_re
 	if (sc.oldstate == TCP_SYN_SENT) {
 		/* Zeroed here, not on the state changes that return above (most of them). */
 		struct event e = {};
+		struct pending *p = finish_connect(cfg, sc.skaddr, sc.newstate, &e);
 
-		if (!finish_connect(cfg, sc.skaddr, sc.newstate, &e))
+		if (!p)
 			return 0;
 		read_source(ctx, &cfg->tp, read, &e);
-		report(ctx, cfg, &e, transport);
+		settle_connect(ctx, cfg, sc.skaddr, p, &e, transport);
 	}
 	return 0;
 }

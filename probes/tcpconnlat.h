@@ -87,7 +87,10 @@ struct sock_layout {
 
 /* The slots of the probes' `counters` array map. */
 enum counter {
-	COUNTER_DROPPED,   /* events the buffer had no room for */
+	COUNTER_DROPPED,   /* events the buffer had no room for, and nothing kept */
+	/* Ends the buffer had no room for, kept in the pending table under a kept key for the
+	 * sweeper to report (config.keep_unsent): not lost, though perf counts them so. */
+	COUNTER_KEPT,
 	COUNTER_UNTRACKED, /* connects not timed: the pending table was full or refused them */
 	/*
 	 * Pending-table updates and deletes the kernel refused for another reason than a full
@@ -121,6 +124,13 @@ enum end_kind {
 	END_GONE,     /* the socket was closed or reused meanwhile: outcome unknown, delta_ns a bound */
 };
 
+/* What the sweeper's question (confirm_pending) answers about a pending table entry. */
+enum answer {
+	ANSWER_DONE,    /* the entry is gone: reported, or found gone */
+	ANSWER_PENDING, /* its connect is still waiting (or the answer must wait) */
+	ANSWER_NO_ROOM, /* it ended, but the buffer had no room: ask again once it is read */
+};
+
 /* config.report: which outcomes to emit (bits). */
 enum report {
 	REPORT_ESTABLISHED = 1,
@@ -146,7 +156,10 @@ struct config {
 	__u8 comm[TASK_COMM_LEN];
 	struct state_layout tp;
 	struct sock_layout sk;
-	__u16 __pad2[2];
+	/* An end the buffer has no room for is kept in the pending table, for the sweeper's
+	 * question to report: set where the sweeper can ask (see keep_end). */
+	__u8 keep_unsent;
+	__u8 __pad2[3];
 };
 
 /* One connect in flight, keyed by its struct sock address. */
@@ -161,7 +174,8 @@ struct pending {
 	/* Reported by a probe that could not remove the entry (the kernel refused the delete):
 	 * the sweeper removes it without reporting it again. */
 	__u8 reported;
-	__u8 __pad[2];
+	__u8 outcome; /* OUTCOME_*, under a kept key */
+	__u8 __pad;
 	__u8 comm[TASK_COMM_LEN];
 	__u64 cgroup_id; /* where config.label_cgroup asks for it */
 	/* Whom it connects to, set before SYN_SENT: tells its socket from a later one that
@@ -170,10 +184,15 @@ struct pending {
 	__u16 dport;
 	__u8 daddr[16];
 	/* The source, as the sweeper found it while the connect was pending (the kernel
-	 * releases the port once a connect fails). */
+	 * releases the port once a connect fails), or as the probe read it at its end (under a
+	 * kept key). */
 	__u16 lport;
 	__u8 saddr[16];
-	__u8 __pad2[6];
+	__u16 error; /* under a kept key: the socket's errno at the end */
+	__u8 __pad2[4];
+	/* Under a kept key: when it ended, and its latency. */
+	__u64 end_ns;
+	__u64 delta_ns;
 };
 
 /* One finished connect. Addresses are in network order; ports in host order. */

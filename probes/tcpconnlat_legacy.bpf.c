@@ -41,6 +41,7 @@ int legacy_set_state(struct pt_regs *ctx)
 	__u64 sk = PT_REGS_ARG1(ctx);
 	int newstate = (int)PT_REGS_ARG2(ctx);
 	struct event e = {};
+	struct pending *p;
 	__u8 state;
 
 	if (!cfg)
@@ -56,10 +57,13 @@ int legacy_set_state(struct pt_regs *ctx)
 		}
 		return 0;
 	}
-	if (state != TCP_SYN_SENT || !finish_connect(cfg, sk, newstate, &e))
+	if (state != TCP_SYN_SENT)
+		return 0;
+	p = finish_connect(cfg, sk, newstate, &e);
+	if (!p)
 		return 0;
 	read_sock_source(cfg, sk, &e);
-	report(ctx, cfg, &e, TRANSPORT_PERFBUF);
+	settle_connect(ctx, cfg, sk, p, &e, TRANSPORT_PERFBUF);
 	return 0;
 }
 

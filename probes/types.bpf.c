@@ -17,6 +17,7 @@ enum transport shared_transport;
 enum counter shared_counter;
 enum outcome shared_outcome;
 enum end_kind shared_end_kind;
+enum answer shared_answer;
 enum report shared_report;
 enum address_family shared_address_family;
 enum limits shared_limits;

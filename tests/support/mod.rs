@@ -10,6 +10,14 @@ pub mod probes {
 
 pub use tcpconnlat_compat::ProbeObject;
 
+/// The structs and constants shared with the probes (probes/tcpconnlat.h), as the binary
+/// has them (build.rs).
+#[allow(clippy::all)]
+mod skel {
+    include!(concat!(env!("OUT_DIR"), "/types.skel.rs"));
+}
+pub use skel::types::counter as Counter;
+
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
@@ -264,6 +272,15 @@ impl Tracer {
                 .unwrap(),
         };
         TestMap::new(fd, name)
+    }
+
+    /// The probes' counter `counter` (enum counter) right now.
+    pub fn counter(&self, counter: Counter) -> u64 {
+        let value = self
+            .map("counters")
+            .lookup(&counter.0.to_ne_bytes())
+            .expect("the counters map holds every counter");
+        u64::from_ne_bytes(value[..8].try_into().unwrap())
     }
 
     /// How many entries the tracer's map named `name` holds right now.

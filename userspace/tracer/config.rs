@@ -3,11 +3,10 @@
 
 use anyhow::{Context, Result};
 use libbpf_rs::{MapCore, MapFlags, Object};
-use tcpconnlat_compat::btf::SockOffsets;
 use tcpconnlat_compat::Transport;
 
 use super::objects::{self, maps, AddressFamily, Config, RawStateLayout, Report};
-use super::{find_map, LoadOptions};
+use super::{find_map, LoadOptions, Loadout};
 
 /// Which connects to report, by how they ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,11 +61,12 @@ pub(super) fn configure(
     object: &Object,
     filters: &Filters,
     options: &LoadOptions<'_>,
-    sock: Option<&SockOffsets>,
+    loadout: &Loadout<'_>,
 ) -> Result<()> {
     let ring_bytes =
         find_map(object, Transport::RingBuf.map()).map_or(0, |m| u64::from(m.max_entries()));
-    write_config(object, &probe_config(filters, options, sock, ring_bytes))?;
+    let config = probe_config(filters, options, loadout, ring_bytes);
+    write_config(object, &config)?;
     write_set(
         object,
         maps::PIDS,
@@ -83,7 +83,7 @@ pub(super) fn configure(
 fn probe_config(
     filters: &Filters,
     options: &LoadOptions<'_>,
-    sock: Option<&SockOffsets>,
+    loadout: &Loadout<'_>,
     ring_bytes: u64,
 ) -> Config {
     let features = options.features;
@@ -124,7 +124,10 @@ fn probe_config(
             .as_ref()
             .map(objects::state_layout)
             .unwrap_or_else(|_| RawStateLayout::default()),
-        sk: sock.map(objects::sock_layout).unwrap_or_default(),
+        sk: loadout.sock.map(objects::sock_layout).unwrap_or_default(),
+        // An end kept in its entry is reported by the sweeper's question: only where
+        // there is one, else nothing would.
+        keep_unsent: loadout.confirm.is_some().into(),
         ..Default::default()
     }
 }

@@ -172,7 +172,7 @@ pub fn start(mode: Mode, options: &LoadOptions<'_>, filters: &Filters) -> Result
     let mut object = timing::step("load", || object.load())
         .with_context(|| format!("loading the {mode} probes (run with -v for the verifier log)"))?;
     drop(core_files);
-    config::configure(&object, filters, options, loadout.sock)?;
+    config::configure(&object, filters, options, &loadout)?;
     let pins = Pins::pin(&mut object, options.pin_maps)?;
     let (links, kprobes) = timing::step("attach", || attach_all(&object, &loadout.hooks, options))?;
     Ok(Tracer {

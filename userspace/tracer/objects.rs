@@ -10,7 +10,7 @@ mod skel {
 }
 
 pub use skel::types::{
-    address_family as AddressFamily, config as Config, counter as Counter,
+    address_family as AddressFamily, answer as Answer, config as Config, counter as Counter,
     discover_config as DiscoverConfig, discover_mark as DiscoverMark, end_kind as RawEnd,
     event as RawEvent, outcome as RawOutcome, pending as RawPending, report as Report,
     snapshot_phase as SnapshotPhase, snapshot_size as SnapshotSize, sock_layout as RawSockLayout,

@@ -315,6 +315,22 @@ impl<'cb> EventStream<'cb> {
         self.counters.readable() && self.sweeper.can_ask()
     }
 
+    /// How many times one read goes back to the sweeper after reading a buffer it filled.
+    const SWEEP_ROUNDS: usize = 64;
+
+    /// Take what the event buffer holds into our queue.
+    fn read_buffer(&mut self) -> Result<()> {
+        match &mut self.buffer {
+            Buffer::Ring(ring) => ring.consume().context("reading the ring buffer")?,
+            Buffer::Perf(perf) => {
+                let queued = self.inbox.queue.borrow().len();
+                perf.consume()?;
+                self.inbox.in_time_order(queued);
+            }
+        }
+        self.inbox.check()
+    }
+
     /// A record already read and decoded, if one is waiting.
     pub fn next_queued(&mut self) -> Option<Traced> {
         self.inbox.queue.borrow_mut().pop_front()
@@ -327,17 +343,19 @@ impl<'cb> EventStream<'cb> {
     }
 
     fn read(&mut self, counters: CounterRead) -> Result<()> {
-        match &mut self.buffer {
-            Buffer::Ring(ring) => ring.consume().context("reading the ring buffer")?,
-            Buffer::Perf(perf) => {
-                let queued = self.inbox.queue.borrow().len();
-                perf.consume()?;
-                self.inbox.in_time_order(queued);
-            }
-        }
-        self.inbox.check()?;
+        self.read_buffer()?;
         let counted = self.counters.read(counters)?;
-        let missed = self.sweeper.sweep()?;
+        let mut missed = 0;
+        // Ends the sweeper finds may not fit in the buffer at once: it stops, the buffer
+        // is read, and it goes on (within bounds: what is left waits for the next read).
+        for _ in 0..Self::SWEEP_ROUNDS {
+            let swept = self.sweeper.sweep()?;
+            missed += swept.missed;
+            if !swept.buffer_full {
+                break;
+            }
+            self.read_buffer()?;
+        }
         let shortfalls = [
             Shortfall::Missed { count: missed },
             Shortfall::Lost {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 
-use super::objects::{Counter, RawPending};
+use super::objects::{Answer, Counter, RawPending};
 
 /// How old a pending entry must be to be removed as one whose end no probe saw, and how
 /// long its key must have been there before the sweeper looks (by default), where the
@@ -45,6 +45,9 @@ pub struct SweepTimes {
 /// looks inside an entry only once its key has been there for `look_after`, and removes
 /// it as missed if it is older than any SYN retry schedule with default settings (about
 /// 2 minutes) could keep a connect waiting, with a wide margin (`stale`).
+///
+/// Where it can ask, the probes also leave it the ends the event buffer had no room for,
+/// kept in the table under keys of their own (`is_kept_key`): the question reports them.
 pub struct Sweeper {
     map: MapHandle,
     /// The question's program, where the kernel runs it.
@@ -54,7 +57,16 @@ pub struct Sweeper {
     started_ns: u64,
     /// Keys present at the last sweep, with when they were first seen.
     seen: HashMap<u64, Instant>,
+    /// A sweep cut short, to go on with.
+    pass: Option<Pass>,
     times: SweepTimes,
+}
+
+/// Whether a pending table key holds an end a probe kept for the sweeper (the buffer had no
+/// room for it) rather than a connect: odd, in the lower half (`is_kept_key` in
+/// probes/common.bpf.h). Asked about at once: it has ended.
+fn is_kept_key(key: u64) -> bool {
+    key & 1 == 1 && key >> 63 == 0
 }
 
 /// A map key or value's first 8 bytes: the pending table's key (the socket), a counter.
@@ -77,6 +89,28 @@ enum Looked {
     Gone,
     /// Removed as one no probe will finish.
     Missed,
+    /// Ended, but the event buffer had no room to report it: still there.
+    NoRoom,
+}
+
+/// A sweep under way.
+struct Pass {
+    started: Instant,
+    /// CLOCK_MONOTONIC then.
+    started_ns: u64,
+    /// Keys still to look at.
+    keys: Vec<u64>,
+    /// Keys found pending so far, with when each was first seen.
+    pending: HashMap<u64, Instant>,
+}
+
+/// What a sweep did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Swept {
+    /// Entries removed as missed.
+    pub missed: u64,
+    /// Cut short: an end found had no room in the event buffer. Read it, then sweep on.
+    pub buffer_full: bool,
 }
 
 impl Sweeper {
@@ -87,6 +121,7 @@ impl Sweeper {
             last: Instant::now(),
             started_ns: monotonic_ns()?,
             seen: HashMap::new(),
+            pass: None,
             times,
         })
     }
@@ -109,53 +144,72 @@ impl Sweeper {
         }
     }
 
-    /// Entries removed as missed, if a sweep was due (ends the question finds are reported
-    /// through the event buffer).
-    pub fn sweep(&mut self) -> Result<u64> {
-        if self.last.elapsed() < self.every() {
-            return Ok(0);
-        }
-        let now = Instant::now();
-        self.last = now;
-        let now_ns = monotonic_ns()?;
-        let mut missed = 0;
-        let mut seen = HashMap::with_capacity(self.seen.len());
-        let keys: Vec<Vec<u8>> = self.map.keys().collect();
-        for key in keys {
-            let Some(id) = leading_u64(&key) else {
-                continue;
-            };
-            let first = self.seen.get(&id).copied().unwrap_or(now);
+    /// Sweep if a sweep is due or one was cut short. Entries removed as missed are
+    /// counted; the ends the question finds go through the event buffer, and where that
+    /// is full the sweep stops until it is read (`Swept::buffer_full`).
+    pub fn sweep(&mut self) -> Result<Swept> {
+        let mut pass = match self.pass.take() {
+            Some(pass) => pass,
+            None if self.last.elapsed() < self.every() => return Ok(Swept::default()),
+            None => self.begin()?,
+        };
+        let mut swept = Swept::default();
+        while let Some(id) = pass.keys.pop() {
+            let first = self.seen.get(&id).copied().unwrap_or(pass.started);
             let looked = match &self.confirm {
-                Some(_) if now.duration_since(first) < self.times.ask_after => {
+                Some(_)
+                    if !is_kept_key(id)
+                        && pass.started.duration_since(first) < self.times.ask_after =>
+                {
                     Looked::Pending(first)
                 }
                 Some(confirm) => match run_on_demand(confirm.as_raw_fd(), id) {
-                    Ok(0) => Looked::Gone,
+                    Ok(answer) if answer == Answer::ANSWER_DONE.0 => Looked::Gone,
+                    Ok(answer) if answer == Answer::ANSWER_NO_ROOM.0 => Looked::NoRoom,
                     Ok(_) => Looked::Pending(first),
                     Err(e) => return Err(e).context("asking the kernel about a pending connect"),
                 },
-                None => self.look(&key, first, now, now_ns)?,
+                None => self.look(id, first, &pass)?,
             };
             match looked {
                 Looked::Pending(first) => {
-                    seen.insert(id, first);
+                    pass.pending.insert(id, first);
                 }
                 Looked::Gone => {}
-                Looked::Missed => missed += 1,
+                Looked::Missed => swept.missed += 1,
+                Looked::NoRoom => {
+                    pass.keys.push(id);
+                    self.pass = Some(pass);
+                    swept.buffer_full = true;
+                    return Ok(swept);
+                }
             }
         }
-        self.seen = seen;
-        Ok(missed)
+        self.seen = pass.pending;
+        Ok(swept)
+    }
+
+    /// A new sweep: the table's keys now.
+    fn begin(&mut self) -> Result<Pass> {
+        let started = Instant::now();
+        self.last = started;
+        Ok(Pass {
+            started,
+            started_ns: monotonic_ns()?,
+            keys: self.map.keys().filter_map(|k| leading_u64(&k)).collect(),
+            pending: HashMap::with_capacity(self.seen.len()),
+        })
     }
 
     /// Without the question: look inside an entry whose key has been there for
     /// `look_after`, and remove it if it is stale.
-    fn look(&self, key: &[u8], first: Instant, now: Instant, now_ns: u64) -> Result<Looked> {
+    fn look(&self, id: u64, first: Instant, pass: &Pass) -> Result<Looked> {
+        let (now, now_ns) = (pass.started, pass.started_ns);
         if now.duration_since(first) < self.times.look_after {
             return Ok(Looked::Pending(first));
         }
-        let value = match self.map.lookup(key, MapFlags::ANY) {
+        let key = id.to_ne_bytes();
+        let value = match self.map.lookup(&key, MapFlags::ANY) {
             Ok(Some(value)) => value,
             Ok(None) => return Ok(Looked::Gone),
             Err(e) => return Err(e).context("reading the pending table"),
@@ -169,7 +223,7 @@ impl Sweeper {
             // A later connect on a reused socket address: as old as it says.
             return Ok(Looked::Pending(now.checked_sub(age).unwrap_or(now)));
         }
-        if self.map.delete(key).is_err() {
+        if self.map.delete(&key).is_err() {
             return Ok(Looked::Pending(first));
         }
         Ok(if entry.reported == 0 {
@@ -187,9 +241,10 @@ pub struct Counters {
     map: MapHandle,
     last: Option<Instant>,
     seen: [u64; Counter::COUNTERS.0 as usize],
-    /// Samples the perf buffer reported lost. They are the ones the probes counted too
-    /// (on kernels that tell them), but arrive only once the next sample fits: the larger
-    /// of the two totals is what was lost.
+    /// Samples the perf buffer reported lost. Where the kernel tells the probes (5.4+),
+    /// each is one they counted too, as dropped or as kept for the sweeper; but perf's
+    /// count arrives only once the next sample fits. So what was lost is the larger of
+    /// the probes' dropped and perf's count less the kept.
     perf_lost: Rc<Cell<u64>>,
 }
 
@@ -217,22 +272,24 @@ impl Counters {
             return Ok(CounterIncreases::default());
         }
         self.last = Some(Instant::now());
-        let mut delta = [0; Counter::COUNTERS.0 as usize];
-        for (i, delta) in delta.iter_mut().enumerate() {
-            let counter = Counter(i as u32);
-            let total = self
+        // Perf's count first: every sample in it was counted by a probe before.
+        let perf_lost = self.perf_lost.get();
+        let mut totals = [0; Counter::COUNTERS.0 as usize];
+        for (i, total) in totals.iter_mut().enumerate() {
+            *total = self
                 .map
-                .lookup(&counter.0.to_ne_bytes(), MapFlags::ANY)
+                .lookup(&(i as u32).to_ne_bytes(), MapFlags::ANY)
                 .context("reading the probes' counters")?
                 .and_then(|v| leading_u64(&v))
                 .unwrap_or(0);
-            let total = if counter == Counter::COUNTER_DROPPED {
-                total.max(self.perf_lost.get())
-            } else {
-                total
-            };
-            *delta = total.saturating_sub(self.seen[i]);
-            self.seen[i] = total.max(self.seen[i]);
+        }
+        let dropped = Counter::COUNTER_DROPPED.0 as usize;
+        let kept = totals[Counter::COUNTER_KEPT.0 as usize];
+        totals[dropped] = totals[dropped].max(perf_lost.saturating_sub(kept));
+        let mut delta = [0; Counter::COUNTERS.0 as usize];
+        for (i, delta) in delta.iter_mut().enumerate() {
+            *delta = totals[i].saturating_sub(self.seen[i]);
+            self.seen[i] = totals[i].max(self.seen[i]);
         }
         let of = |counter: Counter| delta[counter.0 as usize];
         Ok(CounterIncreases {
