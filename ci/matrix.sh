@@ -395,6 +395,8 @@ make_initramfs() { # id out
     local bench=""
     if [ "$id" = "$BENCH_IN" ]; then bench=$BENCH && add_static "$root" "$BENCH"; fi
     [ -z "$bench_only" ] || add_tool "$root" "$REFERENCE"
+    # A build of an earlier commit, measured beside this one (TCPCONNLAT_BENCH_BEFORE).
+    [ -z "$bench_only" ] || [ -z "${TCPCONNLAT_BENCH_BEFORE:-}" ] || add_static "$root" "$TCPCONNLAT_BENCH_BEFORE"
     local modules="" KMODDIR=${KMODDIRS[$id]} KVER=${KVERS[$id]}
     if [ -n "$KMODDIR" ]; then
         local dest=$root/lib/modules/$KVER f rel
@@ -430,6 +432,7 @@ BENCH_CONNECTS='${TCPCONNLAT_BENCH_CONNECTS:-}'
 BENCH_ROUNDS='${TCPCONNLAT_BENCH_ROUNDS:-}'
 BENCH_STARTUP_ONLY='${TCPCONNLAT_BENCH_STARTUP_ONLY:-}'
 REFERENCE='$REFERENCE'
+BENCH_BEFORE='${TCPCONNLAT_BENCH_BEFORE:-}'
 EOF
     (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) >"$out"
     rm -rf "$root"

@@ -268,6 +268,13 @@ static __always_inline int same_address(const __u8 *a, const __u8 *b)
 	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
 }
 
+/* Whether a pending entry's connect is to `to`. */
+static __always_inline int same_peer(const struct pending *p, const struct peer *to)
+{
+	return p->family == to->family && p->dport == to->dport &&
+	       same_address(p->daddr, to->daddr);
+}
+
 /* The source, into an event whose af is set. */
 static __always_inline void read_sock_source(const struct config *cfg, __u64 sk, struct event *e)
 {
@@ -537,12 +544,23 @@ static __always_inline void read_peer(void *ctx, const struct state_layout *l,
 {
 	if (read == READ_RECORD_DIRECT) {
 		const struct state_record *r = ctx;
+		__u64 half[2];
+		__u32 v4;
 
+		/* Loaded into registers here: compared in place, the two addresses would be
+		 * read through one pointer chosen between them, which the verifier refuses
+		 * for a context pointer. */
 		to->dport = r->dport;
-		if (to->family == FAMILY_INET)
-			__builtin_memcpy(to->daddr, r->daddr, 4);
-		else
-			__builtin_memcpy(to->daddr, r->daddr_v6, 16);
+		if (to->family == FAMILY_INET) {
+			__builtin_memcpy(&v4, r->daddr, sizeof(v4));
+			OPAQUE(v4);
+			__builtin_memcpy(to->daddr, &v4, sizeof(v4));
+		} else {
+			__builtin_memcpy(half, r->daddr_v6, sizeof(half));
+			OPAQUE(half[0]);
+			OPAQUE(half[1]);
+			__builtin_memcpy(to->daddr, half, sizeof(half));
+		}
 		return;
 	}
 	READ_AT(to->dport, ctx, l->dport);
@@ -585,19 +603,32 @@ static __always_inline __u8 outcome_of(const struct pending *p, __u16 error)
 	return OUTCOME_TIMEOUT;
 }
 
-/*
- * Every connect ends here, in every mode, when its socket leaves SYN_SENT for `newstate`.
- * To ESTABLISHED it succeeded; anywhere else (CLOSE) it failed, and sk_err says why. Fills
- * *e but for the source; returns the connect's entry, for settle_connect once the source is
- * read, or NULL where there is nothing to report.
- */
-static __always_inline struct pending *finish_connect(const struct config *cfg, __u64 sk,
-						      int newstate, struct event *e)
+/* The connect pending on socket `sk` and not yet reported, if any: what a socket leaving
+ * SYN_SENT looks for. */
+static __always_inline struct pending *pending_connect(__u64 sk)
 {
 	struct pending *p = bpf_map_lookup_elem(&pending, &sk);
 
-	if (!p || p->reported)
-		return NULL;
+	return p && !p->reported ? p : NULL;
+}
+
+/*
+ * Every connect ends here, in every mode, when its socket (connecting to `to`) leaves
+ * SYN_SENT for `newstate`: `p` is its pending_connect(). To ESTABLISHED it succeeded;
+ * anywhere else (CLOSE) it failed, and sk_err says why. Fills *e but for the source;
+ * returns whether to go on to settle_connect once the source is read.
+ */
+static __always_inline int finish_connect(void *ctx, const struct config *cfg, __u64 sk,
+					  const struct pending *p, int newstate,
+					  const struct peer *to, struct event *e, int transport)
+{
+	if (!same_peer(p, to)) {
+		/* An entry whose end no probe saw, its socket freed and taken since by a
+		 * connect the filters do not want (which leaves no entry): that one is not
+		 * ours, and the entry's connect ended by now. */
+		report_superseded(ctx, cfg, sk, transport);
+		return 0;
+	}
 	describe_connect(p, e);
 	e->ts_ns = bpf_ktime_get_ns();
 	if (newstate == TCP_ESTABLISHED) {
@@ -609,7 +640,7 @@ static __always_inline struct pending *finish_connect(const struct config *cfg, 
 		/* An RST is an answer: its latency ends when it was processed. */
 		e->delta_ns = since(p->start_ns, (p->reset && p->answer_ns) ? p->answer_ns : e->ts_ns);
 	}
-	return p;
+	return 1;
 }
 
 /*
@@ -830,10 +861,14 @@ static __always_inline int handle_state(void *ctx, int transport, enum record_re
 	}
 	if (sc.oldstate == TCP_SYN_SENT) {
 		/* Zeroed here, not on the state changes that return above (most of them). */
+		struct pending *p = pending_connect(sc.skaddr);
+		struct peer to = {.family = sc.family};
 		struct event e = {};
-		struct pending *p = finish_connect(cfg, sc.skaddr, sc.newstate, &e);
 
 		if (!p)
+			return 0;
+		read_peer(ctx, &cfg->tp, read, &to);
+		if (!finish_connect(ctx, cfg, sc.skaddr, p, sc.newstate, &to, &e, transport))
 			return 0;
 		read_source(ctx, &cfg->tp, read, &e);
 		settle_connect(ctx, cfg, sc.skaddr, p, &e, transport);

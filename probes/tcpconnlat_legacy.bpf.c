@@ -40,6 +40,7 @@ int legacy_set_state(struct pt_regs *ctx)
 	const struct config *cfg = get_config();
 	__u64 sk = PT_REGS_ARG1(ctx);
 	int newstate = (int)PT_REGS_ARG2(ctx);
+	struct peer to = {};
 	struct event e = {};
 	struct pending *p;
 	__u8 state;
@@ -50,8 +51,6 @@ int legacy_set_state(struct pt_regs *ctx)
 	if (newstate == TCP_SYN_SENT) {
 		/* connect() on a closed socket: in the connecting process. */
 		if (state == TCP_CLOSE) {
-			struct peer to = {};
-
 			read_sock_peer(cfg, sk, &to);
 			remember_connect(ctx, cfg, sk, &to, TRANSPORT_PERFBUF);
 		}
@@ -59,8 +58,11 @@ int legacy_set_state(struct pt_regs *ctx)
 	}
 	if (state != TCP_SYN_SENT)
 		return 0;
-	p = finish_connect(cfg, sk, newstate, &e);
+	p = pending_connect(sk);
 	if (!p)
+		return 0;
+	read_sock_peer(cfg, sk, &to);
+	if (!finish_connect(ctx, cfg, sk, p, newstate, &to, &e, TRANSPORT_PERFBUF))
 		return 0;
 	read_sock_source(cfg, sk, &e);
 	settle_connect(ctx, cfg, sk, p, &e, TRANSPORT_PERFBUF);

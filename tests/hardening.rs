@@ -855,6 +855,90 @@ fn an_entry_whose_end_no_probe_saw_is_swept_and_reported() {
     }
 }
 
+/// An entry whose end no probe saw stays until its socket is freed, and the socket's
+/// memory may then go to a connect the filters do not want (another process's), which
+/// leaves no entry of its own: when that connect ends, the entry is not its. It is
+/// reported as the superseded are (ended by now, its outcome unknown), never with the
+/// other connect's end. Planted: an entry for another destination, keyed by the socket of
+/// another process's connect, which then ends.
+#[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
+fn an_entry_is_never_finished_by_another_connect_on_its_socket() {
+    let _serial = serial();
+    let net = NetPair::new();
+    let server: SocketAddr = format!("{}:7", net.server_v4()).parse().unwrap();
+    net.drop_syns(server.port(), false);
+    let tracer = Tracer::start(&["--json", "-p", &me()]);
+    let mut other = Connector::spawn(&["ip", "netns", "exec", &net.a], server);
+    other.go();
+    let sk = syn_sent_socket(&net.a, server);
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
+    let mut entry = Pending {
+        start_ns: now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64,
+        tgid: std::process::id(),
+        family: Family::FAMILY_INET.0 as u16,
+        dport: 9,
+        ..Pending::default()
+    };
+    entry.daddr[..4].copy_from_slice(&[192, 0, 2, 9]);
+    tracer
+        .map("pending")
+        .update(&sk.to_ne_bytes(), &pending_bytes(&entry))
+        .unwrap();
+    // Its connect ends: SYN_SENT to CLOSE as its socket is closed.
+    let _ = other.child.kill();
+    let _ = other.child.wait();
+    let all = tracer.events_until(Duration::from_secs(5), |ev| {
+        ev.iter().any(|e| e["type"] == "connect")
+    });
+    let events = records(&all, "connect");
+    assert_eq!(events.len(), 1, "{all:#?}");
+    let e = events[0];
+    assert_eq!(e["daddr"], "192.0.2.9", "{e}");
+    assert_eq!(
+        (&e["end"], &e["outcome"]),
+        (&"gone".into(), &"unknown".into()),
+        "finished by another connect: {e}"
+    );
+    assert!(tracer.map("pending").lookup(&sk.to_ne_bytes()).is_none());
+    assert!(tracer.interrupt().success());
+}
+
+/// The kernel address of the socket in namespace `ns` connecting to `to` (in SYN_SENT),
+/// from /proc/net/tcp, which shows it to root while kernel.kptr_restrict is 1.
+fn syn_sent_socket(ns: &str, to: SocketAddr) -> u64 {
+    const KPTR_RESTRICT: &str = "/proc/sys/kernel/kptr_restrict";
+    let before = fs::read_to_string(KPTR_RESTRICT).unwrap();
+    fs::write(KPTR_RESTRICT, "1").unwrap();
+    let SocketAddr::V4(to) = to else {
+        unreachable!()
+    };
+    // As /proc/net/tcp shows an address: the IPv4 address as a native-endian u32.
+    let want = format!(
+        "{:08X}:{:04X}",
+        u32::from_ne_bytes(to.ip().octets()),
+        to.port()
+    );
+    let end = Instant::now() + Duration::from_secs(5);
+    let sk = loop {
+        let table = NetPair::within(ns, || fs::read_to_string("/proc/thread-self/net/tcp"));
+        let found = table.unwrap().lines().skip(1).find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.get(2) == Some(&want.as_str()) && fields.get(3) == Some(&"02"))
+                .then(|| u64::from_str_radix(fields.get(11)?, 16).ok())
+                .flatten()
+        });
+        if let Some(sk) = found {
+            break sk;
+        }
+        assert!(Instant::now() < end, "no socket in SYN_SENT to {want}");
+        thread::sleep(Duration::from_millis(50));
+    };
+    fs::write(KPTR_RESTRICT, before.trim()).unwrap();
+    assert!(sk >> 63 == 1, "not a kernel address: {sk:x}");
+    sk
+}
+
 /// Where the sweeper can ask: what the kernel leaves when it runs no probe for a
 /// connect's end is an entry whose socket is out of SYN_SENT (here: not a socket at all,
 /// as after one was freed). The sweeper reports it within seconds, its outcome unknown;

@@ -109,7 +109,7 @@ fn load(stop: Arc<AtomicBool>, made: Arc<AtomicU64>) -> Vec<thread::JoinHandle<(
             connect(server);
         }),
         // Refused, to a destination of its own each time: 400 destinations, more than
-        // --max-series 400 has room for (about 19 label sets of one outcome).
+        // --max-series 400 has room for (about 17 label sets of one outcome).
         Box::new(move |i| {
             let _ = TcpStream::connect(("127.0.0.1", closed[i % closed.len()]));
         }),

@@ -31,6 +31,8 @@ enum Setup {
 #[derive(Clone, PartialEq)]
 enum Tool {
     Ours(Option<String>),
+    /// The same, built from an earlier commit (TCPCONNLAT_BENCH_BEFORE), measured beside.
+    Before(PathBuf, Option<String>),
     /// Legacy mode with its struct offsets found at start-up: what discovery costs.
     Discovering,
     /// Fleet mode (auto): `--serve`, events into the metrics instead of lines.
@@ -49,6 +51,8 @@ impl Tool {
         match self {
             Tool::Ours(None) => format!("tcpconnlat (auto: {auto})"),
             Tool::Ours(Some(mode)) => format!("tcpconnlat --mode {mode}"),
+            Tool::Before(_, None) => format!("before: tcpconnlat (auto: {auto})"),
+            Tool::Before(_, Some(mode)) => format!("before: tcpconnlat --mode {mode}"),
             Tool::Discovering => "tcpconnlat --mode legacy --offsets discover".into(),
             Tool::Serving => format!("tcpconnlat --serve (auto: {auto})"),
             Tool::Reference(_) => "reference (libbpf-tools tcpconnlat)".into(),
@@ -59,11 +63,17 @@ impl Tool {
     /// kernel).
     fn command(&self, pid: u32) -> Command {
         match self {
-            Tool::Ours(_) | Tool::Discovering | Tool::Serving => {
-                let mut c = Command::new(BIN);
+            Tool::Ours(_) | Tool::Before(..) | Tool::Discovering | Tool::Serving => {
+                let bin = match self {
+                    Tool::Before(path, _) => path.as_path(),
+                    _ => Path::new(BIN),
+                };
+                let mut c = Command::new(bin);
                 c.args(["-v", "-p", &pid.to_string()]);
                 match self {
-                    Tool::Ours(Some(mode)) => c.args(["--mode", mode]),
+                    Tool::Ours(Some(mode)) | Tool::Before(_, Some(mode)) => {
+                        c.args(["--mode", mode])
+                    }
                     Tool::Discovering => c.args(["--mode", "legacy", "--offsets", "discover"]),
                     Tool::Serving => c.args(["--serve", "127.0.0.1:0"]),
                     _ => &mut c,
@@ -93,8 +103,12 @@ impl Setup {
     /// The floor for a tool: empty programs on the hooks of the mode it runs in.
     fn floor_mode(&self, auto: &str) -> Option<String> {
         match self {
-            Setup::Tool(Tool::Ours(Some(mode)), _) => Some(mode.clone()),
-            Setup::Tool(Tool::Ours(None) | Tool::Serving, _) => Some(auto.into()),
+            Setup::Tool(Tool::Ours(Some(mode)) | Tool::Before(_, Some(mode)), _) => {
+                Some(mode.clone())
+            }
+            Setup::Tool(Tool::Ours(None) | Tool::Before(_, None) | Tool::Serving, _) => {
+                Some(auto.into())
+            }
             Setup::Tool(Tool::Discovering, _) => Some("legacy".into()),
             // The reference uses fentry where the kernel has it, as auto does here.
             Setup::Tool(Tool::Reference(_), _) => Some("fentry".into()),
@@ -140,7 +154,7 @@ impl Running {
         };
         let took = match tool {
             // When it says so: right after it attached.
-            Tool::Ours(_) | Tool::Discovering | Tool::Serving => {
+            Tool::Ours(_) | Tool::Before(..) | Tool::Discovering | Tool::Serving => {
                 said_tracing
                     .recv()
                     .expect("the tracer did not start tracing");
@@ -294,6 +308,7 @@ pub fn run(usable: &[String], reference: Option<PathBuf>) {
     if std::env::var("TCPCONNLAT_BENCH_STARTUP_ONLY").is_ok_and(|v| v == "1") {
         let mut tools = vec![Tool::Ours(None)];
         tools.extend(usable.iter().skip(1).map(|m| Tool::Ours(Some(m.clone()))));
+        tools = with_before(tools);
         if usable.iter().any(|m| m == "legacy") {
             tools.push(Tool::Discovering);
         }
@@ -305,6 +320,7 @@ pub fn run(usable: &[String], reference: Option<PathBuf>) {
     let server = Server::loopback(2);
     let mut tools: Vec<Tool> = vec![Tool::Ours(None)];
     tools.extend(modes.iter().skip(1).map(|m| Tool::Ours(Some(m.clone()))));
+    tools = with_before(tools);
     tools.push(Tool::Serving);
     tools.extend(reference.clone().map(Tool::Reference));
     let mut setups = vec![Setup::Untraced];
@@ -481,6 +497,25 @@ fn own_steps() -> Option<Vec<String>> {
             .map(str::to_owned)
             .collect(),
     )
+}
+
+/// Each of our tools, followed by the same from the earlier build, where one is given
+/// (TCPCONNLAT_BENCH_BEFORE).
+fn with_before(tools: Vec<Tool>) -> Vec<Tool> {
+    let Some(before) = std::env::var_os("TCPCONNLAT_BENCH_BEFORE").filter(|p| !p.is_empty()) else {
+        return tools;
+    };
+    let before = PathBuf::from(before);
+    let mut all = Vec::new();
+    for tool in tools {
+        let earlier = match &tool {
+            Tool::Ours(mode) => Some(Tool::Before(before.clone(), mode.clone())),
+            _ => None,
+        };
+        all.push(tool);
+        all.extend(earlier);
+    }
+    all
 }
 
 /// The reference tool's path, if given and present, where it can run (it needs the

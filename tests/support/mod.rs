@@ -16,7 +16,18 @@ pub use tcpconnlat_compat::ProbeObject;
 mod skel {
     include!(concat!(env!("OUT_DIR"), "/types.skel.rs"));
 }
-pub use skel::types::counter as Counter;
+#[allow(unused_imports)] // each test binary uses a different part
+pub use skel::types::{address_family as Family, counter as Counter, pending as Pending};
+
+// SAFETY: generated from the C header as #[repr(C)] plain integers and byte arrays with
+// explicit padding: every bit pattern is a valid value.
+unsafe impl plain::Plain for Pending {}
+
+/// A pending-table value as the probes lay it out.
+pub fn pending_bytes(entry: &Pending) -> Vec<u8> {
+    // SAFETY: Pending is plain data (above).
+    unsafe { plain::as_bytes(entry) }.to_vec()
+}
 
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -759,6 +770,34 @@ impl NetPair {
         } else {
             run(&["-j", "DROP"]);
         }
+    }
+
+    /// In the server namespace, drop every `n`th incoming SYN to `port` (retransmits
+    /// counted too): a mix of connects answered at once and after one or more SYN
+    /// retransmits (about 1 s, 3 s).
+    pub fn drop_every_nth_syn(&self, port: u16, n: u32) {
+        let (port, n) = (port.to_string(), n.to_string());
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.b, "iptables-legacy", "-A", "INPUT"])
+            .args(["-p", "tcp", "--syn", "--dport", &port])
+            .args([
+                "-m",
+                "statistic",
+                "--mode",
+                "nth",
+                "--every",
+                &n,
+                "--packet",
+                "0",
+            ])
+            .args(["-j", "DROP"])
+            .output()
+            .expect("run iptables");
+        assert!(
+            out.status.success(),
+            "iptables: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 

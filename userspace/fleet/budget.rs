@@ -24,7 +24,8 @@ pub struct NoRoom {
 
 /// The label sets in use and what they cost. A label set costs its retransmit counter
 /// (one series, kept for it from the start) and, for each outcome it has seen, a
-/// histogram: a series per bucket, +Inf, `_sum` and `_count`. The folded set
+/// histogram: a series per bucket, +Inf, `_sum` and `_count`, and one for its native
+/// buckets (a scraper that reads them may keep the classic ones too). The folded set
 /// (`dest="other"`) has its worst case kept aside, so that folding always fits.
 #[derive(Debug)]
 pub struct SeriesBudget {
@@ -59,7 +60,7 @@ impl SeriesBudget {
         buckets: usize,
         folded: SeriesKey,
     ) -> Result<SeriesBudget, NoRoom> {
-        let per_histogram = buckets + 3;
+        let per_histogram = buckets + 4;
         let one_set = 1 + Outcome::COUNT * per_histogram;
         // The folded set's worst case, and room for one destination of one outcome.
         let least = fixed + one_set + 1 + per_histogram;

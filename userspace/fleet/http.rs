@@ -1,5 +1,6 @@
-//! The `/metrics` endpoint (hyper): Prometheus text format 0.0.4, or OpenMetrics when the
-//! scraper's Accept header asks for it. Bounded against misbehaving clients: a few
+//! The `/metrics` endpoint (hyper): Prometheus text format 0.0.4, or what the scraper's
+//! Accept header asks for: OpenMetrics text, or Prometheus protobuf, the one exposition
+//! that carries native histograms. Bounded against misbehaving clients: a few
 //! connections at once (more wait in the kernel's backlog), a small request buffer, and a
 //! deadline for each connection, so a slow, half-closed or hostile client costs a slot for
 //! seconds, never memory.
@@ -37,6 +38,72 @@ const CONNECTION_DEADLINE: Duration = Duration::from_secs(30);
 
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 const OPENMETRICS_TEXT: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const PROMETHEUS_PROTOBUF: &str =
+    "application/vnd.google.protobuf; proto=io.prometheus.client.MetricFamily; encoding=delimited";
+
+/// The expositions a scraper can ask for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Exposition {
+    PrometheusText,
+    OpenMetricsText,
+    PrometheusProtobuf,
+}
+
+impl Exposition {
+    /// What the Accept header asks for: the media type it gives the highest weight of
+    /// those served (the first of equals), else the Prometheus text format.
+    fn negotiate<'a>(accept: impl Iterator<Item = &'a str>) -> Exposition {
+        let mut best = (Exposition::PrometheusText, 0.0);
+        for range in accept.flat_map(|v| v.split(',')) {
+            let mut params = range.split(';').map(str::trim);
+            let media = params.next().unwrap_or_default().to_ascii_lowercase();
+            let mut weight = 1.0;
+            let mut proto = None;
+            for param in params {
+                match param.split_once('=') {
+                    Some(("q", q)) => weight = q.parse().unwrap_or(0.0),
+                    Some(("proto", p)) => proto = Some(p),
+                    _ => {}
+                }
+            }
+            let offered = match media.as_str() {
+                "application/vnd.google.protobuf"
+                    if proto == Some("io.prometheus.client.MetricFamily") =>
+                {
+                    Exposition::PrometheusProtobuf
+                }
+                "application/openmetrics-text" => Exposition::OpenMetricsText,
+                "text/plain" => Exposition::PrometheusText,
+                _ => continue,
+            };
+            if weight > best.1 {
+                best = (offered, weight);
+            }
+        }
+        best.0
+    }
+
+    /// The scrape in this exposition, with its content type.
+    fn encode(self, metrics: &Metrics) -> Option<(Vec<u8>, &'static str)> {
+        use prometheus_client::encoding::{prometheus_protobuf, prometheus_text, text};
+        let registry = &metrics.registry;
+        let mut body = String::new();
+        match self {
+            Exposition::PrometheusText => {
+                prometheus_text::encode(&mut body, registry).ok()?;
+                Some((body.into_bytes(), PROMETHEUS_TEXT))
+            }
+            Exposition::OpenMetricsText => {
+                text::encode(&mut body, registry).ok()?;
+                Some((body.into_bytes(), OPENMETRICS_TEXT))
+            }
+            Exposition::PrometheusProtobuf => {
+                let bytes = prometheus_protobuf::encode_to_vec(registry).ok()?;
+                Some((bytes, PROMETHEUS_PROTOBUF))
+            }
+        }
+    }
+}
 
 /// Bind the listening socket (before the probes load: a taken port fails fast).
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
@@ -143,27 +210,12 @@ async fn respond(
 }
 
 fn scrape(request: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
-    let openmetrics = request
-        .headers()
-        .get_all(ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| v.contains("application/openmetrics-text"));
-    let mut body = String::new();
-    let encoded = if openmetrics {
-        prometheus_client::encoding::text::encode(&mut body, &metrics.registry)
-    } else {
-        prometheus_client::encoding::prometheus_text::encode(&mut body, &metrics.registry)
-    };
-    if encoded.is_err() {
+    let accept = request.headers().get_all(ACCEPT);
+    let exposition = Exposition::negotiate(accept.iter().filter_map(|v| v.to_str().ok()));
+    let Some((body, kind)) = exposition.encode(metrics) else {
         return plain(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n");
-    }
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    let kind = if openmetrics {
-        OPENMETRICS_TEXT
-    } else {
-        PROMETHEUS_TEXT
     };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
     response
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(kind));
@@ -178,4 +230,40 @@ fn plain(status: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Exposition::{self, *};
+
+    fn negotiated(accept: &[&str]) -> Exposition {
+        Exposition::negotiate(accept.iter().copied())
+    }
+
+    #[test]
+    fn the_scraper_gets_the_exposition_it_weighs_highest() {
+        // What Prometheus 2.42 sends with native histograms on, and without.
+        let native = "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited;q=0.7,application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.4,*/*;q=0.1";
+        let classic = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        for (accept, want) in [
+            (&[native][..], PrometheusProtobuf),
+            (&[classic], OpenMetricsText),
+            (&["text/plain"], PrometheusText),
+            (&[], PrometheusText),
+            (&["*/*"], PrometheusText),
+            // Another protobuf message is not ours to send.
+            (
+                &["application/vnd.google.protobuf;proto=other.Message"],
+                PrometheusText,
+            ),
+            (
+                &["text/plain;q=0.2", "application/openmetrics-text;q=0.9"],
+                OpenMetricsText,
+            ),
+            (&["application/openmetrics-text;q=0"], PrometheusText),
+            (&["garbage;;;q=x,,"], PrometheusText),
+        ] {
+            assert_eq!(negotiated(accept), want, "{accept:?}");
+        }
+    }
 }

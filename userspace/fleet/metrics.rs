@@ -14,7 +14,7 @@ use std::time::Instant;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::{Family, MetricConstructor};
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::histogram::{Histogram, NativeHistogramConfig};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 use tcpconnlat_compat::Mode;
@@ -25,23 +25,45 @@ use super::labels::{LabelRules, Labels, SeriesKey};
 use crate::tracer::event::{End, Event, Outcome};
 use crate::tracer::stream::Shortfall;
 
-/// Makes each new histogram with the configured buckets.
+/// Makes each new histogram: the configured (classic) buckets, which every scraper reads,
+/// and native buckets, which a scraper asking for protobuf reads too.
 #[derive(Clone)]
 struct MakeHistogram(Arc<Vec<f64>>);
 
+impl MakeHistogram {
+    /// Native buckets grow by 2^(1/8) (schema 3): a quantile is within 9 % of the truth,
+    /// where four-fold classic buckets leave it anywhere within a factor of 4.
+    const NATIVE_SCHEMA: i8 = 3;
+    /// Where more would be needed, the resolution halves (Prometheus's own default).
+    const NATIVE_MAX_BUCKETS: usize = 160;
+}
+
 impl MetricConstructor<Histogram> for MakeHistogram {
     fn new_metric(&self) -> Histogram {
-        Histogram::new(self.0.iter().copied())
+        let native = NativeHistogramConfig::with_schema(Self::NATIVE_SCHEMA)
+            .max_buckets(Self::NATIVE_MAX_BUCKETS);
+        Histogram::new_classic_and_native(self.0.iter().copied(), native)
     }
 }
 
-/// The sample lines of a scrape: the series Prometheus stores.
-fn scrape_samples(registry: &Registry) -> usize {
+/// The series Prometheus stores of a scrape: the text format's sample lines, and a native
+/// histogram beside each classic one (where a scraper keeps both).
+fn stored_series(registry: &Registry) -> usize {
+    use prometheus_client::encoding::prometheus_protobuf::{encode, prometheus_data_model};
     let mut text = String::new();
     let _ = prometheus_client::encoding::text::encode(&mut text, registry);
-    text.lines()
+    let samples = text
+        .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .count()
+        .count();
+    let histogram = prometheus_data_model::MetricType::Histogram as i32;
+    let native: usize = encode(registry)
+        .unwrap_or_default()
+        .iter()
+        .filter(|family| family.r#type == histogram)
+        .map(|family| family.metric.len())
+        .sum();
+    samples + native
 }
 
 /// The metrics one tracer exports.
@@ -89,7 +111,7 @@ impl Metrics {
     const BUILD_INFO_SERIES: usize = 1;
 
     /// 50 µs to 210 s (beyond the ~127 s of the kernel's default SYN retries), each four
-    /// times the last: 12 buckets, 15 series a histogram.
+    /// times the last: 12 buckets, 15 series a classic histogram (and one native).
     pub fn default_buckets() -> Vec<f64> {
         prometheus_client::metrics::histogram::exponential_buckets(50e-6, 4.0, 12).collect()
     }
@@ -104,7 +126,7 @@ impl Metrics {
         let mut registry = Registry::default();
         instruments.register(&mut registry);
         // Every series that exists before any connect is fixed: count them as scraped.
-        let fixed = scrape_samples(&registry) + Self::BUILD_INFO_SERIES;
+        let fixed = stored_series(&registry) + Self::BUILD_INFO_SERIES;
         let budget = SeriesBudget::new(rules.max_series, fixed, bucket_count, rules.folded())?;
         instruments.series.set(fixed as i64);
         Ok(Metrics {
@@ -355,7 +377,7 @@ mod tests {
     /// Room for `sets` destinations of one outcome each (beyond the fixed series and the
     /// folded set's reserve), with the default buckets.
     fn room_for(sets: usize) -> usize {
-        let per_histogram = Metrics::default_buckets().len() + 3;
+        let per_histogram = Metrics::default_buckets().len() + 4;
         metrics(DestLabel::IpPort, 100_000, Duration::ZERO).fixed
             + (1 + Outcome::COUNT * per_histogram)
             + sets * (1 + per_histogram)
@@ -420,7 +442,7 @@ mod tests {
         assert!(text.contains("tcpconnlat_series_folded_total 2"), "{text}");
         // The gauge is what a scrape holds, and the budget holds.
         let series = m.instruments.series.get() as usize;
-        assert_eq!(series, scrape_samples(&m.registry), "{text}");
+        assert_eq!(series, stored_series(&m.registry), "{text}");
         assert!(series <= max, "{series} series, budget {max}");
         // A second outcome of a destination of its own does not fit: it is folded too.
         m.observe(&event("10.0.0.2", 1, Outcome::Timeout, 1), || None);
