@@ -360,6 +360,51 @@ fn forced_modes_work_or_fail_as_features_say() {
     }
 }
 
+/// A forced mode does only the work its mode needs, as `-v` names the steps of start-up:
+/// the fentry trial for fentry mode alone, the ring buffer trial for the modes that have
+/// one, and the kprobe targets for the kprobe modes alone, found by their own names where
+/// the kprobe PMU takes them so, without reading /proc/kallsyms.
+#[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
+fn a_forced_mode_does_only_what_it_needs() {
+    let _serial = serial();
+    let f = features();
+    // Every target under its own name (what the kprobe PMU's trial finds, when it does).
+    let exact = f["symbols"]
+        .as_object()
+        .is_some_and(|symbols| symbols.iter().all(|(func, symbol)| symbol == func));
+    let mut tried = 0;
+    for step in f["plan"].as_array().unwrap() {
+        let mode = step["mode"].as_str().unwrap();
+        if step["usable"] != true {
+            continue;
+        }
+        let (status, _, err) = run(&["--mode", mode, "-v", "-d", "0.1"]);
+        assert!(status.success(), "{mode}: {err}");
+        let steps = err
+            .lines()
+            .find_map(|l| l.strip_prefix("tcpconnlat: start-up steps: "))
+            .unwrap_or_else(|| panic!("{mode}: no start-up steps in {err}"));
+        let has = |name: &str| {
+            steps
+                .split(", ")
+                .any(|s| s.starts_with(&format!("{name} ")))
+        };
+        assert_eq!(has("fentry trial"), mode == "fentry", "{mode}: {steps}");
+        assert_eq!(has("ringbuf trial"), mode != "legacy", "{mode}: {steps}");
+        let kprobes = matches!(mode, "kprobe" | "legacy");
+        let (by_name, kallsyms) = match (kprobes, f["kprobe_pmu"] == true) {
+            (false, _) => (false, false),
+            (true, true) => (true, !exact),
+            (true, false) => (false, true),
+        };
+        assert_eq!(has("kprobe targets"), by_name, "{mode}: {steps}");
+        assert_eq!(has("kernel symbols"), kallsyms, "{mode}: {steps}");
+        tried += 1;
+    }
+    assert!(tried > 0, "no usable mode: {f}");
+}
+
 /// Without --mode, tracing starts in the mode --features says auto picks (kernel symbols,
 /// read only for the kprobe modes, are then read only where those may be used), and names
 /// the better modes it could not use, and only those.

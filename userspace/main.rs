@@ -27,7 +27,7 @@ use tcpconnlat_compat::{Mode, Plan};
 use crate::cli::Cli;
 use crate::fleet::{Fleet, Identity};
 use crate::host::users::Unknown;
-use crate::host::{Detect, Host};
+use crate::host::{Detect, Host, Scope};
 use crate::output::Printer;
 use crate::pump::Signals;
 use crate::tracer::stream::EventStream;
@@ -101,7 +101,11 @@ fn run(cli: &Cli, started: Instant) -> Result<()> {
         btf_file: cli.btf.as_deref(),
         offsets: cli.offsets,
         kprobe_attach: cli.kprobe_attach,
-        every_mode: cli.features || forced.is_some(),
+        scope: match forced {
+            _ if cli.features => Scope::Every,
+            Some(mode) => Scope::Only(mode),
+            None => Scope::Auto,
+        },
     });
     let options = cli.load_options(&host)?;
     if cli.features {

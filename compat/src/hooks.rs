@@ -166,6 +166,20 @@ impl Mode {
 }
 
 impl ModeSpec {
+    /// Whether a hook of the mode is an fentry program: what the fentry trial tells.
+    pub fn uses_fentry(&self) -> bool {
+        self.hooks
+            .iter()
+            .any(|h| matches!(h.attach, Attach::Fentry(_)))
+    }
+
+    /// Whether a hook of the mode is a kprobe: its symbol must be found.
+    pub fn uses_kprobes(&self) -> bool {
+        self.hooks
+            .iter()
+            .any(|h| matches!(h.attach, Attach::Kprobe(_)))
+    }
+
     /// The transports the object has programs for.
     pub fn transports(&self) -> &'static [Transport] {
         if self.ringbuf {

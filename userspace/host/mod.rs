@@ -14,7 +14,9 @@ use std::os::fd::OwnedFd;
 use std::path::Path;
 
 use tcpconnlat_compat::btf;
-use tcpconnlat_compat::{tracefs, AttachPoints, Features, Finding, Findings, Func, KernelVersion};
+use tcpconnlat_compat::{
+    tracefs, AttachPoints, Features, Finding, Findings, Func, KernelVersion, Mode,
+};
 
 use crate::timing;
 use crate::tracer::kprobes::{self, KprobeAttach};
@@ -52,9 +54,47 @@ pub struct Detect<'a> {
     pub offsets: OffsetsArg,
     /// `--kprobe-attach`, for offset discovery.
     pub kprobe_attach: KprobeAttach,
-    /// Every mode will be looked at (the `--features` report, a forced mode): read what
-    /// each needs, kernel symbols included, even where a better mode is usable.
-    pub every_mode: bool,
+    /// Which modes will be looked at.
+    pub scope: Scope,
+}
+
+/// Which modes detection serves: it does only what they need.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// `--mode auto`: the first mode that works, best first; what a later mode needs is
+    /// read only where an earlier one cannot run.
+    Auto,
+    /// The one mode asked for.
+    Only(Mode),
+    /// Every mode, for the `--features` report.
+    Every,
+}
+
+impl Scope {
+    /// Whether the fentry trial is made.
+    fn tries_fentry(self) -> bool {
+        match self {
+            Scope::Only(mode) => mode.spec().uses_fentry(),
+            Scope::Auto | Scope::Every => true,
+        }
+    }
+
+    /// Whether the ring buffer trial is made.
+    fn tries_ringbuf(self) -> bool {
+        match self {
+            Scope::Only(mode) => mode.spec().ringbuf,
+            Scope::Auto | Scope::Every => true,
+        }
+    }
+
+    /// Whether the kprobe targets are looked for, given what the fentry trial found.
+    fn resolves_kprobes(self, fentry: &Finding<()>) -> bool {
+        match self {
+            Scope::Only(mode) => mode.spec().uses_kprobes(),
+            Scope::Auto => !fentry.is_yes(),
+            Scope::Every => true,
+        }
+    }
 }
 
 /// Whether tracefs had to be mounted.
@@ -69,8 +109,7 @@ pub enum TracefsMount {
 }
 
 impl Host {
-    /// Detect what choosing a mode needs. Kernel symbols are read only where a kprobe
-    /// mode may be used: when no earlier mode is, or for `every_mode`.
+    /// Detect what choosing a mode in `what.scope` needs, and nothing more.
     pub fn detect(what: &Detect<'_>) -> Host {
         let tracefs_mount = if what.privileged {
             mount_tracefs()
@@ -130,8 +169,8 @@ impl Host {
             memlock,
             fentry_trial: Cell::new(fentry_trial),
         };
-        if what.every_mode || !host.findings.fentry.is_yes() {
-            host.read_symbols();
+        if what.scope.resolves_kprobes(&host.findings.fentry) {
+            host.resolve_kprobe_targets(what.privileged);
         }
         host
     }
@@ -143,12 +182,25 @@ impl Host {
         drop(self.fentry_trial.take());
     }
 
-    /// Resolve the kprobe targets, if kprobes can be used at all and it is not done yet.
-    pub fn read_symbols(&mut self) {
-        if self.features.kprobes() && self.features.attach_points.is_unknown() {
-            timing::step("kernel symbols", || {
+    /// Resolve the kprobe targets, if kprobes can be used at all and it is not done yet:
+    /// by their own names where the kernel takes them so (privileged), else from
+    /// /proc/kallsyms.
+    pub fn resolve_kprobe_targets(&mut self, privileged: bool) {
+        if !self.features.kprobes() || !self.features.attach_points.is_unknown() {
+            return;
+        }
+        let exact = privileged
+            .then(|| {
+                timing::step("kprobe targets", || {
+                    trials::exact_kprobe_targets(&self.features)
+                })
+            })
+            .flatten();
+        match exact {
+            Some(points) => self.features.attach_points = Finding::Yes(points),
+            None => timing::step("kernel symbols", || {
                 self.features.read_symbols(Path::new(ROOT))
-            });
+            }),
         }
     }
 
@@ -194,11 +246,22 @@ fn try_loading(
         findings.on_demand = Finding::Unknown("needs root to try".to_owned());
         return None;
     }
-    let trial = timing::step("fentry trial", || trials::fentry(features, fentry_target));
-    findings.fentry = Finding::from_result(trial.as_ref().map(drop).map_err(Clone::clone));
-    findings.ringbuf = timing::step("ringbuf trial", trials::ringbuf);
+    let not_needed = |what: &str| Finding::Unknown(format!("not tried: {what}"));
+    let trial = if what.scope.tries_fentry() {
+        let trial = timing::step("fentry trial", || trials::fentry(features, fentry_target));
+        findings.fentry = Finding::from_result(trial.as_ref().map(drop).map_err(Clone::clone));
+        trial.ok()
+    } else {
+        findings.fentry = not_needed("the mode asked for uses no fentry program");
+        None
+    };
+    findings.ringbuf = if what.scope.tries_ringbuf() {
+        timing::step("ringbuf trial", trials::ringbuf)
+    } else {
+        not_needed("the mode asked for has no ring buffer")
+    };
     findings.on_demand = timing::step("on-demand trial", trials::on_demand);
-    trial.ok()
+    trial
 }
 
 const ROOT: &str = "/";

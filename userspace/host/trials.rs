@@ -1,10 +1,11 @@
 //! What only trying can tell: whether the kernel loads and attaches an fentry program,
-//! whether it has a BPF ring buffer, and whether it runs a program on demand.
+//! whether it has a BPF ring buffer, whether it runs a program on demand, and whether it
+//! takes kprobes on the functions we hook by their own names.
 
 use std::os::fd::OwnedFd;
 
 use libbpf_rs::MapType;
-use tcpconnlat_compat::{Features, Finding};
+use tcpconnlat_compat::{AttachPoints, Features, Finding, Func};
 
 /// A BPF ring buffer map can be created (Linux 5.8+).
 pub fn ringbuf() -> Finding<()> {
@@ -106,4 +107,60 @@ pub fn fentry(features: &Features, target: Option<u32>) -> Result<OwnedFd, Strin
     }
     // SAFETY: as above; closing it detaches the program.
     Ok(unsafe { OwnedFd::from_raw_fd(link) })
+}
+
+/// The kprobe targets by their exact names, where the kernel takes a kprobe on each (a
+/// kprobe PMU event opened disabled and closed at once: Linux 4.17+, commit e12f03d7031a
+/// "perf/core: Implement the 'perf_kprobe' PMU"). Far cheaper than reading
+/// /proc/kallsyms, which is only needed where a name is missing (a GCC clone such as
+/// `tcp_v4_connect.isra.0`, or IPv6 not loaded): `None` then.
+pub fn exact_kprobe_targets(features: &Features) -> Option<AttachPoints> {
+    if !features.kprobe_pmu {
+        return None;
+    }
+    let pmu: u32 = std::fs::read_to_string("/sys/bus/event_source/devices/kprobe/type")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let points = AttachPoints::from_fn(|func| {
+        kprobe_takes(pmu, func.name()).then(|| func.name().to_owned())
+    });
+    Func::ALL
+        .iter()
+        .all(|&func| points.get(func).is_some())
+        .then_some(points)
+}
+
+/// Whether the kprobe PMU of type `pmu` makes a kprobe on `symbol`.
+fn kprobe_takes(pmu: u32, symbol: &str) -> bool {
+    use libbpf_rs::libbpf_sys as sys;
+    use std::os::fd::FromRawFd;
+    let Ok(name) = std::ffi::CString::new(symbol) else {
+        return false;
+    };
+    let mut attr = sys::perf_event_attr {
+        type_: pmu,
+        size: std::mem::size_of::<sys::perf_event_attr>() as u32,
+        ..Default::default()
+    };
+    attr.__bindgen_anon_3.kprobe_func = name.as_ptr() as u64;
+    attr.set_disabled(1);
+    // SAFETY: attr and the name it points at outlive the call; a new fd or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_perf_event_open,
+            &attr as *const sys::perf_event_attr,
+            -1,
+            0,
+            -1,
+            sys::PERF_FLAG_FD_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: a descriptor just made, owned by nothing else: closed here.
+    drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+    true
 }
