@@ -7,7 +7,6 @@
 //! file: vmlinux BTF is megabytes, with over 100,000 types. (docs/benchmarks.md has what
 //! this saves at start-up.)
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
@@ -185,12 +184,23 @@ struct StreamedBtf {
     /// Offset in the type section of type id i + 1 (id 0 is void).
     starts: Vec<u32>,
     /// String offset → the wanted name there.
-    names: HashMap<u32, &'static str>,
+    names: WantedNames,
     functions: Vec<(Func, u32)>,
     sock: Option<u32>,
     /// The ids of the [`CORE_ROOTS`] structs, in that order: the first of each name (a
     /// BTF made without deduplication, as RHEL 7's is, has a copy per compile unit).
     core_roots: [Option<u32>; CORE_ROOTS.len()],
+}
+
+/// The wanted names' string offsets, in order: looked up for every function and struct
+/// of the kernel's (a binary search of a few dozen, cheaper than hashing each).
+struct WantedNames(Vec<(u32, &'static str)>);
+
+impl WantedNames {
+    fn get(&self, offset: u32) -> Option<&'static str> {
+        let i = self.0.binary_search_by_key(&offset, |&(at, _)| at).ok()?;
+        Some(self.0[i].1)
+    }
 }
 
 /// One type's header (struct btf_type), and what follows it when it was read.
@@ -292,21 +302,17 @@ impl StreamedBtf {
     }
 
     /// Stream the string section for the wanted names' offsets.
-    fn find_names(
-        file: &mut File,
-        at: u64,
-        len: u64,
-    ) -> Result<HashMap<u32, &'static str>, String> {
+    fn find_names(file: &mut File, at: u64, len: u64) -> Result<WantedNames, String> {
         let wanted = wanted_names();
         // Most strings are ruled out by their length alone.
         let lengths = wanted
             .iter()
             .fold(0u64, |set, w| set | 1 << w.len().min(63));
-        let mut found = HashMap::new();
+        let mut found = Vec::new();
         let mut check = |name: &[u8], offset: u32| {
             if lengths & 1 << name.len().min(63) != 0 {
                 if let Some(w) = wanted.iter().find(|w| w.as_bytes() == name) {
-                    found.insert(offset, *w);
+                    found.push((offset, *w));
                 }
             }
         };
@@ -340,54 +346,68 @@ impl StreamedBtf {
         if !partial.is_empty() || u64::from(offset) != len {
             return Err("truncated BTF".into());
         }
-        Ok(found)
+        // Found in offset order: sorted already.
+        Ok(WantedNames(found))
     }
 
     fn is(&self, name_off: u32, name: &str) -> bool {
-        self.names.get(&name_off) == Some(&name)
+        self.names.get(name_off) == Some(name)
     }
 
     /// Stream the type section once: where each type starts, the hooked functions,
-    /// struct sock.
+    /// struct sock. Read a chunk at a time from where the next type starts, its headers
+    /// parsed in place (the data after each is only skipped).
     fn index_types(&mut self, len: u64) -> Result<(), String> {
-        self.file
-            .seek(SeekFrom::Start(self.types_at))
-            .map_err(io_error)?;
-        let mut types = BufReader::with_capacity(CHUNK, (&self.file).take(len));
+        let mut chunk = vec![0u8; CHUNK];
         let mut at = 0u64;
         while at < len {
-            self.starts.push(at as u32);
-            let id = self.starts.len() as u32;
-            let mut bytes = [0u8; 12];
-            types.read_exact(&mut bytes).map_err(io_error)?;
-            let t = Type::header(&bytes);
-            if matches!(t.kind, kind::FUNC | kind::STRUCT) {
-                match (t.kind, self.names.get(&t.name_off)) {
-                    (kind::FUNC, Some(name)) => {
-                        if let Some(func) = Func::ALL.iter().find(|f| f.name() == *name) {
-                            self.functions.push((*func, id));
-                        }
-                    }
-                    (kind::STRUCT, Some(name)) => {
-                        if *name == "sock" && self.sock.is_none() {
-                            self.sock = Some(id);
-                        }
-                        if let Some(i) = CORE_ROOTS.iter().position(|root| root == name) {
-                            self.core_roots[i].get_or_insert(id);
-                        }
-                    }
-                    _ => {}
-                }
+            let n = (len - at).min(CHUNK as u64) as usize;
+            if n < 12 {
+                return Err("truncated BTF".into());
             }
-            let extra = extra_len(t.kind, t.vlen).ok_or("unknown BTF kind")? as u64;
-            types.seek_relative(extra as i64).map_err(io_error)?;
-            at += 12 + extra;
+            self.file
+                .read_exact_at(&mut chunk[..n], self.types_at + at)
+                .map_err(io_error)?;
+            let mut i = 0;
+            while i + 12 <= n {
+                let t = Type::header(chunk[i..i + 12].try_into().unwrap());
+                let extra = extra_len(t.kind, t.vlen).ok_or("unknown BTF kind")?;
+                self.index_type(t, at + i as u64);
+                i += 12 + extra;
+            }
+            at += i as u64;
         }
         // A type whose data runs past the section is cut short.
         if at != len {
             return Err("truncated BTF type".into());
         }
         Ok(())
+    }
+
+    /// Note where type `t` starts (`at` in the type section), and whether it is one of
+    /// those looked for.
+    fn index_type(&mut self, t: Type, at: u64) {
+        self.starts.push(at as u32);
+        let id = self.starts.len() as u32;
+        if !matches!(t.kind, kind::FUNC | kind::STRUCT) {
+            return;
+        }
+        match (t.kind, self.names.get(t.name_off)) {
+            (kind::FUNC, Some(name)) => {
+                if let Some(func) = Func::ALL.iter().find(|f| f.name() == name) {
+                    self.functions.push((*func, id));
+                }
+            }
+            (kind::STRUCT, Some(name)) => {
+                if name == "sock" && self.sock.is_none() {
+                    self.sock = Some(id);
+                }
+                if let Some(i) = CORE_ROOTS.iter().position(|&root| root == name) {
+                    self.core_roots[i].get_or_insert(id);
+                }
+            }
+            _ => {}
+        }
     }
 
     /// Type `id`, with its members if it is a struct or union.
