@@ -132,7 +132,7 @@ fn run(cli: &Cli, started: Instant) -> Result<()> {
         .transpose()?;
     let mut plan = Plan::new(&host.features, &host.findings, forced);
     let tracer = tracer::start_first(&mut plan, &options, &filters, forced)?;
-    timing::step("end of the fentry trial", || host.end_fentry_trial());
+    timing::step("end of the trials", || host.end_trials());
     let stream = timing::step("buffers", || {
         EventStream::new(&tracer, cli.max_delay(), cli.sweep_times())
     })?;

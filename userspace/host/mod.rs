@@ -39,8 +39,21 @@ pub struct Host {
     /// Why RLIMIT_MEMLOCK could not be raised on a kernel that charges BPF memory to it
     /// (before 5.11); `None` where it was raised or plays no part.
     pub memlock: Option<String>,
-    /// The fentry trial's program, still attached: see [`Host::end_fentry_trial`].
+    /// The fentry trial's program, still attached: see [`Host::end_trials`].
     fentry_trial: Cell<Option<OwnedFd>>,
+    /// The kprobe trial's events, still open: see [`Host::end_trials`].
+    kprobe_trial: Cell<Vec<OwnedFd>>,
+    /// Where the kprobe targets came from, once found.
+    pub kprobe_targets: Option<KprobeTargets>,
+}
+
+/// Where the kprobe targets came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KprobeTargets {
+    /// Each by its own name, which the kprobe PMU took.
+    ByName,
+    /// From /proc/kallsyms (a name was missing, or no PMU to ask).
+    Kallsyms,
 }
 
 /// What to detect.
@@ -168,6 +181,8 @@ impl Host {
             version_code,
             memlock,
             fentry_trial: Cell::new(fentry_trial),
+            kprobe_trial: Cell::new(Vec::new()),
+            kprobe_targets: None,
         };
         if what.scope.resolves_kprobes(&host.findings.fentry) {
             host.resolve_kprobe_targets(what.privileged);
@@ -178,8 +193,14 @@ impl Host {
     /// Detach the fentry trial's program. Done once the tracer is attached: detaching the
     /// last program from a function makes ftrace wait for an RCU tasks grace period, which
     /// does not happen while the tracer's own fentry program keeps the function hooked.
-    pub fn end_fentry_trial(&self) {
+    /// Closing a kprobe event unregisters its kprobe, which waits for an RCU grace period
+    /// each time: the trial's are closed off the main thread, once tracing.
+    pub fn end_trials(&self) {
         drop(self.fentry_trial.take());
+        let kprobe_events = self.kprobe_trial.take();
+        if !kprobe_events.is_empty() {
+            std::thread::spawn(move || drop(kprobe_events));
+        }
     }
 
     /// Resolve the kprobe targets, if kprobes can be used at all and it is not done yet:
@@ -197,10 +218,17 @@ impl Host {
             })
             .flatten();
         match exact {
-            Some(points) => self.features.attach_points = Finding::Yes(points),
-            None => timing::step("kernel symbols", || {
-                self.features.read_symbols(Path::new(ROOT))
-            }),
+            Some((points, events)) => {
+                self.features.attach_points = Finding::Yes(points);
+                self.kprobe_trial.set(events);
+                self.kprobe_targets = Some(KprobeTargets::ByName);
+            }
+            None => {
+                timing::step("kernel symbols", || {
+                    self.features.read_symbols(Path::new(ROOT))
+                });
+                self.kprobe_targets = Some(KprobeTargets::Kallsyms);
+            }
         }
     }
 
@@ -233,7 +261,7 @@ impl Host {
 }
 
 /// The trials, where privileged: the fentry trial's program (kept attached, see
-/// [`Host::end_fentry_trial`]), the ring buffer and running a program on demand.
+/// [`Host::end_trials`]), the ring buffer and running a program on demand.
 fn try_loading(
     what: &Detect<'_>,
     features: &Features,

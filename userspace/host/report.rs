@@ -5,7 +5,7 @@ use tcpconnlat_compat::kversion;
 use tcpconnlat_compat::{AttachPoints, Finding, Func, Plan};
 
 use super::offsets::OffsetSource;
-use super::{Host, TracefsMount};
+use super::{Host, KprobeTargets, TracefsMount};
 
 /// The report as aligned `name  value` lines, then the plan.
 pub fn report_text(host: &Host, plan: &Plan) -> String {
@@ -152,7 +152,11 @@ fn hook_rows(host: &Host) -> Vec<Row> {
     ];
     match &f.attach_points {
         Finding::Yes(points) => {
-            rows.push(row("kprobe symbols", "(from /proc/kallsyms)"));
+            let from = match host.kprobe_targets {
+                Some(KprobeTargets::ByName) => "(by their own names: the kprobe PMU takes them)",
+                _ => "(from /proc/kallsyms)",
+            };
+            rows.push(row("kprobe symbols", from));
             rows.extend(symbol_rows(points));
         }
         _ if !f.kprobes() => rows.push(row("kprobe symbols", "not needed (no kprobes)")),

@@ -110,11 +110,12 @@ pub fn fentry(features: &Features, target: Option<u32>) -> Result<OwnedFd, Strin
 }
 
 /// The kprobe targets by their exact names, where the kernel takes a kprobe on each (a
-/// kprobe PMU event opened disabled and closed at once: Linux 4.17+, commit e12f03d7031a
-/// "perf/core: Implement the 'perf_kprobe' PMU"). Far cheaper than reading
-/// /proc/kallsyms, which is only needed where a name is missing (a GCC clone such as
-/// `tcp_v4_connect.isra.0`, or IPv6 not loaded): `None` then.
-pub fn exact_kprobe_targets(features: &Features) -> Option<AttachPoints> {
+/// kprobe PMU event opened disabled: Linux 4.17+, commit e12f03d7031a "perf/core:
+/// Implement the 'perf_kprobe' PMU"), with those events, to be closed once tracing (see
+/// `Host::end_trials`). Far cheaper than reading /proc/kallsyms, which is only needed
+/// where a name is missing (a GCC clone such as `tcp_v4_connect.isra.0`, or IPv6 not
+/// loaded): `None` then.
+pub fn exact_kprobe_targets(features: &Features) -> Option<(AttachPoints, Vec<OwnedFd>)> {
     if !features.kprobe_pmu {
         return None;
     }
@@ -123,22 +124,25 @@ pub fn exact_kprobe_targets(features: &Features) -> Option<AttachPoints> {
         .trim()
         .parse()
         .ok()?;
+    let mut events = Vec::new();
     let points = AttachPoints::from_fn(|func| {
-        kprobe_takes(pmu, func.name()).then(|| func.name().to_owned())
+        let event = kprobe_on(pmu, func.name())?;
+        events.push(event);
+        Some(func.name().to_owned())
     });
-    Func::ALL
-        .iter()
-        .all(|&func| points.get(func).is_some())
-        .then_some(points)
+    if Func::ALL.iter().all(|&func| points.get(func).is_some()) {
+        return Some((points, events));
+    }
+    // Closing them waits for RCU grace periods: not on the way to tracing.
+    std::thread::spawn(move || drop(events));
+    None
 }
 
-/// Whether the kprobe PMU of type `pmu` makes a kprobe on `symbol`.
-fn kprobe_takes(pmu: u32, symbol: &str) -> bool {
+/// A disabled kprobe event of the kprobe PMU of type `pmu` on `symbol`, if it takes one.
+fn kprobe_on(pmu: u32, symbol: &str) -> Option<OwnedFd> {
     use libbpf_rs::libbpf_sys as sys;
     use std::os::fd::FromRawFd;
-    let Ok(name) = std::ffi::CString::new(symbol) else {
-        return false;
-    };
+    let name = std::ffi::CString::new(symbol).ok()?;
     let mut attr = sys::perf_event_attr {
         type_: pmu,
         size: std::mem::size_of::<sys::perf_event_attr>() as u32,
@@ -157,10 +161,6 @@ fn kprobe_takes(pmu: u32, symbol: &str) -> bool {
             sys::PERF_FLAG_FD_CLOEXEC,
         )
     };
-    if fd < 0 {
-        return false;
-    }
-    // SAFETY: a descriptor just made, owned by nothing else: closed here.
-    drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
-    true
+    // SAFETY: a descriptor just made, owned by nothing else.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
