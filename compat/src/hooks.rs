@@ -175,9 +175,15 @@ impl ModeSpec {
 
     /// Whether a hook of the mode is a kprobe: its symbol must be found.
     pub fn uses_kprobes(&self) -> bool {
-        self.hooks
-            .iter()
-            .any(|h| matches!(h.attach, Attach::Kprobe(_)))
+        self.kprobe_funcs().next().is_some()
+    }
+
+    /// The functions the mode's kprobes hook.
+    pub fn kprobe_funcs(&self) -> impl Iterator<Item = Func> {
+        self.hooks.iter().filter_map(|h| match h.attach {
+            Attach::Kprobe(func) => Some(func),
+            _ => None,
+        })
     }
 
     /// The transports the object has programs for.

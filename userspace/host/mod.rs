@@ -100,6 +100,15 @@ impl Scope {
         }
     }
 
+    /// The functions whose kprobe targets are looked for: those of the mode asked for, or
+    /// of every mode.
+    fn kprobe_funcs(self) -> Vec<Func> {
+        match self {
+            Scope::Only(mode) => mode.spec().kprobe_funcs().collect(),
+            Scope::Auto | Scope::Every => Func::ALL.to_vec(),
+        }
+    }
+
     /// Whether the kprobe targets are looked for, given what the fentry trial found.
     fn resolves_kprobes(self, fentry: &Finding<()>) -> bool {
         match self {
@@ -185,7 +194,7 @@ impl Host {
             kprobe_targets: None,
         };
         if what.scope.resolves_kprobes(&host.findings.fentry) {
-            host.resolve_kprobe_targets(what.privileged);
+            host.resolve_kprobe_targets(what.privileged, &what.scope.kprobe_funcs());
         }
         host
     }
@@ -206,14 +215,14 @@ impl Host {
     /// Resolve the kprobe targets, if kprobes can be used at all and it is not done yet:
     /// by their own names where the kernel takes them so (privileged), else from
     /// /proc/kallsyms.
-    pub fn resolve_kprobe_targets(&mut self, privileged: bool) {
+    pub fn resolve_kprobe_targets(&mut self, privileged: bool, funcs: &[Func]) {
         if !self.features.kprobes() || !self.features.attach_points.is_unknown() {
             return;
         }
         let exact = privileged
             .then(|| {
                 timing::step("kprobe targets", || {
-                    trials::exact_kprobe_targets(&self.features)
+                    trials::exact_kprobe_targets(&self.features, funcs)
                 })
             })
             .flatten();

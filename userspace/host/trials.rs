@@ -109,13 +109,17 @@ pub fn fentry(features: &Features, target: Option<u32>) -> Result<OwnedFd, Strin
     Ok(unsafe { OwnedFd::from_raw_fd(link) })
 }
 
-/// The kprobe targets by their exact names, where the kernel takes a kprobe on each (a
+/// The kprobe targets of `funcs` by their exact names, where the kernel takes a kprobe on
+/// each (a
 /// kprobe PMU event opened disabled: Linux 4.17+, commit e12f03d7031a "perf/core:
 /// Implement the 'perf_kprobe' PMU"), with those events, to be closed once tracing (see
 /// `Host::end_trials`). Far cheaper than reading /proc/kallsyms, which is only needed
 /// where a name is missing (a GCC clone such as `tcp_v4_connect.isra.0`, or IPv6 not
 /// loaded): `None` then.
-pub fn exact_kprobe_targets(features: &Features) -> Option<(AttachPoints, Vec<OwnedFd>)> {
+pub fn exact_kprobe_targets(
+    features: &Features,
+    funcs: &[Func],
+) -> Option<(AttachPoints, Vec<OwnedFd>)> {
     if !features.kprobe_pmu {
         return None;
     }
@@ -126,11 +130,14 @@ pub fn exact_kprobe_targets(features: &Features) -> Option<(AttachPoints, Vec<Ow
         .ok()?;
     let mut events = Vec::new();
     let points = AttachPoints::from_fn(|func| {
+        if !funcs.contains(&func) {
+            return None;
+        }
         let event = kprobe_on(pmu, func.name())?;
         events.push(event);
         Some(func.name().to_owned())
     });
-    if Func::ALL.iter().all(|&func| points.get(func).is_some()) {
+    if funcs.iter().all(|&func| points.get(func).is_some()) {
         return Some((points, events));
     }
     // Closing them waits for RCU grace periods: not on the way to tracing.
