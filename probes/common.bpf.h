@@ -28,6 +28,8 @@
 #define ENOENT 2
 #define EEXIST 17
 #define E2BIG 7
+#define ECONNRESET 104
+#define EPIPE 32
 
 /* Userspace sizes `pending` (--max-pending) and `events_rb` before load: these are
  * placeholders. */
@@ -603,6 +605,23 @@ static __always_inline __u8 outcome_of(const struct pending *p, __u16 error)
 	return OUTCOME_TIMEOUT;
 }
 
+/*
+ * How a connect ended whose socket the sweeper found closed: the sweeper looks every
+ * second, so it ended within the second. Its error tells: a reset once established
+ * (ECONNRESET, EPIPE) means it had succeeded; the errors of a failed connect say how.
+ * No error left is a connect that succeeded and closed cleanly within the second, or one
+ * whose error the application already took (a blocking connect() returns it, clearing
+ * it): unknown.
+ */
+static __always_inline __u8 closed_outcome(const struct pending *p, __u16 error)
+{
+	if (error == ECONNRESET || error == EPIPE)
+		return OUTCOME_ESTABLISHED;
+	if (!error)
+		return OUTCOME_UNKNOWN;
+	return outcome_of(p, error);
+}
+
 /* The connect pending on socket `sk` and not yet reported, if any: what a socket leaving
  * SYN_SENT looks for. */
 static __always_inline struct pending *pending_connect(__u64 sk)
@@ -812,7 +831,7 @@ static __always_inline enum answer confirm_pending(__u64 *ctx, int transport)
 		e.end = END_INFERRED;
 		if (state == TCP_CLOSE) {
 			e.error = sock_error(cfg, sk);
-			e.outcome = outcome_of(p, e.error);
+			e.outcome = closed_outcome(p, e.error);
 		} else {
 			e.outcome = OUTCOME_ESTABLISHED;
 		}

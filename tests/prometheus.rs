@@ -235,40 +235,54 @@ fn native_histograms_give_quantiles_within_their_resolution() {
     let events = json.events_until(Duration::from_secs(10), |ev| {
         ev.iter().filter(ours).count() >= CONNECTS
     });
-    let mut exact: Vec<f64> = events
-        .iter()
-        .filter(ours)
-        .map(|e| {
-            assert_eq!(e["outcome"], "established", "{e}");
-            e["lat_us"].as_f64().unwrap() / 1e6
-        })
-        .collect();
-    assert_eq!(exact.len(), CONNECTS, "{events:#?}");
+    let reported: Vec<&Value> = events.iter().filter(ours).collect();
+    assert_eq!(reported.len(), CONNECTS, "{events:#?}");
+    // Every one established; an end the kernel ran no probe for (it skips them while
+    // another BPF program or a bpf() call is running on that CPU: here two tracers and
+    // their sweepers) is found by the sweeper, and where its socket was closed by then
+    // with no error left, its outcome is unknown: counted in neither histogram.
+    let mut exact: Vec<f64> = Vec::new();
+    for e in reported {
+        if e["outcome"] == "established" && e["end"] == "seen" {
+            exact.push(e["lat_us"].as_f64().unwrap() / 1e6);
+        } else {
+            assert_eq!(
+                (&e["end"], &e["outcome"]),
+                (&"inferred".into(), &"unknown".into()),
+                "{e}"
+            );
+        }
+    }
+    let connects = exact.len();
     exact.sort_by(f64::total_cmp);
     let retried = exact.iter().filter(|&&s| s > 0.5).count();
     assert!(
-        (1..CONNECTS).contains(&retried),
-        "not a mix: {retried} of {CONNECTS} retried: {exact:?}"
+        (1..connects).contains(&retried),
+        "not a mix: {retried} of {connects} retried: {exact:?}"
     );
 
     let series =
         format!("tcpconnlat_connect_duration_seconds{{outcome=\"established\",dest=\"{server}\"}}");
     let count = prometheus.query_until(&format!("histogram_count({series})"), |v| {
-        v >= CONNECTS as f64
+        v >= connects as f64
     });
-    assert_eq!(count, Some(CONNECTS as f64), "the native histogram's count");
+    assert_eq!(count, Some(connects as f64), "the native histogram's count");
     // A native bucket of schema 3 spans a factor of 2^(1/8); the quantile is interpolated
-    // within the bucket that holds the exact value.
+    // within the bucket that holds the value. The exporter and the JSON tracer time each
+    // connect with programs of their own, run one after the other on the same state
+    // changes, so one connect's two latencies differ by some microseconds (SKEW): the
+    // exporter's value may sit in the next bucket when the handshake took microseconds.
+    const SKEW: f64 = 10e-6;
     let width = 2f64.powf(1.0 / 8.0) - 1.0;
     for q in [0.25, 0.5, 0.75, 0.9, 0.99] {
-        let rank = ((q * CONNECTS as f64).ceil() as usize).max(1);
+        let rank = ((q * connects as f64).ceil() as usize).max(1);
         let truth = exact[rank - 1];
         let native = prometheus
             .query(&format!("histogram_quantile({q}, {series})"))
             .unwrap();
         eprintln!("q {q}: exact {truth:.6} s, native histogram {native:.6} s");
         assert!(
-            (native - truth).abs() <= truth * width,
+            (native - truth).abs() <= (truth + SKEW) * width + SKEW,
             "q {q}: native {native} s, exact {truth} s: {exact:?}"
         );
     }
