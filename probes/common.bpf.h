@@ -273,8 +273,17 @@ static __always_inline int same_address(const __u8 *a, const __u8 *b)
 /* Whether a pending entry's connect is to `to`. */
 static __always_inline int same_peer(const struct pending *p, const struct peer *to)
 {
-	return p->family == to->family && p->dport == to->dport &&
-	       same_address(p->daddr, to->daddr);
+#ifdef TCPCONNLAT_LEGACY
+	/* Copied by the helper: compared in place, the address is read through a pointer
+	 * into the map value, which verifiers before 4.14 refuse ("R3 min value is
+	 * negative"). The helper reads any address. */
+	__u8 daddr[16] = {};
+
+	bpf_probe_read(daddr, sizeof(daddr), p->daddr);
+#else
+	const __u8 *daddr = p->daddr;
+#endif
+	return p->family == to->family && p->dport == to->dport && same_address(daddr, to->daddr);
 }
 
 /* The source, into an event whose af is set. */

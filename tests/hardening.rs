@@ -921,7 +921,10 @@ fn syn_sent_socket(ns: &str, to: SocketAddr) -> u64 {
     );
     let end = Instant::now() + Duration::from_secs(5);
     let sk = loop {
-        let table = NetPair::within(ns, || fs::read_to_string("/proc/thread-self/net/tcp"));
+        // This thread's own view (/proc/thread-self is 3.17+).
+        let table = NetPair::within(ns, || {
+            fs::read_to_string(format!("/proc/self/task/{}/net/tcp", nix::unistd::gettid()))
+        });
         let found = table.unwrap().lines().skip(1).find_map(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
             (fields.get(2) == Some(&want.as_str()) && fields.get(3) == Some(&"02"))

@@ -219,7 +219,7 @@ impl Host {
         if !self.features.kprobes() || !self.features.attach_points.is_unknown() {
             return;
         }
-        let exact = privileged
+        let exact = (privileged && self.features.kprobe_pmu)
             .then(|| {
                 timing::step("kprobe targets", || {
                     trials::exact_kprobe_targets(&self.features, funcs)
