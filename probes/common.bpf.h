@@ -270,20 +270,12 @@ static __always_inline int same_address(const __u8 *a, const __u8 *b)
 	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
 }
 
-/* Whether a pending entry's connect is to `to`. */
-static __always_inline int same_peer(const struct pending *p, const struct peer *to)
+/* Whether the connect an event describes is to `to`. Compared on the stack: compared in
+ * the map value, the address is read through a pointer into it, which verifiers before
+ * 4.14 refuse. */
+static __always_inline int same_peer(const struct event *e, const struct peer *to)
 {
-#ifdef TCPCONNLAT_LEGACY
-	/* Copied by the helper: compared in place, the address is read through a pointer
-	 * into the map value, which verifiers before 4.14 refuse ("R3 min value is
-	 * negative"). The helper reads any address. */
-	__u8 daddr[16] = {};
-
-	bpf_probe_read(daddr, sizeof(daddr), p->daddr);
-#else
-	const __u8 *daddr = p->daddr;
-#endif
-	return p->family == to->family && p->dport == to->dport && same_address(daddr, to->daddr);
+	return e->af == to->family && e->dport == to->dport && same_address(e->daddr, to->daddr);
 }
 
 /* The source, into an event whose af is set. */
@@ -650,14 +642,14 @@ static __always_inline int finish_connect(void *ctx, const struct config *cfg, _
 					  const struct pending *p, int newstate,
 					  const struct peer *to, struct event *e, int transport)
 {
-	if (!same_peer(p, to)) {
+	describe_connect(p, e);
+	if (!same_peer(e, to)) {
 		/* An entry whose end no probe saw, its socket freed and taken since by a
 		 * connect the filters do not want (which leaves no entry): that one is not
 		 * ours, and the entry's connect ended by now. */
 		report_superseded(ctx, cfg, sk, transport);
 		return 0;
 	}
-	describe_connect(p, e);
 	e->ts_ns = bpf_ktime_get_ns();
 	if (newstate == TCP_ESTABLISHED) {
 		e->outcome = OUTCOME_ESTABLISHED;
