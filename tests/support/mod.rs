@@ -736,39 +736,19 @@ impl NetPair {
     /// In the server namespace, drop incoming SYNs to `port`: all of them, or only the
     /// first of each source (so a connect takes one SYN retransmit, about 1 s).
     pub fn drop_syns(&self, port: u16, only_first: bool) {
-        let port = port.to_string();
-        let base = [
-            "netns",
-            "exec",
-            &self.b,
-            "iptables-legacy",
-            "-A",
-            "INPUT",
-            "-p",
-            "tcp",
-            "--syn",
-            "--dport",
-            &port,
-        ];
-        let run = |extra: &[&str]| {
-            let out = Command::new("ip")
-                .args(base)
-                .args(extra)
-                .output()
-                .expect("run iptables");
-            assert!(
-                out.status.success(),
-                "iptables: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
         if only_first {
-            run(&[
-                "-m", "recent", "--name", "tclfirst", "--rcheck", "-j", "ACCEPT",
-            ]);
-            run(&["-m", "recent", "--name", "tclfirst", "--set", "-j", "DROP"]);
+            self.syn_rule(
+                port,
+                &[
+                    "-m", "recent", "--name", "tclfirst", "--rcheck", "-j", "ACCEPT",
+                ],
+            );
+            self.syn_rule(
+                port,
+                &["-m", "recent", "--name", "tclfirst", "--set", "-j", "DROP"],
+            );
         } else {
-            run(&["-j", "DROP"]);
+            self.syn_rule(port, &["-j", "DROP"]);
         }
     }
 
@@ -776,21 +756,27 @@ impl NetPair {
     /// counted too): a mix of connects answered at once and after one or more SYN
     /// retransmits (about 1 s, 3 s).
     pub fn drop_every_nth_syn(&self, port: u16, n: u32) {
-        let (port, n) = (port.to_string(), n.to_string());
+        let n = n.to_string();
+        let nth = [
+            "-m",
+            "statistic",
+            "--mode",
+            "nth",
+            "--every",
+            &n,
+            "--packet",
+            "0",
+        ];
+        self.syn_rule(port, &[&nth[..], &["-j", "DROP"]].concat());
+    }
+
+    /// Append an iptables rule for incoming SYNs to `port` in the server namespace.
+    fn syn_rule(&self, port: u16, rule: &[&str]) {
+        let port = port.to_string();
         let out = Command::new("ip")
             .args(["netns", "exec", &self.b, "iptables-legacy", "-A", "INPUT"])
             .args(["-p", "tcp", "--syn", "--dport", &port])
-            .args([
-                "-m",
-                "statistic",
-                "--mode",
-                "nth",
-                "--every",
-                &n,
-                "--packet",
-                "0",
-            ])
-            .args(["-j", "DROP"])
+            .args(rule)
             .output()
             .expect("run iptables");
         assert!(
