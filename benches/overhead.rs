@@ -537,19 +537,22 @@ struct Floor {
 }
 
 impl Floor {
+    /// On the hooks of `mode` (as compat's tables give them) that the empty object has a
+    /// program for: the storm connects over IPv4 only, so tcp_v6_connect's are left out.
     fn attach(mode: &str) -> Floor {
-        let wanted: &[&str] = match mode {
-            "fentry" => &["empty_fentry_v4_connect"],
-            "kprobe" => &["empty_kprobe_v4_connect"],
-            _ => &[],
-        };
-        let common = ["empty_state", "empty_retransmit", "empty_reset"];
+        let mode: tcpconnlat_compat::Mode = mode.parse().expect("a mode name");
+        let wanted: Vec<&str> = mode
+            .spec()
+            .hooks
+            .iter()
+            .filter_map(|h| empty_program(h.attach))
+            .collect();
         let mut open = ObjectBuilder::default()
             .open_memory(probes::bytes(tcpconnlat_compat::ProbeObject::Empty))
             .unwrap();
         for mut prog in open.progs_mut() {
             let name = prog.name().to_string_lossy().into_owned();
-            prog.set_autoload(wanted.contains(&name.as_str()) || common.contains(&name.as_str()));
+            prog.set_autoload(wanted.contains(&name.as_str()));
         }
         let object = open.load().expect("load the empty programs");
         let links = object
@@ -562,6 +565,20 @@ impl Floor {
             _object: object,
         }
     }
+}
+
+/// The empty object's program on `attach`, if it has one.
+fn empty_program(attach: tcpconnlat_compat::Attach) -> Option<&'static str> {
+    use tcpconnlat_compat::{Attach::*, Func::TcpV4Connect, Tracepoint::*};
+    Some(match attach {
+        Fentry(TcpV4Connect) => "empty_fentry_v4_connect",
+        Kprobe(TcpV4Connect) => "empty_kprobe_v4_connect",
+        Tracepoint(State) => "empty_state",
+        RawTracepoint(State) => "empty_raw_state",
+        Tracepoint(Retransmit) => "empty_retransmit",
+        Tracepoint(Reset) => "empty_reset",
+        _ => return None,
+    })
 }
 
 /// tcpconnlat in one mode, its JSON lines counted (only the benchmark server's port).

@@ -6,9 +6,10 @@
  * tracepoint's format file. Nothing here uses CO-RE.
  *
  * The socket's error is read at the offsets userspace found (`sock_error` below); the
- * CO-RE object reads it by BTF instead: it defines SOCK_ERROR_BY_BTF and its own
+ * CO-RE object reads the socket by BTF instead: it defines SOCK_BY_BTF and its own
  *     static __always_inline __u16 sock_error(const struct config *cfg, __u64 sk);
- * before including this file.
+ * before including this file, and gets the state machine on the raw tracepoint, which
+ * reads the socket itself (RAW_STATE_PROGRAMS).
  *
  * The legacy object defines TCPCONNLAT_LEGACY first: it gets no ring buffer, no LRU map, no
  * cgroup helper and no tracepoint programs, so it loads on kernels older than those.
@@ -98,7 +99,7 @@ static __always_inline void count(__u32 counter)
 /* Read a field at a runtime offset (from a format file, BTF or kernel headers). */
 #define READ_AT(dst, base, off) bpf_probe_read(&(dst), sizeof(dst), (char *)(base) + (off))
 
-#ifndef SOCK_ERROR_BY_BTF
+#ifndef SOCK_BY_BTF
 /*
  * The socket's sk_err, else its sk_err_soft (an ICMP error that came while the socket was
  * locked), at the offsets userspace found; an offset of 0 is one it could not have.
@@ -473,10 +474,13 @@ static __always_inline enum emitted submit(void *ctx, const struct config *cfg,
 }
 
 /* How a program reads the sock:inet_sock_set_state record: at the offsets of the kernel's
- * format file, or directly where it is laid out as struct state_record. */
+ * format file, or directly where it is laid out as struct state_record; or, on the raw
+ * tracepoint, which builds no record, its arguments (socket, old and new state) and the
+ * socket's fields by BTF. */
 enum record_read {
 	READ_RECORD_AT_OFFSETS,
 	READ_RECORD_DIRECT,
+	READ_RAW_SOCKET,
 };
 
 /* The fields of one sock:inet_sock_set_state record that decide what to do. */
@@ -487,6 +491,46 @@ struct state_change {
 	__u16 family;
 	__u16 protocol;
 };
+
+#ifdef SOCK_BY_BTF
+/*
+ * The raw tracepoint's reads, by BTF: what the record would have said, from the socket.
+ * The protocol is read before anything is remembered: MPTCP's own socket moves to SYN_SENT
+ * too (sk_protocol is a bitfield before Linux 5.6, hence the probed read).
+ */
+static __always_inline int read_socket_change(struct state_change *sc)
+{
+	const struct sock *sk = (const struct sock *)sc->skaddr;
+
+	sc->family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	sc->protocol = BPF_CORE_READ_BITFIELD_PROBED(sk, sk_protocol);
+	return 0;
+}
+
+/* Whom the socket connects to (to->family is set; the address is zeroed past IPv4's). */
+static __always_inline void read_socket_peer(__u64 skaddr, struct peer *to)
+{
+	const struct sock *sk = (const struct sock *)skaddr;
+
+	to->dport = __builtin_bswap16(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	if (to->family == FAMILY_INET)
+		bpf_core_read(to->daddr, 4, &sk->__sk_common.skc_daddr);
+	else if (bpf_core_field_exists(sk->__sk_common.skc_v6_daddr))
+		bpf_core_read(to->daddr, 16, &sk->__sk_common.skc_v6_daddr);
+}
+
+/* The socket's source, into an event whose af is set. */
+static __always_inline void read_socket_source(__u64 skaddr, struct event *e)
+{
+	const struct sock *sk = (const struct sock *)skaddr;
+
+	e->lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	if (e->af == FAMILY_INET)
+		bpf_core_read(e->saddr, 4, &sk->__sk_common.skc_rcv_saddr);
+	else if (bpf_core_field_exists(sk->__sk_common.skc_v6_rcv_saddr))
+		bpf_core_read(e->saddr, 16, &sk->__sk_common.skc_v6_rcv_saddr);
+}
+#endif
 
 /*
  * Read what decides; -1 if unreadable or if it is no transition into or out of SYN_SENT
@@ -500,6 +544,18 @@ static __always_inline int read_state_change(void *ctx, const struct state_layou
 		int newstate;
 	} pair;
 
+#ifdef SOCK_BY_BTF
+	if (read == READ_RAW_SOCKET) {
+		const __u64 *args = ctx;
+
+		sc->oldstate = args[1];
+		sc->newstate = args[2];
+		if (sc->oldstate != TCP_SYN_SENT && sc->newstate != TCP_SYN_SENT)
+			return -1;
+		sc->skaddr = args[0];
+		return read_socket_change(sc);
+	}
+#endif
 	if (read == READ_RECORD_DIRECT) {
 		const struct state_record *r = ctx;
 
@@ -543,8 +599,14 @@ static __always_inline int read_state_change(void *ctx, const struct state_layou
 /* Whom the connect is to, from the record of its move into SYN_SENT (family is set). */
 static __always_inline void read_peer(void *ctx, const struct state_layout *l,
 					      enum record_read read,
-				      struct peer *to)
+				      struct peer *to, __u64 sk)
 {
+#ifdef SOCK_BY_BTF
+	if (read == READ_RAW_SOCKET) {
+		read_socket_peer(sk, to);
+		return;
+	}
+#endif
 	if (read == READ_RECORD_DIRECT) {
 		const struct state_record *r = ctx;
 		__u64 half[2];
@@ -576,8 +638,14 @@ static __always_inline void read_peer(void *ctx, const struct state_layout *l,
 /* The source, from the record of its move out of SYN_SENT (e->af is set). */
 static __always_inline void read_source(void *ctx, const struct state_layout *l,
 					      enum record_read read,
-					struct event *e)
+					struct event *e, __u64 sk)
 {
+#ifdef SOCK_BY_BTF
+	if (read == READ_RAW_SOCKET) {
+		read_socket_source(sk, e);
+		return;
+	}
+#endif
 	if (read == READ_RECORD_DIRECT) {
 		const struct state_record *r = ctx;
 
@@ -864,9 +932,15 @@ static __always_inline int handle_state(void *ctx, int transport, enum record_re
 	const struct config *cfg;
 	struct state_change sc;
 
-	/* Most state changes are none of ours: read directly, they cost two loads. */
+	/* Most state changes are none of ours: read directly or as arguments, they cost two
+	 * loads. */
 	if (read == READ_RECORD_DIRECT && r->oldstate != TCP_SYN_SENT && r->newstate != TCP_SYN_SENT)
 		return 0;
+#ifdef SOCK_BY_BTF
+	if (read == READ_RAW_SOCKET && ((const __u64 *)ctx)[1] != TCP_SYN_SENT &&
+	    ((const __u64 *)ctx)[2] != TCP_SYN_SENT)
+		return 0;
+#endif
 	cfg = get_config();
 	if (!cfg || read_state_change(ctx, &cfg->tp, read, &sc) || sc.protocol != IPPROTO_TCP)
 		return 0;
@@ -874,7 +948,7 @@ static __always_inline int handle_state(void *ctx, int transport, enum record_re
 		if (sc.oldstate == TCP_CLOSE) {
 			struct peer to = {.family = sc.family};
 
-			read_peer(ctx, &cfg->tp, read, &to);
+			read_peer(ctx, &cfg->tp, read, &to, sc.skaddr);
 			remember_connect(ctx, cfg, sc.skaddr, &to, transport);
 		}
 		return 0;
@@ -887,10 +961,10 @@ static __always_inline int handle_state(void *ctx, int transport, enum record_re
 
 		if (!p)
 			return 0;
-		read_peer(ctx, &cfg->tp, read, &to);
+		read_peer(ctx, &cfg->tp, read, &to, sc.skaddr);
 		if (!finish_connect(ctx, cfg, sc.skaddr, p, sc.newstate, &to, &e, transport))
 			return 0;
-		read_source(ctx, &cfg->tp, read, &e);
+		read_source(ctx, &cfg->tp, read, &e, sc.skaddr);
 		settle_connect(ctx, cfg, sc.skaddr, p, &e, transport);
 	}
 	return 0;
@@ -926,16 +1000,25 @@ static __always_inline int handle_sock_record(void *ctx, enum sock_record kind)
 		return handle_state(ctx, transport, read);                              \
 	}
 
-/* The tracepoint programs every object has: four for the state machine (per transport,
- * the record read at its offsets or directly), one each for retransmits and RSTs; and the
+/*
+ * The state machine on the raw tracepoint (Linux 4.17, commit c4f6699dfcb8 "bpf: introduce
+ * BPF_RAW_TRACEPOINT"), for one transport: the kernel calls it with the socket and both
+ * states, without building the record that the tracepoint copies the socket's addresses
+ * into on every state change of every socket. Only for objects that read the socket by
+ * BTF.
+ */
+#define RAW_STATE_PROGRAM(name, transport)                                              \
+	SEC("raw_tp/inet_sock_set_state")                                               \
+	int name(__u64 *ctx)                                                            \
+	{                                                                               \
+		return handle_state(ctx, transport, READ_RAW_SOCKET);                   \
+	}
+
+/* The programs every object but legacy's has: one each for retransmits and RSTs, and the
  * sweeper's question, per transport. */
-#define STATE_PROGRAMS()                                                                \
+#define SOCK_RECORD_PROGRAMS()                                                          \
 	CONFIRM_PROGRAM(confirm_rb, TRANSPORT_RINGBUF)                                  \
 	CONFIRM_PROGRAM(confirm_pb, TRANSPORT_PERFBUF)                                  \
-	STATE_PROGRAM(tp_state_rb, TRANSPORT_RINGBUF, READ_RECORD_AT_OFFSETS)           \
-	STATE_PROGRAM(tp_state_pb, TRANSPORT_PERFBUF, READ_RECORD_AT_OFFSETS)           \
-	STATE_PROGRAM(tp_state_direct_rb, TRANSPORT_RINGBUF, READ_RECORD_DIRECT)        \
-	STATE_PROGRAM(tp_state_direct_pb, TRANSPORT_PERFBUF, READ_RECORD_DIRECT)        \
 	SEC("tracepoint/tcp/tcp_retransmit_skb")                                        \
 	int tp_retransmit(void *ctx)                                                    \
 	{                                                                               \
@@ -946,6 +1029,21 @@ static __always_inline int handle_sock_record(void *ctx, enum sock_record kind)
 	{                                                                               \
 		return handle_sock_record(ctx, RECORD_RESET);                           \
 	}
+
+/* With the state machine on the tracepoint: per transport, the record read at its offsets
+ * or directly. */
+#define STATE_PROGRAMS()                                                                \
+	SOCK_RECORD_PROGRAMS()                                                          \
+	STATE_PROGRAM(tp_state_rb, TRANSPORT_RINGBUF, READ_RECORD_AT_OFFSETS)           \
+	STATE_PROGRAM(tp_state_pb, TRANSPORT_PERFBUF, READ_RECORD_AT_OFFSETS)           \
+	STATE_PROGRAM(tp_state_direct_rb, TRANSPORT_RINGBUF, READ_RECORD_DIRECT)        \
+	STATE_PROGRAM(tp_state_direct_pb, TRANSPORT_PERFBUF, READ_RECORD_DIRECT)
+
+/* With the state machine on the raw tracepoint, per transport. */
+#define RAW_STATE_PROGRAMS()                                                            \
+	SOCK_RECORD_PROGRAMS()                                                          \
+	RAW_STATE_PROGRAM(raw_state_rb, TRANSPORT_RINGBUF)                              \
+	RAW_STATE_PROGRAM(raw_state_pb, TRANSPORT_PERFBUF)
 #endif /* !TCPCONNLAT_LEGACY */
 
 #endif /* TCPCONNLAT_COMMON_BPF_H */

@@ -16,6 +16,12 @@ int empty_state(void *ctx)
 	return 0;
 }
 
+SEC("raw_tp/inet_sock_set_state")
+int empty_raw_state(void *ctx)
+{
+	return 0;
+}
+
 SEC("tracepoint/tcp/tcp_retransmit_skb")
 int empty_retransmit(void *ctx)
 {

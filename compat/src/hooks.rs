@@ -10,7 +10,7 @@ use crate::plan::{Mode, Unsupported};
 /// The probe objects build.rs compiles from `probes/<stem>.bpf.c`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ProbeObject {
-    /// fentry and kprobe programs (CO-RE) with the state tracepoints.
+    /// fentry and kprobe programs (CO-RE) with the state raw tracepoint and the others.
     Core,
     /// Tracepoint mode: no CO-RE relocation, loads without BTF.
     Tracepoint,
@@ -57,7 +57,7 @@ impl ProbeObject {
 /// The tracepoints the probes attach to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tracepoint {
-    /// `sock:inet_sock_set_state`: finishes every connect.
+    /// `sock:inet_sock_set_state`: starts and finishes every connect.
     State,
     /// `tcp:tcp_retransmit_skb`: SYN retransmit counts.
     Retransmit,
@@ -74,6 +74,10 @@ pub enum Attach {
     Kprobe(Func),
     /// As the program's section says.
     Tracepoint(Tracepoint),
+    /// The same tracepoint as a raw tracepoint (Linux 4.17, commit c4f6699dfcb8 "bpf:
+    /// introduce BPF_RAW_TRACEPOINT"), as the program's section says: called with the
+    /// tracepoint's arguments, no record built for it.
+    RawTracepoint(Tracepoint),
 }
 
 /// One program of a mode on one hook.
@@ -223,27 +227,35 @@ mod tables {
     const NO_RETRANSMITS: &str = "SYN retransmits are not counted";
     const NO_RESETS: &str = "RSTs are only seen through sk_err";
 
-    /// The tracepoints every mode but legacy finishes connects with.
+    /// The tracepoints every mode but legacy finishes connects with: the state machine on
+    /// `$state` (the tracepoint, or the raw one where the object reads the socket by BTF).
     macro_rules! with_tracepoints {
-        ($($hook:expr),* $(,)?) => {
+        ($state:expr; $($hook:expr),* $(,)?) => {
             &[
                 $($hook,)*
-                Hook { emits: true, ..hook("tp_state", Tracepoint(State)) },
+                Hook { emits: true, ..$state },
                 optional("tp_retransmit", Tracepoint(Retransmit), NO_RETRANSMITS),
                 optional("tp_reset", Tracepoint(Reset), NO_RESETS),
             ]
         };
     }
 
+    /// The CO-RE object's state machine: the raw tracepoint costs each of the state changes
+    /// a connect and its accept go through (most of them none of ours) less than the
+    /// tracepoint, which copies the socket's addresses into a record for every one.
+    const RAW_STATE: Hook = hook("raw_state", RawTracepoint(State));
+
     pub const FENTRY: &[Hook] = with_tracepoints![
+        RAW_STATE;
         hook("fentry_v4_connect", Fentry(TcpV4Connect)),
         optional("fentry_v6_connect", Fentry(TcpV6Connect), NO_IPV6),
     ];
     pub const KPROBE: &[Hook] = with_tracepoints![
+        RAW_STATE;
         hook("kprobe_v4_connect", Kprobe(TcpV4Connect)),
         optional("kprobe_v6_connect", Kprobe(TcpV6Connect), NO_IPV6),
     ];
-    pub const TRACEPOINT: &[Hook] = with_tracepoints![];
+    pub const TRACEPOINT: &[Hook] = with_tracepoints![hook("tp_state", Tracepoint(State));];
     /// No tracepoints: everything by kprobe; tcp_set_state starts and ends every connect.
     pub const LEGACY: &[Hook] = &[
         hook("legacy_set_state", Kprobe(TcpSetState)),
@@ -394,7 +406,8 @@ fn target(
     findings: &Findings,
 ) -> Result<Option<String>, Unsupported> {
     match attach {
-        Attach::Tracepoint(tracepoint) => {
+        // The raw tracepoint is the tracepoint: found where its format file is.
+        Attach::Tracepoint(tracepoint) | Attach::RawTracepoint(tracepoint) => {
             let found = match tracepoint {
                 Tracepoint::State => features.state_tracepoint.as_ref().map(drop),
                 Tracepoint::Retransmit => features.retransmit_tracepoint.as_ref().map(drop),
