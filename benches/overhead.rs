@@ -575,6 +575,7 @@ fn empty_program(attach: tcpconnlat_compat::Attach) -> Option<&'static str> {
         Kprobe(TcpV4Connect) => "empty_kprobe_v4_connect",
         Tracepoint(State) => "empty_state",
         RawTracepoint(State) => "empty_raw_state",
+        BtfTracepoint(State) => "empty_btf_state",
         Tracepoint(Retransmit) => "empty_retransmit",
         Tracepoint(Reset) => "empty_reset",
         _ => return None,

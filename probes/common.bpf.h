@@ -476,12 +476,18 @@ static __always_inline enum emitted submit(void *ctx, const struct config *cfg,
 /* How a program reads the sock:inet_sock_set_state record: at the offsets of the kernel's
  * format file, or directly where it is laid out as struct state_record; or, on the raw
  * tracepoint, which builds no record, its arguments (socket, old and new state) and the
- * socket's fields by BTF. */
+ * socket's fields by BTF, through the helper or (BTF-typed) as plain loads. */
 enum record_read {
 	READ_RECORD_AT_OFFSETS,
 	READ_RECORD_DIRECT,
 	READ_RAW_SOCKET,
+	READ_BTF_SOCKET,
 };
+
+static __always_inline int reads_socket(enum record_read read)
+{
+	return read == READ_RAW_SOCKET || read == READ_BTF_SOCKET;
+}
 
 /* The fields of one sock:inet_sock_set_state record that decide what to do. */
 struct state_change {
@@ -494,41 +500,56 @@ struct state_change {
 
 #ifdef SOCK_BY_BTF
 /*
- * The raw tracepoint's reads, by BTF: what the record would have said, from the socket.
- * The protocol is read before anything is remembered: MPTCP's own socket moves to SYN_SENT
- * too (sk_protocol is a bitfield before Linux 5.6, hence the probed read).
+ * The raw tracepoints' reads, by BTF: what the record would have said, from the socket.
+ * A field of `sk` is a load where the verifier knows the pointer's type (the BTF-typed
+ * raw tracepoint), else a helper call.
  */
-static __always_inline int read_socket_change(struct state_change *sc)
+#define SOCK_READ(read, sk, field) ((read) == READ_BTF_SOCKET ? (sk)->field : BPF_CORE_READ(sk, field))
+#define SOCK_COPY(read, dst, sk, field)                                                 \
+	do {                                                                            \
+		if ((read) == READ_BTF_SOCKET)                                          \
+			__builtin_memcpy(dst, &(sk)->field, sizeof((sk)->field));       \
+		else                                                                    \
+			bpf_core_read(dst, sizeof((sk)->field), &(sk)->field);          \
+	} while (0)
+
+/*
+ * The protocol is read only where a connect would be remembered: MPTCP's own socket moves
+ * to SYN_SENT too, and only TCP sockets get entries (sk_protocol is a bitfield before
+ * Linux 5.6, hence the probed read).
+ */
+static __always_inline int read_socket_change(struct state_change *sc, enum record_read read)
 {
 	const struct sock *sk = (const struct sock *)sc->skaddr;
 
-	sc->family = BPF_CORE_READ(sk, __sk_common.skc_family);
-	sc->protocol = BPF_CORE_READ_BITFIELD_PROBED(sk, sk_protocol);
+	sc->family = SOCK_READ(read, sk, __sk_common.skc_family);
+	sc->protocol = sc->newstate == TCP_SYN_SENT ? BPF_CORE_READ_BITFIELD_PROBED(sk, sk_protocol) :
+						      IPPROTO_TCP;
 	return 0;
 }
 
 /* Whom the socket connects to (to->family is set; the address is zeroed past IPv4's). */
-static __always_inline void read_socket_peer(__u64 skaddr, struct peer *to)
+static __always_inline void read_socket_peer(__u64 skaddr, struct peer *to, enum record_read read)
 {
 	const struct sock *sk = (const struct sock *)skaddr;
 
-	to->dport = __builtin_bswap16(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	to->dport = __builtin_bswap16(SOCK_READ(read, sk, __sk_common.skc_dport));
 	if (to->family == FAMILY_INET)
-		bpf_core_read(to->daddr, 4, &sk->__sk_common.skc_daddr);
+		SOCK_COPY(read, to->daddr, sk, __sk_common.skc_daddr);
 	else if (bpf_core_field_exists(sk->__sk_common.skc_v6_daddr))
-		bpf_core_read(to->daddr, 16, &sk->__sk_common.skc_v6_daddr);
+		SOCK_COPY(read, to->daddr, sk, __sk_common.skc_v6_daddr);
 }
 
 /* The socket's source, into an event whose af is set. */
-static __always_inline void read_socket_source(__u64 skaddr, struct event *e)
+static __always_inline void read_socket_source(__u64 skaddr, struct event *e, enum record_read read)
 {
 	const struct sock *sk = (const struct sock *)skaddr;
 
-	e->lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	e->lport = SOCK_READ(read, sk, __sk_common.skc_num);
 	if (e->af == FAMILY_INET)
-		bpf_core_read(e->saddr, 4, &sk->__sk_common.skc_rcv_saddr);
+		SOCK_COPY(read, e->saddr, sk, __sk_common.skc_rcv_saddr);
 	else if (bpf_core_field_exists(sk->__sk_common.skc_v6_rcv_saddr))
-		bpf_core_read(e->saddr, 16, &sk->__sk_common.skc_v6_rcv_saddr);
+		SOCK_COPY(read, e->saddr, sk, __sk_common.skc_v6_rcv_saddr);
 }
 #endif
 
@@ -545,7 +566,7 @@ static __always_inline int read_state_change(void *ctx, const struct state_layou
 	} pair;
 
 #ifdef SOCK_BY_BTF
-	if (read == READ_RAW_SOCKET) {
+	if (reads_socket(read)) {
 		const __u64 *args = ctx;
 
 		sc->oldstate = args[1];
@@ -553,7 +574,7 @@ static __always_inline int read_state_change(void *ctx, const struct state_layou
 		if (sc->oldstate != TCP_SYN_SENT && sc->newstate != TCP_SYN_SENT)
 			return -1;
 		sc->skaddr = args[0];
-		return read_socket_change(sc);
+		return read_socket_change(sc, read);
 	}
 #endif
 	if (read == READ_RECORD_DIRECT) {
@@ -602,8 +623,8 @@ static __always_inline void read_peer(void *ctx, const struct state_layout *l,
 				      struct peer *to, __u64 sk)
 {
 #ifdef SOCK_BY_BTF
-	if (read == READ_RAW_SOCKET) {
-		read_socket_peer(sk, to);
+	if (reads_socket(read)) {
+		read_socket_peer(sk, to, read);
 		return;
 	}
 #endif
@@ -641,8 +662,8 @@ static __always_inline void read_source(void *ctx, const struct state_layout *l,
 					struct event *e, __u64 sk)
 {
 #ifdef SOCK_BY_BTF
-	if (read == READ_RAW_SOCKET) {
-		read_socket_source(sk, e);
+	if (reads_socket(read)) {
+		read_socket_source(sk, e, read);
 		return;
 	}
 #endif
@@ -937,7 +958,7 @@ static __always_inline int handle_state(void *ctx, int transport, enum record_re
 	if (read == READ_RECORD_DIRECT && r->oldstate != TCP_SYN_SENT && r->newstate != TCP_SYN_SENT)
 		return 0;
 #ifdef SOCK_BY_BTF
-	if (read == READ_RAW_SOCKET && ((const __u64 *)ctx)[1] != TCP_SYN_SENT &&
+	if (reads_socket(read) && ((const __u64 *)ctx)[1] != TCP_SYN_SENT &&
 	    ((const __u64 *)ctx)[2] != TCP_SYN_SENT)
 		return 0;
 #endif
@@ -1039,11 +1060,23 @@ static __always_inline int handle_sock_record(void *ctx, enum sock_record kind)
 	STATE_PROGRAM(tp_state_direct_rb, TRANSPORT_RINGBUF, READ_RECORD_DIRECT)        \
 	STATE_PROGRAM(tp_state_direct_pb, TRANSPORT_PERFBUF, READ_RECORD_DIRECT)
 
-/* With the state machine on the raw tracepoint, per transport. */
+/* The same, BTF-typed (Linux 5.5, commit 9e15db66136a "bpf: Implement accurate raw_tp
+ * context access via BTF"): a tracing program, whose loads of the socket's fields the
+ * verifier allows, where the raw tracepoint's must go through the helper. */
+#define BTF_STATE_PROGRAM(name, transport)                                              \
+	SEC("tp_btf/inet_sock_set_state")                                               \
+	int name(__u64 *ctx)                                                            \
+	{                                                                               \
+		return handle_state(ctx, transport, READ_BTF_SOCKET);                   \
+	}
+
+/* With the state machine on the raw tracepoint, per transport, plain and BTF-typed. */
 #define RAW_STATE_PROGRAMS()                                                            \
 	SOCK_RECORD_PROGRAMS()                                                          \
 	RAW_STATE_PROGRAM(raw_state_rb, TRANSPORT_RINGBUF)                              \
-	RAW_STATE_PROGRAM(raw_state_pb, TRANSPORT_PERFBUF)
+	RAW_STATE_PROGRAM(raw_state_pb, TRANSPORT_PERFBUF)                              \
+	BTF_STATE_PROGRAM(btf_state_rb, TRANSPORT_RINGBUF)                              \
+	BTF_STATE_PROGRAM(btf_state_pb, TRANSPORT_PERFBUF)
 #endif /* !TCPCONNLAT_LEGACY */
 
 #endif /* TCPCONNLAT_COMMON_BPF_H */

@@ -22,6 +22,12 @@ int empty_raw_state(void *ctx)
 	return 0;
 }
 
+SEC("tp_btf/inet_sock_set_state")
+int empty_btf_state(void *ctx)
+{
+	return 0;
+}
+
 SEC("tracepoint/tcp/tcp_retransmit_skb")
 int empty_retransmit(void *ctx)
 {

@@ -78,6 +78,11 @@ pub enum Attach {
     /// introduce BPF_RAW_TRACEPOINT"), as the program's section says: called with the
     /// tracepoint's arguments, no record built for it.
     RawTracepoint(Tracepoint),
+    /// A raw tracepoint whose arguments the verifier knows by BTF (Linux 5.5, commit
+    /// 9e15db66136a "bpf: Implement accurate raw_tp context access via BTF"): a tracing
+    /// program, as fentry's are, that loads the socket's fields directly. Attached by the
+    /// BTF id of the tracepoint's `btf_trace_` typedef.
+    BtfTracepoint(Tracepoint),
 }
 
 /// One program of a mode on one hook.
@@ -242,11 +247,14 @@ mod tables {
 
     /// The CO-RE object's state machine: the raw tracepoint costs each of the state changes
     /// a connect and its accept go through (most of them none of ours) less than the
-    /// tracepoint, which copies the socket's addresses into a record for every one.
+    /// tracepoint, which copies the socket's addresses into a record for every one. Where
+    /// tracing programs load (fentry mode), BTF-typed: the socket's fields are loads, not
+    /// helper calls.
     const RAW_STATE: Hook = hook("raw_state", RawTracepoint(State));
+    const BTF_STATE: Hook = hook("btf_state", BtfTracepoint(State));
 
     pub const FENTRY: &[Hook] = with_tracepoints![
-        RAW_STATE;
+        BTF_STATE;
         hook("fentry_v4_connect", Fentry(TcpV4Connect)),
         optional("fentry_v6_connect", Fentry(TcpV6Connect), NO_IPV6),
     ];
@@ -417,12 +425,12 @@ fn target(
                 .map(|()| None)
                 .map_err(|why| Unsupported::NoTracepoint(why.clone()))
         }
+        Attach::BtfTracepoint(tracepoint) => {
+            tracing_allowed(findings)?;
+            target(Attach::Tracepoint(tracepoint), features, findings)
+        }
         Attach::Fentry(func) => {
-            match &findings.fentry {
-                Finding::Unknown(_) => return Err(Unsupported::NotTried("an fentry trial load")),
-                Finding::No(why) => return Err(Unsupported::FentryRefused(why.clone())),
-                Finding::Yes(()) => {}
-            }
+            tracing_allowed(findings)?;
             let targets = match &findings.fentry_targets {
                 Finding::Unknown(_) => {
                     return Err(Unsupported::NotTried("reading the kernel's BTF"))
@@ -449,5 +457,15 @@ fn target(
                 None => Err(Unsupported::MissingSymbol(func.name())),
             }
         }
+    }
+}
+
+/// Whether tracing programs (fentry's, the BTF-typed raw tracepoint's) load here: what
+/// the fentry trial tells.
+fn tracing_allowed(findings: &Findings) -> Result<(), Unsupported> {
+    match &findings.fentry {
+        Finding::Unknown(_) => Err(Unsupported::NotTried("an fentry trial load")),
+        Finding::No(why) => Err(Unsupported::FentryRefused(why.clone())),
+        Finding::Yes(()) => Ok(()),
     }
 }

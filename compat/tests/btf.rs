@@ -122,6 +122,14 @@ fn the_reader_agrees_with_libbpf() {
                 "{path:?} {func:?}"
             );
         }
+        // The BTF-typed state tracepoint attaches at this one (5.5+; none before).
+        let typedef = tcpconnlat_compat::btf::STATE_TRACEPOINT_TYPEDEF;
+        let theirs = btf.type_by_name::<libbpf_rs::btf::types::Typedef<'_>>(typedef);
+        assert_eq!(
+            ours.state_tracepoint_id,
+            theirs.map(|t| t.type_id().into()),
+            "{path:?}"
+        );
         let sock = btf
             .type_by_name::<libbpf_rs::btf::types::Struct<'_>>("sock")
             .unwrap();

@@ -52,7 +52,7 @@ fn every_mode_plans_its_programs_on_the_kernels_hooks() {
             ("fentry_v4_connect", Some("tcp_v4_connect")),
             ("fentry_v6_connect", Some("tcp_v6_connect")),
             // The raw tracepoint reads no record: one program whatever its layout.
-            ("raw_state_rb", None),
+            ("btf_state_rb", None),
             ("tp_retransmit", None),
             ("tp_reset", None),
         ]

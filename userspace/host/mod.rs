@@ -157,6 +157,7 @@ impl Host {
             Some(CoreBtf {
                 minimal: f.core_btf.as_ref().ok()?.clone(),
                 function_ids: f.function_ids.clone(),
+                state_tracepoint_id: f.state_tracepoint_id,
             })
         });
         let version_code = vdso_version_code();

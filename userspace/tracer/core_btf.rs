@@ -5,8 +5,9 @@
 //! streamed reading of that file (compat::btf) gives both instead:
 //! - relocations: libbpf relocates against the minimal BTF compat made (struct sock,
 //!   struct pt_regs and what they embed), handed over as `btf_custom_path`, a memfd;
-//! - attach targets: each fentry section gets a libbpf handler of ours that sets the BTF
-//!   id our reading found, so libbpf has no name to look up.
+//! - attach targets: each fentry section, and the BTF-typed raw tracepoint's, gets a
+//!   libbpf handler of ours that sets the BTF id our reading found, so libbpf has no name
+//!   to look up.
 //!
 //! libbpf loads the kernel's BTF for a tracing program unless the program names a target
 //! program (`attach_prog_fd`, for fentry on BPF programs): ours name a placeholder, which
@@ -23,8 +24,8 @@ use std::sync::OnceLock;
 use anyhow::{anyhow, bail, Context, Result};
 use libbpf_rs::libbpf_sys;
 use libbpf_rs::{ObjectBuilder, OpenObject};
-use tcpconnlat_compat::btf::{FunctionIds, VMLINUX};
-use tcpconnlat_compat::Func;
+use tcpconnlat_compat::btf::{FunctionIds, STATE_TRACEPOINT_TYPEDEF, VMLINUX};
+use tcpconnlat_compat::{Attach, Func, Tracepoint};
 
 /// What the CO-RE object needs from the kernel's BTF, from our own reading of it.
 #[derive(Debug, Clone)]
@@ -33,13 +34,15 @@ pub struct CoreBtf {
     pub minimal: Vec<u8>,
     /// The BTF type id of each hooked function the kernel describes.
     pub function_ids: FunctionIds,
+    /// The BTF type id of the state tracepoint's arguments, where the kernel describes them.
+    pub state_tracepoint_id: Option<u32>,
 }
 
 /// While the object is open and loading: the files libbpf was told about.
 pub struct CoreBtfFiles {
     /// The minimal BTF, at /proc/self/fd/N.
     _minimal: File,
-    /// The fentry programs' placeholder target (see the module's comment).
+    /// The tracing programs' placeholder target (see the module's comment).
     placeholder: Option<File>,
 }
 
@@ -62,22 +65,30 @@ impl CoreBtf {
         })
     }
 
-    /// Before `open` is opened: make each fentry program on `funcs` load with our id.
-    pub fn register_fentry_handlers(&self, funcs: &[Func]) -> Result<()> {
-        let ids: Vec<(Func, u32)> = funcs
+    /// Before `open` is opened: make each tracing program on `hooks` (fentry, BTF-typed
+    /// raw tracepoint) load with our id.
+    pub fn register_handlers(&self, hooks: &[Attach]) -> Result<()> {
+        let targets: Vec<Target> = hooks
             .iter()
-            .map(|&f| self.id_of(f).map(|id| (f, id)))
+            .filter_map(|&attach| self.target(attach).transpose())
             .collect::<Result<_>>()?;
-        register_handlers(&ids)
+        if targets.is_empty() {
+            return Ok(());
+        }
+        register_handlers(&targets)
     }
 
-    /// After opening: name the placeholder target in each fentry program on `funcs`.
+    /// After opening: name the placeholder target in each tracing program on `hooks`.
     pub fn name_placeholders(
         &self,
         open: &mut OpenObject,
-        funcs: &[Func],
+        hooks: &[Attach],
         files: &mut CoreBtfFiles,
     ) -> Result<()> {
+        let sections: Vec<String> = hooks.iter().filter_map(|&a| tracing_section(a)).collect();
+        if sections.is_empty() {
+            return Ok(());
+        }
         let placeholder = match &files.placeholder {
             Some(file) => file.as_raw_fd(),
             None => {
@@ -87,12 +98,33 @@ impl CoreBtf {
         };
         for mut prog in open.progs_mut() {
             let section = prog.section().to_string_lossy().into_owned();
-            if funcs.iter().any(|f| section == fentry_section(*f)) {
+            if sections.contains(&section) {
                 prog.set_attach_target(placeholder, None)
                     .with_context(|| format!("preparing {section}"))?;
             }
         }
         Ok(())
+    }
+
+    /// The tracing program's target for `attach` (`None`: not a tracing program).
+    fn target(&self, attach: Attach) -> Result<Option<Target>> {
+        let Some(section) = tracing_section(attach) else {
+            return Ok(None);
+        };
+        let (attach_type, id) = match attach {
+            Attach::Fentry(func) => (libbpf_sys::BPF_TRACE_FENTRY, self.id_of(func)?),
+            _ => (
+                libbpf_sys::BPF_TRACE_RAW_TP,
+                self.state_tracepoint_id.ok_or_else(|| {
+                    anyhow!("{STATE_TRACEPOINT_TYPEDEF} is not in the kernel's BTF")
+                })?,
+            ),
+        };
+        Ok(Some(Target {
+            section,
+            attach_type,
+            id,
+        }))
     }
 
     fn id_of(&self, func: Func) -> Result<u32> {
@@ -102,33 +134,45 @@ impl CoreBtf {
     }
 }
 
-/// The section of the fentry program on `func` (probes/tcpconnlat.bpf.c).
-fn fentry_section(func: Func) -> String {
-    format!("fentry/{}", func.name())
+/// The section of the tracing program on `attach` (probes/tcpconnlat.bpf.c), if it is one.
+fn tracing_section(attach: Attach) -> Option<String> {
+    match attach {
+        Attach::Fentry(func) => Some(format!("fentry/{}", func.name())),
+        Attach::BtfTracepoint(Tracepoint::State) => Some("tp_btf/inet_sock_set_state".into()),
+        _ => None,
+    }
+}
+
+/// A tracing program's section, and where it attaches: the BTF id in vmlinux.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Target {
+    section: String,
+    attach_type: libbpf_sys::bpf_attach_type,
+    id: u32,
 }
 
 /// libbpf's handlers are process-wide and must not change once an object uses them (it
 /// keeps pointers into their table): registered once, for the one kernel there is.
-fn register_handlers(ids: &[(Func, u32)]) -> Result<()> {
-    static REGISTERED: OnceLock<Result<Vec<(Func, u32)>, String>> = OnceLock::new();
+fn register_handlers(targets: &[Target]) -> Result<()> {
+    static REGISTERED: OnceLock<Result<Vec<Target>, String>> = OnceLock::new();
     let registered = REGISTERED.get_or_init(|| {
-        for &(func, id) in ids {
-            register(func, id)?;
+        for target in targets {
+            register(target)?;
         }
-        Ok(ids.to_vec())
+        Ok(targets.to_vec())
     });
     match registered {
-        Ok(done) if ids.iter().all(|id| done.contains(id)) => Ok(()),
-        Ok(done) => bail!("fentry handlers were registered for {done:?}, not {ids:?}"),
+        Ok(done) if targets.iter().all(|t| done.contains(t)) => Ok(()),
+        Ok(done) => bail!("tracing handlers were registered for {done:?}, not {targets:?}"),
         Err(e) => bail!("{e}"),
     }
 }
 
-fn register(func: Func, id: u32) -> Result<(), String> {
-    let section = CString::new(fentry_section(func)).map_err(|e| e.to_string())?;
+fn register(target: &Target) -> Result<(), String> {
+    let section = CString::new(target.section.as_str()).map_err(|e| e.to_string())?;
     let opts = libbpf_sys::libbpf_prog_handler_opts {
         sz: std::mem::size_of::<libbpf_sys::libbpf_prog_handler_opts>() as _,
-        cookie: id as _,
+        cookie: target.id as _,
         prog_prepare_load_fn: Some(load_with_our_id),
         ..Default::default()
     };
@@ -137,22 +181,22 @@ fn register(func: Func, id: u32) -> Result<(), String> {
         libbpf_sys::libbpf_register_prog_handler(
             section.as_ptr(),
             libbpf_sys::BPF_PROG_TYPE_TRACING,
-            libbpf_sys::BPF_TRACE_FENTRY,
+            target.attach_type,
             &opts,
         )
     };
     if handler < 0 {
         return Err(format!(
             "registering a libbpf handler for {}: {}",
-            func.name(),
+            target.section,
             std::io::Error::from_raw_os_error(-handler)
         ));
     }
     Ok(())
 }
 
-/// libbpf's last word before loading an fentry program of ours: attach to the function
-/// whose BTF id is `cookie`, in vmlinux; the placeholder target is gone.
+/// libbpf's last word before loading a tracing program of ours: attach to the function or
+/// tracepoint whose BTF id is `cookie`, in vmlinux; the placeholder target is gone.
 unsafe extern "C" fn load_with_our_id(
     _prog: *mut libbpf_sys::bpf_program,
     opts: *mut libbpf_sys::bpf_prog_load_opts,
@@ -240,6 +284,7 @@ mod tests {
             let core = CoreBtf {
                 minimal: facts.core_btf.unwrap(),
                 function_ids: facts.function_ids,
+                state_tracepoint_id: facts.state_tracepoint_id,
             };
             let whole = relocated(|b| {
                 b.btf_custom_path(&path).unwrap();

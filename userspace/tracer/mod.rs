@@ -28,8 +28,8 @@ use libbpf_rs::libbpf_sys::bpf_object__set_kversion;
 use libbpf_rs::{AsRawLibbpf, Link, MapCore, Object, ObjectBuilder, OpenObject};
 use tcpconnlat_compat::btf::SockOffsets;
 use tcpconnlat_compat::{
-    plan_hooks, Attach, Features, Findings, Func, HookChoice, HookPlan, Mode, ModeSpec, OffsetNeed,
-    Plan, RecordRead, Transport,
+    plan_hooks, Attach, Features, Findings, HookChoice, HookPlan, Mode, ModeSpec, OffsetNeed, Plan,
+    RecordRead, Transport,
 };
 
 use crate::timing;
@@ -309,19 +309,10 @@ fn open(
     } = loadout;
     let mut builder = ObjectBuilder::default();
     let core = options.core_btf.filter(|_| spec.core);
-    let fentry: Vec<Func> = plan
-        .hooks
-        .iter()
-        .filter_map(|h| match h.attach {
-            Attach::Fentry(func) => Some(func),
-            _ => None,
-        })
-        .collect();
+    let hooks: Vec<Attach> = plan.hooks.iter().map(|h| h.attach).collect();
     let mut core_files = match core {
         Some(core) => {
-            if !fentry.is_empty() {
-                core.register_fentry_handlers(&fentry)?;
-            }
+            core.register_handlers(&hooks)?;
             Some(core.relocate_with(&mut builder)?)
         }
         None => None,
@@ -330,7 +321,7 @@ fn open(
         .open_memory(objects::bytes(spec.object))
         .context("opening the probe object")?;
     if let (Some(core), Some(files)) = (core, core_files.as_mut()) {
-        core.name_placeholders(&mut open, &fentry, files)?;
+        core.name_placeholders(&mut open, &hooks, files)?;
     }
     if let Some(code) = options.version_code {
         // Kernels before 5.0 load a kprobe program only if it names their exact
@@ -394,7 +385,9 @@ fn attach_all(
                 kprobes.push(attacher.attach(&prog, &site).with_context(context)?);
             }
             // At the BTF id it was loaded with (libbpf knows no name for it: core_btf).
-            (Attach::Fentry(_), _) => links.push(prog.attach_trace().with_context(context)?),
+            (Attach::Fentry(_) | Attach::BtfTracepoint(_), _) => {
+                links.push(prog.attach_trace().with_context(context)?)
+            }
             _ => links.push(prog.attach().with_context(context)?),
         }
     }

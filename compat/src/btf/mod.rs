@@ -99,6 +99,9 @@ pub struct BtfFacts {
     pub functions: AttachPoints,
     /// The BTF type id of each hooked function's FUNC: what fentry programs attach to.
     pub function_ids: FunctionIds,
+    /// The BTF type id of [`STATE_TRACEPOINT_TYPEDEF`]: what a BTF-typed raw tracepoint
+    /// program on `sock:inet_sock_set_state` attaches to.
+    pub state_tracepoint_id: Option<u32>,
     /// The [`CORE_ROOTS`] structs and every type they embed, as raw BTF (see
     /// [`minimal`]): all that the CO-RE probes' relocations need, for libbpf to read
     /// instead of the whole file.
@@ -186,6 +189,7 @@ struct StreamedBtf {
     /// String offset → the wanted name there.
     names: WantedNames,
     functions: Vec<(Func, u32)>,
+    state_tracepoint: Option<u32>,
     sock: Option<u32>,
     /// The ids of the [`CORE_ROOTS`] structs, in that order: the first of each name (a
     /// BTF made without deduplication, as RHEL 7's is, has a copy per compile unit).
@@ -241,11 +245,17 @@ impl Type {
 /// fails if the probes read another.
 pub const CORE_ROOTS: [&str; 2] = ["sock", "pt_regs"];
 
+/// The type the kernel describes `sock:inet_sock_set_state`'s arguments with, for programs
+/// that attach to it as a BTF-typed raw tracepoint (Linux 5.5, commit 9e15db66136a "bpf:
+/// Implement accurate raw_tp context access via BTF").
+pub const STATE_TRACEPOINT_TYPEDEF: &str = "btf_trace_inet_sock_set_state";
+
 /// Every name the reader looks for: the hooked functions, struct sock and its field
 /// paths, the CO-RE roots.
 fn wanted_names() -> Vec<&'static str> {
     let mut names: Vec<&'static str> = Func::ALL.iter().map(|f| f.name()).collect();
     names.extend(CORE_ROOTS);
+    names.push(STATE_TRACEPOINT_TYPEDEF);
     for field in sock_fields() {
         names.extend(field.path.iter().copied());
     }
@@ -294,6 +304,7 @@ impl StreamedBtf {
             starts: Vec::new(),
             names,
             functions: Vec::new(),
+            state_tracepoint: None,
             sock: None,
             core_roots: [None; CORE_ROOTS.len()],
         };
@@ -389,7 +400,7 @@ impl StreamedBtf {
     fn index_type(&mut self, t: Type, at: u64) {
         self.starts.push(at as u32);
         let id = self.starts.len() as u32;
-        if !matches!(t.kind, kind::FUNC | kind::STRUCT) {
+        if !matches!(t.kind, kind::FUNC | kind::STRUCT | kind::TYPEDEF) {
             return;
         }
         match (t.kind, self.names.get(t.name_off)) {
@@ -397,6 +408,9 @@ impl StreamedBtf {
                 if let Some(func) = Func::ALL.iter().find(|f| f.name() == name) {
                     self.functions.push((*func, id));
                 }
+            }
+            (kind::TYPEDEF, Some(STATE_TRACEPOINT_TYPEDEF)) => {
+                self.state_tracepoint.get_or_insert(id);
             }
             (kind::STRUCT, Some(name)) => {
                 if name == "sock" && self.sock.is_none() {
@@ -478,6 +492,7 @@ impl StreamedBtf {
             sock,
             functions,
             function_ids: FunctionIds(self.functions.clone()),
+            state_tracepoint_id: self.state_tracepoint,
             core_btf,
         })
     }
