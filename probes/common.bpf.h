@@ -543,9 +543,13 @@ static __always_inline void read_socket_peer(__u64 skaddr, struct peer *to, enum
 /* The socket's source, into an event whose af is set. */
 static __always_inline void read_socket_source(__u64 skaddr, struct event *e, enum record_read read)
 {
+	const struct inet_sock *inet = (const struct inet_sock *)skaddr;
 	const struct sock *sk = (const struct sock *)skaddr;
 
-	e->lport = SOCK_READ(read, sk, __sk_common.skc_num);
+	/* inet_sport, as the tracepoint reads it: a socket moving to CLOSE has released its
+	 * port (inet_num is 0) by then. Through the helper: struct sock is all the verifier
+	 * lets the BTF-typed program load from. */
+	e->lport = __builtin_bswap16(BPF_CORE_READ(inet, inet_sport));
 	if (e->af == FAMILY_INET)
 		SOCK_COPY(read, e->saddr, sk, __sk_common.skc_rcv_saddr);
 	else if (bpf_core_field_exists(sk->__sk_common.skc_v6_rcv_saddr))

@@ -29,6 +29,13 @@ fn assert_errno(e: &Value, name: &str) {
     }
 }
 
+/// A failed connect's socket has released its port by the time it moves to CLOSE: the
+/// event's source port must come from what the socket still says of itself (inet_sport),
+/// not from its bind (inet_num, 0 by then).
+fn assert_source_port_kept(e: &Value) {
+    assert!(e["lport"].as_u64().is_some_and(|p| p > 0), "{e}");
+}
+
 fn one_event(tracer: &Tracer, dport: u16) -> Value {
     let events = tracer.events_until(Duration::from_secs(15), |ev| {
         !by_dport(ev, dport).is_empty()
@@ -58,6 +65,7 @@ fn a_refused_connect_is_reported_as_refused() {
     assert_errno(&e, "ECONNREFUSED");
     assert_eq!(e["syn_retrans"], 0);
     assert_eq!(e["saddr"], "127.0.0.1");
+    assert_source_port_kept(&e);
     let lat = e["lat_ms"].as_f64().unwrap();
     assert!(lat > 0.0 && lat < 1000.0, "{e}");
     assert!(tracer.interrupt().success());
@@ -81,6 +89,7 @@ fn an_unanswered_connect_is_a_timeout_with_its_retransmits() {
     assert_eq!(e["syn_retrans"], 1, "{e}");
     assert_latency(&e, took, 1600.0);
     assert_eq!(e["daddr"], net.server_v4());
+    assert_source_port_kept(&e);
     assert!(tracer.interrupt().success());
 }
 

@@ -240,10 +240,11 @@ impl Type {
 }
 
 /// The structs the CO-RE probes (probes/tcpconnlat.bpf.c) read through CO-RE
-/// relocations: struct sock's fields, and the kprobes' arguments in struct pt_regs. The
+/// relocations: struct sock's fields, inet_sock's source port and the kprobes' arguments in
+/// struct pt_regs. The
 /// minimal BTF holds these and what they embed; the test in userspace/tracer/core_btf.rs
 /// fails if the probes read another.
-pub const CORE_ROOTS: [&str; 2] = ["sock", "pt_regs"];
+pub const CORE_ROOTS: [&str; 3] = ["sock", "inet_sock", "pt_regs"];
 
 /// The type the kernel describes `sock:inet_sock_set_state`'s arguments with, for programs
 /// that attach to it as a BTF-typed raw tracepoint (Linux 5.5, commit 9e15db66136a "bpf:
