@@ -518,14 +518,13 @@ struct state_change {
  * to SYN_SENT too, and only TCP sockets get entries (sk_protocol is a bitfield before
  * Linux 5.6, hence the probed read).
  */
-static __always_inline int read_socket_change(struct state_change *sc, enum record_read read)
+static __always_inline void read_socket_change(struct state_change *sc, enum record_read read)
 {
 	const struct sock *sk = (const struct sock *)sc->skaddr;
 
 	sc->family = SOCK_READ(read, sk, __sk_common.skc_family);
 	sc->protocol = sc->newstate == TCP_SYN_SENT ? BPF_CORE_READ_BITFIELD_PROBED(sk, sk_protocol) :
 						      IPPROTO_TCP;
-	return 0;
 }
 
 /* Whom the socket connects to (to->family is set; the address is zeroed past IPv4's). */
@@ -578,7 +577,8 @@ static __always_inline int read_state_change(void *ctx, const struct state_layou
 		if (sc->oldstate != TCP_SYN_SENT && sc->newstate != TCP_SYN_SENT)
 			return -1;
 		sc->skaddr = args[0];
-		return read_socket_change(sc, read);
+		read_socket_change(sc, read);
+		return 0;
 	}
 #endif
 	if (read == READ_RECORD_DIRECT) {
@@ -1017,26 +1017,13 @@ static __always_inline int handle_sock_record(void *ctx, enum sock_record kind)
 	return 0;
 }
 
-/* The state machine's program, for one transport and one way of reading the record. */
-#define STATE_PROGRAM(name, transport, read)                                            \
-	SEC("tracepoint/sock/inet_sock_set_state")                                      \
+/* The state machine's program on `section`, for one transport and one way of reading the
+ * record (or the socket). */
+#define STATE_PROGRAM(name, section, transport, read)                                   \
+	SEC(section)                                                                    \
 	int name(void *ctx)                                                             \
 	{                                                                               \
 		return handle_state(ctx, transport, read);                              \
-	}
-
-/*
- * The state machine on the raw tracepoint (Linux 4.17, commit c4f6699dfcb8 "bpf: introduce
- * BPF_RAW_TRACEPOINT"), for one transport: the kernel calls it with the socket and both
- * states, without building the record that the tracepoint copies the socket's addresses
- * into on every state change of every socket. Only for objects that read the socket by
- * BTF.
- */
-#define RAW_STATE_PROGRAM(name, transport)                                              \
-	SEC("raw_tp/inet_sock_set_state")                                               \
-	int name(__u64 *ctx)                                                            \
-	{                                                                               \
-		return handle_state(ctx, transport, READ_RAW_SOCKET);                   \
 	}
 
 /* The programs every object but legacy's has: one each for retransmits and RSTs, and the
@@ -1055,32 +1042,34 @@ static __always_inline int handle_sock_record(void *ctx, enum sock_record kind)
 		return handle_sock_record(ctx, RECORD_RESET);                           \
 	}
 
+#define TRACEPOINT_SECTION "tracepoint/sock/inet_sock_set_state"
+
 /* With the state machine on the tracepoint: per transport, the record read at its offsets
  * or directly. */
-#define STATE_PROGRAMS()                                                                \
-	SOCK_RECORD_PROGRAMS()                                                          \
-	STATE_PROGRAM(tp_state_rb, TRANSPORT_RINGBUF, READ_RECORD_AT_OFFSETS)           \
-	STATE_PROGRAM(tp_state_pb, TRANSPORT_PERFBUF, READ_RECORD_AT_OFFSETS)           \
-	STATE_PROGRAM(tp_state_direct_rb, TRANSPORT_RINGBUF, READ_RECORD_DIRECT)        \
-	STATE_PROGRAM(tp_state_direct_pb, TRANSPORT_PERFBUF, READ_RECORD_DIRECT)
+#define STATE_PROGRAMS()                                                                       \
+	SOCK_RECORD_PROGRAMS()                                                                 \
+	STATE_PROGRAM(tp_state_rb, TRACEPOINT_SECTION, TRANSPORT_RINGBUF, READ_RECORD_AT_OFFSETS) \
+	STATE_PROGRAM(tp_state_pb, TRACEPOINT_SECTION, TRANSPORT_PERFBUF, READ_RECORD_AT_OFFSETS) \
+	STATE_PROGRAM(tp_state_direct_rb, TRACEPOINT_SECTION, TRANSPORT_RINGBUF, READ_RECORD_DIRECT) \
+	STATE_PROGRAM(tp_state_direct_pb, TRACEPOINT_SECTION, TRANSPORT_PERFBUF, READ_RECORD_DIRECT)
 
-/* The same, BTF-typed (Linux 5.5, commit 9e15db66136a "bpf: Implement accurate raw_tp
- * context access via BTF"): a tracing program, whose loads of the socket's fields the
- * verifier allows, where the raw tracepoint's must go through the helper. */
-#define BTF_STATE_PROGRAM(name, transport)                                              \
-	SEC("tp_btf/inet_sock_set_state")                                               \
-	int name(__u64 *ctx)                                                            \
-	{                                                                               \
-		return handle_state(ctx, transport, READ_BTF_SOCKET);                   \
-	}
-
-/* With the state machine on the raw tracepoint, per transport, plain and BTF-typed. */
+/*
+ * With the state machine on the raw tracepoint (Linux 4.17, commit c4f6699dfcb8 "bpf:
+ * introduce BPF_RAW_TRACEPOINT"), per transport: the kernel calls it with the socket and
+ * both states, without building the record that the tracepoint copies the socket's
+ * addresses into on every state change of every socket. Plain (the socket's fields
+ * through the helper), and BTF-typed (Linux 5.5, commit 9e15db66136a "bpf: Implement
+ * accurate raw_tp context access via BTF"): a tracing program, whose loads of the
+ * socket's fields the verifier allows. Only for objects that read the socket by BTF.
+ */
+#define RAW_SECTION "raw_tp/inet_sock_set_state"
+#define BTF_SECTION "tp_btf/inet_sock_set_state"
 #define RAW_STATE_PROGRAMS()                                                            \
 	SOCK_RECORD_PROGRAMS()                                                          \
-	RAW_STATE_PROGRAM(raw_state_rb, TRANSPORT_RINGBUF)                              \
-	RAW_STATE_PROGRAM(raw_state_pb, TRANSPORT_PERFBUF)                              \
-	BTF_STATE_PROGRAM(btf_state_rb, TRANSPORT_RINGBUF)                              \
-	BTF_STATE_PROGRAM(btf_state_pb, TRANSPORT_PERFBUF)
+	STATE_PROGRAM(raw_state_rb, RAW_SECTION, TRANSPORT_RINGBUF, READ_RAW_SOCKET)    \
+	STATE_PROGRAM(raw_state_pb, RAW_SECTION, TRANSPORT_PERFBUF, READ_RAW_SOCKET)    \
+	STATE_PROGRAM(btf_state_rb, BTF_SECTION, TRANSPORT_RINGBUF, READ_BTF_SOCKET)    \
+	STATE_PROGRAM(btf_state_pb, BTF_SECTION, TRANSPORT_PERFBUF, READ_BTF_SOCKET)
 #endif /* !TCPCONNLAT_LEGACY */
 
 #endif /* TCPCONNLAT_COMMON_BPF_H */
