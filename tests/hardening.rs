@@ -562,10 +562,25 @@ fn a_burst_beyond_the_buffer_is_kept_or_counted_and_tracing_goes_on() {
         let _pinned = PinnedToCpu0::new();
         kill(pid, Signal::SIGSTOP).unwrap();
         let burst = 500;
-        for _ in 0..burst {
-            connect(server);
-        }
+        // Held open until the events are read: the ports tell the connects apart, and a
+        // port the burst had closed could be given again to a later connect of the burst
+        // (seen under emulation, where a burst lasts seconds).
+        let held: Vec<TcpStream> = (0..burst)
+            .map(|_| {
+                TcpStream::connect_timeout(&server, Duration::from_secs(5))
+                    .unwrap_or_else(|e| panic!("connect {server}: {e}"))
+            })
+            .collect();
         kill(pid, Signal::SIGCONT).unwrap();
+        let burst_ports: HashSet<u16> = held
+            .iter()
+            .map(|s| s.local_addr().unwrap().port())
+            .collect();
+        assert_eq!(
+            burst_ports.len(),
+            burst,
+            "ports of open sockets are distinct"
+        );
         // To another listener: a port of the burst may be taken again by these.
         let after: Vec<u16> = (0..3)
             .map(|_| {
@@ -593,7 +608,18 @@ fn a_burst_beyond_the_buffer_is_kept_or_counted_and_tracing_goes_on() {
                 .filter(|e| e["dport"].as_u64() == Some(server.port().into()))
                 .collect();
             let ports: HashSet<_> = of_burst.iter().map(|e| port(e)).collect();
-            assert_eq!(ports.len(), burst, "{transport}: some reported twice");
+            let shared: Vec<String> = of_burst
+                .iter()
+                .filter(|e| of_burst.iter().filter(|o| port(o) == port(e)).count() > 1)
+                .map(|e| e.to_string())
+                .collect();
+            assert_eq!(
+                ports.len(),
+                burst,
+                "{transport}: some reported twice:\n{}",
+                shared.join("\n")
+            );
+            assert_eq!(ports, burst_ports, "{transport}: not the burst's connects");
             for e in of_burst {
                 assert_eq!(e["outcome"], "established", "{transport}: {e}");
                 assert_eq!(e["end"], "seen", "{transport}: {e}");
