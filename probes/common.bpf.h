@@ -853,6 +853,7 @@ static __always_inline enum answer report_removed(void *ctx, const struct config
 		count(COUNTER_DROPPED);
 		return ANSWER_DONE;
 	}
+	count(COUNTER_RETRIED);
 	return ANSWER_NO_ROOM;
 }
 

@@ -91,6 +91,9 @@ enum counter {
 	/* Ends the buffer had no room for, kept in the pending table under a kept key for the
 	 * sweeper to report (config.keep_unsent): not lost, though perf counts them so. */
 	COUNTER_KEPT,
+	/* Ends the sweeper's question found no room for either, and put back in the table to
+	 * report at its next question: not lost, though perf counts each such try so. */
+	COUNTER_RETRIED,
 	COUNTER_UNTRACKED, /* connects not timed: the pending table was full or refused them */
 	/*
 	 * Pending-table updates and deletes the kernel refused for another reason than a full

@@ -242,9 +242,9 @@ pub struct Counters {
     last: Option<Instant>,
     seen: [u64; Counter::COUNTERS.0 as usize],
     /// Samples the perf buffer reported lost. Where the kernel tells the probes (5.4+),
-    /// each is one they counted too, as dropped or as kept for the sweeper; but perf's
-    /// count arrives only once the next sample fits. So what was lost is the larger of
-    /// the probes' dropped and perf's count less the kept.
+    /// each is one they counted too, as dropped, as kept for the sweeper or as retried by
+    /// it; but perf's count arrives only once the next sample fits. So what was lost is
+    /// the larger of the probes' dropped and perf's count less the kept and retried.
     perf_lost: Rc<Cell<u64>>,
 }
 
@@ -284,8 +284,9 @@ impl Counters {
                 .unwrap_or(0);
         }
         let dropped = Counter::COUNTER_DROPPED.0 as usize;
-        let kept = totals[Counter::COUNTER_KEPT.0 as usize];
-        totals[dropped] = totals[dropped].max(perf_lost.saturating_sub(kept));
+        let not_lost =
+            totals[Counter::COUNTER_KEPT.0 as usize] + totals[Counter::COUNTER_RETRIED.0 as usize];
+        totals[dropped] = totals[dropped].max(perf_lost.saturating_sub(not_lost));
         let mut delta = [0; Counter::COUNTERS.0 as usize];
         for (i, delta) in delta.iter_mut().enumerate() {
             *delta = totals[i].saturating_sub(self.seen[i]);
