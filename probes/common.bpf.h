@@ -1027,6 +1027,11 @@ static __always_inline int handle_sock_record(void *ctx, enum sock_record kind)
 		return handle_state(ctx, transport, read);                              \
 	}
 
+/* The same, once per transport: `name`_rb and `name`_pb (compat's Transport::suffix). */
+#define STATE_PROGRAM_PAIR(name, section, read)                                         \
+	STATE_PROGRAM(name##_rb, section, TRANSPORT_RINGBUF, read)                      \
+	STATE_PROGRAM(name##_pb, section, TRANSPORT_PERFBUF, read)
+
 /* The programs every object but legacy's has: one each for retransmits and RSTs, and the
  * sweeper's question, per transport. */
 #define SOCK_RECORD_PROGRAMS()                                                          \
@@ -1047,12 +1052,10 @@ static __always_inline int handle_sock_record(void *ctx, enum sock_record kind)
 
 /* With the state machine on the tracepoint: per transport, the record read at its offsets
  * or directly. */
-#define STATE_PROGRAMS()                                                                       \
-	SOCK_RECORD_PROGRAMS()                                                                 \
-	STATE_PROGRAM(tp_state_rb, TRACEPOINT_SECTION, TRANSPORT_RINGBUF, READ_RECORD_AT_OFFSETS) \
-	STATE_PROGRAM(tp_state_pb, TRACEPOINT_SECTION, TRANSPORT_PERFBUF, READ_RECORD_AT_OFFSETS) \
-	STATE_PROGRAM(tp_state_direct_rb, TRACEPOINT_SECTION, TRANSPORT_RINGBUF, READ_RECORD_DIRECT) \
-	STATE_PROGRAM(tp_state_direct_pb, TRACEPOINT_SECTION, TRANSPORT_PERFBUF, READ_RECORD_DIRECT)
+#define STATE_PROGRAMS()                                                                \
+	SOCK_RECORD_PROGRAMS()                                                          \
+	STATE_PROGRAM_PAIR(tp_state, TRACEPOINT_SECTION, READ_RECORD_AT_OFFSETS)        \
+	STATE_PROGRAM_PAIR(tp_state_direct, TRACEPOINT_SECTION, READ_RECORD_DIRECT)
 
 /*
  * With the state machine on the raw tracepoint (Linux 4.17, commit c4f6699dfcb8 "bpf:
@@ -1067,10 +1070,8 @@ static __always_inline int handle_sock_record(void *ctx, enum sock_record kind)
 #define BTF_SECTION "tp_btf/inet_sock_set_state"
 #define RAW_STATE_PROGRAMS()                                                            \
 	SOCK_RECORD_PROGRAMS()                                                          \
-	STATE_PROGRAM(raw_state_rb, RAW_SECTION, TRANSPORT_RINGBUF, READ_RAW_SOCKET)    \
-	STATE_PROGRAM(raw_state_pb, RAW_SECTION, TRANSPORT_PERFBUF, READ_RAW_SOCKET)    \
-	STATE_PROGRAM(btf_state_rb, BTF_SECTION, TRANSPORT_RINGBUF, READ_BTF_SOCKET)    \
-	STATE_PROGRAM(btf_state_pb, BTF_SECTION, TRANSPORT_PERFBUF, READ_BTF_SOCKET)
+	STATE_PROGRAM_PAIR(raw_state, RAW_SECTION, READ_RAW_SOCKET)                     \
+	STATE_PROGRAM_PAIR(btf_state, BTF_SECTION, READ_BTF_SOCKET)
 #endif /* !TCPCONNLAT_LEGACY */
 
 #endif /* TCPCONNLAT_COMMON_BPF_H */
