@@ -565,17 +565,9 @@ fn a_burst_beyond_the_buffer_is_kept_or_counted_and_tracing_goes_on() {
         // Held open until the events are read: the ports tell the connects apart, and a
         // port the burst had closed could be given again to a later connect of the burst
         // (seen under emulation, where a burst lasts seconds).
-        let held: Vec<TcpStream> = (0..burst)
-            .map(|_| {
-                TcpStream::connect_timeout(&server, Duration::from_secs(5))
-                    .unwrap_or_else(|e| panic!("connect {server}: {e}"))
-            })
-            .collect();
+        let held: Vec<TcpStream> = (0..burst).map(|_| connect_held(server)).collect();
         kill(pid, Signal::SIGCONT).unwrap();
-        let burst_ports: HashSet<u16> = held
-            .iter()
-            .map(|s| s.local_addr().unwrap().port())
-            .collect();
+        let burst_ports: HashSet<u16> = held.iter().map(local_port).collect();
         assert_eq!(
             burst_ports.len(),
             burst,

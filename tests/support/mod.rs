@@ -601,8 +601,17 @@ pub fn own_comm() -> String {
 
 /// Connect and close at once; the local port used.
 pub fn connect(addr: SocketAddr) -> u16 {
-    let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    local_port(&connect_held(addr))
+}
+
+/// Connect, and keep the connection open (its port is not given to another connect).
+pub fn connect_held(addr: SocketAddr) -> std::net::TcpStream {
+    std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("connect {addr}: {e}"))
+}
+
+/// The local port of a connection.
+pub fn local_port(s: &std::net::TcpStream) -> u16 {
     s.local_addr().unwrap().port()
 }
 
