@@ -94,6 +94,7 @@ impl Cli {
                 Finding::Yes(()) => Ok(()),
                 Finding::No(why) | Finding::Unknown(why) => Err(why),
             },
+            fentry_trial: host,
         })
     }
 

@@ -9,7 +9,7 @@ pub mod report;
 mod trials;
 pub mod users;
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::os::fd::OwnedFd;
 use std::path::Path;
 
@@ -20,9 +20,10 @@ use tcpconnlat_compat::{
 
 use crate::timing;
 use crate::tracer::kprobes::{self, KprobeAttach};
-use crate::tracer::CoreBtf;
+use crate::tracer::{CoreBtf, FentryTrial};
 pub use offsets::OffsetsArg;
 use offsets::{Discovery, Offsets, Sources};
+use trials::FentryAttach;
 
 pub struct Host {
     pub features: Features,
@@ -39,8 +40,8 @@ pub struct Host {
     /// Why RLIMIT_MEMLOCK could not be raised on a kernel that charges BPF memory to it
     /// (before 5.11); `None` where it was raised or plays no part.
     pub memlock: Option<String>,
-    /// The fentry trial's program, still attached: see [`Host::end_trials`].
-    fentry_trial: Cell<Option<OwnedFd>>,
+    /// The fentry trial's attach, perhaps still under way: see [`Host::end_trials`].
+    fentry_trial: RefCell<FentryAttach>,
     /// The kprobe trial's events, still open: see [`Host::end_trials`].
     kprobe_trial: Cell<Vec<OwnedFd>>,
     /// Where the kprobe targets came from, once found.
@@ -152,7 +153,7 @@ impl Host {
             ),
         };
         let facts = kernel_btf.as_ref().and_then(|facts| facts.as_ref().ok());
-        let trial_target = facts.and_then(|f| f.function_ids.get(Func::TcpV4Connect));
+        let trial_target = facts.and_then(|f| trials::fentry_target(&f.function_ids));
         let core_btf = facts.and_then(|f| {
             Some(CoreBtf {
                 minimal: f.core_btf.as_ref().ok()?.clone(),
@@ -190,7 +191,7 @@ impl Host {
             tracefs_mount,
             version_code,
             memlock,
-            fentry_trial: Cell::new(fentry_trial),
+            fentry_trial: RefCell::new(fentry_trial),
             kprobe_trial: Cell::new(Vec::new()),
             kprobe_targets: None,
         };
@@ -200,17 +201,22 @@ impl Host {
         host
     }
 
-    /// Detach the fentry trial's program. Done once the tracer is attached: detaching the
-    /// last program from a function makes ftrace wait for an RCU tasks grace period, which
-    /// does not happen while the tracer's own fentry program keeps the function hooked.
-    /// Closing a kprobe event unregisters its kprobe, which waits for an RCU grace period
-    /// each time: the trial's are closed off the main thread, once tracing.
+    /// Detach the fentry trial's program and close the kprobe trial's events, off the main
+    /// thread. Done once the tracer is attached: detaching the last program from a
+    /// function makes ftrace wait for an RCU tasks grace period, which does not happen
+    /// while the tracer's own fentry program keeps the function hooked; closing a kprobe
+    /// event unregisters its kprobe, which waits for an RCU grace period each time.
     pub fn end_trials(&self) {
-        drop(self.fentry_trial.take());
+        let mut fentry = self.fentry_trial.replace(FentryAttach::None);
         let kprobe_events = self.kprobe_trial.take();
-        if !kprobe_events.is_empty() {
-            std::thread::spawn(move || drop(kprobe_events));
+        if matches!(fentry, FentryAttach::None) && kprobe_events.is_empty() {
+            return;
         }
+        std::thread::spawn(move || {
+            // Where it is still under way, the link is dropped once made.
+            let _ = fentry.wait();
+            drop((fentry, kprobe_events));
+        });
     }
 
     /// Resolve the kprobe targets, if kprobes can be used at all and it is not done yet:
@@ -270,28 +276,48 @@ impl Host {
     }
 }
 
-/// The trials, where privileged: the fentry trial's program (kept attached, see
+/// The trial's attach, for the tracer: waited for before fentry programs attach.
+impl FentryTrial for Host {
+    fn fentry_attached(&self) -> Result<(), String> {
+        self.fentry_trial.borrow_mut().wait()
+    }
+}
+
+/// The trials, where privileged: the fentry trial (its attach kept, see
 /// [`Host::end_trials`]), the ring buffer and running a program on demand.
+///
+/// Where a mode is to be started on a kernel with the function tracer, the fentry finding
+/// is the trial's load, and its attach goes on beside the probes' load: the tracer waits
+/// for it before attaching fentry programs ([`FentryTrial`]). The features report waits
+/// for it here.
 fn try_loading(
     what: &Detect<'_>,
     features: &Features,
     fentry_target: Option<u32>,
     findings: &mut Findings,
-) -> Option<OwnedFd> {
+) -> FentryAttach {
     if !what.privileged {
         findings.fentry = Finding::Unknown("needs root to try".to_owned());
         findings.ringbuf = Finding::Unknown("needs root to try".to_owned());
         findings.on_demand = Finding::Unknown("needs root to try".to_owned());
-        return None;
+        return FentryAttach::None;
     }
     let not_needed = |what: &str| Finding::Unknown(format!("not tried: {what}"));
     let trial = if what.scope.tries_fentry() {
-        let trial = timing::step("fentry trial", || trials::fentry(features, fentry_target));
+        let trial = timing::step("fentry trial", || {
+            let mut trial = trials::fentry(features, fentry_target)?;
+            // Without the function tracer the attach fails at once: known before the
+            // plan, fentry's probes are not loaded for nothing.
+            if what.scope == Scope::Every || !features.function_tracer {
+                trial.wait()?;
+            }
+            Ok(trial)
+        });
         findings.fentry = Finding::from_result(trial.as_ref().map(drop).map_err(Clone::clone));
-        trial.ok()
+        trial.unwrap_or(FentryAttach::None)
     } else {
         findings.fentry = not_needed("the mode asked for uses no fentry program");
-        None
+        FentryAttach::None
     };
     findings.ringbuf = if what.scope.tries_ringbuf() {
         timing::step("ringbuf trial", trials::ringbuf)

@@ -3,8 +3,10 @@
 //! takes kprobes on the functions we hook by their own names.
 
 use std::os::fd::OwnedFd;
+use std::thread::JoinHandle;
 
 use libbpf_rs::MapType;
+use tcpconnlat_compat::btf::FunctionIds;
 use tcpconnlat_compat::{AttachPoints, Features, Finding, Func};
 
 /// A BPF ring buffer map can be created (Linux 5.8+).
@@ -67,15 +69,62 @@ pub fn on_demand() -> Finding<()> {
     }
 }
 
-/// Load a two-instruction fentry program on `target` (tcp_v4_connect's BTF id) and attach
-/// it; the link, which detaches it when dropped.
-pub fn fentry(features: &Features, target: Option<u32>) -> Result<OwnedFd, String> {
+/// The fentry trial's attach, made on a thread of its own: on Linux 6.1 the first fentry
+/// program attached while the system has none waits for an RCU tasks grace period (far
+/// longer while an earlier tcpconnlat's teardown is still in flight), a sleep that the
+/// probes' load goes on beside.
+pub enum FentryAttach {
+    /// Under way: the link, or why the kernel refused it.
+    Pending(JoinHandle<Result<OwnedFd, String>>),
+    /// Attached; the link detaches it when dropped.
+    Attached {
+        _link: OwnedFd,
+    },
+    Refused(String),
+    /// No trial, or the trials have ended.
+    None,
+}
+
+impl FentryAttach {
+    /// Wait for the attach: whether the kernel attached the trial's program, or why not.
+    pub fn wait(&mut self) -> Result<(), String> {
+        if let FentryAttach::Pending(_) = self {
+            let FentryAttach::Pending(thread) = std::mem::replace(self, FentryAttach::None) else {
+                unreachable!("matched just above");
+            };
+            *self = match thread.join() {
+                Ok(Ok(link)) => FentryAttach::Attached { _link: link },
+                Ok(Err(why)) => FentryAttach::Refused(why),
+                Err(_) => FentryAttach::Refused("the trial's thread panicked".to_owned()),
+            };
+        }
+        match self {
+            FentryAttach::Attached { .. } => Ok(()),
+            FentryAttach::Refused(why) => Err(why.clone()),
+            FentryAttach::None => Err("no fentry trial was made".to_owned()),
+            FentryAttach::Pending(_) => unreachable!("waited for above"),
+        }
+    }
+}
+
+/// Where the fentry trial attaches: a function no mode hooks with fentry, so that loading
+/// the probes does not wait for the trial's attach (the verifier takes the target's
+/// trampoline lock, which an attach holds while it sleeps), and one that connects do not
+/// go through; tcp_v4_connect where the kernel's BTF lacks it.
+pub fn fentry_target(ids: &FunctionIds) -> Option<u32> {
+    ids.get(Func::TcpReset)
+        .or_else(|| ids.get(Func::TcpV4Connect))
+}
+
+/// Load a two-instruction fentry program on `target` (see [`fentry_target`]) and start
+/// attaching it (see [`FentryAttach`]).
+pub fn fentry(features: &Features, target: Option<u32>) -> Result<FentryAttach, String> {
     use libbpf_rs::libbpf_sys as sys;
-    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::fd::FromRawFd;
     if !features.btf {
         return Err("no kernel BTF".to_owned());
     }
-    let id = target.ok_or("tcp_v4_connect is not in the kernel's BTF")?;
+    let id = target.ok_or("neither tcp_reset nor tcp_v4_connect is in the kernel's BTF")?;
     let insns = return_value(0);
     let mut opts = sys::bpf_prog_load_opts {
         sz: std::mem::size_of::<sys::bpf_prog_load_opts>() as sys::size_t,
@@ -99,13 +148,24 @@ pub fn fentry(features: &Features, target: Option<u32>) -> Result<OwnedFd, Strin
     }
     // SAFETY: a descriptor just created, owned by nothing else.
     let prog = unsafe { OwnedFd::from_raw_fd(prog) };
-    // SAFETY: as above; a null name attaches a tracing program to its BTF target.
+    Ok(FentryAttach::Pending(std::thread::spawn(move || {
+        attach_tracing(&prog)
+    })))
+}
+
+/// Attach a loaded tracing program to its BTF target; the link, which detaches it when
+/// dropped.
+fn attach_tracing(prog: &OwnedFd) -> Result<OwnedFd, String> {
+    use libbpf_rs::libbpf_sys as sys;
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // SAFETY: a null name attaches a tracing program to its BTF target; a new fd or
+    // -errno.
     let link = unsafe { sys::bpf_raw_tracepoint_open(std::ptr::null(), prog.as_raw_fd()) };
     if link < 0 {
         let e = std::io::Error::from_raw_os_error(-link);
         return Err(format!("attach: {e}"));
     }
-    // SAFETY: as above; closing it detaches the program.
+    // SAFETY: a descriptor just created, owned by nothing else; closing it detaches.
     Ok(unsafe { OwnedFd::from_raw_fd(link) })
 }
 

@@ -29,7 +29,7 @@ use libbpf_rs::{AsRawLibbpf, Link, MapCore, Object, ObjectBuilder, OpenObject};
 use tcpconnlat_compat::btf::SockOffsets;
 use tcpconnlat_compat::{
     plan_hooks, Attach, Features, Findings, HookChoice, HookPlan, Mode, ModeSpec, OffsetNeed, Plan,
-    RecordRead, Transport,
+    RecordRead, Transport, Unsupported,
 };
 
 use crate::timing;
@@ -109,6 +109,8 @@ pub struct LoadOptions<'a> {
     pub pin_maps: Option<&'a std::path::Path>,
     /// Whether the kernel runs a program on demand (`Findings::on_demand`), or why not.
     pub on_demand: Result<(), &'a str>,
+    /// The fentry trial, whose attach fentry programs wait for.
+    pub fentry_trial: &'a dyn FentryTrial,
 }
 
 /// Where struct sock's offsets come from (the host: BTF, headers or discovery), asked only
@@ -116,6 +118,14 @@ pub struct LoadOptions<'a> {
 pub trait SockOffsetsSource {
     /// The offsets, and what the user should know of fields that could not be had.
     fn sock_offsets(&self, need: OffsetNeed) -> Result<(&SockOffsets, &[String]), String>;
+}
+
+/// The host's fentry trial, whose attach may still be under way while a mode loads (the
+/// finding it fed the plan is its load).
+pub trait FentryTrial {
+    /// Wait for the trial's attach: whether the kernel attached an fentry program, or why
+    /// not.
+    fn fentry_attached(&self) -> Result<(), String>;
 }
 
 /// Start the first mode of the plan that loads and attaches, recording in the plan why
@@ -174,6 +184,12 @@ pub fn start(mode: Mode, options: &LoadOptions<'_>, filters: &Filters) -> Result
     drop(core_files);
     config::configure(&object, filters, options, &loadout)?;
     let pins = Pins::pin(&mut object, options.pin_maps)?;
+    if spec.uses_fentry() {
+        timing::step("fentry trial's attach", || {
+            options.fentry_trial.fentry_attached()
+        })
+        .map_err(|why| anyhow!(Unsupported::FentryRefused(why)))?;
+    }
     let (links, kprobes) = timing::step("attach", || attach_all(&object, &loadout.hooks, options))?;
     Ok(Tracer {
         mode,
