@@ -315,17 +315,23 @@ impl StreamedBtf {
 
     /// Stream the string section for the wanted names' offsets.
     fn find_names(file: &mut File, at: u64, len: u64) -> Result<WantedNames, String> {
-        let wanted = wanted_names();
-        // Most strings are ruled out by their length alone.
-        let lengths = wanted
-            .iter()
-            .fold(0u64, |set, w| set | 1 << w.len().min(63));
+        // By length: a string's length leaves none of them, or one or two, to compare.
+        let mut by_length: Vec<Vec<&'static str>> = Vec::new();
+        for name in wanted_names() {
+            if by_length.len() <= name.len() {
+                by_length.resize(name.len() + 1, Vec::new());
+            }
+            by_length[name.len()].push(name);
+        }
         let mut found = Vec::new();
         let mut check = |name: &[u8], offset: u32| {
-            if lengths & 1 << name.len().min(63) != 0 {
-                if let Some(w) = wanted.iter().find(|w| w.as_bytes() == name) {
-                    found.push((offset, *w));
-                }
+            let candidates = by_length.get(name.len()).map_or(&[][..], Vec::as_slice);
+            // The first byte rules out most that are left, before a whole comparison.
+            if let Some(w) = candidates
+                .iter()
+                .find(|w| w.as_bytes().first() == name.first() && w.as_bytes() == name)
+            {
+                found.push((offset, *w));
             }
         };
         file.seek(SeekFrom::Start(at)).map_err(io_error)?;
@@ -338,20 +344,20 @@ impl StreamedBtf {
             if chunk.is_empty() {
                 break;
             }
-            let mut rest = chunk;
-            while let Some(end) = memchr::memchr(0, rest) {
+            let mut start = 0;
+            for end in memchr::memchr_iter(0, chunk) {
                 let length = if partial.is_empty() {
-                    check(&rest[..end], offset);
-                    end
+                    check(&chunk[start..end], offset);
+                    end - start
                 } else {
-                    partial.extend_from_slice(&rest[..end]);
+                    partial.extend_from_slice(&chunk[start..end]);
                     check(&partial, offset);
                     std::mem::take(&mut partial).len()
                 };
                 offset += length as u32 + 1;
-                rest = &rest[end + 1..];
+                start = end + 1;
             }
-            partial.extend_from_slice(rest);
+            partial.extend_from_slice(&chunk[start..]);
             let n = chunk.len();
             strings.consume(n);
         }
