@@ -95,6 +95,37 @@ fn a_reader_that_goes_away_ends_it_with_one_line() {
     );
 }
 
+/// Its notes' reader gone (`tcpconnlat -v 2>&1 | head -1`): the notes are lost, not the
+/// trace; libbpf's log, written from C, must not abort it either.
+#[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
+fn a_reader_of_its_notes_that_goes_away_does_not_stop_it() {
+    let _serial = serial();
+    let (read, write) = nix::unistd::pipe().unwrap();
+    drop(read);
+    let mut child = Command::new(bin())
+        .args(["-v", "-j", "-d", "2", "-p", &me()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(write))
+        .spawn()
+        .unwrap();
+    let server = listen("127.0.0.1:0");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    // The first line out is the first event: tracing began.
+    let first = thread::spawn(move || lines.next());
+    let started = Instant::now();
+    while !first.is_finished() && started.elapsed() < Duration::from_secs(10) {
+        connect(server);
+        thread::sleep(Duration::from_millis(50));
+    }
+    let first = first.join().unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{status}");
+    let first = first.expect("no event: it did not trace").unwrap();
+    let event: serde_json::Value = serde_json::from_str(&first).unwrap();
+    assert_eq!(event["dport"], server.port());
+}
+
 /// Someone writes `-:<event>` (or truncates kprobe_events) while tcpconnlat traces through
 /// tracefs: the kernel refuses while the events are in use, and tracing goes on.
 #[test]

@@ -7,6 +7,15 @@
 //! Each concern has its folder, and dependencies run one way: `main` → `cli` → `host`,
 //! `fleet`, `output` → `pump` → `tracer` → `compat` (the library crate that decides).
 
+/// `eprintln!` that never panics: where stderr's reader has gone (`tcpconnlat -v 2>&1 |
+/// head -1`), a note is lost, not the trace.
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod cli;
 mod fleet;
 mod host;
@@ -41,18 +50,18 @@ fn main() -> ExitCode {
             e.exit()
         }
         Err(e) => {
-            eprintln!("tcpconnlat: {} (see tcpconnlat --help)", one_line(&e));
+            note!("tcpconnlat: {} (see tcpconnlat --help)", one_line(&e));
             return ExitCode::from(2);
         }
     };
     match run(&cli, started) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if is_broken_pipe(&e) => {
-            eprintln!("tcpconnlat: stopped: the output's reader went away (broken pipe)");
+            note!("tcpconnlat: stopped: the output's reader went away (broken pipe)");
             ExitCode::FAILURE
         }
         Err(e) => {
-            eprintln!("tcpconnlat: {e:#}");
+            note!("tcpconnlat: {e:#}");
             let bad_argument = e
                 .downcast_ref::<Unknown>()
                 .is_some_and(Unknown::is_bad_argument);
@@ -117,7 +126,7 @@ fn run(cli: &Cli, started: Instant) -> Result<()> {
         );
     }
     for note in host.prepare_for_tracing() {
-        eprintln!("tcpconnlat: {note}");
+        note!("tcpconnlat: {note}");
     }
     // Handlers first: a signal that arrives while loading must still end us cleanly.
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -142,12 +151,12 @@ fn run(cli: &Cli, started: Instant) -> Result<()> {
         // The probes without CO-RE read the socket at these offsets.
         if !tracer.mode.spec().core {
             if let Ok(known) = host.offsets.known() {
-                eprintln!("tcpconnlat: struct sock offsets from {}", known.source);
+                note!("tcpconnlat: struct sock offsets from {}", known.source);
             }
         }
         let ms = started.elapsed().as_secs_f64() * 1e3;
-        eprintln!("tcpconnlat: attached {ms:.1} ms after start");
-        eprintln!("tcpconnlat: start-up steps: {}", timing::summary());
+        note!("tcpconnlat: attached {ms:.1} ms after start");
+        note!("tcpconnlat: start-up steps: {}", timing::summary());
     }
     if let Some(server) = server {
         let identity = Identity {
@@ -170,7 +179,8 @@ fn run(cli: &Cli, started: Instant) -> Result<()> {
 fn set_libbpf_log(verbose: bool) {
     if verbose {
         libbpf_rs::set_print(Some((libbpf_rs::PrintLevel::Debug, |_, msg| {
-            eprint!("{msg}")
+            // Called from C: a panic here would abort.
+            let _ = io::Write::write_all(&mut io::stderr(), msg.as_bytes());
         })));
     } else {
         // Failed trial loads are expected; their reasons reach the user through the plan.
@@ -203,7 +213,7 @@ fn print_features(
 /// The start-up line: the mode, the transport, and why no better mode was used.
 fn announce(tracer: &Tracer, plan: &Plan, forced: Option<Mode>) {
     for note in &tracer.notes {
-        eprintln!("tcpconnlat: {note}");
+        note!("tcpconnlat: {note}");
     }
     // Why the better modes were not used (later ones do not matter).
     let why = plan
@@ -218,7 +228,7 @@ fn announce(tracer: &Tracer, plan: &Plan, forced: Option<Mode>) {
     } else {
         format!("; not {}", why.join("; "))
     };
-    eprintln!(
+    note!(
         "Tracing TCP connects in {} mode ({}){why}. Ctrl-C to end.",
         tracer.mode,
         tracer.transport.name(),

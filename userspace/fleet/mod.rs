@@ -79,7 +79,7 @@ impl Fleet {
         let cgroups = cgroup_label.then(|| {
             let (paths, note) = CgroupPaths::new();
             if let Some(note) = note {
-                eprintln!("tcpconnlat: {note}");
+                note!("tcpconnlat: {note}");
             }
             paths
         });
@@ -140,7 +140,7 @@ impl Server {
         let metrics = Arc::new(metrics);
         let address = self.listener.local_addr()?;
         let server = tokio::spawn(http::serve(self.listener, metrics.clone(), Arc::new(guard)));
-        eprintln!("tcpconnlat: serving Prometheus metrics at {scheme}://{address}/metrics");
+        note!("tcpconnlat: serving Prometheus metrics at {scheme}://{address}/metrics");
         let mut recorder = Recorder {
             metrics: &metrics,
             cgroups,
@@ -174,7 +174,7 @@ impl Sink for Recorder<'_> {
 
     fn shortfall(&mut self, shortfall: Shortfall) -> std::io::Result<()> {
         self.metrics.shortfall(shortfall);
-        eprintln!("tcpconnlat: {shortfall}");
+        note!("tcpconnlat: {shortfall}");
         Ok(())
     }
 

@@ -218,9 +218,9 @@ impl Tls {
             match self.files.server_config() {
                 Ok(config) => {
                     current.1 = Arc::new(config);
-                    eprintln!("tcpconnlat: --web-config: TLS files changed; read them again");
+                    note!("tcpconnlat: --web-config: TLS files changed; read them again");
                 }
-                Err(e) => eprintln!(
+                Err(e) => note!(
                     "tcpconnlat: --web-config: TLS files changed but cannot be used ({e:#}); keeping the last ones"
                 ),
             }

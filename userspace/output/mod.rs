@@ -228,7 +228,7 @@ impl<W: Write> Sink for Printer<W> {
 
     /// Said on stderr, and in the JSON stream.
     fn shortfall(&mut self, shortfall: Shortfall) -> io::Result<()> {
-        eprintln!("tcpconnlat: {shortfall}");
+        note!("tcpconnlat: {shortfall}");
         let count = Count {
             count: shortfall.count(),
         };

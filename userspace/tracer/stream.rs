@@ -190,7 +190,7 @@ impl<'cb> PerfBuffers<'cb> {
             );
         }
         if !gone.is_empty() {
-            eprintln!(
+            note!(
                 "tcpconnlat: CPU {} went offline: tracing goes on with the others",
                 list(&gone)
             );
