@@ -8,10 +8,6 @@ set -eu
 dest=$1
 mkdir -p "$dest/proc/sys/kernel"
 cat /proc/sys/kernel/osrelease > "$dest/proc/sys/kernel/osrelease"
-# Present where the function tracer is built in (fentry attaches through it on x86).
-if [ -e /proc/sys/kernel/ftrace_enabled ]; then
-    cat /proc/sys/kernel/ftrace_enabled > "$dest/proc/sys/kernel/ftrace_enabled"
-fi
 grep -E ' (tcp_v4_connect|tcp_v6_connect|tcp_rcv_state_process|tcp_set_state|tcp_retransmit_skb|tcp_reset)([.][a-z0-9.]*)?( |	|$)' /proc/kallsyms \
     > "$dest/proc/kallsyms" || true
 if [ -e /sys/kernel/btf/vmlinux ]; then

@@ -88,10 +88,6 @@ pub struct Features {
     pub kprobe_pmu: bool,
     /// tracefs `kprobe_events`: kprobes without the PMU.
     pub kprobe_events: bool,
-    /// The function tracer is built in and on (`/proc/sys/kernel/ftrace_enabled` is 1):
-    /// on x86, fentry's trampolines are called from the entry that ftrace patches, so
-    /// without it an fentry program loads but its attach fails.
-    pub function_tracer: bool,
     /// The `sock:inet_sock_set_state` record layout, or why it cannot be used.
     pub state_tracepoint: Result<StateLayout, String>,
     /// `skaddr` offset in `tcp:tcp_retransmit_skb` (SYN retransmit counts), or why not.
@@ -174,8 +170,6 @@ impl Features {
             kprobe_events: tracefs
                 .as_ref()
                 .is_some_and(|dir| dir.join("kprobe_events").exists()),
-            function_tracer: fs::read_to_string(root.join("proc/sys/kernel/ftrace_enabled"))
-                .is_ok_and(|on| on.trim() == "1"),
             tracefs,
             state_tracepoint,
             retransmit_tracepoint,

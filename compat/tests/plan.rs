@@ -307,17 +307,6 @@ fn debian_6_1_cloud_has_everything_and_plans_fentry() {
 }
 
 #[test]
-fn the_function_tracer_is_seen_where_built_in() {
-    // What decides whether the fentry trial's attach may go on beside the probes' load.
-    for id in ["deb61", "deb612", "host-6.18"] {
-        assert!(detect(&fixture(id)).function_tracer, "{id}");
-    }
-    // A 6.1 built without it: BTF, so fentry programs load, but none attaches.
-    let f = detect(&fixture("noftrace"));
-    assert!(f.btf && !f.function_tracer);
-}
-
-#[test]
 fn without_btf_legacy_needs_offsets_and_comes_last() {
     let f = detect(&fixture("nobtf"));
     assert!(!f.btf && f.kprobe_pmu);

@@ -207,16 +207,13 @@ impl Host {
     /// while the tracer's own fentry program keeps the function hooked; closing a kprobe
     /// event unregisters its kprobe, which waits for an RCU grace period each time.
     pub fn end_trials(&self) {
-        let mut fentry = self.fentry_trial.replace(FentryAttach::None);
+        let fentry = self.fentry_trial.replace(FentryAttach::None);
         let kprobe_events = self.kprobe_trial.take();
         if matches!(fentry, FentryAttach::None) && kprobe_events.is_empty() {
             return;
         }
-        std::thread::spawn(move || {
-            // Where it is still under way, the link is dropped once made.
-            let _ = fentry.wait();
-            drop((fentry, kprobe_events));
-        });
+        // Where the attach is still under way, its thread drops the link once made.
+        std::thread::spawn(move || drop((fentry, kprobe_events)));
     }
 
     /// Resolve the kprobe targets, if kprobes can be used at all and it is not done yet:
@@ -286,10 +283,10 @@ impl FentryTrial for Host {
 /// The trials, where privileged: the fentry trial (its attach kept, see
 /// [`Host::end_trials`]), the ring buffer and running a program on demand.
 ///
-/// Where a mode is to be started on a kernel with the function tracer, the fentry finding
-/// is the trial's load, and its attach goes on beside the probes' load: the tracer waits
-/// for it before attaching fentry programs ([`FentryTrial`]). The features report waits
-/// for it here.
+/// Where a mode is to be started, the fentry finding is the trial's load and its attach
+/// as far as it went in [`trials::PATIENCE`]; an attach still under way then goes on
+/// beside the probes' load, and the tracer waits for it before attaching fentry programs
+/// ([`FentryTrial`]). The features report waits for it here.
 fn try_loading(
     what: &Detect<'_>,
     features: &Features,
@@ -306,10 +303,12 @@ fn try_loading(
     let trial = if what.scope.tries_fentry() {
         let trial = timing::step("fentry trial", || {
             let mut trial = trials::fentry(features, fentry_target)?;
-            // Without the function tracer the attach fails at once: known before the
-            // plan, fentry's probes are not loaded for nothing.
-            if what.scope == Scope::Every || !features.function_tracer {
+            if what.scope == Scope::Every {
                 trial.wait()?;
+            } else {
+                // A refusal comes at once (a kernel without the function tracer): known
+                // before the plan, fentry's probes are not loaded for nothing.
+                trial.wait_at_most(trials::PATIENCE)?;
             }
             Ok(trial)
         });

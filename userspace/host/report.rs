@@ -86,14 +86,6 @@ fn kernel_rows(host: &Host) -> Vec<Row> {
         ),
         row("kprobe_events", yes_no(f.kprobe_events)),
         row(
-            "function tracer",
-            if f.function_tracer {
-                "yes"
-            } else {
-                "no (/proc/sys/kernel/ftrace_enabled: fentry programs attach through it)"
-            },
-        ),
-        row(
             "fentry",
             finding_text(&host.findings.fentry, |()| "yes".to_owned()),
         ),
@@ -235,7 +227,6 @@ pub fn report_json(host: &Host, plan: &Plan) -> Value {
         "tracefs_mounted_by_us": matches!(host.tracefs_mount, TracefsMount::Mounted(_)),
         "kprobe_pmu": f.kprobe_pmu,
         "kprobe_events": f.kprobe_events,
-        "function_tracer": f.function_tracer,
         "fentry": finding_json(&t.fentry),
         "fentry_error": finding_why(&t.fentry),
         "tracepoint": f.state_tracepoint.is_ok(),

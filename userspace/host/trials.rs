@@ -3,7 +3,8 @@
 //! takes kprobes on the functions we hook by their own names.
 
 use std::os::fd::OwnedFd;
-use std::thread::JoinHandle;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::Duration;
 
 use libbpf_rs::MapType;
 use tcpconnlat_compat::btf::FunctionIds;
@@ -70,12 +71,13 @@ pub fn on_demand() -> Finding<()> {
 }
 
 /// The fentry trial's attach, made on a thread of its own: on Linux 6.1 the first fentry
-/// program attached while the system has none waits for an RCU tasks grace period (far
-/// longer while an earlier tcpconnlat's teardown is still in flight), a sleep that the
-/// probes' load goes on beside.
+/// program attached while the system has none waits for an RCU tasks grace period, far
+/// longer while an earlier tcpconnlat's teardown is still in flight: a sleep that the
+/// probes' load can go on beside (see [`PATIENCE`]).
 pub enum FentryAttach {
-    /// Under way: the link, or why the kernel refused it.
-    Pending(JoinHandle<Result<OwnedFd, String>>),
+    /// Under way: the link, or why the kernel refused it, once made. Dropped before, the
+    /// link is dropped once made.
+    Pending(Receiver<Result<OwnedFd, String>>),
     /// Attached; the link detaches it when dropped.
     Attached {
         _link: OwnedFd,
@@ -85,24 +87,43 @@ pub enum FentryAttach {
     None,
 }
 
+/// How long detection waits for the trial's attach before the probes load beside it. With
+/// no grace period in flight the attach is quick, and a load running meanwhile would only
+/// make it slower (an RCU tasks grace period waits for every runnable task); queued behind
+/// an earlier instance's teardown it is slow, and the load hides it.
+pub const PATIENCE: Duration = Duration::from_millis(60);
+
 impl FentryAttach {
     /// Wait for the attach: whether the kernel attached the trial's program, or why not.
     pub fn wait(&mut self) -> Result<(), String> {
-        if let FentryAttach::Pending(_) = self {
-            let FentryAttach::Pending(thread) = std::mem::replace(self, FentryAttach::None) else {
-                unreachable!("matched just above");
+        self.settle(None)
+    }
+
+    /// Wait for the attach `patience` at most: why the kernel refused it, if it did by
+    /// then.
+    pub fn wait_at_most(&mut self, patience: Duration) -> Result<(), String> {
+        self.settle(Some(patience))
+    }
+
+    fn settle(&mut self, patience: Option<Duration>) -> Result<(), String> {
+        if let FentryAttach::Pending(outcome) = self {
+            let outcome = match patience {
+                None => outcome.recv().ok(),
+                Some(patience) => match outcome.recv_timeout(patience) {
+                    Err(RecvTimeoutError::Timeout) => return Ok(()),
+                    outcome => outcome.ok(),
+                },
             };
-            *self = match thread.join() {
-                Ok(Ok(link)) => FentryAttach::Attached { _link: link },
-                Ok(Err(why)) => FentryAttach::Refused(why),
-                Err(_) => FentryAttach::Refused("the trial's thread panicked".to_owned()),
+            *self = match outcome {
+                Some(Ok(link)) => FentryAttach::Attached { _link: link },
+                Some(Err(why)) => FentryAttach::Refused(why),
+                None => FentryAttach::Refused("the trial's thread gave no answer".to_owned()),
             };
         }
         match self {
-            FentryAttach::Attached { .. } => Ok(()),
+            FentryAttach::Attached { .. } | FentryAttach::Pending(_) => Ok(()),
             FentryAttach::Refused(why) => Err(why.clone()),
             FentryAttach::None => Err("no fentry trial was made".to_owned()),
-            FentryAttach::Pending(_) => unreachable!("waited for above"),
         }
     }
 }
@@ -148,9 +169,9 @@ pub fn fentry(features: &Features, target: Option<u32>) -> Result<FentryAttach, 
     }
     // SAFETY: a descriptor just created, owned by nothing else.
     let prog = unsafe { OwnedFd::from_raw_fd(prog) };
-    Ok(FentryAttach::Pending(std::thread::spawn(move || {
-        attach_tracing(&prog)
-    })))
+    let (answer, outcome) = mpsc::channel();
+    std::thread::spawn(move || answer.send(attach_tracing(&prog)));
+    Ok(FentryAttach::Pending(outcome))
 }
 
 /// Attach a loaded tracing program to its BTF target; the link, which detaches it when
