@@ -105,8 +105,9 @@ pub struct Features {
 /// what reading BTF, headers or the kernel itself told.
 #[derive(Clone, Debug, Default)]
 pub struct Findings {
-    /// Loading a minimal fentry program (Linux 5.5, commit fec56f5890d9 "bpf: Introduce
-    /// BPF trampoline"; refused by some kernels and sandboxes that have it).
+    /// Loading and attaching a minimal fentry program (Linux 5.5, commit fec56f5890d9
+    /// "bpf: Introduce BPF trampoline"; refused by some kernels and sandboxes that have
+    /// it). Where the caller did not wait for the attach to end, what the load told.
     pub fentry: Finding<()>,
     /// Creating a BPF ring buffer map (Linux 5.8, commit 457f44363a88).
     pub ringbuf: Finding<()>,

@@ -209,7 +209,9 @@ impl Host {
     pub fn end_trials(&self) {
         let fentry = self.fentry_trial.replace(FentryAttach::None);
         let kprobe_events = self.kprobe_trial.take();
-        if matches!(fentry, FentryAttach::None) && kprobe_events.is_empty() {
+        if matches!(fentry, FentryAttach::None | FentryAttach::Refused(_))
+            && kprobe_events.is_empty()
+        {
             return;
         }
         // Where the attach is still under way, its thread drops the link once made.

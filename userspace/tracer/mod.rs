@@ -121,7 +121,7 @@ pub trait SockOffsetsSource {
 }
 
 /// The host's fentry trial, whose attach may still be under way while a mode loads (the
-/// finding it fed the plan is its load).
+/// plan's fentry finding then told only its load).
 pub trait FentryTrial {
     /// Wait for the trial's attach: whether the kernel attached an fentry program, or why
     /// not.
