@@ -81,13 +81,18 @@ fn a_full_disk_ends_it_with_one_line() {
     );
 }
 
+/// A pipe's write end, its read end closed: writes fail with EPIPE.
+fn pipe_nobody_reads() -> std::os::fd::OwnedFd {
+    let (read, write) = nix::unistd::pipe().unwrap();
+    drop(read);
+    write
+}
+
 #[test]
 #[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
 fn a_reader_that_goes_away_ends_it_with_one_line() {
     let _serial = serial();
-    let (read, write) = nix::unistd::pipe().unwrap();
-    drop(read);
-    let (status, last, _) = run_into(Stdio::from(write), &["-j"]);
+    let (status, last, _) = run_into(Stdio::from(pipe_nobody_reads()), &["-j"]);
     assert_eq!(status.code(), Some(1), "{last}");
     assert!(
         last.starts_with("tcpconnlat: stopped: the output's reader went away"),
@@ -101,12 +106,10 @@ fn a_reader_that_goes_away_ends_it_with_one_line() {
 #[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
 fn a_reader_of_its_notes_that_goes_away_does_not_stop_it() {
     let _serial = serial();
-    let (read, write) = nix::unistd::pipe().unwrap();
-    drop(read);
     let mut child = Command::new(bin())
         .args(["-v", "-j", "-d", "2", "-p", &me()])
         .stdout(Stdio::piped())
-        .stderr(Stdio::from(write))
+        .stderr(Stdio::from(pipe_nobody_reads()))
         .spawn()
         .unwrap();
     let server = listen("127.0.0.1:0");
