@@ -129,6 +129,52 @@ fn a_reader_of_its_notes_that_goes_away_does_not_stop_it() {
     assert_eq!(event["dport"], server.port());
 }
 
+/// Where no thread can be made (its cgroup at pids.max), what it does on threads of its
+/// own (the fentry trial's attach, closing the trials) is done in place: it traces, and
+/// ends cleanly.
+#[test]
+#[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
+fn at_its_cgroups_pids_limit_it_still_traces() {
+    let _serial = serial();
+    if !TestCgroup::supported() {
+        return;
+    }
+    let cgroup = TestCgroup::new();
+    let root = cgroup.dir.parent().unwrap();
+    if !fs::read_to_string(root.join("cgroup.controllers")).is_ok_and(|c| c.contains("pids")) {
+        // The pids controller is cgroup v1's here (a hybrid host): Linux 4.5+ has it in v2.
+        return;
+    }
+    fs::write(root.join("cgroup.subtree_control"), "+pids").unwrap();
+    fs::write(cgroup.dir.join("pids.max"), "1").unwrap();
+    // The shell moves itself in, then becomes tcpconnlat: one task, no room for a thread.
+    let mut child = Command::new("sh")
+        .args([
+            "-c",
+            "echo $$ > \"$1/cgroup.procs\" && exec \"$2\" -j -d 2 -p \"$3\"",
+        ])
+        .args(["sh", cgroup.dir.to_str().unwrap(), &bin(), &me()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let server = listen("127.0.0.1:0");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = thread::spawn(move || lines.next());
+    let started = Instant::now();
+    while !first.is_finished() && started.elapsed() < Duration::from_secs(10) {
+        connect(server);
+        thread::sleep(Duration::from_millis(50));
+    }
+    let first = first.join().unwrap();
+    let output = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{err}");
+    let first = first.expect("no event: it did not trace").unwrap();
+    let event: serde_json::Value = serde_json::from_str(&first).unwrap();
+    assert_eq!(event["dport"], server.port(), "{err}");
+}
+
 /// Someone writes `-:<event>` (or truncates kprobe_events) while tcpconnlat traces through
 /// tracefs: the kernel refuses while the events are in use, and tracing goes on.
 #[test]

@@ -215,7 +215,7 @@ impl Host {
             return;
         }
         // Where the attach is still under way, its thread drops the link once made.
-        std::thread::spawn(move || drop((fentry, kprobe_events)));
+        in_background(move || drop((fentry, kprobe_events)));
     }
 
     /// Resolve the kprobe targets, if kprobes can be used at all and it is not done yet:
@@ -330,6 +330,24 @@ fn try_loading(
 }
 
 const ROOT: &str = "/";
+
+/// Run `work` on a thread of its own, or here where no thread can be made (a cgroup at
+/// its pids.max): it is work that only takes time.
+fn in_background<F: FnOnce() + Send + 'static>(work: F) {
+    let work = std::sync::Arc::new(std::sync::Mutex::new(Some(work)));
+    let theirs = std::sync::Arc::clone(&work);
+    let take = |work: &std::sync::Mutex<Option<F>>| work.lock().ok().and_then(|mut w| w.take());
+    let spawned = std::thread::Builder::new().spawn(move || {
+        if let Some(work) = take(&theirs) {
+            work();
+        }
+    });
+    if spawned.is_err() {
+        if let Some(work) = take(&work) {
+            work();
+        }
+    }
+}
 
 /// LINUX_VERSION_CODE from the vDSO the kernel mapped into this process.
 fn vdso_version_code() -> Result<u32, String> {

@@ -170,7 +170,7 @@ pub fn fentry(features: &Features, target: Option<u32>) -> Result<FentryAttach, 
     // SAFETY: a descriptor just created, owned by nothing else.
     let prog = unsafe { OwnedFd::from_raw_fd(prog) };
     let (answer, outcome) = mpsc::channel();
-    std::thread::spawn(move || answer.send(attach_tracing(&prog)));
+    super::in_background(move || drop(answer.send(attach_tracing(&prog))));
     Ok(FentryAttach::Pending(outcome))
 }
 
@@ -222,7 +222,7 @@ pub fn exact_kprobe_targets(
         return Some((points, events));
     }
     // Closing them waits for RCU grace periods: not on the way to tracing.
-    std::thread::spawn(move || drop(events));
+    super::in_background(move || drop(events));
     None
 }
 
