@@ -106,27 +106,13 @@ fn a_reader_that_goes_away_ends_it_with_one_line() {
 #[ignore = "needs root: loads BPF programs (./ci/test.sh runs it as root)"]
 fn a_reader_of_its_notes_that_goes_away_does_not_stop_it() {
     let _serial = serial();
-    let mut child = Command::new(bin())
+    let child = Command::new(bin())
         .args(["-v", "-j", "-d", "2", "-p", &me()])
         .stdout(Stdio::piped())
         .stderr(Stdio::from(pipe_nobody_reads()))
         .spawn()
         .unwrap();
-    let server = listen("127.0.0.1:0");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    // The first line out is the first event: tracing began.
-    let first = thread::spawn(move || lines.next());
-    let started = Instant::now();
-    while !first.is_finished() && started.elapsed() < Duration::from_secs(10) {
-        connect(server);
-        thread::sleep(Duration::from_millis(50));
-    }
-    let first = first.join().unwrap();
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(0), "{status}");
-    let first = first.expect("no event: it did not trace").unwrap();
-    let event: serde_json::Value = serde_json::from_str(&first).unwrap();
-    assert_eq!(event["dport"], server.port());
+    traces_and_ends_cleanly(child);
 }
 
 /// Where no thread can be made (its cgroup at pids.max), what it does on threads of its
@@ -148,7 +134,7 @@ fn at_its_cgroups_pids_limit_it_still_traces() {
     fs::write(root.join("cgroup.subtree_control"), "+pids").unwrap();
     fs::write(cgroup.dir.join("pids.max"), "1").unwrap();
     // The shell moves itself in, then becomes tcpconnlat: one task, no room for a thread.
-    let mut child = Command::new("sh")
+    let child = Command::new("sh")
         .args([
             "-c",
             "echo $$ > \"$1/cgroup.procs\" && exec \"$2\" -j -d 2 -p \"$3\"",
@@ -158,8 +144,15 @@ fn at_its_cgroups_pids_limit_it_still_traces() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    traces_and_ends_cleanly(child);
+}
+
+/// `child` (tcpconnlat `-j -d 2 -p <this process>`, stdout piped) shows one of this
+/// process's connects, made until it shows one (10 s at most), and exits 0.
+fn traces_and_ends_cleanly(mut child: std::process::Child) {
     let server = listen("127.0.0.1:0");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    // The first line out is the first event: tracing began.
     let first = thread::spawn(move || lines.next());
     let started = Instant::now();
     while !first.is_finished() && started.elapsed() < Duration::from_secs(10) {
@@ -169,7 +162,7 @@ fn at_its_cgroups_pids_limit_it_still_traces() {
     let first = first.join().unwrap();
     let output = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(0), "{err}");
+    assert_eq!(output.status.code(), Some(0), "{}: {err}", output.status);
     let first = first.expect("no event: it did not trace").unwrap();
     let event: serde_json::Value = serde_json::from_str(&first).unwrap();
     assert_eq!(event["dport"], server.port(), "{err}");
