@@ -151,16 +151,26 @@ fn at_its_cgroups_pids_limit_it_still_traces() {
 /// process's connects, made until it shows one (10 s at most), and exits 0.
 fn traces_and_ends_cleanly(mut child: std::process::Child) {
     let server = listen("127.0.0.1:0");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    // The first line out is the first event: tracing began.
-    let first = thread::spawn(move || lines.next());
+    let stdout = child.stdout.take().unwrap();
+    let (first_line, first) = std::sync::mpsc::channel();
+    // Read to the end: a reader gone would end it (a_reader_that_goes_away_...).
+    let reader = thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        // The first line out is the first event: tracing began.
+        let _ = first_line.send(lines.next());
+        lines.for_each(drop);
+    });
     let started = Instant::now();
-    while !first.is_finished() && started.elapsed() < Duration::from_secs(10) {
+    let first = loop {
         connect(server);
-        thread::sleep(Duration::from_millis(50));
-    }
-    let first = first.join().unwrap();
+        match first.recv_timeout(Duration::from_millis(50)) {
+            Ok(line) => break line,
+            Err(_) if started.elapsed() < Duration::from_secs(10) => continue,
+            Err(_) => break None,
+        }
+    };
     let output = child.wait_with_output().unwrap();
+    reader.join().unwrap();
     let err = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(0), "{}: {err}", output.status);
     let first = first.expect("no event: it did not trace").unwrap();

@@ -334,6 +334,7 @@ const ROOT: &str = "/";
 /// Run `work` on a thread of its own, or here where no thread can be made (a cgroup at
 /// its pids.max): it is work that only takes time.
 fn in_background<F: FnOnce() + Send + 'static>(work: F) {
+    // A spawn that fails drops what it was given: shared, the work can still run here.
     let work = std::sync::Arc::new(std::sync::Mutex::new(Some(work)));
     let theirs = std::sync::Arc::clone(&work);
     let take = |work: &std::sync::Mutex<Option<F>>| work.lock().ok().and_then(|mut w| w.take());
