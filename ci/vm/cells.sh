@@ -7,7 +7,7 @@
 # lines (see ci/vm/init).
 t=$(mktemp -d)
 cell() { echo "@@CELL $1 $2 $3"; }
-echo "@@FEATURES $("$BIN" --features --json 2>&1 | tr '\n' ' ')"
+[ -z "$MODES$REFUSED" ] || echo "@@FEATURES $("$BIN" --features --json 2>&1 | tr '\n' ' ')"
 
 for cell in $MODES; do
     mode=${cell%%+*}
