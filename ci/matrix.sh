@@ -464,7 +464,7 @@ run_kernel() { # id: leaves the console log in $OUT/<id>/console.log
         boot "$id" "$([ "$icount" = 1 ] && echo counted || echo cpus)" >"$dir/console.log"
     else
         # The console log holds both boots, each ending with @@END (see VM_BOOTS).
-        { boot "$id" counted && boot "$id" cpus; } >"$dir/console.log"
+        { boot "$id" counted; boot "$id" cpus; } >"$dir/console.log"
     fi
     rm -f "$dir/initramfs.gz"
 }
