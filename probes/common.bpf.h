@@ -305,7 +305,7 @@ enum emitted {
 static __always_inline enum emitted submit(void *ctx, const struct config *cfg,
 					   struct event *e, int transport);
 static __always_inline enum emitted report(void *ctx, const struct config *cfg,
-					   struct event *e, int transport);
+					   struct event *e, __u8 kind, int transport);
 
 /* What a pending entry says of its connect, into an event: all but the end (and the source
  * only as far as the sweeper found it). */
@@ -403,7 +403,7 @@ static __always_inline void report_superseded(void *ctx, const struct config *cf
 	 * all the same. */
 	if (bpf_map_delete_elem(&pending, &sk) == -ENOENT)
 		return;
-	if (report(ctx, cfg, &e, transport) == EMIT_NO_ROOM)
+	if (report(ctx, cfg, &e, REPORT_ANY, transport) == EMIT_NO_ROOM)
 		count(COUNTER_DROPPED);
 }
 
@@ -729,9 +729,10 @@ static __always_inline struct pending *pending_connect(__u64 sk)
  * Every connect ends here, in every mode, when its socket (connecting to `to`) leaves
  * SYN_SENT for `newstate`: `p` is its pending_connect(). To ESTABLISHED it succeeded;
  * anywhere else (CLOSE) it failed, and sk_err says why. Fills *e but for the source;
- * returns whether to go on to settle_connect once the source is read.
+ * returns the end's REPORT_* kind for settle_connect once the source is read, or 0 if
+ * there is nothing to settle.
  */
-static __always_inline int finish_connect(void *ctx, const struct config *cfg, __u64 sk,
+static __always_inline __u8 finish_connect(void *ctx, const struct config *cfg, __u64 sk,
 					  const struct pending *p, int newstate,
 					  const struct peer *to, struct event *e, int transport)
 {
@@ -747,13 +748,13 @@ static __always_inline int finish_connect(void *ctx, const struct config *cfg, _
 	if (newstate == TCP_ESTABLISHED) {
 		e->outcome = OUTCOME_ESTABLISHED;
 		e->delta_ns = since(p->start_ns, p->answer_ns ? p->answer_ns : e->ts_ns);
-	} else {
-		e->error = sock_error(cfg, sk);
-		e->outcome = outcome_of(p, e->error);
-		/* An RST is an answer: its latency ends when it was processed. */
-		e->delta_ns = since(p->start_ns, (p->reset && p->answer_ns) ? p->answer_ns : e->ts_ns);
+		return REPORT_ESTABLISHED;
 	}
-	return 1;
+	e->error = sock_error(cfg, sk);
+	e->outcome = outcome_of(p, e->error);
+	/* An RST is an answer: its latency ends when it was processed. */
+	e->delta_ns = since(p->start_ns, (p->reset && p->answer_ns) ? p->answer_ns : e->ts_ns);
+	return REPORT_FAILED;
 }
 
 /*
@@ -763,11 +764,12 @@ static __always_inline int finish_connect(void *ctx, const struct config *cfg, _
  * buffer has no room, the entry is still there to keep the end with.
  */
 static __always_inline void settle_connect(void *ctx, const struct config *cfg, __u64 sk,
-					   struct pending *p, struct event *e, int transport)
+					   struct pending *p, struct event *e, __u8 kind,
+					   int transport)
 {
 	long err;
 
-	if (report(ctx, cfg, e, transport) == EMIT_NO_ROOM)
+	if (report(ctx, cfg, e, kind, transport) == EMIT_NO_ROOM)
 		keep_end(cfg, p, e);
 	err = bpf_map_delete_elem(&pending, &sk);
 	if (err && err != -ENOENT) {
@@ -779,15 +781,25 @@ static __always_inline void settle_connect(void *ctx, const struct config *cfg, 
 	}
 }
 
-/* The filters, the last of which needs the endpoints: then out it goes. */
-static __always_inline enum emitted report(void *ctx, const struct config *cfg,
-					   struct event *e, int transport)
+/*
+ * The REPORT_* kind of an outcome: an unknown one (an end inferred, its socket gone) could
+ * be either, and is shown unless none is wanted. Where the outcome is one of several
+ * constants, the caller passes the kind it knows instead: the verifier, seeing the
+ * outcome tested, would otherwise follow each constant down its own path.
+ */
+static __always_inline __u8 report_kind(__u8 outcome)
 {
-	/* An unknown outcome (an end inferred, its socket gone) could be any: shown unless
-	 * none is wanted. */
-	if (e->outcome == OUTCOME_UNKNOWN ? !cfg->report :
-	    !(cfg->report & (e->outcome == OUTCOME_ESTABLISHED ? REPORT_ESTABLISHED :
-							       REPORT_FAILED)))
+	if (outcome == OUTCOME_UNKNOWN)
+		return REPORT_ANY;
+	return outcome == OUTCOME_ESTABLISHED ? REPORT_ESTABLISHED : REPORT_FAILED;
+}
+
+/* The filters (`kind` is the end's REPORT_* kind), the last of which needs the endpoints:
+ * then out it goes. */
+static __always_inline enum emitted report(void *ctx, const struct config *cfg,
+					   struct event *e, __u8 kind, int transport)
+{
+	if (!(cfg->report & kind))
 		return EMIT_UNWANTED;
 	if (e->delta_ns < cfg->min_lat_ns)
 		return EMIT_UNWANTED;
@@ -846,7 +858,7 @@ static __always_inline enum answer report_removed(void *ctx, const struct config
 		count(COUNTER_TABLE_ERRORS);
 		return ANSWER_PENDING;
 	}
-	if (report(ctx, cfg, e, transport) != EMIT_NO_ROOM)
+	if (report(ctx, cfg, e, report_kind(e->outcome), transport) != EMIT_NO_ROOM)
 		return ANSWER_DONE;
 	if (bpf_map_update_elem(&pending, &sk, copy, BPF_NOEXIST)) {
 		/* A new connect on the socket took its place this instant. */
@@ -984,14 +996,16 @@ static __always_inline int handle_state(void *ctx, int transport, enum record_re
 		struct pending *p = pending_connect(sc.skaddr);
 		struct peer to = {.family = sc.family};
 		struct event e = {};
+		__u8 kind;
 
 		if (!p)
 			return 0;
 		read_peer(ctx, &cfg->tp, read, &to, sc.skaddr);
-		if (!finish_connect(ctx, cfg, sc.skaddr, p, sc.newstate, &to, &e, transport))
+		kind = finish_connect(ctx, cfg, sc.skaddr, p, sc.newstate, &to, &e, transport);
+		if (!kind)
 			return 0;
 		read_source(ctx, &cfg->tp, read, &e, sc.skaddr);
-		settle_connect(ctx, cfg, sc.skaddr, p, &e, transport);
+		settle_connect(ctx, cfg, sc.skaddr, p, &e, kind, transport);
 	}
 	return 0;
 }

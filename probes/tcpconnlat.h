@@ -138,6 +138,7 @@ enum answer {
 enum report {
 	REPORT_ESTABLISHED = 1,
 	REPORT_FAILED = 2,
+	REPORT_ANY = REPORT_ESTABLISHED | REPORT_FAILED,
 };
 
 /* Written by userspace into the `config_map` array map (key 0) before anything is attached. */

@@ -43,7 +43,7 @@ int legacy_set_state(struct pt_regs *ctx)
 	struct peer to = {};
 	struct event e = {};
 	struct pending *p;
-	__u8 state;
+	__u8 state, kind;
 
 	if (!cfg)
 		return 0;
@@ -62,10 +62,11 @@ int legacy_set_state(struct pt_regs *ctx)
 	if (!p)
 		return 0;
 	read_sock_peer(cfg, sk, &to);
-	if (!finish_connect(ctx, cfg, sk, p, newstate, &to, &e, TRANSPORT_PERFBUF))
+	kind = finish_connect(ctx, cfg, sk, p, newstate, &to, &e, TRANSPORT_PERFBUF);
+	if (!kind)
 		return 0;
 	read_sock_source(cfg, sk, &e);
-	settle_connect(ctx, cfg, sk, p, &e, TRANSPORT_PERFBUF);
+	settle_connect(ctx, cfg, sk, p, &e, kind, TRANSPORT_PERFBUF);
 	return 0;
 }
 

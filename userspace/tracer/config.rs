@@ -93,7 +93,7 @@ fn probe_config(
         comm[..name.len()].copy_from_slice(name.as_bytes());
     }
     let report = match filters.outcomes {
-        Outcomes::All => Report::REPORT_ESTABLISHED.0 | Report::REPORT_FAILED.0,
+        Outcomes::All => Report::REPORT_ANY.0,
         Outcomes::Established => Report::REPORT_ESTABLISHED.0,
         Outcomes::Failed => Report::REPORT_FAILED.0,
     };
