@@ -210,13 +210,15 @@ static __always_inline int wanted_here(const struct config *cfg, __u16 family, _
 	if (cfg->cgroup_id && cfg->cgroup_id != cgroup_id)
 		return 0;
 	if (cfg->filter_comm) {
-#pragma unroll
-		for (int i = 0; i < TASK_COMM_LEN; i++) {
-			if (comm[i] != cfg->comm[i])
-				return 0;
-			if (!comm[i])
-				break;
-		}
+		/* Both names are NUL-padded to TASK_COMM_LEN (the helper copies into a zeroed
+		 * buffer; userspace pads its own): equal as 16 bytes is equal as names, in two
+		 * comparisons, not a branch per byte for the verifier to follow. */
+		__u64 name[2], wanted[2];
+
+		__builtin_memcpy(name, comm, sizeof(name));
+		__builtin_memcpy(wanted, cfg->comm, sizeof(wanted));
+		if (name[0] != wanted[0] || name[1] != wanted[1])
+			return 0;
 	}
 	return 1;
 }
@@ -533,10 +535,12 @@ static __always_inline void read_socket_peer(__u64 skaddr, struct peer *to, enum
 	const struct sock *sk = (const struct sock *)skaddr;
 
 	to->dport = __builtin_bswap16(SOCK_READ(read, sk, __sk_common.skc_dport));
-	if (to->family == FAMILY_INET)
+	if (to->family != FAMILY_INET) {
+		if (bpf_core_field_exists(sk->__sk_common.skc_v6_daddr))
+			SOCK_COPY(read, to->daddr, sk, __sk_common.skc_v6_daddr);
+	} else {
 		SOCK_COPY(read, to->daddr, sk, __sk_common.skc_daddr);
-	else if (bpf_core_field_exists(sk->__sk_common.skc_v6_daddr))
-		SOCK_COPY(read, to->daddr, sk, __sk_common.skc_v6_daddr);
+	}
 }
 
 /* The socket's source, into an event whose af is set. */
@@ -641,23 +645,23 @@ static __always_inline void read_peer(void *ctx, const struct state_layout *l,
 		 * read through one pointer chosen between them, which the verifier refuses
 		 * for a context pointer. */
 		to->dport = r->dport;
-		if (to->family == FAMILY_INET) {
-			__builtin_memcpy(&v4, r->daddr, sizeof(v4));
-			OPAQUE(v4);
-			__builtin_memcpy(to->daddr, &v4, sizeof(v4));
-		} else {
+		if (to->family != FAMILY_INET) {
 			__builtin_memcpy(half, r->daddr_v6, sizeof(half));
 			OPAQUE(half[0]);
 			OPAQUE(half[1]);
 			__builtin_memcpy(to->daddr, half, sizeof(half));
+		} else {
+			__builtin_memcpy(&v4, r->daddr, sizeof(v4));
+			OPAQUE(v4);
+			__builtin_memcpy(to->daddr, &v4, sizeof(v4));
 		}
 		return;
 	}
 	READ_AT(to->dport, ctx, l->dport);
-	if (to->family == FAMILY_INET)
-		bpf_probe_read(to->daddr, 4, (char *)ctx + l->daddr);
-	else
+	if (to->family != FAMILY_INET)
 		bpf_probe_read(to->daddr, 16, (char *)ctx + l->daddr_v6);
+	else
+		bpf_probe_read(to->daddr, 4, (char *)ctx + l->daddr);
 }
 
 /* The source, from the record of its move out of SYN_SENT (e->af is set). */
