@@ -12,6 +12,7 @@ use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use aho_corasick::{AhoCorasick, AhoCorasickKind, MatchKind};
 use serde::Serialize;
 use thiserror::Error;
 
@@ -196,14 +197,34 @@ struct StreamedBtf {
     core_roots: [Option<u32>; CORE_ROOTS.len()],
 }
 
-/// The wanted names' string offsets, in order: looked up for every function and struct
-/// of the kernel's (a binary search of a few dozen, cheaper than hashing each).
-struct WantedNames(Vec<(u32, &'static str)>);
+/// The wanted names' string offsets, in order: looked up for every function, struct and
+/// typedef of the kernel's. A bit for each offset's low 16 bits rules out almost all of
+/// them in one load; a binary search of the few dozen tells the rest.
+struct WantedNames {
+    found: Vec<(u32, &'static str)>,
+    maybe: Box<[u64; 1 << 10]>,
+}
 
 impl WantedNames {
+    fn new(found: Vec<(u32, &'static str)>) -> WantedNames {
+        let mut maybe = Box::new([0u64; 1 << 10]);
+        for &(offset, _) in &found {
+            let bit = offset & 0xffff;
+            maybe[(bit / 64) as usize] |= 1 << (bit % 64);
+        }
+        WantedNames { found, maybe }
+    }
+
     fn get(&self, offset: u32) -> Option<&'static str> {
-        let i = self.0.binary_search_by_key(&offset, |&(at, _)| at).ok()?;
-        Some(self.0[i].1)
+        let bit = offset & 0xffff;
+        if self.maybe[(bit / 64) as usize] & (1 << (bit % 64)) == 0 {
+            return None;
+        }
+        let i = self
+            .found
+            .binary_search_by_key(&offset, |&(at, _)| at)
+            .ok()?;
+        Some(self.found[i].1)
     }
 }
 
@@ -313,59 +334,18 @@ impl StreamedBtf {
         Ok(btf)
     }
 
-    /// Stream the string section for the wanted names' offsets.
+    /// Stream the string section for the wanted names' offsets (`find_strings`).
     fn find_names(file: &mut File, at: u64, len: u64) -> Result<WantedNames, String> {
-        // By length: a string's length leaves none of them, or one or two, to compare.
-        let mut by_length: Vec<Vec<&'static str>> = Vec::new();
-        for name in wanted_names() {
-            if by_length.len() <= name.len() {
-                by_length.resize(name.len() + 1, Vec::new());
-            }
-            by_length[name.len()].push(name);
-        }
-        let mut found = Vec::new();
-        let mut check = |name: &[u8], offset: u32| {
-            let candidates = by_length.get(name.len()).map_or(&[][..], Vec::as_slice);
-            // The first byte rules out most that are left, before a whole comparison.
-            if let Some(w) = candidates
-                .iter()
-                .find(|w| w.as_bytes().first() == name.first() && w.as_bytes() == name)
-            {
-                found.push((offset, *w));
-            }
-        };
         file.seek(SeekFrom::Start(at)).map_err(io_error)?;
-        let mut strings = BufReader::with_capacity(CHUNK, file.take(len));
-        // The string being read starts at `offset`; `partial` holds what of it an earlier
-        // chunk had.
-        let (mut offset, mut partial) = (0u32, Vec::new());
-        loop {
-            let chunk = strings.fill_buf().map_err(io_error)?;
-            if chunk.is_empty() {
-                break;
-            }
-            let mut start = 0;
-            for end in memchr::memchr_iter(0, chunk) {
-                let length = if partial.is_empty() {
-                    check(&chunk[start..end], offset);
-                    end - start
-                } else {
-                    partial.extend_from_slice(&chunk[start..end]);
-                    check(&partial, offset);
-                    std::mem::take(&mut partial).len()
-                };
-                offset += length as u32 + 1;
-                start = end + 1;
-            }
-            partial.extend_from_slice(&chunk[start..]);
-            let n = chunk.len();
-            strings.consume(n);
-        }
-        if !partial.is_empty() || u64::from(offset) != len {
-            return Err("truncated BTF".into());
-        }
-        // Found in offset order: sorted already.
-        Ok(WantedNames(found))
+        let strings = BufReader::with_capacity(CHUNK, file.take(len));
+        let found = find_strings(strings, len, &wanted_names())?
+            .into_iter()
+            .map(|(offset, name)| {
+                let offset = u32::try_from(offset).map_err(|_| "BTF strings past 4 GiB")?;
+                Ok((offset, name))
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(WantedNames::new(found))
     }
 
     fn is(&self, name_off: u32, name: &str) -> bool {
@@ -388,9 +368,13 @@ impl StreamedBtf {
                 .map_err(io_error)?;
             let mut i = 0;
             while i + 12 <= n {
-                let t = Type::header(chunk[i..i + 12].try_into().unwrap());
-                let extra = extra_len(t.kind, t.vlen).ok_or("unknown BTF kind")?;
-                self.index_type(t, at + i as u64);
+                let info = word(&chunk, i + 4);
+                let kind = (info >> 24) & 0x1f;
+                let extra = extra_len(kind, (info & 0xffff) as usize).ok_or("unknown BTF kind")?;
+                self.starts.push((at + i as u64) as u32);
+                if matches!(kind, kind::FUNC | kind::STRUCT | kind::TYPEDEF) {
+                    self.index_named(kind, word(&chunk, i));
+                }
                 i += 12 + extra;
             }
             at += i as u64;
@@ -402,15 +386,11 @@ impl StreamedBtf {
         Ok(())
     }
 
-    /// Note where type `t` starts (`at` in the type section), and whether it is one of
-    /// those looked for.
-    fn index_type(&mut self, t: Type, at: u64) {
-        self.starts.push(at as u32);
+    /// Whether the function, struct or typedef last indexed (its kind and name) is one
+    /// of those looked for.
+    fn index_named(&mut self, kind: u32, name_off: u32) {
         let id = self.starts.len() as u32;
-        if !matches!(t.kind, kind::FUNC | kind::STRUCT | kind::TYPEDEF) {
-            return;
-        }
-        match (t.kind, self.names.get(t.name_off)) {
+        match (kind, self.names.get(name_off)) {
             (kind::FUNC, Some(name)) => {
                 if let Some(func) = Func::ALL.iter().find(|f| f.name() == name) {
                     self.functions.push((*func, id));
@@ -575,6 +555,74 @@ impl StreamedBtf {
     }
 }
 
+/// Where each string equal to one of `names` starts in a string section of `len` bytes
+/// read from `strings`: a name between two NULs (a string's end and the next's start),
+/// found by one multi-pattern search a chunk, not by a look at every string, and by one
+/// across each seam between chunks.
+fn find_strings<R: BufRead>(
+    mut strings: R,
+    len: u64,
+    names: &[&'static str],
+) -> Result<Vec<(u64, &'static str)>, String> {
+    let searcher = AhoCorasick::builder()
+        .match_kind(MatchKind::LeftmostLongest)
+        .kind(Some(AhoCorasickKind::ContiguousNFA))
+        .build(names)
+        .map_err(|e| format!("searching BTF strings: {e}"))?;
+    // A name and its NUL fit in this much on either side of a seam.
+    let reach = names.iter().map(|n| n.len()).max().unwrap_or(0) + 1;
+    // The last bytes read (as many as a seam needs) and the offset of the first of them.
+    let (mut tail, mut tail_at) = (Vec::with_capacity(reach), 0u64);
+    let mut seam = Vec::with_capacity(2 * reach);
+    let (mut found, mut read) = (Vec::new(), 0u64);
+    loop {
+        let chunk = strings.fill_buf().map_err(io_error)?;
+        if chunk.is_empty() {
+            break;
+        }
+        // Names that start before this chunk and end, or have their NUL, in it.
+        seam.clear();
+        seam.extend_from_slice(&tail);
+        seam.extend_from_slice(&chunk[..chunk.len().min(reach)]);
+        for m in searcher.find_iter(&seam) {
+            let (start, end) = (m.start(), m.end());
+            let crosses = start < tail.len() && end >= tail.len();
+            let after_nul = if start == 0 {
+                tail_at == 0
+            } else {
+                seam[start - 1] == 0
+            };
+            if crosses && after_nul && seam.get(end) == Some(&0) {
+                found.push((tail_at + start as u64, names[m.pattern().as_usize()]));
+            }
+        }
+        // Names and their NULs wholly in this chunk; the section starts after a NUL.
+        let before = tail.last().map_or(0, |&b| b);
+        for m in searcher.find_iter(chunk) {
+            let (start, end) = (m.start(), m.end());
+            let after_nul = if start == 0 {
+                before == 0
+            } else {
+                chunk[start - 1] == 0
+            };
+            if after_nul && chunk.get(end) == Some(&0) {
+                found.push((read + start as u64, names[m.pattern().as_usize()]));
+            }
+        }
+        let n = chunk.len();
+        tail.extend_from_slice(&chunk[n.saturating_sub(reach)..]);
+        tail.drain(..tail.len().saturating_sub(reach));
+        read += n as u64;
+        tail_at = read - tail.len() as u64;
+        strings.consume(n);
+    }
+    if read != len || tail.last().is_some_and(|&b| b != 0) {
+        return Err("truncated BTF".into());
+    }
+    found.sort_unstable_by_key(|&(offset, _)| offset);
+    Ok(found)
+}
+
 /// Bytes that follow a type's header, by kind (include/uapi/linux/btf.h); `None` for a
 /// kind this reader does not know (a newer format: better to say so than misread).
 fn extra_len(kind: u32, vlen: usize) -> Option<usize> {
@@ -587,4 +635,72 @@ fn extra_len(kind: u32, vlen: usize) -> Option<usize> {
         ENUM | FUNC_PROTO => 8 * vlen,
         _ => return None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::BufRead;
+
+    use proptest::prelude::*;
+
+    /// A string section read back in chunks of the given sizes (as the kernel's file gives
+    /// a page at a time).
+    struct Chunked<'a> {
+        bytes: &'a [u8],
+        sizes: Vec<usize>,
+        at: usize,
+        next: usize,
+    }
+
+    impl std::io::Read for Chunked<'_> {
+        fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+            unreachable!("read through BufRead")
+        }
+    }
+
+    impl BufRead for Chunked<'_> {
+        fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+            let size = self.sizes[self.next % self.sizes.len()];
+            let end = (self.at + size).min(self.bytes.len());
+            Ok(&self.bytes[self.at..end])
+        }
+
+        fn consume(&mut self, n: usize) {
+            self.at += n;
+            self.next += 1;
+        }
+    }
+
+    const NAMES: [&str; 4] = ["sock", "sk_err", "inet_sock", "err"];
+
+    proptest! {
+        /// Wherever the chunks part the section, each string equal to a name is found at
+        /// its offset, and nothing else: what splitting the section at every NUL finds.
+        #[test]
+        fn strings_are_found_across_any_chunking(
+            strings in prop::collection::vec(
+                prop::sample::select(vec!["", "sock", "sk_err", "inet_sock", "err", "xsock",
+                    "sock_", "sk_er", "errr", "tcp_v4_connect", "s"]),
+                0..40,
+            ),
+            sizes in prop::collection::vec(1usize..20, 1..8),
+        ) {
+            let mut section = vec![0u8];
+            for s in &strings {
+                section.extend_from_slice(s.as_bytes());
+                section.push(0);
+            }
+            let mut expected = Vec::new();
+            let mut offset = 0u64;
+            for s in section[..section.len() - 1].split(|&b| b == 0) {
+                if let Some(name) = NAMES.iter().find(|n| n.as_bytes() == s) {
+                    expected.push((offset, *name));
+                }
+                offset += s.len() as u64 + 1;
+            }
+            let chunked = Chunked { bytes: &section, sizes, at: 0, next: 0 };
+            let found = super::find_strings(chunked, section.len() as u64, &NAMES).unwrap();
+            prop_assert_eq!(found, expected);
+        }
+    }
 }
