@@ -12,7 +12,7 @@ use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use aho_corasick::{AhoCorasick, AhoCorasickKind, MatchKind};
+use aho_corasick::packed;
 use serde::Serialize;
 use thiserror::Error;
 
@@ -556,21 +556,28 @@ impl StreamedBtf {
 }
 
 /// Where each string equal to one of `names` starts in a string section of `len` bytes
-/// read from `strings`: a name between two NULs (a string's end and the next's start),
-/// found by one multi-pattern search a chunk, not by a look at every string, and by one
-/// across each seam between chunks.
+/// read from `strings`: a name right after a NUL (the string before it ends there) and
+/// followed by one, found by one multi-pattern search a chunk, not by a look at every
+/// string, and by one across each seam between chunks. (Offset 0 is the empty string in
+/// any BTF: every other string follows a NUL.)
 fn find_strings<R: BufRead>(
     mut strings: R,
     len: u64,
     names: &[&'static str],
 ) -> Result<Vec<(u64, &'static str)>, String> {
-    let searcher = AhoCorasick::builder()
-        .match_kind(MatchKind::LeftmostLongest)
-        .kind(Some(AhoCorasickKind::ContiguousNFA))
-        .build(names)
-        .map_err(|e| format!("searching BTF strings: {e}"))?;
-    // A name and its NUL fit in this much on either side of a seam.
-    let reach = names.iter().map(|n| n.len()).max().unwrap_or(0) + 1;
+    // With the NUL first, the search's fingerprints are those of a string's start.
+    let patterns: Vec<Vec<u8>> = names
+        .iter()
+        .map(|n| [b"\0", n.as_bytes()].concat())
+        .collect();
+    let searcher = packed::Config::new()
+        .match_kind(packed::MatchKind::LeftmostLongest)
+        .builder()
+        .extend(&patterns)
+        .build()
+        .ok_or("searching BTF strings: too many names")?;
+    // A pattern and the NUL after it fit in this much on either side of a seam.
+    let reach = patterns.iter().map(Vec::len).max().unwrap_or(0) + 1;
     // The last bytes read (as many as a seam needs) and the offset of the first of them.
     let (mut tail, mut tail_at) = (Vec::with_capacity(reach), 0u64);
     let mut seam = Vec::with_capacity(2 * reach);
@@ -580,33 +587,23 @@ fn find_strings<R: BufRead>(
         if chunk.is_empty() {
             break;
         }
-        // Names that start before this chunk and end, or have their NUL, in it.
+        // Matches that start before this chunk and end, or have their NUL, in it.
         seam.clear();
         seam.extend_from_slice(&tail);
         seam.extend_from_slice(&chunk[..chunk.len().min(reach)]);
         for m in searcher.find_iter(&seam) {
-            let (start, end) = (m.start(), m.end());
-            let crosses = start < tail.len() && end >= tail.len();
-            let after_nul = if start == 0 {
-                tail_at == 0
-            } else {
-                seam[start - 1] == 0
-            };
-            if crosses && after_nul && seam.get(end) == Some(&0) {
-                found.push((tail_at + start as u64, names[m.pattern().as_usize()]));
+            let crosses = m.start() < tail.len() && m.end() >= tail.len();
+            if crosses && seam.get(m.end()) == Some(&0) {
+                found.push((
+                    tail_at + m.start() as u64 + 1,
+                    names[m.pattern().as_usize()],
+                ));
             }
         }
-        // Names and their NULs wholly in this chunk; the section starts after a NUL.
-        let before = tail.last().map_or(0, |&b| b);
+        // Matches and their NULs wholly in this chunk.
         for m in searcher.find_iter(chunk) {
-            let (start, end) = (m.start(), m.end());
-            let after_nul = if start == 0 {
-                before == 0
-            } else {
-                chunk[start - 1] == 0
-            };
-            if after_nul && chunk.get(end) == Some(&0) {
-                found.push((read + start as u64, names[m.pattern().as_usize()]));
+            if chunk.get(m.end()) == Some(&0) {
+                found.push((read + m.start() as u64 + 1, names[m.pattern().as_usize()]));
             }
         }
         let n = chunk.len();
