@@ -142,21 +142,11 @@ fn run(cli: &Cli, started: Instant) -> Result<()> {
     let mut plan = Plan::new(&host.features, &host.findings, forced);
     let tracer = tracer::start_first(&mut plan, &options, &filters, forced)?;
     timing::step("end of the trials", || host.end_trials());
-    let mut stream = timing::step("buffers", || {
+    let stream = timing::step("buffers", || {
         EventStream::new(&tracer, cli.max_delay(), cli.sweep_times())
     })?;
-    // Tracing from here: what is loaded after is not needed before a second has passed.
-    let tracing = started.elapsed();
-    announce(&tracer, &plan, forced);
-    if let Some(question) = tracer.confirm {
-        match timing::step("the sweeper's question", || {
-            tracer::load_question(&tracer, question, &options)
-        }) {
-            Ok(question) => stream.ask_with(question),
-            Err(e) => note!("tcpconnlat: {e:#}"),
-        }
-    }
     host::privileges::drop_capabilities(|| stream.can_make_its_calls())?;
+    announce(&tracer, &plan, forced);
     if cli.verbose {
         // The probes without CO-RE read the socket at these offsets.
         if !tracer.mode.spec().core {
@@ -164,8 +154,8 @@ fn run(cli: &Cli, started: Instant) -> Result<()> {
                 note!("tcpconnlat: struct sock offsets from {}", known.source);
             }
         }
-        let ms = tracing.as_secs_f64() * 1e3;
-        note!("tcpconnlat: tracing {ms:.1} ms after start");
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        note!("tcpconnlat: attached {ms:.1} ms after start");
         note!("tcpconnlat: start-up steps: {}", timing::summary());
     }
     if let Some(server) = server {

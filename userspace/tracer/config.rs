@@ -132,21 +132,6 @@ fn probe_config(
     }
 }
 
-/// Tell the probes that no sweeper's question will report an end kept in its entry: an end
-/// the event buffer has no room for is then counted as lost.
-pub(super) fn stop_keeping_ends(object: &Object) -> Result<()> {
-    let map = find_map(object, maps::CONFIG_MAP)?;
-    let mut config = Config::default();
-    let bytes = map
-        .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)
-        .context("reading the probe configuration")?
-        .unwrap_or_default();
-    plain::copy_from_bytes(&mut config, &bytes)
-        .map_err(|_| anyhow::anyhow!("the probe configuration is shorter than struct config"))?;
-    config.keep_unsent = 0;
-    write_config(object, &config)
-}
-
 fn write_config(object: &Object, config: &Config) -> Result<()> {
     let map = find_map(object, maps::CONFIG_MAP)?;
     // SAFETY: Config is plain data (see objects.rs).

@@ -23,8 +23,6 @@ pub mod stream;
 mod sweeper;
 mod transport;
 
-use std::os::fd::{AsFd, OwnedFd};
-
 use anyhow::{anyhow, bail, Context, Result};
 use libbpf_rs::libbpf_sys::bpf_object__set_kversion;
 use libbpf_rs::{AsRawLibbpf, Link, MapCore, Object, ObjectBuilder, OpenObject};
@@ -53,7 +51,7 @@ pub struct Tracer {
     pub sizes: Sizes,
     /// The program the sweeper runs to ask about a pending connect (probes/common.bpf.h
     /// `confirm_pending`), where the kernel runs programs on demand and the socket's
-    /// offsets are known: loaded apart, by [`load_question`].
+    /// offsets are known.
     pub confirm: Option<&'static str>,
     _links: Vec<Link>,
     _kprobes: Vec<Kprobe>,
@@ -162,17 +160,12 @@ pub fn start_first(
     })
 }
 
-/// Start (and stop again) every mode the plan calls usable, with the sweeper's question,
-/// so that one called usable really loads and attaches here; record why any did not.
+/// Start (and stop again) every mode the plan calls usable, so that one called usable
+/// really loads and attaches here; record why any did not.
 pub fn prove_usable(plan: &mut Plan, options: &LoadOptions<'_>) {
     let candidates: Vec<Mode> = plan.candidates().collect();
     for mode in candidates {
-        let started =
-            start(mode, options, &Filters::default()).and_then(|tracer| match tracer.confirm {
-                Some(question) => load_question(&tracer, question, options).map(drop),
-                None => Ok(()),
-            });
-        if let Err(e) = started {
+        if let Err(e) = start(mode, options, &Filters::default()) {
             plan.fail(mode, format!("{e:#}"));
         }
     }
@@ -327,12 +320,34 @@ fn open(
         spec,
         transport,
         hooks: plan,
+        confirm,
         ..
     } = loadout;
+    let mut builder = ObjectBuilder::default();
+    let core = options.core_btf.filter(|_| spec.core);
     let hooks: Vec<Attach> = plan.hooks.iter().map(|h| h.attach).collect();
-    let (mut open, core_files) = open_object(spec, options, &hooks)?;
+    let mut core_files = match core {
+        Some(core) => {
+            core.register_handlers(&hooks)?;
+            Some(core.relocate_with(&mut builder)?)
+        }
+        None => None,
+    };
+    let mut open = builder
+        .open_memory(objects::bytes(spec.object))
+        .context("opening the probe object")?;
+    if let (Some(core), Some(files)) = (core, core_files.as_mut()) {
+        core.name_placeholders(&mut open, &hooks, files)?;
+    }
+    if let Some(code) = options.version_code {
+        // Kernels before 5.0 load a kprobe program only if it names their exact
+        // LINUX_VERSION_CODE, which libbpf would guess from `uname -r`.
+        // SAFETY: the object is open and not loaded yet.
+        unsafe { bpf_object__set_kversion(open.as_libbpf_object().as_ptr(), code) };
+    }
     for mut prog in open.progs_mut() {
-        let wanted = plan.hooks.iter().any(|p| prog.name() == p.prog.as_str());
+        let wanted = plan.hooks.iter().any(|p| prog.name() == p.prog.as_str())
+            || confirm.is_some_and(|name| prog.name() == name);
         prog.set_autoload(wanted);
     }
     // Maps no loaded program uses are never created: the other transport's buffer.
@@ -354,89 +369,6 @@ fn open(
         if let Some(size) = size {
             map.set_max_entries(size)
                 .with_context(|| format!("sizing map {name}"))?;
-        }
-    }
-    Ok((open, core_files))
-}
-
-/// The mode's object opened (nothing chosen yet), stamped with the kernel's version code;
-/// the CO-RE object with our reading of the kernel's BTF where there is one (and the files
-/// libbpf reads it from at load), its tracing programs on `hooks` made to load with our ids.
-fn open_object(
-    spec: &ModeSpec,
-    options: &LoadOptions<'_>,
-    hooks: &[Attach],
-) -> Result<(OpenObject, Option<CoreBtfFiles>)> {
-    let mut builder = ObjectBuilder::default();
-    let core = options.core_btf.filter(|_| spec.core);
-    let mut core_files = match core {
-        Some(core) => {
-            core.register_handlers(hooks)?;
-            Some(core.relocate_with(&mut builder)?)
-        }
-        None => None,
-    };
-    let mut open = builder
-        .open_memory(objects::bytes(spec.object))
-        .context("opening the probe object")?;
-    if let (Some(core), Some(files)) = (core, core_files.as_mut()) {
-        core.name_placeholders(&mut open, hooks, files)?;
-    }
-    if let Some(code) = options.version_code {
-        // Kernels before 5.0 load a kprobe program only if it names their exact
-        // LINUX_VERSION_CODE, which libbpf would guess from `uname -r`.
-        // SAFETY: the object is open and not loaded yet.
-        unsafe { bpf_object__set_kversion(open.as_libbpf_object().as_ptr(), code) };
-    }
-    Ok((open, core_files))
-}
-
-/// The sweeper's question `name` (`Tracer::confirm`), loaded once tracing has begun: it is first
-/// asked a second later, and the verifier's time on it need not hold back the start. It is
-/// a second copy of the mode's object with only that program, on the tracer's own maps.
-/// Where it does not load, the probes stop keeping for it the ends the event buffer has no
-/// room for (those are then counted as lost), and the error says what that costs.
-pub fn load_question(tracer: &Tracer, name: &str, options: &LoadOptions<'_>) -> Result<OwnedFd> {
-    let loaded = open_question(tracer, options, name).and_then(|(open, core_files)| {
-        let object = open.load().context("loading it")?;
-        drop(core_files);
-        find_program_fd(&object, name)
-    });
-    match loaded {
-        Ok(question) => Ok(question),
-        Err(e) => {
-            let e = e.context(format!(
-                "the sweeper's question did not load: a connect whose end the kernel shows no probe is reported only after {} minutes, as missed",
-                STALE.as_secs() / 60
-            ));
-            Err(match config::stop_keeping_ends(&tracer.object) {
-                Ok(()) => e,
-                Err(also) => e.context(format!("{also:#}")),
-            })
-        }
-    }
-}
-
-fn open_question(
-    tracer: &Tracer,
-    options: &LoadOptions<'_>,
-    name: &str,
-) -> Result<(OpenObject, Option<CoreBtfFiles>)> {
-    let (mut open, core_files) = open_object(&tracer.mode.spec(), options, &[])?;
-    for mut prog in open.progs_mut() {
-        let wanted = prog.name() == name;
-        prog.set_autoload(wanted);
-    }
-    for mut map in open.maps_mut() {
-        let name = map.name().to_string_lossy().into_owned();
-        match tracer.object.maps().find(|m| m.name() == name.as_str()) {
-            Some(ours) => map
-                .reuse_fd(ours.as_fd())
-                .with_context(|| format!("sharing map {name}"))?,
-            // Not made for the tracer (the other transport's buffer): not wanted here.
-            None => map
-                .set_autocreate(false)
-                .with_context(|| format!("leaving out map {name}"))?,
         }
     }
     Ok((open, core_files))
@@ -479,7 +411,8 @@ fn attach_all(
 }
 
 /// A descriptor of its own for the loaded program `name`.
-pub fn find_program_fd(object: &Object, name: &str) -> Result<OwnedFd> {
+pub fn find_program_fd(object: &Object, name: &str) -> Result<std::os::fd::OwnedFd> {
+    use std::os::fd::AsFd;
     let prog = object
         .progs()
         .find(|p| p.name() == name)

@@ -7,7 +7,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::os::fd::{OwnedFd, RawFd};
+use std::os::fd::RawFd;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context as TaskContext, Poll};
@@ -26,7 +26,7 @@ use super::objects::maps;
 use super::perfbuf::{BatchedPerfBuffer, Sample};
 use super::sweeper::{CounterRead, Counters, SweepTimes, Sweeper};
 use super::transport::{page_size, record_bytes};
-use super::{find_map, Tracer};
+use super::{find_map, find_program_fd, Tracer};
 
 /// What the stream yields: a connect, or word of connects it cannot show.
 #[derive(Debug)]
@@ -289,7 +289,11 @@ impl<'cb> EventStream<'cb> {
         // buffer's rings are made after attaching) is from before tracing began: not said.
         counters.read(CounterRead::Now)?;
         let pending = MapHandle::try_from(&find_map(&tracer.object, maps::PENDING)?)?;
-        let sweeper = Sweeper::new(pending, sweep)?;
+        let confirm = tracer
+            .confirm
+            .map(|name| find_program_fd(&tracer.object, name))
+            .transpose()?;
+        let sweeper = Sweeper::new(pending, confirm, sweep)?;
         let mut tick = interval(max_delay);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         Ok(EventStream {
@@ -302,12 +306,6 @@ impl<'cb> EventStream<'cb> {
             transport: tracer.transport,
             max_pending: tracer.sizes.max_pending,
         })
-    }
-
-    /// From now on the sweeper asks `question` (`tracer::load_question`) about connects
-    /// pending a while.
-    pub fn ask_with(&mut self, question: OwnedFd) {
-        self.sweeper.ask_with(question);
     }
 
     /// Whether the kernel still lets us make the bpf() calls the stream makes (reading

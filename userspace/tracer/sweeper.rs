@@ -114,22 +114,16 @@ pub struct Swept {
 }
 
 impl Sweeper {
-    /// A sweeper without the question until it is given one (`ask_with`).
-    pub fn new(map: MapHandle, times: SweepTimes) -> Result<Sweeper> {
+    pub fn new(map: MapHandle, confirm: Option<OwnedFd>, times: SweepTimes) -> Result<Sweeper> {
         Ok(Sweeper {
             map,
-            confirm: None,
+            confirm,
             last: Instant::now(),
             started_ns: monotonic_ns()?,
             seen: HashMap::new(),
             pass: None,
             times,
         })
-    }
-
-    /// Ask `confirm` about connects pending a while, from the next sweep on.
-    pub fn ask_with(&mut self, confirm: OwnedFd) {
-        self.confirm = Some(confirm);
     }
 
     /// Whether the kernel lets us ask about a pending connect (true where there is no
