@@ -535,6 +535,7 @@ static __always_inline void read_socket_peer(__u64 skaddr, struct peer *to, enum
 	const struct sock *sk = (const struct sock *)skaddr;
 
 	to->dport = __builtin_bswap16(SOCK_READ(read, sk, __sk_common.skc_dport));
+	/* IPv6 first: see read_peer. */
 	if (to->family != FAMILY_INET) {
 		if (bpf_core_field_exists(sk->__sk_common.skc_v6_daddr))
 			SOCK_COPY(read, to->daddr, sk, __sk_common.skc_v6_daddr);
@@ -645,6 +646,11 @@ static __always_inline void read_peer(void *ctx, const struct state_layout *l,
 		 * read through one pointer chosen between them, which the verifier refuses
 		 * for a context pointer. */
 		to->dport = r->dport;
+		/* IPv6 first, here and below: written so, it is the path the verifier
+		 * follows first, and the stack it leaves (sixteen unknown bytes) covers
+		 * IPv4's (four, then zeros), whose path it then prunes; the other way
+		 * round, neither covers the other and much of what follows is verified
+		 * twice. */
 		if (to->family != FAMILY_INET) {
 			__builtin_memcpy(half, r->daddr_v6, sizeof(half));
 			OPAQUE(half[0]);
