@@ -209,15 +209,21 @@ impl WantedNames {
     fn new(found: Vec<(u32, &'static str)>) -> WantedNames {
         let mut maybe = Box::new([0u64; 1 << 10]);
         for &(offset, _) in &found {
-            let bit = offset & 0xffff;
-            maybe[(bit / 64) as usize] |= 1 << (bit % 64);
+            let (word, bit) = Self::bit(offset);
+            maybe[word] |= bit;
         }
         WantedNames { found, maybe }
     }
 
+    /// Where `offset`'s bit is in `maybe`: the word, and the bit in it.
+    fn bit(offset: u32) -> (usize, u64) {
+        let low = offset & 0xffff;
+        ((low / 64) as usize, 1 << (low % 64))
+    }
+
     fn get(&self, offset: u32) -> Option<&'static str> {
-        let bit = offset & 0xffff;
-        if self.maybe[(bit / 64) as usize] & (1 << (bit % 64)) == 0 {
+        let (word, bit) = Self::bit(offset);
+        if self.maybe[word] & bit == 0 {
             return None;
         }
         let i = self
@@ -249,15 +255,21 @@ fn word(bytes: &[u8], at: usize) -> u32 {
 impl Type {
     fn header(bytes: &[u8; 12]) -> Type {
         let info = word(bytes, 4);
+        let (kind, vlen) = kind_and_vlen(info);
         Type {
             name_off: word(bytes, 0),
-            kind: (info >> 24) & 0x1f,
+            kind,
             kind_flag: info >> 31 == 1,
-            vlen: (info & 0xffff) as usize,
+            vlen,
             size_type: word(bytes, 8),
             members: Vec::new(),
         }
     }
+}
+
+/// A type's kind and vlen, from its header's info word.
+fn kind_and_vlen(info: u32) -> (u32, usize) {
+    ((info >> 24) & 0x1f, (info & 0xffff) as usize)
 }
 
 /// The structs the CO-RE probes (probes/tcpconnlat.bpf.c) read through CO-RE
@@ -368,9 +380,8 @@ impl StreamedBtf {
                 .map_err(io_error)?;
             let mut i = 0;
             while i + 12 <= n {
-                let info = word(&chunk, i + 4);
-                let kind = (info >> 24) & 0x1f;
-                let extra = extra_len(kind, (info & 0xffff) as usize).ok_or("unknown BTF kind")?;
+                let (kind, vlen) = kind_and_vlen(word(&chunk, i + 4));
+                let extra = extra_len(kind, vlen).ok_or("unknown BTF kind")?;
                 self.starts.push((at + i as u64) as u32);
                 if matches!(kind, kind::FUNC | kind::STRUCT | kind::TYPEDEF) {
                     self.index_named(kind, word(&chunk, i));
