@@ -124,9 +124,10 @@ pub struct Cli {
     #[arg(long, value_name = "KIND", value_enum, default_value_t = TransportArg::Auto)]
     pub transport: TransportArg,
 
-    /// Event buffer size in pages (a power of two): per CPU for the perf buffer (default
-    /// 64), in all for the ring buffer (default: room for --max-pending events). Raise it
-    /// if tcpconnlat says it lost events
+    /// Event buffer size in pages (a power of two): in all for the ring buffer (default:
+    /// room for --max-pending events), per CPU for the perf buffer (default: 64 where ends
+    /// that do not fit are kept, Linux 5.10+; else room for --max-pending events on each
+    /// CPU). Raise it if tcpconnlat says it lost events
     #[arg(long, value_name = "PAGES", value_parser = parse_pages)]
     pub buffer_pages: Option<u32>,
 

@@ -6,6 +6,7 @@ use libbpf_rs::{MapCore, MapFlags, Object};
 use tcpconnlat_compat::Transport;
 
 use super::objects::{self, maps, AddressFamily, Config, RawStateLayout, Report};
+use super::transport::WhenFull;
 use super::{find_map, LoadOptions, Loadout};
 
 /// Which connects to report, by how they ended.
@@ -125,9 +126,7 @@ fn probe_config(
             .map(objects::state_layout)
             .unwrap_or_else(|_| RawStateLayout::default()),
         sk: loadout.sock.map(objects::sock_layout).unwrap_or_default(),
-        // An end kept in its entry is reported by the sweeper's question: only where
-        // there is one, else nothing would.
-        keep_unsent: loadout.confirm.is_some().into(),
+        keep_unsent: (WhenFull::given(loadout.confirm) == WhenFull::Kept).into(),
         ..Default::default()
     }
 }

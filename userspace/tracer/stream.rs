@@ -25,7 +25,7 @@ use super::event::Event;
 use super::objects::maps;
 use super::perfbuf::{BatchedPerfBuffer, Sample};
 use super::sweeper::{CounterRead, Counters, SweepTimes, Sweeper};
-use super::transport::{page_size, record_bytes};
+use super::transport::{page_size, record_bytes, WhenFull};
 use super::{find_map, find_program_fd, Tracer};
 
 /// What the stream yields: a connect, or word of connects it cannot show.
@@ -260,7 +260,7 @@ impl<'cb> EventStream<'cb> {
             }
             Transport::PerfBuf => {
                 let (inbox, lost) = (inbox.clone(), perf_lost.clone());
-                let pages = tracer.sizes.perf_pages();
+                let pages = tracer.sizes.perf_pages(WhenFull::given(tracer.confirm));
                 let batch = pages * page_size() / 4 / record_bytes(Transport::PerfBuf);
                 Buffer::Perf(PerfBuffers::new(BatchedPerfBuffer::new(
                     &map,
