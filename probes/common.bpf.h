@@ -81,6 +81,15 @@ struct {
 	__type(value, __u64);
 } counters SEC(".maps");
 
+/* Perf samples written, by CPU (config.count_sent); sized by userspace to the possible
+ * CPUs. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} sent SEC(".maps");
+
 static __always_inline void count(__u32 counter)
 {
 	__u64 *n = bpf_map_lookup_elem(&counters, &counter);
@@ -469,10 +478,20 @@ static __always_inline enum emitted submit(void *ctx, const struct config *cfg,
 #else
 	__u64 cpu = BPF_F_CURRENT_CPU;
 #endif
+	__u32 this_cpu;
+	__u64 *n;
+
 	/* The helper says it had no room from 5.4 on; before, it always returns 0, and only
-	 * perf's own count of lost samples tells. */
-	return bpf_perf_event_output(ctx, &events_pb, cpu, e, sizeof(*e)) ? EMIT_NO_ROOM :
-									    EMIT_SENT;
+	 * perf's own count of lost samples tells, or the count of samples sent. */
+	if (bpf_perf_event_output(ctx, &events_pb, cpu, e, sizeof(*e)))
+		return EMIT_NO_ROOM;
+	if (cfg->count_sent) {
+		this_cpu = bpf_get_smp_processor_id();
+		n = bpf_map_lookup_elem(&sent, &this_cpu);
+		if (n)
+			__sync_fetch_and_add(n, 1);
+	}
+	return EMIT_SENT;
 }
 
 /* How a program reads the sock:inet_sock_set_state record: at the offsets of the kernel's

@@ -163,7 +163,12 @@ struct config {
 	/* An end the buffer has no room for is kept in the pending table, for the sweeper's
 	 * question to report: set where the sweeper can ask (see keep_end). */
 	__u8 keep_unsent;
-	__u8 __pad2[3];
+	/* Each perf sample the helper said it wrote is counted in `sent`, by CPU: where
+	 * nothing keeps an end that does not fit and the helper may not say so (before 5.4),
+	 * what was sent and never read is what was lost, even if no later sample comes to
+	 * carry perf's own count. */
+	__u8 count_sent;
+	__u8 __pad2[2];
 };
 
 /* One connect in flight, keyed by its struct sock address. */

@@ -572,8 +572,9 @@ fn a_burst_beyond_the_buffer_is_kept_or_counted_and_tracing_goes_on() {
         let pid = Pid::from_raw(tracer.pid() as i32);
         // On one CPU, so that the burst fills that CPU's buffer alone: kernels before 5.4
         // tell of a perf sample that did not fit only when the next one is written there
-        // (the perf LOST record). The connects after the burst are such next samples, and
-        // show that tracing goes on.
+        // (the perf LOST record), and none may come: the probes' count of the samples they
+        // sent must tell before any does. The connects after the burst then show that
+        // tracing goes on.
         let _pinned = PinnedToCpu0::new();
         kill(pid, Signal::SIGSTOP).unwrap();
         let burst = 500;
@@ -588,6 +589,14 @@ fn a_burst_beyond_the_buffer_is_kept_or_counted_and_tracing_goes_on() {
             burst,
             "ports of open sockets are distinct"
         );
+        let mut all = tracer.events_until(Duration::from_secs(10), |ev| {
+            records(ev, "connect").len() + counted(ev, "lost") as usize >= burst
+        });
+        let accounted = records(&all, "connect").len() + counted(&all, "lost") as usize;
+        assert_eq!(
+            accounted, burst,
+            "{transport}: the burst not all shown or counted before another sample came"
+        );
         // To another listener: a port of the burst may be taken again by these.
         let after: Vec<u16> = (0..3)
             .map(|_| {
@@ -595,9 +604,13 @@ fn a_burst_beyond_the_buffer_is_kept_or_counted_and_tracing_goes_on() {
                 connect(after_server)
             })
             .collect();
-        let all = tracer.events_until(Duration::from_secs(10), |ev| {
-            records(ev, "connect").len() + counted(ev, "lost") as usize >= burst + after.len()
-        });
+        all.extend(tracer.events_until(Duration::from_secs(10), |ev| {
+            let ports: HashSet<u64> = records(ev, "connect")
+                .iter()
+                .filter_map(|e| e["lport"].as_u64())
+                .collect();
+            after.iter().all(|p| ports.contains(&u64::from(*p)))
+        }));
         let connects = records(&all, "connect");
         let port = |e: &&Value| e["lport"].as_u64().unwrap() as u16;
         let seen = connects

@@ -5,7 +5,7 @@ use std::io;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::time::{interval_at, sleep, Instant as TokioInstant, MissedTickBehavior};
 
@@ -80,6 +80,8 @@ pub async fn pump(
     let mut shown = Shown::new(limits.count);
     loop {
         let traced = tokio::select! {
+            // In this order: a signal ends it even while events keep coming.
+            biased;
             _ = signals.recv() => break,
             _ = &mut deadline => break,
             _ = async { interval.as_mut().unwrap().tick().await }, if interval.is_some() => {
@@ -100,10 +102,11 @@ pub async fn pump(
         }
         sink.flush().context(WRITING)?;
     }
-    // Ending: show what is already queued, then stop.
+    // Ending: show what the buffer holds now, then stop. Not what comes after: where
+    // connects end faster than they are shown, reading on would never end.
     stream.drain()?;
-    while let Some(Some(traced)) = stream.next().now_or_never() {
-        if shown.show(sink, traced?)? {
+    while let Some(traced) = stream.next_queued() {
+        if shown.show(sink, traced)? {
             break;
         }
     }

@@ -6,7 +6,7 @@ use libbpf_rs::{MapCore, MapFlags, Object};
 use tcpconnlat_compat::Transport;
 
 use super::objects::{self, maps, AddressFamily, Config, RawStateLayout, Report};
-use super::transport::WhenFull;
+use super::transport::{counts_sent, WhenFull};
 use super::{find_map, LoadOptions, Loadout};
 
 /// Which connects to report, by how they ended.
@@ -127,6 +127,7 @@ fn probe_config(
             .unwrap_or_else(|_| RawStateLayout::default()),
         sk: loadout.sock.map(objects::sock_layout).unwrap_or_default(),
         keep_unsent: (WhenFull::given(loadout.confirm) == WhenFull::Kept).into(),
+        count_sent: counts_sent(loadout.transport, loadout.confirm).into(),
         ..Default::default()
     }
 }

@@ -354,7 +354,9 @@ fn open(
     for mut map in open.maps_mut() {
         let name = map.name().to_string_lossy().into_owned();
         let buffers = [Transport::RingBuf.map(), Transport::PerfBuf.map()];
-        if buffers.contains(&name.as_str()) && name != transport.map() {
+        let unused = (buffers.contains(&name.as_str()) && name != transport.map())
+            || (name == maps::SENT && *transport != Transport::PerfBuf);
+        if unused {
             map.set_autocreate(false)
                 .with_context(|| format!("leaving out map {name}"))?;
         }
@@ -364,6 +366,9 @@ fn open(
             maps::EVENTS_RB => Some(options.sizes.ring_bytes()),
             maps::PIDS => Some(filters.pids.len().max(1) as u32),
             maps::DPORTS => Some(filters.dports.len().max(1) as u32),
+            maps::SENT => {
+                Some(libbpf_rs::num_possible_cpus().context("counting the possible CPUs")? as u32)
+            }
             _ => None,
         };
         if let Some(size) = size {

@@ -18,7 +18,8 @@ pub enum Sample<'a> {
     Lost(u64),
 }
 
-type Callback<'cb> = Box<dyn FnMut(Sample<'_>) + 'cb>;
+/// Called with the CPU whose buffer delivered the sample.
+type Callback<'cb> = Box<dyn FnMut(u32, Sample<'_>) + 'cb>;
 
 pub struct BatchedPerfBuffer<'cb> {
     ptr: NonNull<sys::perf_buffer>,
@@ -33,7 +34,7 @@ impl<'cb> BatchedPerfBuffer<'cb> {
         map: &impl AsFd,
         pages: usize,
         batch: u32,
-        callback: impl FnMut(Sample<'_>) + 'cb,
+        callback: impl FnMut(u32, Sample<'_>) + 'cb,
     ) -> Result<BatchedPerfBuffer<'cb>> {
         if !pages.is_power_of_two() {
             bail!("perf buffer pages must be a power of two");
@@ -106,7 +107,7 @@ impl Drop for BatchedPerfBuffer<'_> {
 /// the data; for PERF_RECORD_LOST an id and the count.
 unsafe extern "C" fn on_event(
     ctx: *mut c_void,
-    _cpu: i32,
+    cpu: i32,
     header: *mut sys::perf_event_header,
 ) -> sys::bpf_perf_event_ret {
     // SAFETY: ctx is the Callback this buffer was created with; header points at a whole
@@ -119,13 +120,14 @@ unsafe extern "C" fn on_event(
             sys::PERF_RECORD_SAMPLE if body.len() >= 4 => {
                 let size = u32::from_ne_bytes(body[..4].try_into().unwrap()) as usize;
                 if let Some(data) = body.get(4..4 + size) {
-                    callback(Sample::Data(data));
+                    callback(cpu as u32, Sample::Data(data));
                 }
             }
             sys::PERF_RECORD_LOST if body.len() >= 16 => {
-                callback(Sample::Lost(u64::from_ne_bytes(
-                    body[8..16].try_into().unwrap(),
-                )));
+                callback(
+                    cpu as u32,
+                    Sample::Lost(u64::from_ne_bytes(body[8..16].try_into().unwrap())),
+                );
             }
             _ => {}
         }

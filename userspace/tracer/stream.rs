@@ -24,8 +24,8 @@ use tokio::time::{interval, Interval, MissedTickBehavior};
 use super::event::Event;
 use super::objects::maps;
 use super::perfbuf::{BatchedPerfBuffer, Sample};
-use super::sweeper::{CounterRead, Counters, SweepTimes, Sweeper};
-use super::transport::{page_size, record_bytes, WhenFull};
+use super::sweeper::{CounterRead, Counters, Received, SentTally, SweepTimes, Sweeper};
+use super::transport::{counts_sent, page_size, record_bytes, WhenFull};
 use super::{find_map, find_program_fd, Tracer};
 
 /// What the stream yields: a connect, or word of connects it cannot show.
@@ -248,6 +248,11 @@ impl<'cb> EventStream<'cb> {
         let inbox = Rc::new(Inbox::default());
         let map = find_map(&tracer.object, tracer.transport.map())?;
         let perf_lost = Rc::new(Cell::new(0));
+        let received: Received = Rc::new(
+            (0..libbpf_rs::num_possible_cpus().context("counting the possible CPUs")?)
+                .map(|_| Cell::new(0))
+                .collect(),
+        );
         let buffer = match tracer.transport {
             Transport::RingBuf => {
                 let inbox = inbox.clone();
@@ -259,15 +264,20 @@ impl<'cb> EventStream<'cb> {
                 Buffer::Ring(builder.build().context("setting up the ring buffer")?)
             }
             Transport::PerfBuf => {
-                let (inbox, lost) = (inbox.clone(), perf_lost.clone());
+                let (inbox, lost, read) = (inbox.clone(), perf_lost.clone(), received.clone());
                 let pages = tracer.sizes.perf_pages(WhenFull::given(tracer.confirm));
                 let batch = pages * page_size() / 4 / record_bytes(Transport::PerfBuf);
                 Buffer::Perf(PerfBuffers::new(BatchedPerfBuffer::new(
                     &map,
                     pages as usize,
                     batch,
-                    move |sample| match sample {
-                        Sample::Data(data) => inbox.take(data),
+                    move |cpu, sample| match sample {
+                        Sample::Data(data) => {
+                            if let Some(n) = read.get(cpu as usize) {
+                                n.set(n.get() + 1);
+                            }
+                            inbox.take(data)
+                        }
                         Sample::Lost(count) => lost.set(lost.get() + count),
                     },
                 )?))
@@ -281,9 +291,16 @@ impl<'cb> EventStream<'cb> {
         // dropped after this AsyncFd (field order).
         let wakeup = unsafe { AsyncFd::register_with_interest(epoll_fd, Interest::READABLE) }
             .map_err(|e| anyhow::anyhow!("watching the event buffer: {e}"))?;
+        let sent = if counts_sent(tracer.transport, tracer.confirm) {
+            let map = MapHandle::try_from(&find_map(&tracer.object, maps::SENT)?)?;
+            Some(SentTally::new(map, received))
+        } else {
+            None
+        };
         let mut counters = Counters::new(
             MapHandle::try_from(&find_map(&tracer.object, maps::COUNTERS)?)?,
             perf_lost,
+            sent,
         );
         // What the probes could not do before there was a buffer to read (the perf
         // buffer's rings are made after attaching) is from before tracing began: not said.
@@ -337,8 +354,10 @@ impl<'cb> EventStream<'cb> {
     }
 
     /// Read everything the kernel has queued into our queue, counters included (at exit:
-    /// nothing left unsaid).
+    /// nothing left unsaid). Twice: the second read finds what the probes said they sent
+    /// before the first was over, and tells what of it never came (see SentTally).
     pub fn drain(&mut self) -> Result<()> {
+        self.read(CounterRead::Now)?;
         self.read(CounterRead::Now)
     }
 

@@ -244,19 +244,69 @@ pub struct Counters {
     /// Samples the perf buffer reported lost. Where the kernel tells the probes (5.4+),
     /// each is one they counted too, as dropped, as kept for the sweeper or as retried by
     /// it; but perf's count arrives only once the next sample fits. So what was lost is
-    /// the larger of the probes' dropped and perf's count less the kept and retried.
+    /// the largest of the probes' dropped, perf's count less the kept and retried, and
+    /// (where the probes count them) the samples sent and never read.
     perf_lost: Rc<Cell<u64>>,
+    /// Where the probes count the samples they send (`counts_sent`).
+    sent: Option<SentTally>,
+}
+
+/// Perf samples read so far, by CPU (counted by the perf buffer's callback).
+pub type Received = Rc<Vec<Cell<u64>>>;
+
+/// The perf samples the probes sent, by CPU (their `sent` map), against those read: a
+/// sample counted before a read of the buffer began and not read by it was lost. Where
+/// the helper does not say it had no room (before 5.4) perf says so only once a later
+/// sample fits on that CPU, and none may come.
+pub struct SentTally {
+    map: MapHandle,
+    received: Received,
+    /// `sent` as read at the last counters' read, before the buffer was read since.
+    before: Option<Vec<u64>>,
+}
+
+impl SentTally {
+    pub fn new(map: MapHandle, received: Received) -> SentTally {
+        SentTally {
+            map,
+            received,
+            before: None,
+        }
+    }
+
+    /// Samples sent before the buffer was last read and not read, then `sent` again for
+    /// the next time (the probe counts a sample once it is written: any it counted by now
+    /// is in the buffer for the next read to find, or lost).
+    fn unreceived(&mut self) -> Result<u64> {
+        let lost = self.before.as_ref().map_or(0, |sent| {
+            sent.iter()
+                .zip(self.received.iter())
+                .map(|(sent, received)| sent.saturating_sub(received.get()))
+                .sum()
+        });
+        let mut now = Vec::with_capacity(self.received.len());
+        for cpu in 0..self.received.len() as u32 {
+            let value = self
+                .map
+                .lookup(&cpu.to_ne_bytes(), MapFlags::ANY)
+                .context("reading the probes' count of samples sent")?;
+            now.push(value.as_deref().and_then(leading_u64).unwrap_or(0));
+        }
+        self.before = Some(now);
+        Ok(lost)
+    }
 }
 
 impl Counters {
     const EVERY: Duration = Duration::from_secs(1);
 
-    pub fn new(map: MapHandle, perf_lost: Rc<Cell<u64>>) -> Counters {
+    pub fn new(map: MapHandle, perf_lost: Rc<Cell<u64>>, sent: Option<SentTally>) -> Counters {
         Counters {
             map,
             last: None,
             seen: [0; Counter::COUNTERS.0 as usize],
             perf_lost,
+            sent,
         }
     }
 
@@ -274,6 +324,10 @@ impl Counters {
         self.last = Some(Instant::now());
         // Perf's count first: every sample in it was counted by a probe before.
         let perf_lost = self.perf_lost.get();
+        let unreceived = match &mut self.sent {
+            Some(tally) => tally.unreceived()?,
+            None => 0,
+        };
         let mut totals = [0; Counter::COUNTERS.0 as usize];
         for (i, total) in totals.iter_mut().enumerate() {
             *total = self
@@ -286,7 +340,9 @@ impl Counters {
         let dropped = Counter::COUNTER_DROPPED.0 as usize;
         let not_lost =
             totals[Counter::COUNTER_KEPT.0 as usize] + totals[Counter::COUNTER_RETRIED.0 as usize];
-        totals[dropped] = totals[dropped].max(perf_lost.saturating_sub(not_lost));
+        totals[dropped] = totals[dropped]
+            .max(perf_lost.saturating_sub(not_lost))
+            .max(unreceived);
         let mut delta = [0; Counter::COUNTERS.0 as usize];
         for (i, delta) in delta.iter_mut().enumerate() {
             *delta = totals[i].saturating_sub(self.seen[i]);

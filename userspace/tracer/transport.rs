@@ -72,6 +72,13 @@ impl WhenFull {
     }
 }
 
+/// Whether the probes count the perf samples they send, by CPU (`sent`): where an end that
+/// does not fit is lost, and the helper may not say it was (before Linux 5.4), so that
+/// what never arrives is counted as lost even when no later sample carries perf's count.
+pub fn counts_sent(transport: Transport, question: Option<&str>) -> bool {
+    transport == Transport::PerfBuf && WhenFull::given(question) == WhenFull::Lost
+}
+
 impl Sizes {
     /// Perf buffer pages per CPU when the user does not say and ends that do not fit are
     /// kept (bcc's default).
