@@ -831,7 +831,8 @@ fn signals_at_any_moment_under_load_leave_nothing_behind() {
                 .unwrap();
             thread::sleep(after);
             kill(Pid::from_raw(child.id() as i32), signal).unwrap();
-            let status = child.wait().unwrap();
+            let status = ended_within(&mut child, Duration::from_secs(60))
+                .unwrap_or_else(|state| panic!("{signal} after {after:?}: still running: {state}"));
             if signal == Signal::SIGKILL {
                 assert!(!status.success());
             } else {
@@ -865,6 +866,46 @@ fn signals_at_any_moment_under_load_leave_nothing_behind() {
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     load.join().unwrap();
+}
+
+/// The child's exit status once it ends within `limit`; else what the kernel says of it
+/// (its state, signal masks and, where the kernel shows them, its threads' stacks), and
+/// it is killed.
+fn ended_within(
+    child: &mut std::process::Child,
+    limit: Duration,
+) -> Result<std::process::ExitStatus, String> {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Ok(status);
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let proc = format!("/proc/{}", child.id());
+    let mut state: Vec<String> = fs::read_to_string(format!("{proc}/status"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("State") || l.starts_with("Sig") || l.starts_with("Shd"))
+        .map(str::to_owned)
+        .collect();
+    for task in fs::read_dir(format!("{proc}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let path = task.path();
+        let read = |f: &str| fs::read_to_string(path.join(f)).unwrap_or_default();
+        state.push(format!(
+            "task {:?}: wchan {}; stack: {}",
+            task.file_name(),
+            read("wchan"),
+            read("stack").replace('\n', " | ")
+        ));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    Err(state.join("; "))
 }
 
 #[test]
