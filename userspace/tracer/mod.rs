@@ -350,7 +350,8 @@ fn open(
             || confirm.is_some_and(|name| prog.name() == name);
         prog.set_autoload(wanted);
     }
-    // Maps no loaded program uses are never created: the other transport's buffer.
+    // Maps no loaded program uses are never created (nor sized): the other transport's
+    // buffer, and the count of perf samples sent where there is no perf buffer.
     for mut map in open.maps_mut() {
         let name = map.name().to_string_lossy().into_owned();
         let buffers = [Transport::RingBuf.map(), Transport::PerfBuf.map()];
@@ -359,6 +360,7 @@ fn open(
         if unused {
             map.set_autocreate(false)
                 .with_context(|| format!("leaving out map {name}"))?;
+            continue;
         }
         // Filter sets hold what was asked for (a map needs room for one at least).
         let size = match name.as_str() {

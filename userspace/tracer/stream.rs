@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use futures::Stream;
-use libbpf_rs::{MapHandle, RingBuffer, RingBufferBuilder};
+use libbpf_rs::{MapCore, MapHandle, RingBuffer, RingBufferBuilder};
 use tcpconnlat_compat::Transport;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -248,11 +248,15 @@ impl<'cb> EventStream<'cb> {
         let inbox = Rc::new(Inbox::default());
         let map = find_map(&tracer.object, tracer.transport.map())?;
         let perf_lost = Rc::new(Cell::new(0));
-        let received: Received = Rc::new(
-            (0..libbpf_rs::num_possible_cpus().context("counting the possible CPUs")?)
-                .map(|_| Cell::new(0))
-                .collect(),
-        );
+        // Where the probes count the samples they send, those read are counted too, by
+        // CPU (the `sent` map has an entry for each possible one).
+        let sent = counts_sent(tracer.transport, tracer.confirm)
+            .then(|| -> Result<MapHandle> {
+                Ok(MapHandle::try_from(&find_map(&tracer.object, maps::SENT)?)?)
+            })
+            .transpose()?;
+        let cpus = sent.as_ref().map_or(0, |map| map.max_entries());
+        let received: Received = Rc::new((0..cpus).map(|_| Cell::new(0)).collect());
         let buffer = match tracer.transport {
             Transport::RingBuf => {
                 let inbox = inbox.clone();
@@ -291,12 +295,7 @@ impl<'cb> EventStream<'cb> {
         // dropped after this AsyncFd (field order).
         let wakeup = unsafe { AsyncFd::register_with_interest(epoll_fd, Interest::READABLE) }
             .map_err(|e| anyhow::anyhow!("watching the event buffer: {e}"))?;
-        let sent = if counts_sent(tracer.transport, tracer.confirm) {
-            let map = MapHandle::try_from(&find_map(&tracer.object, maps::SENT)?)?;
-            Some(SentTally::new(map, received))
-        } else {
-            None
-        };
+        let sent = sent.map(|map| SentTally::new(map, received));
         let mut counters = Counters::new(
             MapHandle::try_from(&find_map(&tracer.object, maps::COUNTERS)?)?,
             perf_lost,
